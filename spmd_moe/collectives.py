@@ -1,0 +1,121 @@
+"""Typed collectives over the expert axis.
+
+Each function's signature is its placement transition (``all_gather: Var -> Rep``), so a
+missing or wrong collective is a mypy error. With autograd on they go through
+spmd_types' differentiable collectives (which also track placements in debug mode);
+with autograd off (torch.no_grad / inference_mode, as vLLM runs) they call
+torch.distributed directly. On an axis of size 1 each is the identity.
+
+Tokens are split over the axis in equal contiguous chunks (S(0)), so all_gather
+concatenates and reduce_scatter splits along dim 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import spmd_types as spmd
+import torch
+import torch.distributed as dist
+
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import Par, Rep, Var, check_placement
+
+S0 = spmd.S(0)
+
+
+def _autograd(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def split_tokens(x_TD: Rep, pctx: ParallelContext) -> Var:
+    """R -> V: keep this rank's contiguous chunk of dim 0 (len divisible by the size).
+
+    Backward (R's gradient is Partial): the chunk's gradient placed into zeros.
+    """
+    if pctx.size == 1:
+        return x_TD  # type: ignore[return-value]
+    if _autograd(x_TD) or spmd.is_type_checking():
+        out: Var = spmd.convert(x_TD, pctx.group, src=spmd.R, dst=S0)
+        return out
+    return x_TD.chunk(pctx.size, dim=0)[pctx.rank]  # type: ignore[return-value]
+
+
+def all_gather(x_TD: Var, pctx: ParallelContext) -> Rep:
+    """V -> R: concatenate every rank's chunk along dim 0 (equal sizes)."""
+    if pctx.size == 1:
+        return x_TD  # type: ignore[return-value]
+    if _autograd(x_TD) or spmd.is_type_checking():
+        out: Rep = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R)
+        return out
+    buf = x_TD.new_empty((pctx.size * x_TD.shape[0], *x_TD.shape[1:]))
+    dist.all_gather_into_tensor(buf, x_TD.contiguous(), group=pctx.group)
+    return buf  # type: ignore[return-value]
+
+
+def reduce_scatter(x_TD: Par, pctx: ParallelContext) -> Var:
+    """P -> V: sum over ranks, keep this rank's chunk of dim 0."""
+    if pctx.size == 1:
+        return x_TD  # type: ignore[return-value]
+    if _autograd(x_TD) or spmd.is_type_checking():
+        out: Var = spmd.reduce_scatter(x_TD, pctx.group, src=spmd.P, dst=S0)
+        return out
+    buf = x_TD.new_empty((x_TD.shape[0] // pctx.size, *x_TD.shape[1:]))
+    dist.reduce_scatter_tensor(buf, x_TD.contiguous(), group=pctx.group)
+    return buf  # type: ignore[return-value]
+
+
+def all_reduce(x: Par, pctx: ParallelContext) -> Rep:
+    """P -> R: sum over ranks."""
+    if pctx.size == 1:
+        return x  # type: ignore[return-value]
+    if _autograd(x) or spmd.is_type_checking():
+        out: Rep = spmd.all_reduce(x, pctx.group, src=spmd.P, dst=spmd.R)
+        return out
+    y = x.clone()
+    dist.all_reduce(y, group=pctx.group)
+    return y  # type: ignore[return-value]
+
+
+class _AllToAllSingle(torch.autograd.Function):
+    """Uneven all_to_all along dim 0 (all_to_all_single: gloo and NCCL both have it);
+    the backward is the mirror exchange."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+        ctx.group, ctx.in_splits, ctx.out_splits = group, in_splits, out_splits
+        return _a2a_raw(x, group, in_splits, out_splits)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return _a2a_raw(grad, ctx.group, ctx.out_splits, ctx.in_splits), None, None, None
+
+
+def _a2a_raw(x: torch.Tensor, group: Any, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+    buf = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(buf, x.contiguous(), out_splits, in_splits, group=group)
+    return buf
+
+
+def all_to_all(x_ND: Var, pctx: ParallelContext, in_splits: list[int], out_splits: list[int]) -> Var:
+    """V -> V: send rows [in_splits[j]] to rank j, receive out_splits[j] rows from j."""
+    if pctx.size == 1:
+        return x_ND
+    if not _autograd(x_ND):
+        return _a2a_raw(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[return-value]
+    if spmd.is_type_checking():
+        check_placement(x_ND, "all_to_all input", "V", pctx)
+        with spmd.no_typecheck():
+            out = _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)
+        spmd.assert_type(out, {pctx.group: spmd.V})
+        return out  # type: ignore[no-any-return]
+    return _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-any-return]
+
+
+def partial_from_shards(x: Var, pctx: ParallelContext) -> Par:
+    """V -> P with no communication: the local products of a hidden dim sharded over
+    the axis are the summands of the full product (row-parallel linear)."""
+    if pctx.size == 1 or not spmd.is_type_checking():
+        return x  # type: ignore[return-value]
+    out: Par = spmd.reinterpret(x, pctx.group, src=spmd.V, dst=spmd.P)
+    return out

@@ -1,0 +1,54 @@
+"""AllGatherDispatcher: the decode path of TP2EP, with no host sync.
+
+Every rank gathers all ranks' token slices and expert ids (V -> R), runs its local
+experts on the slots that chose them (the others come out zero), and each slot's
+output, held by exactly one rank, is summed back to its owner by reduce_scatter
+(P -> V). Adding zeros is exact, so the result equals the all-to-all path bit for bit.
+Needs the same token count on every rank (the replicated layout guarantees it).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+
+from spmd_moe import collectives as C
+from spmd_moe.dispatch.local import DispatchState
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import Var, as_var, checked
+
+
+class AllGatherDispatcher:
+    def __init__(self, num_experts: int, pctx: ParallelContext):
+        self.num_experts = num_experts
+        self.pctx = pctx
+        self.num_local = num_experts // pctx.size
+        self.start = pctx.rank * self.num_local
+
+    @checked
+    def dispatch(
+        self,
+        x_TD: Float[Var, "T D"],
+        expert_ids_TK: Int[Var, "T K"],
+        num_pad_tokens: int,
+    ) -> tuple[Float[Var, "R D"], Int[Var, " e"], DispatchState]:
+        del num_pad_tokens  # pads carry id E: never local to any rank
+        T, K = expert_ids_TK.shape
+        e = self.num_local
+        x_all = C.all_gather(x_TD, self.pctx)
+        ids_all = C.all_gather(expert_ids_TK, self.pctx)
+        local_all = ids_all - self.start
+        # Non-local slots get key e: they sort after every local expert's rows.
+        key_N = torch.where((local_all >= 0) & (local_all < e), local_all, e).reshape(-1)
+        order_N = torch.argsort(key_N, stable=True)
+        counts_e = torch.bincount(key_N, minlength=e + 1)[:e]
+        state = DispatchState(T, K, order_N, {"total_tokens": x_all.shape[0]})
+        return as_var(x_all[order_N // K]), as_var(counts_e), state
+
+    @checked
+    def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
+        # Rows past the local experts' count are zeros (grouped_mm): every slot not
+        # owned here contributes an exact 0 to the sum.
+        slots_ND = torch.empty_like(out_RD).index_copy(0, state.sent_slots_R, out_RD)
+        mine_ND = C.reduce_scatter(C.partial_from_shards(as_var(slots_ND), self.pctx), self.pctx)
+        return as_var(mine_ND.view(state.num_tokens, state.top_k, mine_ND.shape[-1]))

@@ -1,0 +1,64 @@
+"""AllToAllDispatcher: the prefill path of TP2EP.
+
+Each rank sends every sent row to the rank owning its expert (all_to_all), runs its
+e = E/n local experts, and sends the results back (the mirror all_to_all). The split
+sizes need one host sync (the count exchange). Received rows arrive source-major
+(rank 0's rows for my experts, then rank 1's, ...) and are regrouped expert-major
+for the grouped GEMM; combine undoes both steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+
+from spmd_moe import collectives as C
+from spmd_moe.dispatch.local import DispatchState, count_per_expert, scatter_to_slots, sort_slots
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import Var, as_var, checked
+
+
+class AllToAllDispatcher:
+    def __init__(self, num_experts: int, pctx: ParallelContext):
+        self.num_experts = num_experts
+        self.pctx = pctx
+        self.num_local = num_experts // pctx.size
+
+    @checked
+    def dispatch(
+        self,
+        x_TD: Float[Var, "T D"],
+        expert_ids_TK: Int[Var, "T K"],
+        num_pad_tokens: int,
+    ) -> tuple[Float[Var, "R D"], Int[Var, " e"], DispatchState]:
+        n, e = self.pctx.size, self.num_local
+        T, K = expert_ids_TK.shape
+        order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
+        sent_slots_S = order_N[:num_sent]
+        counts_ne = count_per_expert(expert_ids_TK, self.num_experts).view(n, e)
+        # counts_ne[j] = my rows for rank j's experts; recv_ne[j] = rank j's rows for mine.
+        recv_ne = C.all_to_all(as_var(counts_ne), self.pctx, [1] * n, [1] * n)
+        in_splits = counts_ne.sum(dim=1).tolist()  # host sync (prefill only)
+        out_splits = recv_ne.sum(dim=1).tolist()
+        recv_RD = C.all_to_all(as_var(x_TD[sent_slots_S // K]), self.pctx, in_splits, out_splits)
+        # Regroup source-major -> expert-major (stable: source order kept per expert).
+        row_expert_R = torch.repeat_interleave(
+            torch.arange(e, device=x_TD.device).repeat(n), recv_ne.reshape(-1),
+            output_size=recv_RD.shape[0],
+        )
+        regroup_R = torch.argsort(row_expert_R, stable=True)
+        state = DispatchState(T, K, sent_slots_S, {"in": in_splits, "out": out_splits, "regroup": regroup_R})
+        return as_var(recv_RD[regroup_R]), as_var(recv_ne.sum(dim=0)), state
+
+    @checked
+    def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
+        regroup_R = state.extra["regroup"]
+        assert isinstance(regroup_R, torch.Tensor)
+        source_major_RD = torch.empty_like(out_RD).index_copy(0, regroup_R, out_RD)
+        back_SD = C.all_to_all(
+            as_var(source_major_RD), self.pctx,
+            list(state.extra["out"]),  # type: ignore[call-overload]
+            list(state.extra["in"]),  # type: ignore[call-overload]
+        )
+        slots_ND = scatter_to_slots(back_SD, state.sent_slots_R, state.num_tokens * state.top_k)
+        return as_var(slots_ND.view(state.num_tokens, state.top_k, slots_ND.shape[-1]))

@@ -1,0 +1,71 @@
+"""LocalDispatcher: expert-sorted permutation of this rank's slots, no communication.
+
+Shape suffixes: T tokens on this rank, K top-k, N = T*K slots, R rows sent to
+experts (N minus pad slots), D model dim, E experts, e local experts.
+Pad tokens carry expert id E (one past the last): they sort last and are never sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import Var, as_var, checked
+
+
+@dataclass
+class DispatchState:
+    """What combine needs to undo dispatch."""
+
+    num_tokens: int
+    top_k: int
+    sent_slots_R: torch.Tensor  # slot index (into N) of each sent row, expert-sorted
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def sort_slots(expert_ids_TK: torch.Tensor, num_pad_tokens: int) -> tuple[torch.Tensor, int]:
+    """Slots in expert order (stable: token order within an expert) and how many to send."""
+    T, K = expert_ids_TK.shape
+    order_N = torch.argsort(expert_ids_TK.reshape(-1), stable=True)
+    return order_N, (T - num_pad_tokens) * K
+
+
+def count_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert over this rank's slots, pads (id E) dropped. int64 [E]."""
+    return torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts + 1)[:num_experts]
+
+
+def scatter_to_slots(rows_RD: torch.Tensor, sent_slots_R: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Put each returned row back in its slot; unsent slots (pads) get zeros."""
+    slots_ND = rows_RD.new_zeros(num_slots, rows_RD.shape[-1])
+    return slots_ND.index_copy(0, sent_slots_R, rows_RD)
+
+
+class LocalDispatcher:
+    """EP size 1: every expert is local."""
+
+    def __init__(self, num_experts: int, pctx: ParallelContext):
+        self.num_experts = num_experts
+        self.pctx = pctx
+
+    @checked
+    def dispatch(
+        self,
+        x_TD: Float[Var, "T D"],
+        expert_ids_TK: Int[Var, "T K"],
+        num_pad_tokens: int,
+    ) -> tuple[Float[Var, "R D"], Int[Var, " E"], DispatchState]:
+        T, K = expert_ids_TK.shape
+        order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
+        sent_slots_R = order_N[:num_sent]
+        routed_RD = x_TD[sent_slots_R // K]
+        counts_E = count_per_expert(expert_ids_TK, self.num_experts)
+        return as_var(routed_RD), as_var(counts_E), DispatchState(T, K, sent_slots_R)
+
+    @checked
+    def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
+        slots_ND = scatter_to_slots(out_RD, state.sent_slots_R, state.num_tokens * state.top_k)
+        return as_var(slots_ND.view(state.num_tokens, state.top_k, slots_ND.shape[-1]))

@@ -1,0 +1,150 @@
+"""GroupedExperts (this rank's E/n SwiGLU experts) and the TP-sharded shared experts.
+
+Shape suffixes: R rows routed to this rank (expert-sorted), D model dim, F expert hidden
+dim, e local experts. Parameter names equal torchtitan's (w1_EFD gate, w3_EFD up,
+w2_EDF down) so state dicts move both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import nn
+
+from spmd_moe.config import MoEConfig
+from spmd_moe.parallel import ParallelContext
+from spmd_moe import collectives as C
+from spmd_moe.placement import Par, Rep, Var, as_var, checked
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in _GROUPED_MM_DTYPES:
+        return False
+    if x.device.type == "cuda":
+        # Hopper grouped GEMM: bf16 only, 16-byte aligned rows.
+        return x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
+    return x.device.type == "cpu"
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y_RF = x_RD @ w_EFD[e].T per expert group, grads by grouped GEMMs too.
+
+    Our own backward because torch's CPU grouped-mm backward rejects stride-0
+    gradients (e.g. from .sum()) and unaligned transposes.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_RD: torch.Tensor, w_EFD: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_RD, w_EFD, offs_e)
+        return _zero_tail(torch._grouped_mm(x_RD, w_EFD.transpose(-2, -1), offs=offs_e), offs_e)
+
+    @staticmethod
+    def backward(ctx: Any, grad_RF: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x_RD, w_EFD, offs_e = ctx.saved_tensors
+        grad_RF = grad_RF.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _zero_tail(torch._grouped_mm(grad_RF, w_EFD.contiguous(), offs=offs_e), offs_e)
+        if ctx.needs_input_grad[1]:
+            gw = _per_expert_grad_w(grad_RF, x_RD, offs_e, w_EFD)
+        return gx, gw, None
+
+
+def _zero_tail(y_RF: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
+    """Rows past the last offset belong to no expert; the kernel leaves them undefined."""
+    if offs_e.numel() == 0:
+        return torch.zeros_like(y_RF)
+    keep_R = torch.arange(y_RF.shape[0], device=y_RF.device) < offs_e[-1]
+    return torch.where(keep_R.unsqueeze(-1), y_RF, torch.zeros((), dtype=y_RF.dtype, device=y_RF.device))
+
+
+def _per_expert_grad_w(g_RF: torch.Tensor, x_RD: torch.Tensor, offs_e: torch.Tensor, w_EFD: torch.Tensor) -> torch.Tensor:
+    if g_RF.device.type == "cuda":
+        rows_ok = g_RF.shape[0] * g_RF.element_size() % 16 == 0
+        if rows_ok:
+            return torch._grouped_mm(g_RF.t(), x_RD, offs=offs_e)
+    ends = offs_e.tolist()  # host sync: backward only
+    gw = torch.zeros_like(w_EFD)
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            gw[e] = g_RF[start:end].t() @ x_RD[start:end]
+        start = end
+    return gw
+
+
+def grouped_mm(x_RD: torch.Tensor, w_EFD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
+    """Per-expert x @ w.T for rows grouped by expert (counts_e rows each).
+
+    Rows past sum(counts_e) (the decode dispatcher's non-local slots) come back zero.
+    """
+    if _grouped_mm_ok(x_RD, w_EFD):
+        offs_e = torch.cumsum(counts_e, dim=0, dtype=torch.int32)
+        out: torch.Tensor = _GroupedMM.apply(x_RD, w_EFD, offs_e)
+        return out
+    # Reference path (float64, other devices): one host sync for the split sizes.
+    sizes = counts_e.tolist()
+    tail = x_RD.shape[0] - sum(sizes)
+    parts = torch.split(x_RD, sizes + [tail])
+    outs = [p @ w_EFD[e].transpose(0, 1) for e, p in enumerate(parts[:-1])]
+    outs.append(x_RD.new_zeros(tail, w_EFD.shape[-2]))
+    return torch.cat(outs)
+
+
+class GroupedExperts(nn.Module):
+    """This rank's e = E/n experts. Weights are Varying over the expert axis (each
+    rank holds different experts); so are the rows it receives."""
+
+    def __init__(self, cfg: MoEConfig, pctx: ParallelContext, device: torch.device | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.pctx = pctx
+        self.num_experts = cfg.num_experts
+        self.expert_start, self.expert_stop = pctx.local_experts(cfg.num_experts)
+        e = self.expert_stop - self.expert_start
+        kw: dict[str, Any] = {"device": device, "dtype": cfg.param_dtype}
+        self.w1_EFD = nn.Parameter(torch.empty(e, cfg.hidden_dim, cfg.dim, **kw))
+        self.w2_EDF = nn.Parameter(torch.empty(e, cfg.dim, cfg.hidden_dim, **kw))
+        self.w3_EFD = nn.Parameter(torch.empty(e, cfg.hidden_dim, cfg.dim, **kw))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.expert_stop - self.expert_start
+
+    @checked
+    def forward(
+        self,
+        routed_RD: Float[Var, "R D"],
+        counts_e: Int[Var, " e"],
+    ) -> Float[Var, "R D"]:
+        """SwiGLU per expert in MoEConfig.expert_dtype (None: the input's dtype)."""
+        dt = self.cfg.expert_dtype or routed_RD.dtype
+        x_RD = routed_RD.to(dt)
+        w1, w2, w3 = self.w1_EFD.to(dt), self.w2_EDF.to(dt), self.w3_EFD.to(dt)
+        h_RF = F.silu(grouped_mm(x_RD, w1, counts_e)) * grouped_mm(x_RD, w3, counts_e)
+        return as_var(grouped_mm(h_RF, w2, counts_e).to(routed_RD.dtype))
+
+
+class SharedExperts(nn.Module):
+    """Dense SwiGLU MLP on every token, hidden dim sharded over the expert axis (TP):
+    w1/w3 column-parallel, w2 row-parallel, so the output is Partial."""
+
+    def __init__(self, cfg: MoEConfig, pctx: ParallelContext, device: torch.device | None = None):
+        super().__init__()
+        assert cfg.shared_hidden_dim is not None
+        self.pctx = pctx
+        f = cfg.shared_hidden_dim // pctx.size
+        kw: dict[str, Any] = {"device": device, "dtype": cfg.param_dtype, "bias": False}
+        self.w1 = nn.Linear(cfg.dim, f, **kw)
+        self.w2 = nn.Linear(f, cfg.dim, **kw)
+        self.w3 = nn.Linear(cfg.dim, f, **kw)
+
+    @checked
+    def forward(self, x_TD: Float[Rep, "T D"]) -> Float[Par, "T D"]:
+        h_TF = F.silu(self.w1(x_TD)) * self.w3(x_TD)
+        return C.partial_from_shards(as_var(self.w2(h_TF)), self.pctx)

@@ -1,0 +1,360 @@
+"""MoE: router -> token split -> dispatch -> experts -> combine -> output layout.
+
+Shape suffixes (torchtitan's legend): T tokens, D model dim, F expert hidden dim,
+E experts, e = E/n local experts, K top-k, R rows routed to this rank, n the size of
+the expert axis. Placements are on the expert axis (see spmd_moe.placement):
+
+    x_TD            Rep (layout 'replicated', vLLM)  |  Var (layout 'sequence', SP training)
+    pad + split     Rep -> Var   (pad T to a multiple of n; pad rows never routed)
+    router          Var -> weights_TK, expert_ids_TK, scores_TE: Var
+    counts_E        Var data, Partial meaning (sum over ranks = global counts)
+    dispatch        all_to_all (prefill) | all_gather (decode, no host sync) | local (n=1)
+    experts         Var rows, Var (sharded) weights -> Var rows
+    combine         slots_TKD: Var; weighted sum over k in ascending expert order -> Var
+    shared experts  Rep -> Par (TP-sharded), reduce_scatter -> Var, added
+    output layout   all_gather Var -> Rep ('replicated') | keep Var ('sequence')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal
+
+import spmd_types as spmd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import nn
+
+from spmd_moe import _debug
+from spmd_moe import collectives as C
+from spmd_moe.config import MoEConfig
+from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher
+from spmd_moe.dispatch.validate import exchange_header
+from spmd_moe.errors import (
+    DeviceError,
+    DtypeError,
+    PaddingError,
+    PlacementError,
+    RoutingError,
+    ShapeError,
+)
+from spmd_moe.experts import GroupedExperts, SharedExperts
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import Rep, Var, as_rep, as_var, checked
+from spmd_moe.router import TopKRouter
+
+Layout = Literal["replicated", "sequence"]
+Dispatcher = LocalDispatcher | AllToAllDispatcher | AllGatherDispatcher
+
+
+class RoutedExperts(nn.Module):
+    """Holds the local experts under torchtitan's key path (routed_experts.inner_experts)."""
+
+    def __init__(self, cfg: MoEConfig, pctx: ParallelContext, device: torch.device | None):
+        super().__init__()
+        self.inner_experts = GroupedExperts(cfg, pctx, device)
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        pctx: ParallelContext | None = None,
+        *,
+        layout: Layout = "replicated",
+        device: torch.device | str | None = None,
+        name: str = "moe",
+    ):
+        super().__init__()
+        pctx = pctx or ParallelContext.single()
+        cfg.check_ep(pctx.size)
+        if layout not in ("replicated", "sequence"):
+            raise ValueError(f"MoE layout: expected 'replicated' or 'sequence', got {layout!r}")
+        dev = torch.device(device) if device is not None else None
+        self.cfg = cfg
+        self.pctx = pctx
+        self.layout: Layout = layout
+        self.name = name
+        self.router = TopKRouter(cfg, pctx, dev)
+        self.router.layer_name = f"{name}.router"
+        self.routed_experts = RoutedExperts(cfg, pctx, dev)
+        self.shared_experts = SharedExperts(cfg, pctx, dev) if cfg.shared_hidden_dim else None
+        self.load_balance_coeff = cfg.load_balance_coeff
+        self.expert_bias_E: torch.Tensor | None
+        if cfg.load_balance_coeff is not None:
+            self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts, device=dev), persistent=True)
+        else:
+            self.expert_bias_E = None
+        # Local counts of this rank's tokens: Partial over the expert axis.
+        self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.num_experts, device=dev), persistent=False)
+        self._local = LocalDispatcher(cfg.num_experts, pctx)
+        self._a2a = AllToAllDispatcher(cfg.num_experts, pctx) if pctx.size > 1 else None
+        self._ag = AllGatherDispatcher(cfg.num_experts, pctx) if pctx.size > 1 else None
+        self._peers_checked = False
+        # Routing replay: record each call's expert ids, or force them.
+        self.record_routes = False
+        self.recorded_routes: list[torch.Tensor] = []
+        self.forced_routes_TK: torch.Tensor | None = None
+
+    @property
+    def experts(self) -> GroupedExperts:
+        return self.routed_experts.inner_experts
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """[T, D] -> [T, D] in the layer's layout (see module docstring)."""
+        self._check_input(x_TD)
+        with self._typecheck():
+            if self.layout == "replicated":
+                return self.forward_replicated(as_rep(x_TD, self.pctx, f"{self.name}: x_TD"))
+            return self.forward_sequence(as_var(x_TD, self.pctx, f"{self.name}: x_TD"))
+
+    @checked
+    def forward_replicated(self, x_TD: Float[Rep, "T D"]) -> Float[Rep, "T D"]:
+        n = self.pctx.size
+        T = x_TD.shape[0]
+        T_pad = self._padded(T)
+        if n > 1 and not self._use_decode(T_pad // n):
+            self._check_peers(T, "replicated")
+        elif n > 1 and not self._peers_checked or _debug._enabled:
+            self._check_peers(T, "replicated")
+        x_pad_TD = as_rep(F.pad(x_TD, (0, 0, 0, T_pad - T)) if T_pad > T else x_TD)
+        x_loc_TD = C.split_tokens(x_pad_TD, self.pctx)
+        T_loc = T_pad // n
+        num_pad = max(0, min(T_loc, (self.pctx.rank + 1) * T_loc - T))
+        y_loc_TD = self._routed(x_loc_TD, num_pad, decode=self._use_decode(T_loc))
+        if self.shared_experts is not None:
+            shared_TD = C.reduce_scatter(self.shared_experts(x_pad_TD), self.pctx)
+            y_loc_TD = as_var(y_loc_TD + shared_TD)
+        y_TD = C.all_gather(y_loc_TD, self.pctx)
+        return as_rep(y_TD[:T]) if T_pad > T else y_TD
+
+    @checked
+    def forward_sequence(self, x_TD: Float[Var, "T D"]) -> Float[Var, "T D"]:
+        decode = self.cfg.dispatcher == "all_gather"
+        if self.pctx.size > 1:
+            # Ranks may hold different token counts here, unless a path all-gathers.
+            same_T = decode or self.shared_experts is not None
+            self._check_peers(x_TD.shape[0] if same_T else -1, "sequence")
+        y_TD = self._routed(x_TD, 0, decode=decode)
+        if self.shared_experts is not None:
+            x_all_TD = C.all_gather(x_TD, self.pctx)
+            y_TD = as_var(y_TD + C.reduce_scatter(self.shared_experts(x_all_TD), self.pctx))
+        return y_TD
+
+    # ------------------------------------------------------------------ pieces
+    def _routed(self, x_TD: Var, num_pad: int, *, decode: bool) -> Var:
+        """Route this rank's slice, dispatch, run experts, combine: Var -> Var."""
+        T = x_TD.shape[0]
+        weights_TK, expert_ids_TK, _ = self.router(x_TD, self.expert_bias_E)
+        if self.forced_routes_TK is not None:
+            weights_TK, expert_ids_TK = self._forced(x_TD, expert_ids_TK)
+        if num_pad:
+            # Pad tokens get expert id E: sorted last, never sent, never counted.
+            pad_mark_TK = torch.arange(T, device=x_TD.device).unsqueeze(1) >= T - num_pad
+            expert_ids_TK = as_var(torch.where(pad_mark_TK, self.cfg.num_experts, expert_ids_TK))
+        # Ascending expert id within each token: a fixed summation order for combine.
+        expert_ids_TK, k_order_TK = expert_ids_TK.sort(dim=-1)
+        weights_TK = as_var(weights_TK.gather(-1, k_order_TK))
+        if self.record_routes:
+            self.recorded_routes.append(expert_ids_TK[: T - num_pad].detach().clone())
+        dispatcher = self._dispatcher(decode)
+        routed_RD, counts_e, state = dispatcher.dispatch(x_TD, as_var(expert_ids_TK), num_pad)
+        out_RD = self.experts(routed_RD, counts_e)
+        slots_TKD = dispatcher.combine(out_RD, state)
+        self._count(expert_ids_TK)
+        return as_var(_weighted_sum(slots_TKD, weights_TK))
+
+    def _forced(self, x_TD: torch.Tensor, routed_ids_TK: torch.Tensor) -> tuple[Var, Var]:
+        """Replace the router's choice by the forced routes (gate values recomputed)."""
+        forced = self.forced_routes_TK
+        assert forced is not None
+        if forced.shape != routed_ids_TK.shape or forced.dtype not in (torch.int64, torch.int32):
+            raise RoutingError(
+                f"{self.name}: forced_routes_TK: expected an integer tensor of shape "
+                f"{tuple(routed_ids_TK.shape)} (this rank's tokens x top_k), got "
+                f"{forced.dtype} {tuple(forced.shape)}. Fix: pass the routes recorded for "
+                "exactly these tokens."
+            )
+        if forced.numel() and (int(forced.min()) < 0 or int(forced.max()) >= self.cfg.num_experts):
+            raise RoutingError(
+                f"{self.name}: forced_routes_TK: expected expert ids in [0, "
+                f"{self.cfg.num_experts}), got values in [{int(forced.min())}, "
+                f"{int(forced.max())}]. Fix: record routes from a model with the same experts."
+            )
+        ids_TK = forced.to(routed_ids_TK.device, torch.int64)
+        scores_TE = self.router(x_TD, None)[2]
+        weights_TK = scores_TE.gather(-1, ids_TK)
+        if self.cfg.route_norm:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return as_var(weights_TK * self.cfg.route_scale), as_var(ids_TK)
+
+    def _dispatcher(self, decode: bool) -> Dispatcher:
+        if self.pctx.size == 1:
+            return self._local
+        assert self._a2a is not None and self._ag is not None
+        return self._ag if decode else self._a2a
+
+    def _use_decode(self, tokens_per_rank: int) -> bool:
+        if self.pctx.size == 1:
+            return False
+        if self.cfg.dispatcher == "auto":
+            return tokens_per_rank <= self.cfg.decode_max_tokens
+        return self.cfg.dispatcher == "all_gather"
+
+    def _padded(self, T: int) -> int:
+        n = self.pctx.size
+        if T % n == 0:
+            return T
+        if self.cfg.padding == "error":
+            raise PaddingError(
+                f"{self.name}: token count T={T} on axis '{self.pctx.name}': expected a "
+                f"multiple of the axis size n={n}, got remainder {T % n}. Fix: pad the "
+                f"batch to T={math.ceil(T / n) * n} rows yourself, or build the layer with "
+                "MoEConfig(padding='pad') to let it pad and slice off the pad rows."
+            )
+        return math.ceil(T / n) * n
+
+    def _count(self, expert_ids_TK: torch.Tensor) -> None:
+        with torch.no_grad():
+            counts = torch.bincount(expert_ids_TK.reshape(-1), minlength=self.cfg.num_experts + 1)
+            self.tokens_per_expert_E.add_(counts[: self.cfg.num_experts].to(self.tokens_per_expert_E.dtype))
+
+    def global_tokens_per_expert(self) -> torch.Tensor:
+        """The counters summed over the expert axis (P -> R): global counts per expert."""
+        with torch.no_grad():
+            return C.all_reduce(C.partial_from_shards(as_var(self.tokens_per_expert_E.clone()), self.pctx), self.pctx)
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """torchtitan's aux-loss-free update: bias += coeff * sign(mean - count), centred."""
+        if self.expert_bias_E is None or self.load_balance_coeff is None:
+            return
+        counts_E = self.global_tokens_per_expert().float()
+        delta_E = self.load_balance_coeff * torch.sign(counts_E.mean() - counts_E)
+        self.expert_bias_E.add_(delta_E - delta_E.mean())
+        self.tokens_per_expert_E.zero_()
+
+    def _check_peers(self, token_convention: int, layout: str) -> None:
+        exchange_header(
+            self.pctx, num_experts=self.cfg.num_experts, top_k=self.cfg.top_k, dim=self.cfg.dim,
+            fingerprint=self.cfg.fingerprint(), token_convention=token_convention,
+            layout=layout, what=self.name,
+        )
+        self._peers_checked = True
+
+    def _check_input(self, x_TD: torch.Tensor) -> None:
+        if not isinstance(x_TD, torch.Tensor):
+            raise TypeError(f"{self.name}: x_TD: expected a torch.Tensor, got {type(x_TD).__name__}")
+        if x_TD.ndim != 2 or x_TD.shape[-1] != self.cfg.dim:
+            raise ShapeError(
+                f"{self.name}: x_TD: expected shape [T, D={self.cfg.dim}], got "
+                f"{tuple(x_TD.shape)}. Fix: flatten batch and sequence into T "
+                "(x.reshape(-1, D)) and check the layer's MoEConfig.dim."
+            )
+        if x_TD.is_meta:
+            raise DeviceError(
+                f"{self.name}: x_TD: expected a real tensor, got one on the meta device. "
+                "Fix: materialize the inputs (and call to_empty() + init_states() on the layer)."
+            )
+        w = self.router.gate.weight
+        if w.is_meta:
+            raise DeviceError(
+                f"{self.name}: parameters: expected materialized weights, got meta tensors. "
+                "Fix: call moe.to_empty(device=...) then moe.init_states(seed) or load a state dict."
+            )
+        if x_TD.device != w.device:
+            raise DeviceError(
+                f"{self.name}: x_TD: expected device {w.device} (the layer's), got "
+                f"{x_TD.device}. Fix: x_TD.to({str(w.device)!r}) or move the layer."
+            )
+        if not x_TD.dtype.is_floating_point:
+            raise DtypeError(
+                f"{self.name}: x_TD: expected a floating dtype, got {x_TD.dtype}. "
+                "Fix: pass hidden states, not token ids."
+            )
+
+    def _typecheck(self):  # type: ignore[no-untyped-def]
+        """Debug mode on >1 rank: track spmd_types placements through the layer."""
+        import contextlib
+
+        if not (_debug._enabled and self.pctx.size > 1):
+            return contextlib.nullcontext()
+        from spmd_types.checker import typecheck
+
+        self._type_params()
+        return _wrap_spmd_errors(typecheck(strict_mode="permissive"), self.name)
+
+    def _type_params(self) -> None:
+        g = self.pctx.group
+        for p in (self.router.gate.weight,):
+            if not spmd.has_local_type(p):
+                spmd.assert_type(p, {g: spmd.R})
+        if self.expert_bias_E is not None and not spmd.has_local_type(self.expert_bias_E):
+            spmd.assert_type(self.expert_bias_E, {g: spmd.R})
+        sharded = list(self.experts.parameters())
+        if self.shared_experts is not None:
+            sharded += list(self.shared_experts.parameters())
+        for p in sharded:
+            if not spmd.has_local_type(p):
+                spmd.assert_type(p, {g: spmd.V})
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_states(self, seed: int = 0, std: float = 0.02) -> None:
+        """Deterministic init from a seed, independent of the EP layout: each expert's
+        weights come from a generator seeded by (seed, layer name, param, expert id)."""
+        e0, e1 = self.experts.expert_start, self.experts.expert_stop
+        for pname in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            p = getattr(self.experts, pname)
+            for i, e in enumerate(range(e0, e1)):
+                p[i].copy_(_seeded_normal(p.shape[1:], (seed, self.name, pname, e), std, p.dtype))
+        self.router.gate.weight.copy_(
+            _seeded_normal(self.router.gate.weight.shape, (seed, self.name, "gate"), std, self.router.gate.weight.dtype)
+        )
+        if self.shared_experts is not None:
+            se = self.shared_experts
+            n, r = self.pctx.size, self.pctx.rank
+            for pname in ("w1", "w2", "w3"):
+                w = getattr(se, pname).weight
+                full_shape = (w.shape[0] * n, w.shape[1]) if pname != "w2" else (w.shape[0], w.shape[1] * n)
+                full = _seeded_normal(full_shape, (seed, self.name, "shared", pname), std, w.dtype)
+                w.copy_(full.chunk(n, dim=0 if pname != "w2" else 1)[r])
+        if self.expert_bias_E is not None:
+            self.expert_bias_E.zero_()
+        self.tokens_per_expert_E.zero_()
+
+
+def _weighted_sum(slots_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t,k] * slot[t,k] in ascending k (= ascending expert id), weighting in
+    fp32 and rounding each term to the slot dtype first (torchtitan's order)."""
+    terms_TKD = (slots_TKD.float() * weights_TK.float().unsqueeze(-1)).to(slots_TKD.dtype)
+    acc_TD = terms_TKD[:, 0]
+    for k in range(1, terms_TKD.shape[1]):
+        acc_TD = acc_TD + terms_TKD[:, k]
+    return acc_TD
+
+
+def _seeded_normal(shape: tuple[int, ...] | torch.Size, key: tuple[object, ...], std: float, dtype: torch.dtype) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little")
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * std).to(dtype)
+
+
+class _wrap_spmd_errors:
+    """Re-raise spmd_types' type errors as PlacementError (message kept, layer named)."""
+
+    def __init__(self, inner, name: str) -> None:  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.inner.__enter__()
+
+    def __exit__(self, et, ev, tb) -> bool:  # type: ignore[no-untyped-def]
+        self.inner.__exit__(et, ev, tb)
+        if ev is not None and isinstance(ev, spmd.SpmdTypeError):
+            raise PlacementError(f"{self.name}: placement check failed: {ev}") from ev
+        return False

@@ -1,0 +1,291 @@
+"""Placement vocabulary, the `checked` decorator and the debug-mode checker glue.
+
+Placements are those of ``spmd_types`` (R / I / V / P) on the layer's *expert axis*:
+the mesh axis over which the layer splits tokens and shards experts (the TP group in
+TP2EP, the EP mesh dim in torchtitan). A tensor's type in a signature is written
+``Float[Var, "T D"]``: jaxtyping gives shape and dtype, the class gives placement.
+
+* Statically (mypy) ``Rep``, ``Inv``, ``Var`` and ``Par`` are four distinct subclasses of
+  ``torch.Tensor``: passing a ``Par`` where a ``Rep`` is required is a type error. A plain
+  ``Tensor`` is none of them; ``as_rep`` / ``as_var`` / ... state a placement (and check
+  it in debug mode), the typed collectives in ``spmd_moe.collectives`` change it.
+* At runtime the four classes accept any tensor (``isinstance`` is Tensor's), so they
+  cost nothing. In debug mode :func:`checked` checks shapes and dtypes (jaxtyping +
+  beartype) and placements (spmd_types' tracked local type on the expert axis).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar, cast
+
+import torch
+from beartype import beartype
+from beartype.roar import BeartypeCallHintViolation
+from jaxtyping import jaxtyped
+
+from spmd_moe import _debug
+from spmd_moe.errors import DtypeError, PlacementError, ShapeError
+
+try:  # the checker half of spmd_types; only needed in debug mode
+    import spmd_types as spmd
+    from spmd_types.types import PerMeshAxisLocalSpmdType as _LocalType
+
+    _HAVE_SPMD = True
+except ImportError:  # pragma: no cover - spmd_types is a core dependency
+    _HAVE_SPMD = False
+
+
+class _PlacedMeta(type(torch.Tensor)):  # type: ignore[misc]
+    # Any tensor is an instance at runtime: placement is checked by `checked` (debug
+    # mode only, with a message that says the fix), never by isinstance.
+    def __instancecheck__(cls, obj: object) -> bool:
+        return isinstance(obj, torch.Tensor)
+
+
+class Placed(torch.Tensor, metaclass=_PlacedMeta):
+    """Base of the placement brands. ``code`` is the spmd_types letter."""
+
+    code: typing.ClassVar[str] = "?"
+
+
+class Rep(Placed):
+    """Replicate on the expert axis: same value on every rank, gradient is Partial."""
+
+    code = "R"
+
+
+class Inv(Placed):
+    """Invariant on the expert axis: same value on every rank, gradient is Invariant."""
+
+    code = "I"
+
+
+class Var(Placed):
+    """Varying on the expert axis: each rank holds different data (its token slice)."""
+
+    code = "V"
+
+
+class Par(Placed):
+    """Partial on the expert axis: the true value is the sum over ranks."""
+
+    code = "P"
+
+
+BRANDS: dict[str, type[Placed]] = {b.code: b for b in (Rep, Inv, Var, Par)}
+
+_FIXES: dict[tuple[str, str], str] = {
+    ("V", "R"): "split the tokens over the axis first (R->V) and pad T to a multiple of "
+    "the axis size (MoEConfig.padding='pad'); a replicated tensor here means every rank "
+    "would route all tokens",
+    ("P", "R"): "a replicated count summed again over ranks would be counted n times: "
+    "count only this rank's token slice (R->V split first, padding T to a multiple of "
+    "the axis size)",
+    ("R", "P"): "call all_reduce(x, axis, src=P, dst=R) first",
+    ("R", "V"): "call all_gather(x, axis, src=V, dst=R) first",
+    ("V", "P"): "call reduce_scatter(x, axis, src=P, dst=V) first",
+    ("I", "P"): "call all_reduce(x, axis, src=P, dst=I) first",
+}
+
+
+def placement_fix(expected: str, actual: str) -> str:
+    return _FIXES.get(
+        (expected, actual),
+        f"insert the collective that turns {actual} into {expected} on this axis, "
+        "or fix the placement stated by the producer",
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class AxisLike(typing.Protocol):
+    """What the checker needs of a parallel context."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def group(self) -> Any: ...
+
+
+def local_type_on(t: torch.Tensor, axis: AxisLike) -> str | None:
+    """The spmd_types letter tracked on ``t`` for ``axis``, or None if untyped."""
+    if not _HAVE_SPMD or axis.size == 1 or axis.group is None:
+        return None
+    ty = spmd.maybe_get_axis_local_type(t, axis.group) if hasattr(spmd, "maybe_get_axis_local_type") else None
+    return None if ty is None else str(ty.value)
+
+
+def check_placement(t: torch.Tensor, name: str, expected: str, axis: AxisLike) -> None:
+    """Debug mode: raise PlacementError unless ``t`` is ``expected`` on ``axis``.
+
+    An untyped tensor is given the expected type (it enters the tracked region here).
+    """
+    if axis.size == 1 or axis.group is None or not _HAVE_SPMD:
+        return  # one rank: every placement is the same thing
+    actual = local_type_on(t, axis)
+    if actual is None:
+        spmd.assert_type(t, {axis.group: _LocalType(expected)})
+        return
+    if actual != expected:
+        raise PlacementError(
+            f"{name} on axis '{axis.name}' (size {axis.size}): expected placement "
+            f"{expected}, got {actual}. Fix: {placement_fix(expected, actual)}."
+        )
+
+
+def _state(t: torch.Tensor, expected: str, axis: AxisLike | None, name: str) -> None:
+    if _debug.is_debug() and axis is not None:
+        check_placement(t, name, expected, axis)
+
+
+def as_rep(t: torch.Tensor, axis: AxisLike | None = None, name: str = "tensor") -> Rep:
+    """State that ``t`` is Replicate on the expert axis (checked in debug mode)."""
+    _state(t, "R", axis, name)
+    return cast(Rep, t)
+
+
+def as_inv(t: torch.Tensor, axis: AxisLike | None = None, name: str = "tensor") -> Inv:
+    _state(t, "I", axis, name)
+    return cast(Inv, t)
+
+
+def as_var(t: torch.Tensor, axis: AxisLike | None = None, name: str = "tensor") -> Var:
+    _state(t, "V", axis, name)
+    return cast(Var, t)
+
+
+def as_par(t: torch.Tensor, axis: AxisLike | None = None, name: str = "tensor") -> Par:
+    _state(t, "P", axis, name)
+    return cast(Par, t)
+
+
+# ----------------------------------------------------------------------------- checked
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _brand_of(hint: Any) -> type[Placed] | None:
+    """Find the placement brand in a hint: Var, Float[Var, ...], Optional[...]."""
+    if isinstance(hint, type) and issubclass(hint, Placed):
+        return hint
+    array_type = getattr(hint, "array_type", None)  # jaxtyping's Float[X, "..."]
+    if isinstance(array_type, type) and issubclass(array_type, Placed):
+        return array_type
+    for arg in typing.get_args(hint):
+        b = _brand_of(arg)
+        if b is not None:
+            return b
+    return None
+
+
+def _return_brands(hint: Any) -> list[type[Placed] | None] | None:
+    if typing.get_origin(hint) is tuple:
+        return [_brand_of(a) for a in typing.get_args(hint)]
+    b = _brand_of(hint)
+    return None if b is None else [b]
+
+
+def _axis_of(args: tuple[Any, ...]) -> AxisLike | None:
+    owner = args[0] if args else None
+    pctx = getattr(owner, "pctx", None)
+    return cast("AxisLike | None", pctx)
+
+
+def checked(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Check shapes, dtypes (jaxtyping+beartype) and placements of ``fn`` in debug mode.
+
+    Off, the wrapper is one bool test and a call. The placement axis is ``self.pctx``
+    of the method's owner (a ParallelContext).
+    """
+    typed_fn = jaxtyped(typechecker=beartype)(fn)
+    sig = inspect.signature(fn)
+    info: dict[str, Any] = {}
+
+    def _hints() -> tuple[dict[str, type[Placed]], list[type[Placed] | None] | None]:
+        if not info:
+            hints = typing.get_type_hints(fn, include_extras=True)
+            params = {}
+            for pname in sig.parameters:
+                if pname in hints:
+                    b = _brand_of(hints[pname])
+                    if b is not None:
+                        params[pname] = b
+            info["params"] = params
+            info["ret"] = _return_brands(hints["return"]) if "return" in hints else None
+        return info["params"], info["ret"]
+
+    qual = fn.__qualname__
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if not _debug._enabled:
+            return fn(*args, **kwargs)
+        if _call_log is not None:
+            _call_log[qual] = _call_log.get(qual, 0) + 1
+        params, ret = _hints()
+        axis = _axis_of(args)
+        if axis is not None and axis.size > 1:
+            bound = sig.bind(*args, **kwargs)
+            for pname, brand in params.items():
+                v = bound.arguments.get(pname)
+                if isinstance(v, torch.Tensor):
+                    check_placement(v, f"{qual}({pname})", brand.code, axis)
+        try:
+            out = typed_fn(*args, **kwargs)
+        except BeartypeCallHintViolation as e:
+            raise _shape_or_dtype_error(qual, e) from None
+        if axis is not None and axis.size > 1 and ret is not None:
+            outs = out if isinstance(out, tuple) else (out,)
+            for i, (o, brand) in enumerate(zip(outs, ret)):
+                if brand is not None and isinstance(o, torch.Tensor):
+                    check_placement(o, f"{qual} -> output {i}", brand.code, axis)
+        return out
+
+    return wrapper
+
+
+_call_log: dict[str, int] | None = None
+
+
+@contextlib.contextmanager
+def checked_calls() -> Iterator[dict[str, int]]:
+    """Count the debug-mode checks made inside the block, by function."""
+    global _call_log
+    old, _call_log = _call_log, {}
+    try:
+        yield _call_log
+    finally:
+        _call_log = old
+
+
+def _shape_or_dtype_error(qual: str, e: BeartypeCallHintViolation) -> Exception:
+    msg = str(e)
+    head = msg.split("\n")[0]
+    is_dtype = "dtype" in msg and ("has dtype" in msg or "dtype " in head)
+    if is_dtype:
+        return DtypeError(
+            f"{qual}: a tensor has the wrong dtype. {_condense(msg)} "
+            "Fix: cast the input to the dtype the layer computes in (MoEConfig.param_dtype) "
+            "or build the layer with the input's dtype."
+        )
+    return ShapeError(
+        f"{qual}: a tensor has the wrong shape. {_condense(msg)} "
+        "Fix: pass tensors shaped as the signature states (T tokens x D=MoEConfig.dim; "
+        "flatten batch and sequence dims into T first)."
+    )
+
+
+def _condense(msg: str) -> str:
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    return " | ".join(lines[:8])

@@ -1,0 +1,74 @@
+"""TopKRouter: token-choice top-k routing, torchtitan 0.3.0 semantics.
+
+Shape suffixes: T tokens, D model dim, E experts, K top-k.
+The router runs on this rank's token slice: everything it touches is Varying on the
+expert axis, except the gate weight and the expert bias, which are Replicate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import nn
+
+from spmd_moe import _debug
+from spmd_moe.config import MoEConfig
+from spmd_moe.errors import RoutingError
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import Rep, Var, as_var, checked
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, cfg: MoEConfig, pctx: ParallelContext, device: torch.device | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.pctx = pctx
+        self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False, device=device, dtype=cfg.param_dtype)
+        self.layer_name = "moe.router"
+
+    def _group_limit(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        g = self.cfg.num_expert_groups
+        lg = self.cfg.num_limited_groups
+        assert g is not None and lg is not None  # validated by MoEConfig
+        grouped_TGe = scores_TE.unflatten(-1, (g, self.cfg.num_experts // g))
+        group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        keep_TG = torch.topk(group_scores_TG, k=lg, dim=-1, sorted=False).indices
+        drop_TG = torch.ones_like(group_scores_TG, dtype=torch.bool).scatter_(-1, keep_TG, False)
+        return grouped_TGe.masked_fill(drop_TG.unsqueeze(-1), float("-inf")).flatten(-2)
+
+    @checked
+    def forward(
+        self,
+        x_TD: Float[Var, "T D"],
+        expert_bias_E: Float[Rep, "E"] | None = None,
+    ) -> tuple[Float[Var, "T K"], Int[Var, "T K"], Float[Var, "T E"]]:
+        """Return (weights_TK, expert_ids_TK, scores_TE).
+
+        The gate and the score function run in fp32 (as torchtitan) whatever the input
+        dtype; weights_TK stays fp32 so the combine can weight in fp32.
+        """
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        if _debug._enabled and not bool(torch.isfinite(logits_TE).all()):
+            bad = int((~torch.isfinite(x_TD)).any(dim=-1).sum())
+            raise RoutingError(
+                f"{self.layer_name}: router input x_TD: expected finite values, got NaN/inf "
+                f"in {bad} of {x_TD.shape[0]} tokens (router logits non-finite). "
+                "Fix: find the layer before this MoE that produced NaN/inf (check its "
+                "inputs and the learning rate); with debug off such tokens are routed "
+                "to arbitrary experts and their outputs are NaN."
+            )
+        if self.cfg.score_func == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+        else:
+            scores_TE = F.softmax(logits_TE, dim=-1)
+        choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
+        if self.cfg.num_expert_groups is not None:
+            choice_TE = self._group_limit(choice_TE)
+        expert_ids_TK = torch.topk(choice_TE, k=self.cfg.top_k, dim=-1, sorted=False).indices
+        # The bias picks the experts; the gate value comes from the unbiased scores.
+        weights_TK = scores_TE.gather(-1, expert_ids_TK)
+        if self.cfg.route_norm:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * self.cfg.route_scale
+        return as_var(weights_TK), as_var(expert_ids_TK), as_var(scores_TE)
