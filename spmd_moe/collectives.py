@@ -106,10 +106,10 @@ def all_to_all(x_ND: Var, pctx: ParallelContext, in_splits: list[int], out_split
     if spmd.is_type_checking():
         check_placement(x_ND, "all_to_all input", "V", pctx)
         with spmd.no_typecheck():
-            out = _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)
+            out = _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-untyped-call]
         spmd.assert_type(out, {pctx.group: spmd.V})
         return out  # type: ignore[no-any-return]
-    return _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-any-return]
+    return _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-any-return, no-untyped-call]
 
 
 def partial_from_shards(x: Var, pctx: ParallelContext) -> Par:

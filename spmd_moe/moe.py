@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Literal
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Literal
 
 import spmd_types as spmd
 import torch
@@ -88,6 +90,7 @@ class MoE(nn.Module):
         else:
             self.expert_bias_E = None
         # Local counts of this rank's tokens: Partial over the expert axis.
+        self.tokens_per_expert_E: torch.Tensor
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.num_experts, device=dev), persistent=False)
         self._local = LocalDispatcher(cfg.num_experts, pctx)
         self._a2a = AllToAllDispatcher(cfg.num_experts, pctx) if pctx.size > 1 else None
@@ -276,7 +279,7 @@ class MoE(nn.Module):
                 "Fix: pass hidden states, not token ids."
             )
 
-    def _typecheck(self):  # type: ignore[no-untyped-def]
+    def _typecheck(self) -> AbstractContextManager[None]:
         """Debug mode on >1 rank: track spmd_types placements through the layer."""
         import contextlib
 
@@ -346,14 +349,16 @@ def _seeded_normal(shape: tuple[int, ...] | torch.Size, key: tuple[object, ...],
 class _wrap_spmd_errors:
     """Re-raise spmd_types' type errors as PlacementError (message kept, layer named)."""
 
-    def __init__(self, inner, name: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, inner: AbstractContextManager[Any], name: str) -> None:
         self.inner = inner
         self.name = name
 
     def __enter__(self) -> None:
         self.inner.__enter__()
 
-    def __exit__(self, et, ev, tb) -> bool:  # type: ignore[no-untyped-def]
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         self.inner.__exit__(et, ev, tb)
         if ev is not None and isinstance(ev, spmd.SpmdTypeError):
             raise PlacementError(f"{self.name}: placement check failed: {ev}") from ev

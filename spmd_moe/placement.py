@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - spmd_types is a core dependency
     _HAVE_SPMD = False
 
 
-class _PlacedMeta(type(torch.Tensor)):  # type: ignore[misc]
+class _PlacedMeta(torch._C._TensorMeta):
     # Any tensor is an instance at runtime: placement is checked by `checked` (debug
     # mode only, with a message that says the fix), never by isinstance.
     def __instancecheck__(cls, obj: object) -> bool:
@@ -247,9 +247,9 @@ def checked(fn: Callable[_P, _T]) -> Callable[_P, _T]:
             raise _shape_or_dtype_error(qual, e) from None
         if axis is not None and axis.size > 1 and ret is not None:
             outs = out if isinstance(out, tuple) else (out,)
-            for i, (o, brand) in enumerate(zip(outs, ret)):
-                if brand is not None and isinstance(o, torch.Tensor):
-                    check_placement(o, f"{qual} -> output {i}", brand.code, axis)
+            for i, (o, out_brand) in enumerate(zip(outs, ret)):
+                if out_brand is not None and isinstance(o, torch.Tensor):
+                    check_placement(o, f"{qual} -> output {i}", out_brand.code, axis)
         return out
 
     return wrapper

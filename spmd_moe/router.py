@@ -31,7 +31,7 @@ class TopKRouter(nn.Module):
         g = self.cfg.num_expert_groups
         lg = self.cfg.num_limited_groups
         assert g is not None and lg is not None  # validated by MoEConfig
-        grouped_TGe = scores_TE.unflatten(-1, (g, self.cfg.num_experts // g))
+        grouped_TGe: torch.Tensor = scores_TE.unflatten(-1, (g, self.cfg.num_experts // g))  # type: ignore[no-untyped-call]
         group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
         keep_TG = torch.topk(group_scores_TG, k=lg, dim=-1, sorted=False).indices
         drop_TG = torch.ones_like(group_scores_TG, dtype=torch.bool).scatter_(-1, keep_TG, False)
