@@ -8,8 +8,18 @@ import torch
 from spmd_moe.config import MoEConfig
 
 
-def reference_moe(cfg: MoEConfig, full_sd: dict[str, torch.Tensor], x_TD: torch.Tensor) -> torch.Tensor:
-    """full_sd: the unsharded state dict (MoE.state_dict() at EP size 1)."""
+def reference_moe(
+    cfg: MoEConfig,
+    full_sd: dict[str, torch.Tensor],
+    x_TD: torch.Tensor,
+    routes_out: list[list[int]] | None = None,
+) -> torch.Tensor:
+    """full_sd: the unsharded state dict (MoE.state_dict() at EP size 1).
+
+    Differentiable: pass float64 leaf tensors (x_TD and full_sd values) that require
+    grad and call backward on the result to get reference gradients. routes_out, if
+    given, receives each token's chosen expert ids in ascending order.
+    """
     d = torch.float64
     x = x_TD.to(d)
     gate = full_sd["router.gate.weight"].to(d)
@@ -34,6 +44,8 @@ def reference_moe(cfg: MoEConfig, full_sd: dict[str, torch.Tensor], x_TD: torch.
                 if i not in keep:
                     choice[i * per:(i + 1) * per] = float("-inf")
         ids = torch.topk(choice, cfg.top_k).indices
+        if routes_out is not None:
+            routes_out.append(sorted(ids.tolist()))
         w = scores[ids]
         if cfg.route_norm:
             w = w / (w.sum() + 1e-20)
