@@ -124,9 +124,10 @@ class GroupedExperts(nn.Module):
     ) -> Float[Var, "R D"]:
         """SwiGLU per expert in MoEConfig.expert_dtype (None: the input's dtype)."""
         dt = self.cfg.expert_dtype or routed_RD.dtype
-        x_RD = routed_RD.to(dt)
         w1, w2, w3 = self.w1_EFD.to(dt), self.w2_EDF.to(dt), self.w3_EFD.to(dt)
-        h_RF = F.silu(grouped_mm(x_RD, w1, counts_e)) * grouped_mm(x_RD, w3, counts_e)
+        # One cast per use: the two input grads then add in the input dtype (fp32),
+        # not in dt (bf16); that is also torchtitan's order, so its grads match bitwise.
+        h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e)) * grouped_mm(routed_RD.to(dt), w3, counts_e)
         return as_var(grouped_mm(h_RF, w2, counts_e).to(routed_RD.dtype))
 
 
