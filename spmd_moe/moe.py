@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Literal
 
 import spmd_types as spmd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
@@ -35,12 +37,16 @@ from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher
 from spmd_moe.dispatch.validate import exchange_header
 from spmd_moe.errors import (
+    CheckpointError,
+    ConfigError,
     DeviceError,
+    DistributedError,
     DtypeError,
     PaddingError,
     PlacementError,
     RoutingError,
     ShapeError,
+    SpmdMoeError,
 )
 from spmd_moe.experts import GroupedExperts, SharedExperts
 from spmd_moe.parallel import ParallelContext
@@ -73,7 +79,11 @@ class MoE(nn.Module):
         pctx = pctx or ParallelContext.single()
         cfg.check_ep(pctx.size)
         if layout not in ("replicated", "sequence"):
-            raise ValueError(f"MoE layout: expected 'replicated' or 'sequence', got {layout!r}")
+            raise ConfigError(
+                f"MoE layout: expected 'replicated' or 'sequence', got {layout!r}. Fix: "
+                "'replicated' when every rank holds the same tokens (vLLM TP), 'sequence' "
+                "when each rank holds its own token slice (sequence-parallel training)."
+            )
         dev = torch.device(device) if device is not None else None
         self.cfg = cfg
         self.pctx = pctx
@@ -105,14 +115,80 @@ class MoE(nn.Module):
     def experts(self) -> GroupedExperts:
         return self.routed_experts.inner_experts
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module.load_state_dict, with strict key and shape checks that raise
+        CheckpointError naming the first bad key (this rank's shard shapes)."""
+        if strict:
+            want = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+            for k in sorted(set(state_dict) - set(want)):
+                raise CheckpointError(
+                    f"{self.name}: state dict key '{k}': unexpected (expected keys: "
+                    f"{sorted(want)}). Fix: drop it, strip the parent module's prefix, or "
+                    "build the layer with the config the checkpoint was saved with."
+                )
+            for k in sorted(set(want) - set(state_dict)):
+                raise CheckpointError(
+                    f"{self.name}: state dict key '{k}': missing (expected shape {want[k]}). "
+                    "Fix: load a checkpoint saved from a model with this MoEConfig."
+                )
+        for k, shape in ((k, tuple(v.shape)) for k, v in self.state_dict().items()):
+            got = state_dict.get(k)
+            if isinstance(got, torch.Tensor) and tuple(got.shape) != shape:
+                hint = (
+                    " A full (EP size 1) checkpoint on a rank of an EP group: shard it first "
+                    "with spmd_moe.checkpoint.shard_state_dict(sd, cfg, pctx)."
+                    if self.pctx.size > 1 and got.ndim == len(shape) and got.shape[0] == self.pctx.size * shape[0]
+                    else " Check dim / hidden_dim / num_experts of the MoEConfig against the checkpoint."
+                )
+                raise CheckpointError(
+                    f"{self.name}: state dict key '{k}' on axis '{self.pctx.name}' (size "
+                    f"{self.pctx.size}): expected shape {shape}, got {tuple(got.shape)}. Fix:{hint}"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """[T, D] -> [T, D] in the layer's layout (see module docstring)."""
         self._check_input(x_TD)
-        with self._typecheck():
-            if self.layout == "replicated":
-                return self.forward_replicated(as_rep(x_TD, self.pctx, f"{self.name}: x_TD"))
-            return self.forward_sequence(as_var(x_TD, self.pctx, f"{self.name}: x_TD"))
+        if self.pctx.size == 1:
+            with self._typecheck():
+                return self._forward_layout(x_TD)
+        if _debug._enabled:
+            self._check_finite_everywhere(x_TD)
+        try:
+            with self._typecheck():
+                return self._forward_layout(x_TD)
+        except RuntimeError as e:
+            if isinstance(e, SpmdMoeError) or not _from_torch_distributed(e):
+                raise
+            raise DistributedError(
+                f"{self.name}: a collective on axis '{self.pctx.name}' (size {self.pctx.size}, "
+                f"this rank {self.pctx.rank}) failed mid-forward: expected every rank to take "
+                f"part, got: {str(e).splitlines()[0][:300]}. Fix: check the other ranks' logs "
+                "(a rank that crashed, was killed or skipped this layer after the metadata "
+                "check); the group is unusable now, restart the job."
+            ) from e
+
+    def _forward_layout(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.layout == "replicated":
+            return self.forward_replicated(as_rep(x_TD, self.pctx, f"{self.name}: x_TD"))
+        return self.forward_sequence(as_var(x_TD, self.pctx, f"{self.name}: x_TD"))
+
+    def _check_finite_everywhere(self, x_TD: torch.Tensor) -> None:
+        """Debug mode, >1 rank: every rank learns whether any rank's router input holds
+        NaN/inf and all raise together (a lone raise would leave the others hanging)."""
+        bad = torch.tensor([int((~torch.isfinite(x_TD)).any(dim=-1).sum())], dtype=torch.int64)
+        everyone = torch.empty(self.pctx.size, dtype=torch.int64)
+        dist.all_gather_into_tensor(everyone, bad, group=self.pctx.group)
+        if int(everyone.sum()):
+            ranks = [r for r in range(self.pctx.size) if int(everyone[r])]
+            raise RoutingError(
+                f"{self.router.layer_name}: router input x_TD on axis '{self.pctx.name}': "
+                f"expected finite values on every rank, got NaN/inf in "
+                f"{[int(everyone[r]) for r in ranks]} tokens on ranks {ranks}. Fix: find the "
+                "layer before this MoE that produced NaN/inf (check its inputs and the "
+                "learning rate)."
+            )
 
     @checked
     def forward_replicated(self, x_TD: Float[Rep, "T D"]) -> Float[Rep, "T D"]:
@@ -187,6 +263,16 @@ class MoE(nn.Module):
                 f"{self.cfg.num_experts}), got values in [{int(forced.min())}, "
                 f"{int(forced.max())}]. Fix: record routes from a model with the same experts."
             )
+        if forced.shape[-1] > 1:
+            srt = forced.sort(dim=-1).values
+            dup_T = (srt[:, 1:] == srt[:, :-1]).any(dim=-1)
+            if bool(dup_T.any()):
+                t = int(dup_T.nonzero()[0, 0])
+                raise RoutingError(
+                    f"{self.name}: forced_routes_TK: expected {forced.shape[-1]} distinct "
+                    f"expert ids per token, got {forced[t].tolist()} for token {t}. Fix: "
+                    "pass routes recorded by the router (top-k never repeats an expert)."
+                )
         ids_TK = forced.to(routed_ids_TK.device, torch.int64)
         scores_TE = self.router(x_TD, None)[2]
         weights_TK = scores_TE.gather(-1, ids_TK)
@@ -250,7 +336,10 @@ class MoE(nn.Module):
 
     def _check_input(self, x_TD: torch.Tensor) -> None:
         if not isinstance(x_TD, torch.Tensor):
-            raise TypeError(f"{self.name}: x_TD: expected a torch.Tensor, got {type(x_TD).__name__}")
+            raise DtypeError(
+                f"{self.name}: x_TD: expected a torch.Tensor, got {type(x_TD).__name__}. "
+                "Fix: pass hidden states as a [T, D] tensor (torch.as_tensor(x))."
+            )
         if x_TD.ndim != 2 or x_TD.shape[-1] != self.cfg.dim:
             raise ShapeError(
                 f"{self.name}: x_TD: expected shape [T, D={self.cfg.dim}], got "
@@ -328,6 +417,18 @@ class MoE(nn.Module):
         if self.expert_bias_E is not None:
             self.expert_bias_E.zero_()
         self.tokens_per_expert_E.zero_()
+
+
+def _from_torch_distributed(e: BaseException) -> bool:
+    """Whether ``e`` was raised inside torch.distributed (a collective that failed)."""
+    if isinstance(e, dist.DistError):
+        return True
+    tb = e.__traceback__
+    while tb is not None:
+        if "torch/distributed/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _weighted_sum(slots_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
