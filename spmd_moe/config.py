@@ -135,9 +135,9 @@ class MoEConfig:
             )
         if lg * (self.num_experts // g) < self.top_k:
             raise ConfigError(
-                f"MoEConfig.num_limited_groups: the {lg} kept groups hold "
-                f"{lg * (self.num_experts // g)} experts, fewer than top_k={self.top_k}. "
-                "Fix: keep more groups or lower top_k."
+                f"MoEConfig.num_limited_groups: expected the kept groups to hold at least "
+                f"top_k={self.top_k} experts, got {lg} kept groups x {self.num_experts // g} "
+                f"experts = {lg * (self.num_experts // g)}. Fix: keep more groups or lower top_k."
             )
 
     def check_ep(self, ep_size: int) -> None:
