@@ -17,11 +17,19 @@ from typing import Any
 import spmd_types as spmd
 import torch
 import torch.distributed as dist
+import typing_rules
 
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import Par, Rep, Var, check_placement
 
 S0 = spmd.S(0)
+
+
+def _check_in(op: str, x: torch.Tensor, pctx: ParallelContext) -> None:
+    """With placements tracked (debug mode, >1 rank): the input placement that
+    typing_rules states for ``op``, as a PlacementError with a fix."""
+    if spmd.is_type_checking():
+        check_placement(x, f"{op} input", typing_rules.input_placement(op), pctx)
 
 
 def _autograd(x: torch.Tensor) -> bool:
@@ -36,6 +44,7 @@ def split_tokens(x_TD: Rep, pctx: ParallelContext) -> Var:
     if pctx.size == 1:
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
+        _check_in("split_tokens", x_TD, pctx)
         out: Var = spmd.convert(x_TD, pctx.group, src=spmd.R, dst=S0)
         return out
     return x_TD.chunk(pctx.size, dim=0)[pctx.rank]  # type: ignore[return-value]
@@ -46,6 +55,7 @@ def all_gather(x_TD: Var, pctx: ParallelContext) -> Rep:
     if pctx.size == 1:
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
+        _check_in("all_gather", x_TD, pctx)
         out: Rep = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R)
         return out
     buf = x_TD.new_empty((pctx.size * x_TD.shape[0], *x_TD.shape[1:]))
@@ -58,6 +68,7 @@ def reduce_scatter(x_TD: Par, pctx: ParallelContext) -> Var:
     if pctx.size == 1:
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
+        _check_in("reduce_scatter", x_TD, pctx)
         out: Var = spmd.reduce_scatter(x_TD, pctx.group, src=spmd.P, dst=S0)
         return out
     buf = x_TD.new_empty((x_TD.shape[0] // pctx.size, *x_TD.shape[1:]))
@@ -70,6 +81,7 @@ def all_reduce(x: Par, pctx: ParallelContext) -> Rep:
     if pctx.size == 1:
         return x  # type: ignore[return-value]
     if _autograd(x) or spmd.is_type_checking():
+        _check_in("all_reduce", x, pctx)
         out: Rep = spmd.all_reduce(x, pctx.group, src=spmd.P, dst=spmd.R)
         return out
     y = x.clone()
@@ -104,7 +116,7 @@ def all_to_all(x_ND: Var, pctx: ParallelContext, in_splits: list[int], out_split
     if not _autograd(x_ND):
         return _a2a_raw(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[return-value]
     if spmd.is_type_checking():
-        check_placement(x_ND, "all_to_all input", "V", pctx)
+        _check_in("all_to_all", x_ND, pctx)
         with spmd.no_typecheck():
             out = _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-untyped-call]
         spmd.assert_type(out, {pctx.group: spmd.V})
@@ -117,5 +129,17 @@ def partial_from_shards(x: Var, pctx: ParallelContext) -> Par:
     the axis are the summands of the full product (row-parallel linear)."""
     if pctx.size == 1 or not spmd.is_type_checking():
         return x  # type: ignore[return-value]
+    _check_in("row_parallel", x, pctx)
     out: Par = spmd.reinterpret(x, pctx.group, src=spmd.V, dst=spmd.P)
+    return out
+
+
+def rank_view(x: Rep, pctx: ParallelContext) -> Var:
+    """R -> V with no communication: each rank uses the same replicated value in its own
+    way (e.g. keeps the rows of its own experts). Backward: per-rank gradients are
+    summands of the replicated input's gradient (V -> P, no-op)."""
+    if pctx.size == 1 or not spmd.is_type_checking():
+        return x  # type: ignore[return-value]
+    _check_in("rank_view", x, pctx)
+    out: Var = spmd.reinterpret(x, pctx.group, src=spmd.R, dst=spmd.V, expert_mode=True)
     return out

@@ -19,14 +19,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
+import typing_rules
 from beartype import beartype
 from beartype.roar import BeartypeCallHintViolation
-from jaxtyping import jaxtyped
+from jaxtyping import TypeCheckError, jaxtyped
 
 from spmd_moe import _debug
 from spmd_moe.errors import DtypeError, PlacementError, ShapeError
@@ -79,25 +81,26 @@ class Par(Placed):
 
 BRANDS: dict[str, type[Placed]] = {b.code: b for b in (Rep, Inv, Var, Par)}
 
-_FIXES: dict[tuple[str, str], str] = {
-    ("V", "R"): "split the tokens over the axis first (R->V) and pad T to a multiple of "
-    "the axis size (MoEConfig.padding='pad'); a replicated tensor here means every rank "
-    "would route all tokens",
+# What the rules cannot say: why such a placement shows up here and what else to change.
+_HINTS: dict[tuple[str, str], str] = {
+    ("V", "R"): "and pad T to a multiple of the axis size (MoEConfig.padding='pad'); a "
+    "replicated tensor here means every rank would route all tokens",
     ("P", "R"): "a replicated count summed again over ranks would be counted n times: "
     "count only this rank's token slice (R->V split first, padding T to a multiple of "
     "the axis size)",
-    ("R", "P"): "call all_reduce(x, axis, src=P, dst=R) first",
-    ("R", "V"): "call all_gather(x, axis, src=V, dst=R) first",
-    ("V", "P"): "call reduce_scatter(x, axis, src=P, dst=V) first",
-    ("I", "P"): "call all_reduce(x, axis, src=P, dst=I) first",
+    ("I", "P"): "call spmd_types.all_reduce(x, group, src=P, dst=I) first",
 }
 
 
 def placement_fix(expected: str, actual: str) -> str:
-    return _FIXES.get(
-        (expected, actual),
+    """The "Fix:" text: the converting op from typing_rules, plus a layer hint."""
+    op = typing_rules.fix(expected, actual)
+    hint = _HINTS.get((expected, actual))
+    if op and hint:
+        return f"{op}, {hint}"
+    return op or hint or (
         f"insert the collective that turns {actual} into {expected} on this axis, "
-        "or fix the placement stated by the producer",
+        "or fix the placement stated by the producer"
     )
 
 
@@ -243,8 +246,10 @@ def checked(fn: Callable[_P, _T]) -> Callable[_P, _T]:
                     check_placement(v, f"{qual}({pname})", brand.code, axis)
         try:
             out = typed_fn(*args, **kwargs)
-        except BeartypeCallHintViolation as e:
-            raise _shape_or_dtype_error(qual, e) from None
+        except (BeartypeCallHintViolation, TypeCheckError) as e:
+            hints = typing.get_type_hints(fn, include_extras=True)
+            arguments = sig.bind(*args, **kwargs).arguments
+            raise _shape_or_dtype_error(qual, e, hints, arguments) from None
         if axis is not None and axis.size > 1 and ret is not None:
             outs = out if isinstance(out, tuple) else (out,)
             for i, (o, out_brand) in enumerate(zip(outs, ret)):
@@ -269,23 +274,68 @@ def checked_calls() -> Iterator[dict[str, int]]:
         _call_log = old
 
 
-def _shape_or_dtype_error(qual: str, e: BeartypeCallHintViolation) -> Exception:
+_SHORT_DTYPES = {"f": "float", "bf": "bfloat", "i": "int", "u": "uint", "c": "complex"}
+
+
+def _array_hint(hint: Any) -> Any:
+    """The jaxtyping array type inside a hint (Float[Var, ...] or Optional of it)."""
+    if hasattr(hint, "dtypes") and hasattr(hint, "dim_str"):
+        return hint
+    for arg in typing.get_args(hint):
+        found = _array_hint(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dtype_of(short: str) -> str:
+    """jaxtyping's short form (f32[3,4](torch), i64[], bool[2]) -> 'float32'."""
+    m = re.match(r"([a-z]+?)(\d+)\[", short)
+    if m is None:
+        return short.split("[")[0]
+    return _SHORT_DTYPES.get(m.group(1), m.group(1)) + m.group(2)
+
+
+def _shape_or_dtype_error(
+    qual: str, e: Exception, hints: dict[str, Any], arguments: dict[str, Any]
+) -> Exception:
+    """Turn jaxtyping/beartype's report into a ShapeError or DtypeError that names the
+    parameter, the expected shape/dtype, the actual one and the fix."""
     msg = str(e)
-    head = msg.split("\n")[0]
-    is_dtype = "dtype" in msg and ("has dtype" in msg or "dtype " in head)
-    if is_dtype:
-        return DtypeError(
-            f"{qual}: a tensor has the wrong dtype. {_condense(msg)} "
-            "Fix: cast the input to the dtype the layer computes in (MoEConfig.param_dtype) "
-            "or build the layer with the input's dtype."
+    m = re.search(r"typechecking parameter '(\w+)'", msg)
+    pname = m.group(1) if m else None
+    what = f"parameter '{pname}'" if pname else "return value"
+    hint = _array_hint(hints.get(pname if pname else "return"))
+    value = arguments.get(pname) if pname else None
+    actual_m = re.search(r"Actual value: (\S+)", msg)
+    actual = actual_m.group(1) if actual_m else "?"
+    bound_dims = ", ".join(
+        ln.strip() for ln in msg.split("annotation are as follows.")[-1].splitlines() if "=" in ln
+    ) if "annotation are as follows." in msg else ""
+    shape: object
+    if isinstance(value, torch.Tensor):
+        dtype, shape = str(value.dtype).removeprefix("torch."), list(value.shape)
+    else:
+        dtype, shape = _dtype_of(actual), actual.split("(")[0]
+    if hint is None:  # not an array hint (e.g. a plain int): report jaxtyping's words
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        return ShapeError(f"{qual}: {what}: {' | '.join(lines[:4])}")
+    kind = hint.__name__.split("[")[0]  # Float / Int / ...
+    if dtype not in hint.dtypes:
+        fix = (
+            "pass integer expert ids / counts (x.long())" if kind == "Int" else
+            "cast the input to the dtype the layer computes in (MoEConfig.param_dtype) or "
+            "build the layer with the input's dtype"
         )
+        return DtypeError(
+            f"{qual}: {what} ({hint.__name__}): expected dtype {kind} "
+            f"({', '.join(d for d in hint.dtypes if not d.startswith(('int2', 'int4', 'float4', 'float8')))}), "
+            f"got {dtype}. Fix: {fix}."
+        )
+    dims = f" with {bound_dims} bound by the other arguments" if bound_dims else ""
     return ShapeError(
-        f"{qual}: a tensor has the wrong shape. {_condense(msg)} "
-        "Fix: pass tensors shaped as the signature states (T tokens x D=MoEConfig.dim; "
-        "flatten batch and sequence dims into T first)."
+        f"{qual}: {what} ({hint.__name__}): expected shape [{', '.join(hint.dim_str.split())}]"
+        f"{dims}, got {shape}. Fix: pass tensors shaped as the signature states (T "
+        "tokens x D=MoEConfig.dim; flatten batch and sequence dims into T first; every "
+        "argument must agree on the shared dims)."
     )
-
-
-def _condense(msg: str) -> str:
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-    return " | ".join(lines[:8])

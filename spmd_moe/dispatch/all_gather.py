@@ -35,8 +35,9 @@ class AllGatherDispatcher:
         del num_pad_tokens  # pads carry id E: never local to any rank
         T, K = expert_ids_TK.shape
         e = self.num_local
-        x_all = C.all_gather(x_TD, self.pctx)
-        ids_all = C.all_gather(expert_ids_TK, self.pctx)
+        # Every rank gathers the same rows (R) and keeps those of its own experts (V).
+        x_all = C.rank_view(C.all_gather(x_TD, self.pctx), self.pctx)
+        ids_all = C.rank_view(C.all_gather(expert_ids_TK, self.pctx), self.pctx)
         local_all = ids_all - self.start
         # Non-local slots get key e: they sort after every local expert's rows.
         key_N = torch.where((local_all >= 0) & (local_all < e), local_all, e).reshape(-1)
