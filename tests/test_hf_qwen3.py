@@ -98,3 +98,16 @@ def test_matches_hf_qwen3_moe_block(norm_topk_prob: bool, experts_impl: str) -> 
         assert a is not None and b is not None, name
         e = rel_err(a, b)
         assert e < REL_TOL, f"gradient of {name}: relative error vs HF {e:.2e}"
+
+
+if __name__ == "__main__":  # the measured errors: python -m tests.test_hf_qwen3
+    for norm in (True, False):
+        for impl in ("eager", "grouped_mm"):
+            moe = MoE(MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, route_norm=norm))
+            moe.init_states(seed=3, std=0.5)
+            block = hf_block(norm, impl)
+            load_into_hf(block, moe)
+            x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+            with torch.no_grad():
+                err = rel_err(moe(x_TD), block(x_TD.view(1, T, D)).view(T, D))
+            print(f"norm_topk_prob={norm!s:5s} experts={impl:10s} forward relative error {err:.2e}")

@@ -99,8 +99,8 @@ def test_forward_matches_float64_loop(case: str) -> None:
     assert err < REL_TOL, f"{case}: forward relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_backward_matches_float64_autograd(case: str) -> None:
+def backward_errors(case: str) -> dict[str, float]:
+    """Relative error of each gradient (input, every parameter) vs float64 autograd."""
     cfg, moe, x_TD = build(case)
     g_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(7))  # dL/dy
 
@@ -124,6 +124,12 @@ def test_backward_matches_float64_autograd(case: str) -> None:
         assert ours is not None and ref is not None, f"{case}: no gradient for {name}"
         assert float(ref.abs().max()) > 1e-2, f"{case}: reference gradient of {name} is ~0"
         errs[name] = rel_err(ours, ref)
+    return errs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backward_matches_float64_autograd(case: str) -> None:
+    errs = backward_errors(case)
     worst = max(errs, key=errs.__getitem__)
     assert errs[worst] < REL_TOL, f"{case}: gradient of {worst}: relative error {errs[worst]:.2e} ({errs})"
 
@@ -143,3 +149,11 @@ def test_expert_bias_changes_selection_not_weights(case: str) -> None:
     if cfg.route_norm:
         expect_TK = expect_TK / expect_TK.sum(-1, keepdim=True)
     torch.testing.assert_close(w_TK, expect_TK * cfg.route_scale, rtol=1e-6, atol=0)
+
+
+if __name__ == "__main__":  # the measured errors: python -m tests.test_reference
+    for case in CASES:
+        cfg, moe, x_TD = build(case)
+        with torch.no_grad():
+            fwd = rel_err(moe(x_TD), reference_moe(cfg, moe.state_dict(), x_TD))
+        print(f"{case:28s} forward {fwd:.2e}  worst gradient {max(backward_errors(case).values()):.2e}")

@@ -127,6 +127,18 @@ def test_forward_bitwise_equal_to_torchtitan(case: str) -> None:
     assert_bitwise(y_ours_TD, y_tt_TD, f"{case}: forward")
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_forward_bitwise_with_idle_experts(tokens: int) -> None:
+    """Few tokens: most experts get no rows (empty groups in the grouped GEMM)."""
+    _, ours, theirs = build_pair("all", seed=3)
+    x_TD = inputs(seed=4)[:tokens]
+    with torch.no_grad():
+        y_ours_TD = ours(x_TD)
+        y_tt_TD = theirs(x_TD.view(1, tokens, D)).view(tokens, D)
+    assert int((ours.tokens_per_expert_E == 0).sum()) >= E - 2 * tokens
+    assert_bitwise(y_ours_TD, y_tt_TD, f"{tokens} tokens: forward")
+
+
 class _Block(nn.Module):
     """What torchtitan's load-balancing hook looks for: layers[i].moe_enabled / .moe."""
 
