@@ -39,12 +39,13 @@ class _GroupedMM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x_RD: torch.Tensor, w_EFD: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x_RD: torch.Tensor, w_EFD: torch.Tensor, offs_e: torch.Tensor, zero_tail: bool = True) -> torch.Tensor:
         ctx.save_for_backward(x_RD, w_EFD, offs_e)
-        return _zero_tail(torch._grouped_mm(x_RD, w_EFD.transpose(-2, -1), offs=offs_e), offs_e)
+        y_RF = torch._grouped_mm(x_RD, w_EFD.transpose(-2, -1), offs=offs_e)
+        return _zero_tail(y_RF, offs_e) if zero_tail else y_RF
 
     @staticmethod
-    def backward(ctx: Any, grad_RF: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, grad_RF: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x_RD, w_EFD, offs_e = ctx.saved_tensors
         grad_RF = grad_RF.contiguous()
         gx = gw = None
@@ -52,7 +53,7 @@ class _GroupedMM(torch.autograd.Function):
             gx = _zero_tail(torch._grouped_mm(grad_RF, w_EFD.contiguous(), offs=offs_e), offs_e)
         if ctx.needs_input_grad[1]:
             gw = _per_expert_grad_w(grad_RF, x_RD, offs_e, w_EFD)
-        return gx, gw, None
+        return gx, gw, None, None
 
 
 def _zero_tail(y_RF: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
@@ -78,14 +79,16 @@ def _per_expert_grad_w(g_RF: torch.Tensor, x_RD: torch.Tensor, offs_e: torch.Ten
     return gw
 
 
-def grouped_mm(x_RD: torch.Tensor, w_EFD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x_RD: torch.Tensor, w_EFD: torch.Tensor, counts_e: torch.Tensor, *, zero_tail: bool = True) -> torch.Tensor:
     """Per-expert x @ w.T for rows grouped by expert (counts_e rows each).
 
     Rows past sum(counts_e) (the decode dispatcher's non-local slots) come back zero.
+    zero_tail=False: the caller guarantees there are none (x_RD has exactly
+    sum(counts_e) rows), which saves a full pass over the output on the GPU path.
     """
     if _grouped_mm_ok(x_RD, w_EFD):
         offs_e = torch.cumsum(counts_e, dim=0, dtype=torch.int32)
-        out: torch.Tensor = _GroupedMM.apply(x_RD, w_EFD, offs_e)  # type: ignore[no-untyped-call]
+        out: torch.Tensor = _GroupedMM.apply(x_RD, w_EFD, offs_e, zero_tail)  # type: ignore[no-untyped-call]
         return out
     # Reference path (float64, other devices): one host sync for the split sizes.
     sizes = counts_e.tolist()
@@ -121,14 +124,22 @@ class GroupedExperts(nn.Module):
         self,
         routed_RD: Float[Var, "R D"],
         counts_e: Int[Var, " e"],
+        rows_exact: bool = False,
     ) -> Float[Var, "R D"]:
-        """SwiGLU per expert in MoEConfig.expert_dtype (None: the input's dtype)."""
+        """SwiGLU per expert in MoEConfig.expert_dtype (None: the input's dtype).
+
+        rows_exact: routed_RD has exactly sum(counts_e) rows (the local and all-to-all
+        dispatchers); the GEMM outputs then need no zeroed tail.
+        """
+        zt = not rows_exact
         dt = self.cfg.expert_dtype or routed_RD.dtype
         w1, w2, w3 = self.w1_EFD.to(dt), self.w2_EDF.to(dt), self.w3_EFD.to(dt)
         # One cast per use: the two input grads then add in the input dtype (fp32),
         # not in dt (bf16); that is also torchtitan's order, so its grads match bitwise.
-        h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e)) * grouped_mm(routed_RD.to(dt), w3, counts_e)
-        return as_var(grouped_mm(h_RF, w2, counts_e).to(routed_RD.dtype))
+        h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt)) * grouped_mm(
+            routed_RD.to(dt), w3, counts_e, zero_tail=zt
+        )
+        return as_var(grouped_mm(h_RF, w2, counts_e, zero_tail=zt).to(routed_RD.dtype))
 
 
 class SharedExperts(nn.Module):

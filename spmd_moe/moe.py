@@ -35,6 +35,7 @@ from spmd_moe import _debug
 from spmd_moe import collectives as C
 from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher
+from spmd_moe.dispatch.local import count_ids
 from spmd_moe.dispatch.validate import exchange_header
 from spmd_moe.errors import (
     CheckpointError,
@@ -241,7 +242,8 @@ class MoE(nn.Module):
             self.recorded_routes.append(expert_ids_TK[: T - num_pad].detach().clone())
         dispatcher = self._dispatcher(decode)
         routed_RD, counts_e, state = dispatcher.dispatch(x_TD, as_var(expert_ids_TK), num_pad)
-        out_RD = self.experts(routed_RD, counts_e)
+        # Local and all-to-all dispatch send exactly sum(counts) rows: no tail to zero.
+        out_RD = self.experts(routed_RD, counts_e, rows_exact=not isinstance(dispatcher, AllGatherDispatcher))
         slots_TKD = dispatcher.combine(out_RD, state)
         self._count(expert_ids_TK)
         return as_var(_weighted_sum(slots_TKD, weights_TK))
@@ -308,7 +310,7 @@ class MoE(nn.Module):
 
     def _count(self, expert_ids_TK: torch.Tensor) -> None:
         with torch.no_grad():
-            counts = torch.bincount(expert_ids_TK.reshape(-1), minlength=self.cfg.num_experts + 1)
+            counts = count_ids(expert_ids_TK, self.cfg.num_experts + 1)  # no host sync
             self.tokens_per_expert_E.add_(counts[: self.cfg.num_experts].to(self.tokens_per_expert_E.dtype))
 
     def global_tokens_per_expert(self) -> torch.Tensor:
@@ -434,7 +436,16 @@ def _from_torch_distributed(e: BaseException) -> bool:
 def _weighted_sum(slots_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """sum_k w[t,k] * slot[t,k] in ascending k (= ascending expert id), weighting in
     fp32 and rounding each term to the slot dtype first (torchtitan's order)."""
-    terms_TKD = (slots_TKD.float() * weights_TK.float().unsqueeze(-1)).to(slots_TKD.dtype)
+    w_TK1 = weights_TK.float().unsqueeze(-1)
+    if slots_TKD.dtype in (torch.bfloat16, torch.float16):
+        # bf16 * fp32 promotes to fp32: the same fp32 products, with no fp32 copy of the
+        # slots; without autograd, one kernel that also rounds on store.
+        if torch.is_grad_enabled() and (slots_TKD.requires_grad or w_TK1.requires_grad):
+            terms_TKD = (slots_TKD * w_TK1).to(slots_TKD.dtype)
+        else:
+            terms_TKD = torch.mul(slots_TKD, w_TK1, out=torch.empty_like(slots_TKD))
+    else:
+        terms_TKD = (slots_TKD.float() * w_TK1).to(slots_TKD.dtype)
     acc_TD = terms_TKD[:, 0]
     for k in range(1, terms_TKD.shape[1]):
         acc_TD = acc_TD + terms_TKD[:, k]

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 
 from spmd_moe import collectives as C
-from spmd_moe.dispatch.local import DispatchState
+from spmd_moe.dispatch.local import DispatchState, count_ids
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import Var, as_var, checked
 
@@ -42,7 +42,7 @@ class AllGatherDispatcher:
         # Non-local slots get key e: they sort after every local expert's rows.
         key_N = torch.where((local_all >= 0) & (local_all < e), local_all, e).reshape(-1)
         order_N = torch.argsort(key_N, stable=True)
-        counts_e = torch.bincount(key_N, minlength=e + 1)[:e]
+        counts_e = count_ids(key_N, e + 1)[:e]  # no host sync (torch.bincount has one)
         state = DispatchState(T, K, order_N, {"total_tokens": x_all.shape[0]})
         return as_var(x_all[order_N // K]), as_var(counts_e), state
 

@@ -33,14 +33,24 @@ def sort_slots(expert_ids_TK: torch.Tensor, num_pad_tokens: int) -> tuple[torch.
     return order_N, (T - num_pad_tokens) * K
 
 
+def count_ids(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """int64 histogram of ids in [0, num_bins), with no host sync (torch.bincount reads
+    the max back to the host on CUDA, which stalls the launch queue and CUDA graphs)."""
+    flat = ids.reshape(-1)
+    return torch.zeros(num_bins, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def count_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Tokens per expert over this rank's slots, pads (id E) dropped. int64 [E]."""
-    return torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts + 1)[:num_experts]
+    return count_ids(expert_ids_TK, num_experts + 1)[:num_experts]
 
 
 def scatter_to_slots(rows_RD: torch.Tensor, sent_slots_R: torch.Tensor, num_slots: int) -> torch.Tensor:
     """Put each returned row back in its slot; unsent slots (pads) get zeros."""
-    slots_ND = rows_RD.new_zeros(num_slots, rows_RD.shape[-1])
+    if rows_RD.shape[0] == num_slots:  # every slot sent: sent_slots_R is a permutation
+        slots_ND = rows_RD.new_empty(num_slots, rows_RD.shape[-1])
+    else:
+        slots_ND = rows_RD.new_zeros(num_slots, rows_RD.shape[-1])
     return slots_ND.index_copy(0, sent_slots_R, rows_RD)
 
 
