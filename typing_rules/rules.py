@@ -80,7 +80,7 @@ _RULES = (
         "the rank: the global result is the block-diagonal permutation",
     ),
     OpRule(
-        "grouped_gemm", (("routed_RD", "V"), ("w_eFD", "V")), "V", (("routed_RD", "P"),),
+        "grouped_gemm", (("routed_RD", "V"), ("w_eFD", "V")), "V", (),
         "each rank multiplies the rows routed to it by its own experts' weights (experts "
         "sharded E/n per rank): the rows of the full per-expert product that it owns",
     ),
@@ -93,7 +93,7 @@ _RULES = (
         "sum over k of w[t,k] * slot[t,k] is per token: a token slice maps to a token slice",
     ),
     OpRule(
-        "column_parallel", (("x_TD", "R"), ("w_fD", "V")), "V", (("x_TD", "P"),),
+        "column_parallel", (("x_TD", "R"), ("w_fD", "V")), "V", (),
         "shared expert w1/w3 with the hidden dim sharded: each rank computes its own "
         "columns of the full product from the replicated input",
     ),
