@@ -11,6 +11,9 @@ argsort by expert id). So the forward is asserted **bitwise** equal.
 The state dict keys are identical, so torchtitan loads spmd_moe's state dict as is.
 torchtitan is built from its Config classes directly (no Trainer, no device mesh, no
 distributed init): at EP=1 its LocalTokenDispatcher needs none.
+
+Where CUDA is present the forward/backward tests also run there (torch._grouped_mm's
+CUDA kernel on both sides); on one H200, torch 2.11, all were bitwise too.
 """
 
 from __future__ import annotations
@@ -88,20 +91,24 @@ def tt_config(cfg: MoEConfig) -> Any:
     )
 
 
-def build_pair(case: str, seed: int = 0) -> tuple[MoEConfig, MoE, nn.Module]:
+def build_pair(case: str, seed: int = 0, device: str = "cpu") -> tuple[MoEConfig, MoE, nn.Module]:
     cfg = MoEConfig(dim=D, hidden_dim=F, num_experts=E, expert_dtype=torch.bfloat16, **CASES[case])
-    ours = MoE(cfg)
+    ours = MoE(cfg, device=device)
     ours.init_states(seed=seed, std=0.5)
     if ours.expert_bias_E is not None:
         # Nonzero, so the bias changes some selections (checked in test_reference.py).
         ours.expert_bias_E.copy_(torch.randn(E, generator=torch.Generator().manual_seed(seed + 1)) * 0.1)
-    theirs = tt_config(cfg).build()
+    theirs = tt_config(cfg).build().to(device)
     theirs.load_state_dict(ours.state_dict(), strict=True)  # identical keys and shapes
     return cfg, ours, theirs
 
 
-def inputs(seed: int = 2) -> torch.Tensor:
-    return torch.randn(B * L, D, generator=torch.Generator().manual_seed(seed))
+def inputs(seed: int = 2, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(B * L, D, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+# CPU always (CI); CUDA too where present (the GPU machine): the same kernels, bitwise.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -110,28 +117,30 @@ def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert n_diff == 0, f"{what}: {n_diff} of {a.numel()} elements differ, max |diff| {float((a - b).abs().max()):.3e}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_bitwise_equal_to_torchtitan(case: str) -> None:
-    cfg, ours, theirs = build_pair(case)
-    x_TD = inputs()
+def test_forward_bitwise_equal_to_torchtitan(case: str, device: str) -> None:
+    cfg, ours, theirs = build_pair(case, device=device)
+    x_TD = inputs(device=device)
     with torch.no_grad():
         y_ours_TD = ours(x_TD)
         y_tt_TD = theirs(x_TD.view(B, L, D)).view(B * L, D)
     assert y_ours_TD.dtype == torch.float32
     assert float(y_tt_TD.abs().max()) > 1.0
     # The experts really ran in bf16: an fp32-expert spmd_moe differs from torchtitan.
-    fp32 = MoE(MoEConfig(**{**cfg.__dict__, "expert_dtype": None}))
+    fp32 = MoE(MoEConfig(**{**cfg.__dict__, "expert_dtype": None}), device=device)
     fp32.load_state_dict(ours.state_dict())
     with torch.no_grad():
         assert not torch.equal(fp32(x_TD), y_tt_TD)
     assert_bitwise(y_ours_TD, y_tt_TD, f"{case}: forward")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_forward_bitwise_with_idle_experts(tokens: int) -> None:
+def test_forward_bitwise_with_idle_experts(tokens: int, device: str) -> None:
     """Few tokens: most experts get no rows (empty groups in the grouped GEMM)."""
-    _, ours, theirs = build_pair("all", seed=3)
-    x_TD = inputs(seed=4)[:tokens]
+    _, ours, theirs = build_pair("all", seed=3, device=device)
+    x_TD = inputs(seed=4, device=device)[:tokens]
     with torch.no_grad():
         y_ours_TD = ours(x_TD)
         y_tt_TD = theirs(x_TD.view(1, tokens, D)).view(tokens, D)
@@ -190,16 +199,17 @@ def test_train_steps_with_expert_bias_update_match_torchtitan() -> None:
     assert not torch.equal(ours.expert_bias_E, bias0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["softmax-norm", "shared-sigmoid-norm", "all"])
-def test_backward_bitwise_equal_to_torchtitan(case: str) -> None:
+def test_backward_bitwise_equal_to_torchtitan(case: str, device: str) -> None:
     """Gradients through the bf16 experts, bitwise: spmd_moe's grouped-mm backward is
     its own autograd.Function, but it runs the same bf16 GEMMs, and the input is cast
     to bf16 once per use (w1, w3) as in torchtitan, so the two input grads add in fp32
     in the same order. (Casting once and reusing the bf16 copy made dL/dx differ by
     ~2e-3 relative: the two grads then added in bf16.)"""
-    _, ours, theirs = build_pair(case)
-    x_TD = inputs()
-    g_TD = torch.randn(B * L, D, generator=torch.Generator().manual_seed(9))
+    _, ours, theirs = build_pair(case, device=device)
+    x_TD = inputs(device=device)
+    g_TD = torch.randn(B * L, D, generator=torch.Generator().manual_seed(9)).to(device)
     x_ours = x_TD.clone().requires_grad_(True)
     x_tt = x_TD.clone().view(B, L, D).requires_grad_(True)
     (ours(x_ours) * g_TD).sum().backward()
