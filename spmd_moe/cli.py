@@ -31,6 +31,15 @@ def _demo_one_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkout_on_path() -> None:
+    """benchmarks/ sits beside the package in the checkout (it is not installed)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(root, "benchmarks")) and root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spmd-moe")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -50,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo_one_device(args)
         return int(run_demo(args))
     if args.cmd == "bench":
-        from benchmarks.run import main as bench_main  # type: ignore[import-not-found]
+        _checkout_on_path()
+        from benchmarks.run import main as bench_main
 
         return int(bench_main(args))
     if args.cmd == "parity":

@@ -1,0 +1,1 @@
+"""Benchmarks (outside the package; run from the repository root)."""

@@ -1,0 +1,72 @@
+"""Entry of ``spmd-moe bench``: the MoE layer benchmark and the debug-off overhead.
+
+    spmd-moe bench --json [--plot FILE.png] [--full]
+    python -m benchmarks.run --json --full --plot docs/moe_h100.png --out result.json
+
+Prints a markdown table (or, with --json, one JSON object) on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+
+def _overhead(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        from benchmarks import overhead
+    except ImportError as e:
+        return {"skipped": f"benchmarks.overhead not available: {e}"}
+    try:
+        out: dict[str, Any] = overhead.run(args)
+        return out
+    except Exception as e:  # report, keep the MoE numbers
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def main(args: argparse.Namespace | None = None) -> int:
+    if args is None:
+        args = parse(sys.argv[1:])
+    from benchmarks import moe_bench
+
+    t0 = time.perf_counter()
+    res = moe_bench.run(args)
+    moe_bench.log("overhead (debug off vs the bare layer) ...")
+    res["overhead"] = _overhead(args)
+    res["wall_s"] = time.perf_counter() - t0
+    plot_path = getattr(args, "plot", None)
+    if plot_path:
+        try:
+            moe_bench.plot(res, plot_path)
+            res["plot"] = plot_path
+        except ImportError as e:
+            res["plot"] = f"not written: {e} (pip install matplotlib)"
+            moe_bench.log(str(res["plot"]))
+    out_path = getattr(args, "out", None)
+    text = json.dumps(res, indent=1, default=str)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write(text + "\n")
+    if getattr(args, "json", False):
+        print(text)
+    else:
+        print(moe_bench.table(res))
+        print(json.dumps({"targets": res["targets"], "overhead": res["overhead"]}, indent=1, default=str))
+    return 0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None)
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--tokens", type=int, nargs="*", default=None, help="override the T list")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
