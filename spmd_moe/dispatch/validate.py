@@ -25,6 +25,13 @@ def config_hash(fingerprint: tuple[object, ...]) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
+def _header_device(pctx: ParallelContext) -> torch.device:
+    """NCCL moves only CUDA tensors: the header goes where the group's backend wants it."""
+    if pctx.group is not None and dist.get_backend(pctx.group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def exchange_header(
     pctx: ParallelContext,
     *,
@@ -48,8 +55,9 @@ def exchange_header(
         [_MAGIC, num_experts, top_k, dim, pctx.size, config_hash(fingerprint),
          token_convention, LAYOUT_CODES[layout]],
         dtype=torch.int64,
+        device=_header_device(pctx),
     )
-    everyone = torch.empty(pctx.size * len(_FIELDS), dtype=torch.int64)
+    everyone = torch.empty(pctx.size * len(_FIELDS), dtype=torch.int64, device=mine.device)
     try:
         dist.all_gather_into_tensor(everyone, mine, group=pctx.group)
     except RuntimeError as e:
