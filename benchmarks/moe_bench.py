@@ -190,6 +190,16 @@ def try_graph(device: torch.device, model: Callable[[torch.Tensor], torch.Tensor
     if device.type != "cuda":
         return None
     static_x = xs[0].clone()
+    try:  # a host sync inside a capture would invalidate it: look for one first
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        with torch.no_grad():
+            model(static_x)
+    except Exception as e:
+        log(f"no CUDA graph: the forward synchronizes ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     try:
         s = torch.cuda.Stream(device)
         s.wait_stream(torch.cuda.current_stream(device))
