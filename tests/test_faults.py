@@ -1,0 +1,168 @@
+"""Distributed faults on a real 2-rank gloo group: a rank that never joins, dies or
+stalls mid-exchange. The surviving rank must RAISE (not hang) within the process
+group's timeout (PG_TIMEOUT = 10 s here), and each test ends within 60 s.
+
+run_ranks gives back each rank's own result, so the tests see that rank 0 returned an
+error (and how long it waited), not only that the run as a whole ended.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dist_utils import run_ranks
+
+PG_TIMEOUT = 10.0
+TEST_BUDGET = 60.0  # acceptance: each fault test finishes within 60 s
+SPAWN_SLACK = 40.0  # two spawned interpreters importing torch on a loaded 2-core box
+
+
+def _layer(pctx: Any) -> Any:
+    import spmd_moe as sm
+
+    m = sm.MoE(sm.MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2), pctx)
+    m.init_states(0)
+    return m
+
+
+def _timed(fn: Any, flag: str) -> str:
+    """Run fn on the surviving rank; re-raise its error stamped with the seconds it took
+    (run_ranks reports a raising rank's class and message, and skips its group teardown,
+    which could wait on the dead peer)."""
+    t0 = time.monotonic()
+    try:
+        fn()
+    except BaseException as e:
+        Path(flag).touch()  # release the faulty rank
+        e.args = (f"{e.args[0] if e.args else ''} [raised after {time.monotonic() - t0:.3f} s]", *e.args[1:])
+        raise
+    Path(flag).touch()
+    return "no error"
+
+
+def _wait_for(flag: str, cap: float) -> None:
+    deadline = time.monotonic() + cap
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _never_joins(rank: int, world: int, flag: str) -> Any:
+    """Rank 1 never calls the layer; rank 0 does (64 tokens: the prefill path)."""
+    import torch
+    import torch.distributed as dist
+
+    from spmd_moe import ParallelContext
+
+    m = _layer(ParallelContext.from_group(dist.group.WORLD))
+    if rank == 1:
+        _wait_for(flag, PG_TIMEOUT + 30)  # released by rank 0 once it has its error
+        return "skipped the layer"
+    return _timed(lambda: m(torch.randn(64, 8)), flag)
+
+
+def _fails_in_exchange(rank: int, world: int, flag: str, how: str, phase: str) -> Any:
+    """One good step, then rank 1 dies (os._exit) or stalls inside the data
+    all_to_all of the next forward (phase 'forward') or of its backward ('backward')."""
+    import torch
+    import torch.distributed as dist
+
+    from spmd_moe import ParallelContext
+
+    m = _layer(ParallelContext.from_group(dist.group.WORLD))
+    m(torch.randn(64, 8)).sum().backward()  # the group works
+    if rank == 1:
+        real = dist.all_to_all_single
+        calls = [0]
+        # forward: call 1 exchanges counts, call 2 the rows; backward: call 1 is the
+        # mirror of the combine exchange.
+        fatal = {"forward": 2, "backward": 4}[phase]
+
+        def failing(*a: Any, **k: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == fatal:
+                if how == "dies":
+                    os._exit(3)
+                _wait_for(flag, PG_TIMEOUT + 30)  # stalls: never sends its rows
+                raise SystemExit("rank 1 stalled on purpose")
+            return real(*a, **k)
+
+        dist.all_to_all_single = failing  # type: ignore[assignment]
+    x = torch.randn(64, 8, requires_grad=True)
+    if phase == "forward":
+        return _timed(lambda: m(x), flag)
+    y = m(x)  # counts + rows + combine = 3 all_to_all calls
+    return _timed(lambda: y.sum().backward(), flag)
+
+
+def _run(fn: Any, *args: Any) -> tuple[list[dict[str, Any]], float]:
+    t0 = time.monotonic()
+    res = run_ranks(fn, 2, *args, timeout=TEST_BUDGET, pg_timeout=PG_TIMEOUT)
+    return res, time.monotonic() - t0
+
+
+def _survivor(res: list[dict[str, Any]]) -> tuple[str, str, float]:
+    """Rank 0's error class, message and seconds until it raised."""
+    r0 = res[0]
+    assert not r0["ok"], f"rank 0 did not raise: {r0.get('value')}"
+    assert r0["type"] != "Hang", f"rank 0 hung: {r0['error']}"
+    m = re.search(r"\[raised after ([0-9.]+) s\]", r0["error"])
+    assert m, r0["error"]
+    return str(r0["type"]), str(r0["error"]), float(m.group(1))
+
+
+@pytest.mark.timeout(TEST_BUDGET + 30)
+def test_fault_rank_never_joins(tmp_path: Path) -> None:
+    res, wall = _run(_never_joins, str(tmp_path / "released"))
+    kind, msg, waited = _survivor(res)
+    assert kind == "DistributedError", (kind, msg)
+    for part in ("moe: metadata exchange on axis 'tp' (size 2) failed", "expected every rank to join",
+                 "Timed out", "Fix: check that every rank reached this MoE layer"):
+        assert part in msg, f"{part!r} not in: {msg}"
+    # Released by the group's timeout, not later.
+    assert PG_TIMEOUT - 1 <= waited <= PG_TIMEOUT + 10, waited
+    assert res[1]["ok"] and res[1]["value"] == "skipped the layer"
+    assert wall < TEST_BUDGET, wall
+
+
+@pytest.mark.timeout(TEST_BUDGET + 30)
+def test_fault_rank_dies_mid_exchange(tmp_path: Path) -> None:
+    res, wall = _run(_fails_in_exchange, str(tmp_path / "released"), "dies", "forward")
+    kind, msg, waited = _survivor(res)
+    assert kind == "DistributedError", (kind, msg)
+    for part in ("moe: a collective on axis 'tp' (size 2, this rank 0) failed mid-forward",
+                 "expected every rank to take part", "remote worker", "Fix: check the other ranks' logs"):
+        assert part in msg, f"{part!r} not in: {msg}"
+    # A dead peer closes its sockets: gloo notices at once, no timeout needed.
+    assert waited < PG_TIMEOUT + 10, waited
+    assert not res[1]["ok"] and "produced no result" in res[1]["error"]  # rank 1 really died
+    assert wall < TEST_BUDGET, wall
+
+
+@pytest.mark.timeout(TEST_BUDGET + 30)
+def test_fault_rank_stalls_mid_exchange(tmp_path: Path) -> None:
+    res, wall = _run(_fails_in_exchange, str(tmp_path / "released"), "stalls", "forward")
+    kind, msg, waited = _survivor(res)
+    assert kind == "DistributedError", (kind, msg)
+    for part in ("failed mid-forward", "Timed out", "restart the job"):
+        assert part in msg, f"{part!r} not in: {msg}"
+    assert PG_TIMEOUT - 1 <= waited <= PG_TIMEOUT + 10, waited
+    assert wall < TEST_BUDGET, wall
+
+
+@pytest.mark.timeout(TEST_BUDGET + 30)
+def test_fault_rank_dies_in_backward(tmp_path: Path) -> None:
+    """Documented: a peer lost during backward surfaces from loss.backward() as torch's
+    RuntimeError (gloo's message; autograd runs outside the layer, which cannot wrap
+    it), also in bounded time."""
+    res, wall = _run(_fails_in_exchange, str(tmp_path / "released"), "dies", "backward")
+    kind, msg, waited = _survivor(res)
+    assert kind == "RuntimeError", (kind, msg)
+    assert "remote worker" in msg, msg
+    assert waited < PG_TIMEOUT + 10, waited
+    assert wall < TEST_BUDGET, wall
