@@ -44,7 +44,7 @@ class TinySpec:
     vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 256  # the dense MLP of mlp_only_layers
-    moe_intermediate_size: int = 64
+    moe_intermediate_size: int = 48  # 2F != D: a transposed fused tensor fails the shape check
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
