@@ -379,7 +379,8 @@ class MoE(nn.Module):
         from spmd_types.checker import typecheck
 
         self._type_params()
-        return _wrap_spmd_errors(typecheck(strict_mode="permissive"), self.name)
+        where = f"{self.name} on axis '{self.pctx.name}' (size {self.pctx.size})"
+        return _wrap_spmd_errors(typecheck(strict_mode="permissive"), where)
 
     def _type_params(self) -> None:
         g = self.pctx.group

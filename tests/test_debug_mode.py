@@ -201,7 +201,7 @@ def test_partial_into_nonlinear_op(placement_cases: list[dict[str, dict[str, Any
         for key in ("partial_gate_True", "silu_of_partial"):
             c = r[key]
             assert c["raised"] == "PlacementError" and c["cause"] == "SpmdTypeError", (key, c)
-            assert "moe: placement check failed" in c["msg"]
+            assert "moe on axis 'ep' (size 2): placement check failed" in c["msg"]
             assert "Partial type on axis" in c["msg"] and "non-linear" in c["msg"]
             assert "all_reduce" in c["msg"]  # spmd_types' fix suggestion is kept
 
