@@ -111,10 +111,11 @@ def test_env_var_switch(env: str, expect: tuple[str, str]) -> None:
 # ----------------------------------------------------------------- placements (2 ranks)
 
 
-def _moe(layout: str = "replicated") -> sm.MoE:
+def _moe(layout: str = "replicated", dispatcher: str = "auto") -> sm.MoE:
     import torch.distributed as dist
 
-    cfg = sm.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, shared_hidden_dim=8, load_balance_coeff=1e-3)
+    cfg = sm.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, shared_hidden_dim=8,
+                       load_balance_coeff=1e-3, dispatcher=dispatcher)  # type: ignore[arg-type]
     moe = sm.MoE(cfg, ParallelContext.from_group(dist.group.WORLD, "ep"), layout=layout)  # type: ignore[arg-type]
     moe.init_states(seed=0)
     with torch.no_grad():  # a nonzero bias so the bias path does something
@@ -216,31 +217,40 @@ def test_debug_off_does_not_check_placements(placement_cases: list[dict[str, dic
 # ----------------------------------------------------------------- no false positives
 
 
+# (layout, T, dispatcher): T=11 needs padding on 2 and 4 ranks; both dispatchers.
+_CASES = (("replicated", 11, "all_gather"), ("replicated", 40, "all_to_all"),
+          ("sequence", 12, "all_to_all"), ("sequence", 12, "all_gather"))
+
+
 def _fwd_bwd(rank: int, world: int) -> dict[str, Any]:
     from spmd_moe.placement import checked_calls
 
     out: dict[str, Any] = {}
-    for layout, T in (("replicated", 11), ("replicated", 40), ("sequence", 12)):
+    for layout, T, dispatcher in _CASES:
         for on in (False, True):
-            moe = _moe(layout)
+            moe = _moe(layout, dispatcher)
             seed = 1 if layout == "replicated" else 1 + rank  # sequence: each rank its own tokens
             x = torch.randn(T, 16, generator=torch.Generator().manual_seed(seed), requires_grad=True)
             with sm.debug(on), checked_calls() as calls:
                 y = moe(x)
                 (y * y).sum().backward()
             grads = {k: p.grad.clone() for k, p in moe.named_parameters() if p.grad is not None}
-            out[f"{layout}{T}_{on}"] = {"y": y.detach(), "gx": x.grad, "grads": grads, "calls": dict(calls)}
+            out[f"{layout}{T}{dispatcher}_{on}"] = {"y": y.detach(), "gx": x.grad, "grads": grads, "calls": dict(calls)}
     return out
 
 
-def test_forward_backward_debug_no_false_positives() -> None:
-    for r in run_distributed(_fwd_bwd, 2, timeout=240):
-        for case in ("replicated11", "replicated40", "sequence12"):
+@pytest.mark.parametrize("world", [2, 4])
+def test_forward_backward_debug_no_false_positives(world: int) -> None:
+    for r in run_distributed(_fwd_bwd, world, timeout=400):
+        for layout, T, dispatcher in _CASES:
+            case = f"{layout}{T}{dispatcher}"
             off, on = r[f"{case}_False"], r[f"{case}_True"]
-            # The checks ran on: router, experts, a dispatcher, the layer...
+            # The checks ran on: router, experts, the dispatcher asked for, the layer...
             assert on["calls"].get("TopKRouter.forward") == 1, (case, on["calls"])
             assert on["calls"].get("GroupedExperts.forward") == 1
-            assert any(k.endswith("Dispatcher.dispatch") for k in on["calls"])
+            kind = "AllGather" if dispatcher == "all_gather" else "AllToAll"
+            assert on["calls"].get(f"{kind}Dispatcher.dispatch") == 1, (case, on["calls"])
+            assert on["calls"].get(f"MoE.forward_{layout}") == 1
             assert off["calls"] == {}
             # ...and changed nothing: same outputs and gradients, bit for bit.
             assert torch.equal(on["y"], off["y"]), case
