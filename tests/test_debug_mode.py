@@ -1,5 +1,6 @@
 """Debug mode catches wrong shapes, dtypes and placements, with messages that say the fix;
-off, it checks nothing; on, a correct layer raises nothing (no false positives).
+off, it checks nothing; on, a correct layer raises nothing (no false positives) and
+computes the same bits (training forward+backward and inference_mode forward).
 
 Placement cases run on a real 2-rank gloo group (tests/dist_utils.py); one spawn
 covers all cases of a kind, the tests then assert on what each rank returned.
@@ -235,7 +236,11 @@ def _fwd_bwd(rank: int, world: int) -> dict[str, Any]:
                 y = moe(x)
                 (y * y).sum().backward()
             grads = {k: p.grad.clone() for k, p in moe.named_parameters() if p.grad is not None}
-            out[f"{layout}{T}{dispatcher}_{on}"] = {"y": y.detach(), "gx": x.grad, "grads": grads, "calls": dict(calls)}
+            with torch.inference_mode(), sm.debug(on):  # vLLM's mode: raw collectives
+                y_inf = moe(x.detach())
+            out[f"{layout}{T}{dispatcher}_{on}"] = {
+                "y": y.detach(), "gx": x.grad, "grads": grads, "calls": dict(calls), "y_inf": y_inf,
+            }
     return out
 
 
@@ -255,6 +260,7 @@ def test_forward_backward_debug_no_false_positives(world: int) -> None:
             # ...and changed nothing: same outputs and gradients, bit for bit.
             assert torch.equal(on["y"], off["y"]), case
             assert torch.equal(on["gx"], off["gx"]), case
+            assert torch.equal(on["y_inf"], off["y_inf"]), case
             assert on["grads"].keys() == off["grads"].keys() and len(on["grads"]) >= 6
             for k in on["grads"]:
                 assert torch.equal(on["grads"][k], off["grads"][k]), (case, k)
