@@ -99,6 +99,16 @@ def main() -> int:
             row[f"{name}_fwd"] = kernel_split(prof, iters)
         xg = x.clone().requires_grad_(True)
         row["spmd_host_syncs_fwdbwd"] = host_syncs(lambda: spmd(xg).sum().backward())
+        if T >= 4096:  # where forward+backward spends its time
+            gy = torch.randn_like(x)
+            for name, fb in (("spmd", lambda: spmd(xg).backward(gy)), ("titan", lambda: titan(xg.unsqueeze(0)).backward(gy.unsqueeze(0)))):
+                fb()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        fb()
+                    torch.cuda.synchronize()
+                row[f"{name}_fwdbwd"] = kernel_split(prof, 3)
         res["rows"].append(row)
         print(f"[profile] T={T} " + json.dumps(row), file=sys.stderr, flush=True)
     text = json.dumps(res, indent=1)

@@ -7,7 +7,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python3 -m pip install -q --no-deps --target /tmp/pydeps .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/pydeps:$PWD
-STEPS=${STEPS:-"bench profile tests tp2ep"}
+STEPS=${STEPS:-"tests bench profile tp2ep"}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > $OUT/gpu.txt 2>&1
 nvidia-smi topo -m >> $OUT/gpu.txt 2>&1
 cat $OUT/gpu.txt
@@ -17,8 +17,8 @@ for s in $STEPS; do
   case $s in
     bench) CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.run --json --full --plot $OUT/moe_gpu.png --out $OUT/moe_gpu.json > /dev/null 2> $OUT/bench.log; tail -25 $OUT/bench.log ;;
     profile) CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.gpu_profile --out $OUT/profile_gpu.json 2> $OUT/profile.log | tail -3; tail -4 $OUT/profile.log | cut -c1-600 ;;
-    tests) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_torchtitan_moe.py tests/test_reference.py 2>&1 | tail -4 ;;
-    tp2ep) if [ "$NG" -ge 2 ]; then timeout 400 torchrun --nproc-per-node $NG -m benchmarks.tp2ep --out $OUT/tp2ep_${NG}gpu.json > /dev/null 2> $OUT/tp2ep.log; tail -12 $OUT/tp2ep.log | cut -c1-700; fi ;;
+    tests) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_fused_combine.py tests/test_torchtitan_moe.py tests/test_reference.py 2>&1 | tail -4 ;;
+    tp2ep) for ng in ${TP_SIZES:-$NG}; do if [ "$NG" -ge "$ng" ] && [ "$ng" -ge 2 ]; then timeout 300 torchrun --nproc-per-node $ng -m benchmarks.tp2ep --out $OUT/tp2ep_${ng}gpu.json > /dev/null 2> $OUT/tp2ep_${ng}.log; tail -9 $OUT/tp2ep_${ng}.log | cut -c1-600; fi; done ;;
   esac
   echo "== step $s took $(( $(date +%s) - t0 )) s"
 done

@@ -26,6 +26,11 @@ import torch.nn.functional as F
 FULL_T = [1, 8, 64, 512, 4096, 32768]
 SMALL_T = [1, 16, 64]
 H100_SXM_HBM_BPS = 3.35e12  # vendor datasheet, H100 SXM5 80 GB HBM3
+H200_HBM_BPS = 4.8e12  # vendor datasheet, H200 141 GB HBM3e
+
+
+def nominal_hbm_bps(name: str) -> float:
+    return H200_HBM_BPS if "H200" in name else H100_SXM_HBM_BPS
 
 
 @dataclass(frozen=True)
@@ -245,7 +250,7 @@ def run(args: Any) -> dict[str, Any]:
     titan = build_titan(sh, device) if have_titan else None
     share_weights(spmd, titan, sh, device)
     hbm_bps = hbm_copy_bandwidth(device)
-    nominal_bps = H100_SXM_HBM_BPS if device.type == "cuda" else None
+    nominal_bps = nominal_hbm_bps(machine["device_name"]) if device.type == "cuda" else None
     bytes_per_expert = 3 * sh.dim * sh.hidden * torch.finfo(dt).bits // 8
     ex = spmd.routed_experts.inner_experts
     n_inputs = 8 if device.type == "cuda" else 2
@@ -284,7 +289,7 @@ def run(args: Any) -> dict[str, Any]:
             f"titan {row.get('titan_fwd_ms', float('nan')):.3f} ms, gemms {row['gemm_ms']:.3f} ms")
 
         # decode sizes: CUDA-graph replays (how vLLM runs decode)
-        if device.type == "cuda" and T <= 512:
+        if device.type == "cuda":
             rep = try_graph(device, spmd, xs)
             if rep is not None:
                 row["spmd_fwd_graph_ms"] = timer(device, rep, reps)

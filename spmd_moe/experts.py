@@ -41,6 +41,7 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_RD: torch.Tensor, w_EFD: torch.Tensor, offs_e: torch.Tensor, zero_tail: bool = True) -> torch.Tensor:
         ctx.save_for_backward(x_RD, w_EFD, offs_e)
+        ctx.zero_tail = zero_tail
         y_RF = torch._grouped_mm(x_RD, w_EFD.transpose(-2, -1), offs=offs_e)
         return _zero_tail(y_RF, offs_e) if zero_tail else y_RF
 
@@ -50,7 +51,9 @@ class _GroupedMM(torch.autograd.Function):
         grad_RF = grad_RF.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = _zero_tail(torch._grouped_mm(grad_RF, w_EFD.contiguous(), offs=offs_e), offs_e)
+            gx = torch._grouped_mm(grad_RF, w_EFD.contiguous(), offs=offs_e)
+            if ctx.zero_tail:  # else no rows past the last offset exist
+                gx = _zero_tail(gx, offs_e)
         if ctx.needs_input_grad[1]:
             gw = _per_expert_grad_w(grad_RF, x_RD, offs_e, w_EFD)
         return gx, gw, None, None

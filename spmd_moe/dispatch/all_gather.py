@@ -50,6 +50,6 @@ class AllGatherDispatcher:
     def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
         # Rows past the local experts' count are zeros (grouped_mm): every slot not
         # owned here contributes an exact 0 to the sum.
-        slots_ND = torch.empty_like(out_RD).index_copy(0, state.sent_slots_R, out_RD)
+        slots_ND = torch.empty_like(out_RD).index_copy_(0, state.sent_slots_R, out_RD)
         mine_ND = C.reduce_scatter(C.partial_from_shards(as_var(slots_ND), self.pctx), self.pctx)
         return as_var(mine_ND.view(state.num_tokens, state.top_k, mine_ND.shape[-1]))

@@ -51,14 +51,19 @@ class AllToAllDispatcher:
         return as_var(recv_RD[regroup_R]), as_var(recv_ne.sum(dim=0)), state
 
     @checked
-    def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
+    def returned_rows(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "S D"]:
+        """The expert outputs back on their source rank, in sent order (sent_slots_R)."""
         regroup_R = state.extra["regroup"]
         assert isinstance(regroup_R, torch.Tensor)
-        source_major_RD = torch.empty_like(out_RD).index_copy(0, regroup_R, out_RD)
-        back_SD = C.all_to_all(
+        source_major_RD = torch.empty_like(out_RD).index_copy_(0, regroup_R, out_RD)
+        return C.all_to_all(
             as_var(source_major_RD), self.pctx,
             list(state.extra["out"]),  # type: ignore[call-overload]
             list(state.extra["in"]),  # type: ignore[call-overload]
         )
+
+    @checked
+    def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
+        back_SD = self.returned_rows(out_RD, state)
         slots_ND = scatter_to_slots(back_SD, state.sent_slots_R, state.num_tokens * state.top_k)
         return as_var(slots_ND.view(state.num_tokens, state.top_k, slots_ND.shape[-1]))

@@ -51,7 +51,7 @@ def scatter_to_slots(rows_RD: torch.Tensor, sent_slots_R: torch.Tensor, num_slot
         slots_ND = rows_RD.new_empty(num_slots, rows_RD.shape[-1])
     else:
         slots_ND = rows_RD.new_zeros(num_slots, rows_RD.shape[-1])
-    return slots_ND.index_copy(0, sent_slots_R, rows_RD)
+    return slots_ND.index_copy_(0, sent_slots_R, rows_RD)  # in place: no copy of the buffer
 
 
 class LocalDispatcher:

@@ -1,0 +1,81 @@
+"""Fused combine for inference on CUDA (one Triton kernel), bitwise equal to the
+unfused path ``_weighted_sum(scatter_to_slots(rows, sent_slots, T*K))`` of spmd_moe.moe:
+
+    term_k = round_bf16(fp32(row of slot (t, k)) * w[t, k])     (unsent slot: row = 0)
+    y[t]   = round_bf16(...round_bf16(term_0 + term_1) ... + term_{K-1})
+
+in ascending k, each add rounded to bf16 as torch's bf16 add does. The unfused path writes
+the T*K*D slots, a weighted copy of them and K-1 partial sums; this kernel reads each
+expert row once (gathered through the inverse permutation) and writes T*D.
+
+Used only without autograd (no backward here), for bf16 on CUDA with Triton present.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_kernel: Any = None
+_tried = False
+
+
+def _build() -> Any:
+    global _kernel, _tried
+    if _tried:
+        return _kernel
+    _tried = True
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def combine_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+        out_ptr, rows_ptr, row_of_slot_ptr, w_ptr, D,
+        K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_d = offs < D
+        r0 = tl.load(row_of_slot_ptr + t * K)
+        w0 = tl.load(w_ptr + t * K)
+        x0 = tl.load(rows_ptr + r0 * D + offs, mask=in_d & (offs * 0 + r0 >= 0), other=0.0).to(tl.float32)
+        acc = (x0 * w0).to(tl.bfloat16).to(tl.float32)
+        for k in tl.static_range(1, K):
+            r = tl.load(row_of_slot_ptr + t * K + k)
+            w = tl.load(w_ptr + t * K + k)
+            x = tl.load(rows_ptr + r * D + offs, mask=in_d & (offs * 0 + r >= 0), other=0.0).to(tl.float32)
+            term = (x * w).to(tl.bfloat16).to(tl.float32)
+            acc = (acc + term).to(tl.bfloat16).to(tl.float32)
+        tl.store(out_ptr + t * D + offs, acc.to(tl.bfloat16), mask=in_d)
+
+    _kernel = combine_kernel
+    return _kernel
+
+
+def usable(rows_RD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
+    """Whether the fused kernel applies: CUDA, bf16 rows, no autograd, Triton present."""
+    if rows_RD.device.type != "cuda" or rows_RD.dtype != torch.bfloat16:
+        return False
+    if torch.is_grad_enabled() and (rows_RD.requires_grad or weights_TK.requires_grad):
+        return False
+    return _build() is not None
+
+
+def weighted_combine(rows_RD: torch.Tensor, sent_slots_R: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_k w[t,k] * row(slot t*K+k), rows_RD[i] belonging to slot sent_slots_R[i]."""
+    kernel = _build()
+    T, K = weights_TK.shape
+    D = rows_RD.shape[-1]
+    row_of_slot_N = torch.full((T * K,), -1, dtype=torch.int64, device=rows_RD.device)
+    row_of_slot_N.index_copy_(0, sent_slots_R, torch.arange(sent_slots_R.shape[0], device=rows_RD.device))
+    w_TK = weights_TK.float().contiguous()
+    out_TD = torch.empty(T, D, dtype=rows_RD.dtype, device=rows_RD.device)
+    if T == 0 or D == 0:
+        return out_TD
+    block = 1024 if D >= 1024 else max(16, 1 << (D - 1).bit_length())
+    kernel[(T, (D + block - 1) // block)](out_TD, rows_RD.contiguous(), row_of_slot_N, w_TK, D, K=K, BLOCK_D=block)
+    return out_TD
