@@ -317,25 +317,35 @@ def _shape_or_dtype_error(
         dtype, shape = str(value.dtype).removeprefix("torch."), list(value.shape)
     else:
         dtype, shape = _dtype_of(actual), actual.split("(")[0]
-    if hint is None:  # not an array hint (e.g. a plain int): report jaxtyping's words
-        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-        return ShapeError(f"{qual}: {what}: {' | '.join(lines[:4])}")
+    if hint is None:  # not an array hint (e.g. a plain int)
+        expected_m = re.search(r"Expected type: (.*?)\.?$", msg, re.MULTILINE)
+        expected = expected_m.group(1) if expected_m else "the annotated type"
+        return DtypeError(
+            f"{qual}: {what}: expected type {expected}, got {type(value).__name__} "
+            f"{actual}. Fix: pass a value of the annotated type."
+        )
     kind = hint.__name__.split("[")[0]  # Float / Int / ...
+    # A result that breaks its own signature is a bug in the function, not bad input.
+    bug = (f"Fix: none on your side: {qual} returned a result its signature does not "
+           "allow; please report this message as a bug.")
     if dtype not in hint.dtypes:
         fix = (
-            "pass integer expert ids / counts (x.long())" if kind == "Int" else
-            "cast the input to the dtype the layer computes in (MoEConfig.param_dtype) or "
-            "build the layer with the input's dtype"
+            "Fix: pass integer expert ids / counts (x.long())." if kind == "Int" else
+            "Fix: cast the input to the dtype the layer computes in (MoEConfig.param_dtype) "
+            "or build the layer with the input's dtype."
         )
         return DtypeError(
             f"{qual}: {what} ({hint.__name__}): expected dtype {kind} "
             f"({', '.join(d for d in hint.dtypes if not d.startswith(('int2', 'int4', 'float4', 'float8')))}), "
-            f"got {dtype}. Fix: {fix}."
+            f"got {dtype}. {bug if pname is None else fix}"
         )
     dims = f" with {bound_dims} bound by the other arguments" if bound_dims else ""
+    fix = (
+        "Fix: pass tensors shaped as the signature states (T tokens x D=MoEConfig.dim; "
+        "flatten batch and sequence dims into T first; every argument must agree on the "
+        "shared dims)."
+    )
     return ShapeError(
         f"{qual}: {what} ({hint.__name__}): expected shape [{', '.join(hint.dim_str.split())}]"
-        f"{dims}, got {shape}. Fix: pass tensors shaped as the signature states (T "
-        "tokens x D=MoEConfig.dim; flatten batch and sequence dims into T first; every "
-        "argument must agree on the shared dims)."
+        f"{dims}, got {shape}. {bug if pname is None else fix}"
     )

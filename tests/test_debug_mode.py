@@ -15,11 +15,14 @@ from typing import Any
 
 import pytest
 import torch
+from jaxtyping import Float
 
 import spmd_moe as sm
+import spmd_moe.placement
 from spmd_moe.dispatch import LocalDispatcher
 from spmd_moe.errors import DtypeError, PlacementError, ShapeError, SpmdMoeError
 from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import Var
 from tests.dist_utils import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,3 +267,41 @@ def test_forward_backward_debug_no_false_positives(world: int) -> None:
             assert on["grads"].keys() == off["grads"].keys() and len(on["grads"]) >= 6
             for k in on["grads"]:
                 assert torch.equal(on["grads"][k], off["grads"][k]), (case, k)
+
+
+# ----------------------------------------------------------------- results and non-tensors
+
+
+class _Broken:
+    """A @checked method whose result breaks its signature (a bug, not bad input)."""
+
+    pctx = ParallelContext.single()
+
+    @sm.placement.checked
+    def narrow(self, x_TD: Float[Var, "T D"]) -> Float[Var, "T D"]:
+        return x_TD[:, :1]  # type: ignore[return-value]
+
+    @sm.placement.checked
+    def as_int(self, x_TD: Float[Var, "T D"]) -> Float[Var, "T D"]:
+        return x_TD.long()  # type: ignore[return-value]
+
+    @sm.placement.checked
+    def takes_int(self, x_TD: Float[Var, "T D"], k: int) -> Float[Var, "T D"]:
+        return x_TD
+
+
+def test_bad_result_is_reported_as_a_bug() -> None:
+    x = torch.randn(3, 4)
+    with sm.debug(), pytest.raises(ShapeError) as es:
+        _Broken().narrow(x)
+    assert "_Broken.narrow: return value" in str(es.value) and "expected shape [T, D] with T=3, D=4" in str(es.value)
+    assert "got f32[3,1]" in str(es.value) and "report this message as a bug" in str(es.value)
+    with sm.debug(), pytest.raises(DtypeError) as ed:
+        _Broken().as_int(x)
+    assert "return value" in str(ed.value) and "expected dtype Float" in str(ed.value) and "got int64" in str(ed.value)
+
+
+def test_non_tensor_argument_of_wrong_type() -> None:
+    with sm.debug(), pytest.raises(DtypeError) as ei:
+        _Broken().takes_int(torch.randn(3, 4), "2")  # type: ignore[arg-type]
+    assert "parameter 'k': expected type <class 'int'>, got str '2'" in str(ei.value)
