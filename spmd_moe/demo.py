@@ -239,7 +239,9 @@ def hf_generate(model_dir: str | Path, prompts: list[list[int]], max_tokens: int
     """Greedy tokens from HF transformers' generate, one prompt at a time (no padding)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     m.eval()
