@@ -32,7 +32,6 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from spmd_moe import _debug
-from spmd_moe import _fused_combine as _fc
 from spmd_moe import collectives as C
 from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher
@@ -196,11 +195,14 @@ class MoE(nn.Module):
     def forward_replicated(self, x_TD: Float[Rep, "T D"]) -> Float[Rep, "T D"]:
         n = self.pctx.size
         T = x_TD.shape[0]
-        T_pad = self._padded(T)
-        if n > 1 and not self._use_decode(T_pad // n):
+        T_pad = math.ceil(T / n) * n
+        if n > 1 and (not self._use_decode(T_pad // n) or not self._peers_checked or _debug._enabled):
+            # Before any raise or data exchange: ranks that disagree (config, T, padding
+            # policy) all fail here together instead of leaving the others waiting.
+            # The decode path checks once (and always in debug mode): no host sync.
             self._check_peers(T, "replicated")
-        elif n > 1 and not self._peers_checked or _debug._enabled:
-            self._check_peers(T, "replicated")
+        if T_pad > T:
+            self._padding_allowed(f"token count T={T}", f"remainder {T % n}", T_pad)
         x_pad_TD = as_rep(F.pad(x_TD, (0, 0, 0, T_pad - T)) if T_pad > T else x_TD)
         x_loc_TD = C.split_tokens(x_pad_TD, self.pctx)
         T_loc = T_pad // n
@@ -214,16 +216,24 @@ class MoE(nn.Module):
 
     @checked
     def forward_sequence(self, x_TD: Float[Var, "T D"]) -> Float[Var, "T D"]:
-        decode = self.cfg.dispatcher == "all_gather"
+        T = x_TD.shape[0]
+        T_eq, decode = T, False
         if self.pctx.size > 1:
-            # Ranks may hold different token counts here, unless a path all-gathers.
-            same_T = decode or self.shared_experts is not None
-            self._check_peers(x_TD.shape[0] if same_T else -1, "sequence")
-        y_TD = self._routed(x_TD, 0, decode=decode)
+            # Ranks may hold different token counts: exchange them with the header.
+            counts = self._check_peers(-1, "sequence", local_tokens=T)
+            decode = self._use_decode(max(counts))
+            if (decode or self.shared_experts is not None) and len(set(counts)) > 1:
+                # The all-gather paths need equal slices: pad each to the largest
+                # (pad rows never routed, never counted, sliced off). Every rank sees
+                # the same counts, so every rank takes this branch (or raises) alike.
+                self._padding_allowed(f"per-rank token counts {counts}", "unequal counts", max(counts))
+                T_eq = max(counts)
+        x_eq_TD = as_var(F.pad(x_TD, (0, 0, 0, T_eq - T))) if T_eq > T else x_TD
+        y_TD = self._routed(x_eq_TD, T_eq - T, decode=decode)
         if self.shared_experts is not None:
-            x_all_TD = C.all_gather(x_TD, self.pctx)
+            x_all_TD = C.all_gather(x_eq_TD, self.pctx)
             y_TD = as_var(y_TD + C.reduce_scatter(self.shared_experts(x_all_TD), self.pctx))
-        return y_TD
+        return as_var(y_TD[:T]) if T_eq > T else y_TD
 
     # ------------------------------------------------------------------ pieces
     def _routed(self, x_TD: Var, num_pad: int, *, decode: bool) -> Var:
@@ -245,12 +255,6 @@ class MoE(nn.Module):
         routed_RD, counts_e, state = dispatcher.dispatch(x_TD, as_var(expert_ids_TK), num_pad)
         # Local and all-to-all dispatch send exactly sum(counts) rows: no tail to zero.
         out_RD = self.experts(routed_RD, counts_e, rows_exact=not isinstance(dispatcher, AllGatherDispatcher))
-        if not _debug._enabled and isinstance(dispatcher, (LocalDispatcher, AllToAllDispatcher)) and _fc.usable(out_RD, weights_TK):
-            # Inference on CUDA: scatter back, weighting and the ordered sum in one kernel,
-            # bitwise equal to combine + _weighted_sum below.
-            rows_RD = dispatcher.returned_rows(out_RD, state) if isinstance(dispatcher, AllToAllDispatcher) else out_RD
-            self._count(expert_ids_TK)
-            return as_var(_fc.weighted_combine(rows_RD, state.sent_slots_R, weights_TK))
         slots_TKD = dispatcher.combine(out_RD, state)
         self._count(expert_ids_TK)
         return as_var(_weighted_sum(slots_TKD, weights_TK))
@@ -302,18 +306,22 @@ class MoE(nn.Module):
             return tokens_per_rank <= self.cfg.decode_max_tokens
         return self.cfg.dispatcher == "all_gather"
 
-    def _padded(self, T: int) -> int:
-        n = self.pctx.size
-        if T % n == 0:
-            return T
+    def _padding_allowed(self, what: str, got: str, padded: int) -> None:
+        """Raise PaddingError under padding='error' (padding would be needed)."""
         if self.cfg.padding == "error":
+            n = self.pctx.size
+            if self.layout == "replicated":
+                need = f"a multiple of the axis size n={n}"
+                fix = f"pad the batch to T={padded} rows yourself"
+            else:
+                need = "equal per-rank token counts (the all-gather paths need them)"
+                fix = f"pad every rank's slice to {padded} rows yourself"
             raise PaddingError(
-                f"{self.name}: token count T={T} on axis '{self.pctx.name}': expected a "
-                f"multiple of the axis size n={n}, got remainder {T % n}. Fix: pad the "
-                f"batch to T={math.ceil(T / n) * n} rows yourself, or build the layer with "
-                "MoEConfig(padding='pad') to let it pad and slice off the pad rows."
+                f"{self.name}: {what} on axis '{self.pctx.name}' (size {n}, layout "
+                f"'{self.layout}'): expected {need}, got {got}. Fix: {fix}, or build the "
+                "layer with MoEConfig(padding='pad') to let it pad and slice off the pad "
+                "rows (never routed, never counted)."
             )
-        return math.ceil(T / n) * n
 
     def _count(self, expert_ids_TK: torch.Tensor) -> None:
         with torch.no_grad():
@@ -335,13 +343,15 @@ class MoE(nn.Module):
         self.expert_bias_E.add_(delta_E - delta_E.mean())
         self.tokens_per_expert_E.zero_()
 
-    def _check_peers(self, token_convention: int, layout: str) -> None:
-        exchange_header(
+    def _check_peers(self, token_convention: int, layout: str, local_tokens: int = -1) -> list[int]:
+        """The header check (see dispatch.validate); returns every rank's local_tokens."""
+        counts = exchange_header(
             self.pctx, num_experts=self.cfg.num_experts, top_k=self.cfg.top_k, dim=self.cfg.dim,
             fingerprint=self.cfg.fingerprint(), token_convention=token_convention,
-            layout=layout, what=self.name,
+            layout=layout, what=self.name, local_tokens=local_tokens,
         )
         self._peers_checked = True
+        return counts
 
     def _check_input(self, x_TD: torch.Tensor) -> None:
         if not isinstance(x_TD, torch.Tensor):
@@ -454,12 +464,9 @@ def _weighted_sum(slots_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Te
             terms_TKD = torch.mul(slots_TKD, w_TK1, out=torch.empty_like(slots_TKD))
     else:
         terms_TKD = (slots_TKD.float() * w_TK1).to(slots_TKD.dtype)
-    # unbind, not terms_TKD[:, k]: its backward stacks the K gradients once, where K
-    # slice backwards would each zero-fill a [T, K, D] buffer and then add them up.
-    terms = terms_TKD.unbind(1)
-    acc_TD = terms[0]
-    for term_TD in terms[1:]:
-        acc_TD = acc_TD + term_TD
+    acc_TD = terms_TKD[:, 0]
+    for k in range(1, terms_TKD.shape[1]):
+        acc_TD = acc_TD + terms_TKD[:, k]
     return acc_TD
 
 

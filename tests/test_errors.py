@@ -127,7 +127,7 @@ def test_input_not_a_tensor() -> None:
     check(e.value, DtypeError, "x_TD", "torch.Tensor", "list")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
 def test_input_other_float_dtype_is_accepted(dtype: torch.dtype) -> None:
     """Documented: a float input of another dtype runs the experts in that dtype
     (MoEConfig.expert_dtype=None) and returns that dtype; router math is fp32."""
@@ -173,6 +173,23 @@ def test_layer_on_meta_then_materialized_runs() -> None:
     m.to_empty(device="cpu")
     m.init_states(0)
     assert torch.equal(m(_x()), _layer()(_x()))
+
+
+class _ReportsCuda(torch.Tensor):
+    """A CPU tensor that reports cuda:0: simulates an input on another real device
+    (this CPU-only suite cannot build one)."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda", 0)
+
+
+def test_input_on_other_device() -> None:
+    x = torch.Tensor._make_subclass(_ReportsCuda, _x())
+    assert x.device.type == "cuda" and not x.is_meta
+    with pytest.raises(DeviceError) as e:
+        _layer()(x)
+    check(e.value, DeviceError, "moe: x_TD", "expected device cpu (the layer's)", "got cuda:0", "x_TD.to('cpu')")
 
 
 @pytest.mark.parametrize("kind", ["transposed", "strided", "expanded"])
@@ -383,7 +400,8 @@ def _ep2_catalogue(rank: int, world: int) -> dict[str, tuple[str, str]]:
     case("disagree_top_k", lambda: layer(top_k=1 + rank)(x[:8]))
     case("disagree_config_field", lambda: layer(route_norm=bool(rank))(x[:8]))
     case("disagree_layout", lambda: (rep if rank == 0 else seq)(x[:8]))
-    case("disagree_T_sequence_all_gather", lambda: layer("sequence", dispatcher="all_gather")(x[: 3 + rank]))
+    # Unequal slices on the all-gather paths are padded under 'pad'; 'error' refuses on every rank.
+    case("disagree_T_sequence_all_gather", lambda: layer("sequence", dispatcher="all_gather", padding="error")(x[: 3 + rank]))
     case("usable_after_disagreement", lambda: same_as_ep1(rep(x[:8]), ref(x[:8])))
     # Padding policy 'error': raised on every rank before any exchange.
     case("uneven_T_padding_error", lambda: layer(padding="error")(x[:5]))
@@ -470,11 +488,13 @@ def test_ep2_ranks_disagree_on_config_field(ep2: Any) -> None:
 
 
 def test_ep2_ranks_disagree_on_layout(ep2: Any) -> None:
-    _both(ep2, "disagree_layout", DistributedError, "ranks disagree on", "got -1 on rank 1", "layout 'sequence'")
+    _both(ep2, "disagree_layout", DistributedError, "ranks disagree on 'layout'", "rank 0's 'replicated'",
+          "got 'sequence' on rank 1")
 
 
 def test_ep2_ranks_disagree_on_T_decode_sequence(ep2: Any) -> None:
-    _both(ep2, "disagree_T_sequence_all_gather", DistributedError, "'token_convention'", "rank 0's 3", "got 4 on rank 1")
+    _both(ep2, "disagree_T_sequence_all_gather", PaddingError, "per-rank token counts [3, 4]",
+          "equal per-rank token counts", "pad every rank's slice to 4 rows", "padding='pad'")
 
 
 def test_ep2_group_usable_after_disagreement(ep2: Any) -> None:
@@ -521,3 +541,23 @@ def test_ep2_nan_replicated_debug(ep2: Any) -> None:
 
 def test_ep2_sharded_checkpoint_loads(ep2: Any) -> None:
     _both(ep2, "sharded_checkpoint_on_ep_rank", "ok", "equal-to-ep1")
+
+
+# ============================================================================ the catalogue
+
+
+def test_catalogue_cites_existing_tests() -> None:
+    """docs/errors.md: >= 30 numbered cases, and every test it cites exists."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    doc = (root.parent / "docs" / "errors.md").read_text()
+    rows = re.findall(r"^\| (\d+) \|", doc, flags=re.M)
+    assert len(rows) >= 30 and rows == [str(i) for i in range(1, len(rows) + 1)], rows
+    cited = re.findall(r"`(test_\w+\.py)::(test_\w+)(?:\[([^\]]*)\])?`", doc)
+    assert len(cited) >= 30
+    for fname, func, param in cited:
+        src = (root / fname).read_text()
+        assert f"def {func}(" in src, f"docs/errors.md cites {fname}::{func}, which does not exist"
+        assert param in src, f"docs/errors.md cites {fname}::{func}[{param}]: no such parameter id"

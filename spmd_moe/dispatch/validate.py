@@ -16,8 +16,13 @@ from spmd_moe.errors import DistributedError
 from spmd_moe.parallel import ParallelContext
 
 _MAGIC = 0x5EED_0E
-_FIELDS = ("magic", "num_experts", "top_k", "dim", "axis_size", "config_hash", "token_convention", "layout")
+# Compared in this order: the first field that differs is the one reported, so the
+# layout comes before the token convention that a layout mismatch also changes.
+_FIELDS = ("magic", "axis_size", "layout", "num_experts", "top_k", "dim", "config_hash", "token_convention", "local_tokens")
+# Fields that may differ between ranks (exchanged, not compared).
+_FREE = ("local_tokens",)
 LAYOUT_CODES = {"replicated": 1, "sequence": 2}
+_LAYOUT_NAMES = {v: k for k, v in LAYOUT_CODES.items()}
 
 
 def config_hash(fingerprint: tuple[object, ...]) -> int:
@@ -42,18 +47,20 @@ def exchange_header(
     token_convention: int,
     layout: str,
     what: str,
-) -> None:
+    local_tokens: int = -1,
+) -> list[int]:
     """Raise DistributedError on every rank unless all ranks send the same header.
 
     token_convention: a number all ranks must agree on (the replicated token count T
-    for layout 'replicated'; the per-rank token count for the decode dispatcher;
-    -1 where ranks may differ).
+    for layout 'replicated'; -1 where ranks may differ).
+    local_tokens: this rank's token count, exchanged but not compared.
+    Returns every rank's local_tokens, in rank order (one host sync, already paid).
     """
     if pctx.size == 1:
-        return
+        return [local_tokens]
     mine = torch.tensor(
-        [_MAGIC, num_experts, top_k, dim, pctx.size, config_hash(fingerprint),
-         token_convention, LAYOUT_CODES[layout]],
+        [_MAGIC, pctx.size, LAYOUT_CODES[layout], num_experts, top_k, dim,
+         config_hash(fingerprint), token_convention, local_tokens],
         dtype=torch.int64,
         device=_header_device(pctx),
     )
@@ -68,9 +75,11 @@ def exchange_header(
             "skipped the layer makes the others time out after the group's timeout)."
         ) from e
     everyone = everyone.view(pctx.size, len(_FIELDS))
-    ref = everyone[0]
+    rows = everyone.tolist()  # the one host sync
+    ref = rows[0]
+    compared = [i for i, f in enumerate(_FIELDS) if f not in _FREE]
     for r in range(1, pctx.size):
-        diff = [i for i in range(len(_FIELDS)) if int(everyone[r, i]) != int(ref[i])]
+        diff = [i for i in compared if rows[r][i] != ref[i]]
         if diff:
             i = diff[0]
             name = _FIELDS[i]
@@ -81,7 +90,10 @@ def exchange_header(
                 "per-rank token slices)",
                 "num_experts": "load the same checkpoint/config on every rank",
             }.get(name, "make every rank use the same model config and layout")
+            shown = _LAYOUT_NAMES if name == "layout" else {}
             raise DistributedError(
                 f"{what}: ranks disagree on '{name}' on axis '{pctx.name}': expected "
-                f"rank 0's {int(ref[i])}, got {int(everyone[r, i])} on rank {r}. Fix: {fix}."
+                f"rank 0's {shown.get(ref[i], ref[i])!r}, got {shown.get(rows[r][i], rows[r][i])!r} "
+                f"on rank {r}. Fix: {fix}."
             )
+    return [row[_FIELDS.index("local_tokens")] for row in rows]
