@@ -131,6 +131,15 @@ def test_tp2_odd_and_one_token_batches(tp2: dict[str, Any], native: dict[str, An
     _assert_parity(tp2["generate"][name], native["generate"][name])
 
 
+def test_tp2_moe_saw_odd_token_counts(tp2: dict[str, Any]) -> None:
+    # The forward passes really carried odd T (vLLM does not pad them on CPU eager): 1
+    # (C1 alone), 3 (decode of three sequences) and larger odd mixes of prefill and
+    # decode (which ones depends on when the engine picks up each request).
+    for r in _step(tp2, "report", 1):
+        seen = {int(k) for k in r["token_counts"]}
+        assert {1, 3} <= seen and any(t > 3 and t % 2 for t in seen), sorted(seen)
+
+
 # ----------------------------------------------------------------------------- ranks, loading
 def test_tp2_each_rank_holds_its_experts(tp2: dict[str, Any], ckpt: Any) -> None:
     from safetensors.torch import load_file

@@ -219,6 +219,9 @@ class SpmdQwen3MoeForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(hf.vocab_size)
+        # How many forward calls saw each token count T (tests, debugging): proves that
+        # odd T and T=1 reached the MoE layers. Bounded by max_num_batched_tokens.
+        self.token_counts: dict[int, int] = {}
 
     # ------------------------------------------------------------------ vLLM interface
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -239,6 +242,8 @@ class SpmdQwen3MoeForCausalLM(nn.Module):
             x_TD = self.embed_input_ids(input_ids)
         else:
             raise ConfigError("forward: expected input_ids or inputs_embeds, got neither. Fix: pass one.")
+        T = int(x_TD.shape[0])
+        self.token_counts[T] = self.token_counts.get(T, 0) + 1
         residual_TD: torch.Tensor | None = None
         for layer in self.model.layers:
             x_TD, residual_TD = layer(positions, x_TD, residual_TD)
@@ -386,6 +391,7 @@ class SpmdQwen3MoeForCausalLM(nn.Module):
             "debug": _debug.is_debug(),
             "layers": layers,
             "rope_cache_max_err": rope_err,
+            "token_counts": {str(k): v for k, v in sorted(self.token_counts.items())},
         }
 
 
