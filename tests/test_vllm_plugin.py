@@ -34,7 +34,7 @@ from spmd_moe.tiny_checkpoint import NATIVE_ARCH, SPMD_ARCH, build_tiny_checkpoi
 RUNNER = str(Path(__file__).with_name("vllm_runner.py"))
 ROOT = Path(__file__).resolve().parents[1]
 
-# Parity prompts (A), an odd batch (B: 3 sequences, 1+4+2 = 7 prefill tokens, decode
+# Parity prompts (A), an odd batch (B: 3 sequences, 1+4+2 = 7 prompt tokens, decode
 # steps of 3 tokens) and one-token prompts alone and batched (C1: T=1 everywhere).
 PROMPTS_A = [[3, 17, 250, 999, 4], [640, 12, 12, 77], [5, 901, 33, 6, 400, 2, 71, 8]]
 PROMPTS_B = [[9], [310, 4, 77, 1020], [55, 600]]
