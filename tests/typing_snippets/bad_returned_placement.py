@@ -4,7 +4,7 @@ import torch
 
 from spmd_moe import collectives as C
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Rep, Var
+from spmd_moe.placement import Inv, Rep, Var
 
 
 def slice_declared_replicated(y_TD: Var) -> Rep:
@@ -17,3 +17,7 @@ def arithmetic_drops_the_placement(y_TD: Var) -> Var:
 
 def unplaced_into_collective(pctx: ParallelContext) -> Rep:
     return C.all_gather(torch.zeros(4, 2), pctx)  # E: Argument 1 to "all_gather" has incompatible type "Tensor"; expected "Var"
+
+
+def invariant_is_not_replicate(w: Inv) -> Rep:
+    return w  # E: Incompatible return value type (got "Inv", expected "Rep")
