@@ -209,6 +209,12 @@ class SpmdQwen3MoeForCausalLM(nn.Module):
                 "own fused-MoE kernels. Fix: drop enable_expert_parallel and set "
                 "tensor_parallel_size to the EP size you want."
             )
+        if vllm_config.quant_config is not None:
+            raise ConfigError(
+                f"quantization: expected none for {type(self).__name__}, got "
+                f"{type(vllm_config.quant_config).__name__}. Fix: serve an unquantized "
+                "(fp32/bf16/fp16) checkpoint; spmd_moe experts run plain grouped GEMMs."
+            )
         self.config = hf
         self.pctx = ParallelContext.from_group(get_tp_group().device_group, name="tp")
         device = torch.device(vllm_config.device_config.device)
