@@ -70,7 +70,10 @@ def weighted_combine(rows_RD: torch.Tensor, sent_slots_R: torch.Tensor, weights_
     kernel = _build()
     T, K = weights_TK.shape
     D = rows_RD.shape[-1]
-    row_of_slot_N = torch.full((T * K,), -1, dtype=torch.int64, device=rows_RD.device)
+    if sent_slots_R.shape[0] == T * K:  # every slot sent: a permutation fills it
+        row_of_slot_N = torch.empty(T * K, dtype=torch.int64, device=rows_RD.device)
+    else:
+        row_of_slot_N = torch.full((T * K,), -1, dtype=torch.int64, device=rows_RD.device)
     row_of_slot_N.index_copy_(0, sent_slots_R, torch.arange(sent_slots_R.shape[0], device=rows_RD.device))
     w_TK = weights_TK.float().contiguous()
     out_TD = torch.empty(T, D, dtype=rows_RD.dtype, device=rows_RD.device)

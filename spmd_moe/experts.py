@@ -82,15 +82,20 @@ def _per_expert_grad_w(g_RF: torch.Tensor, x_RD: torch.Tensor, offs_e: torch.Ten
     return gw
 
 
-def grouped_mm(x_RD: torch.Tensor, w_EFD: torch.Tensor, counts_e: torch.Tensor, *, zero_tail: bool = True) -> torch.Tensor:
+def grouped_mm(
+    x_RD: torch.Tensor, w_EFD: torch.Tensor, counts_e: torch.Tensor, *, zero_tail: bool = True,
+    offs_e: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-expert x @ w.T for rows grouped by expert (counts_e rows each).
 
     Rows past sum(counts_e) (the decode dispatcher's non-local slots) come back zero.
     zero_tail=False: the caller guarantees there are none (x_RD has exactly
     sum(counts_e) rows), which saves a full pass over the output on the GPU path.
+    offs_e: int32 cumsum(counts_e), when the caller already has it (saves a scan).
     """
     if _grouped_mm_ok(x_RD, w_EFD):
-        offs_e = torch.cumsum(counts_e, dim=0, dtype=torch.int32)
+        if offs_e is None:
+            offs_e = torch.cumsum(counts_e, dim=0, dtype=torch.int32)
         out: torch.Tensor = _GroupedMM.apply(x_RD, w_EFD, offs_e, zero_tail)  # type: ignore[no-untyped-call]
         return out
     # Reference path (float64, other devices): one host sync for the split sizes.
@@ -135,14 +140,15 @@ class GroupedExperts(nn.Module):
         dispatchers); the GEMM outputs then need no zeroed tail.
         """
         zt = not rows_exact
+        offs = torch.cumsum(counts_e, dim=0, dtype=torch.int32)  # once for the three GEMMs
         dt = self.cfg.expert_dtype or routed_RD.dtype
         w1, w2, w3 = self.w1_EFD.to(dt), self.w2_EDF.to(dt), self.w3_EFD.to(dt)
         # One cast per use: the two input grads then add in the input dtype (fp32),
         # not in dt (bf16); that is also torchtitan's order, so its grads match bitwise.
-        h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt)) * grouped_mm(
-            routed_RD.to(dt), w3, counts_e, zero_tail=zt
+        h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt, offs_e=offs)) * grouped_mm(
+            routed_RD.to(dt), w3, counts_e, zero_tail=zt, offs_e=offs
         )
-        return as_var(grouped_mm(h_RF, w2, counts_e, zero_tail=zt).to(routed_RD.dtype))
+        return as_var(grouped_mm(h_RF, w2, counts_e, zero_tail=zt, offs_e=offs).to(routed_RD.dtype))
 
 
 class SharedExperts(nn.Module):

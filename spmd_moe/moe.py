@@ -326,7 +326,7 @@ class MoE(nn.Module):
     def _count(self, expert_ids_TK: torch.Tensor) -> None:
         with torch.no_grad():
             counts = count_ids(expert_ids_TK, self.cfg.num_experts + 1)  # no host sync
-            self.tokens_per_expert_E.add_(counts[: self.cfg.num_experts].to(self.tokens_per_expert_E.dtype))
+            self.tokens_per_expert_E.add_(counts[: self.cfg.num_experts])  # int -> float in the add
 
     def global_tokens_per_expert(self) -> torch.Tensor:
         """The counters summed over the expert axis (P -> R): global counts per expert."""
