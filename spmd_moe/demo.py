@@ -272,9 +272,14 @@ def compare(test: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, 
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if getattr(args, "one_device", False):
+    import importlib.util
+
+    if getattr(args, "one_device", False) or importlib.util.find_spec("vllm") is None:
         from spmd_moe.cli import _demo_one_device
 
+        if not getattr(args, "one_device", False):
+            print("spmd-moe demo: vLLM is not installed (pip install -e '.[vllm]' or scripts/install.sh); "
+                  "running the one-device demo instead.")
         return _demo_one_device(args)
     from spmd_moe.tiny_checkpoint import NATIVE_ARCH, SPMD_ARCH, build_tiny_checkpoint
 
