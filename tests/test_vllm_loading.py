@@ -159,3 +159,9 @@ def test_load_weights_both_spellings_strict(load_checks: dict[str, Any]) -> None
 def test_load_weights_errors(load_checks: dict[str, Any], case: str, needle: str) -> None:
     msg = load_checks[case]
     assert msg.startswith("CheckpointError") and needle in msg and "Fix:" in msg, msg
+
+
+def test_vllm_expert_parallel_flag_refused(load_checks: dict[str, Any]) -> None:
+    # vLLM's own EP flag would only steer its fused-MoE kernels (it segfaults on CPU).
+    msg = load_checks["expert_parallel_flag"]
+    assert msg.startswith("ConfigError") and "enable_expert_parallel" in msg and "Fix:" in msg, msg

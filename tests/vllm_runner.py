@@ -117,6 +117,15 @@ def load_checks(hf_dir: str, fused_dir: str) -> dict[str, Any]:
     out["missing_q_proj"] = err([(k, v) for k, v in per.items() if k != "model.layers.2.self_attn.q_proj.weight"])
     out["expert_id_out_of_range"] = err(list(per.items()) + [(f"{l0}.experts.8.up_proj.weight", per[f"{l0}.experts.0.up_proj.weight"])])
     out["experts_on_dense_layer"] = err(list(per.items()) + [("model.layers.1.mlp.experts.0.up_proj.weight", per[f"{l0}.experts.0.up_proj.weight"])])
+    vc = _STATE["_vc"]
+    vc.parallel_config.enable_expert_parallel = True
+    try:
+        _build_model(hf_dir)
+        out["expert_parallel_flag"] = "no error"
+    except SpmdMoeError as e:
+        out["expert_parallel_flag"] = f"{type(e).__name__}: {e}"
+    finally:
+        vc.parallel_config.enable_expert_parallel = False
     return out
 
 
