@@ -100,6 +100,27 @@ def _fails_in_exchange(rank: int, world: int, flag: str, how: str, phase: str) -
     return _timed(lambda: y.sum().backward(), flag)
 
 
+def _raises_locally(rank: int, world: int, flag: str) -> Any:
+    """Rank 1's forced routes are invalid: it raises RoutingError after the metadata
+    check, before the exchange, and stays alive (a server that catches and goes on)."""
+    import torch
+    import torch.distributed as dist
+
+    from spmd_moe import ParallelContext
+
+    m = _layer(ParallelContext.from_group(dist.group.WORLD))
+    m(torch.randn(64, 8))  # warm-up: the group works, first-call costs paid
+    if rank == 1:
+        m.forced_routes_TK = torch.full((32, 2), 7)  # 64 replicated tokens: 32 per rank; E=4
+        try:
+            m(torch.randn(64, 8))
+        except Exception as e:  # noqa: BLE001
+            _wait_for(flag, PG_TIMEOUT + 30)
+            return f"{type(e).__name__}: {e}"
+        return "no error"
+    return _timed(lambda: m(torch.randn(64, 8)), flag)
+
+
 def _run(fn: Any, *args: Any) -> tuple[list[dict[str, Any]], float]:
     t0 = time.monotonic()
     res = run_ranks(fn, 2, *args, timeout=TEST_BUDGET, pg_timeout=PG_TIMEOUT)
@@ -165,4 +186,19 @@ def test_fault_rank_dies_in_backward(tmp_path: Path) -> None:
     assert kind == "RuntimeError", (kind, msg)
     assert "remote worker" in msg, msg
     assert waited < PG_TIMEOUT + 10, waited
+    assert wall < TEST_BUDGET, wall
+
+
+@pytest.mark.timeout(TEST_BUDGET + 30)
+def test_fault_rank_raises_locally_mid_layer(tmp_path: Path) -> None:
+    """One rank's own error (here RoutingError) after the metadata check: that rank gets
+    the clear error at once; the others are released by the group's timeout."""
+    res, wall = _run(_raises_locally, str(tmp_path / "released"))
+    assert res[1]["ok"], res[1]
+    assert res[1]["value"].startswith("RoutingError: moe: forced_routes_TK: expected expert ids in [0, 4)")
+    kind, msg, waited = _survivor(res)
+    assert kind == "DistributedError", (kind, msg)
+    for part in ("failed mid-forward", "Timed out", "check the other ranks' logs"):
+        assert part in msg, f"{part!r} not in: {msg}"
+    assert PG_TIMEOUT - 1 <= waited <= PG_TIMEOUT + 10, waited
     assert wall < TEST_BUDGET, wall
