@@ -192,7 +192,10 @@ def _results(world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], fl
         # Rank-major -> case-major: case i's result on every rank.
         rows = [[pr["results"][i] for pr in per_rank] for i in range(len(cases))]
         _CACHE[world] = (cases, [{"rows": r} for r in rows], wall)
-        print(f"world {world}: {len(cases)} cases, wall {wall:.1f} s, in-rank {[round(pr['seconds'], 1) for pr in per_rank]} s")
+        fwd = max(r["fwd"] for pr in per_rank for r in pr["results"])
+        grad = max((v for pr in per_rank for r in pr["results"] for v in r.get("grad", {}).values()), default=0.0)
+        print(f"world {world}: {len(cases)} cases, wall {wall:.1f} s, in-rank "
+              f"{[round(pr['seconds'], 1) for pr in per_rank]} s, max rel err fwd {fwd:.2e} grad {grad:.2e}")
     return _CACHE[world]
 
 
