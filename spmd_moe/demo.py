@@ -40,7 +40,6 @@ DEMO_MAX_TOKENS = 12
 # ----------------------------------------------------------------------------- child side
 def _engine_env(tp: int) -> dict[str, str]:
     env = {
-        "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # apply_model with our functions
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if tp == 1 else "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -149,6 +148,10 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
         "max_model_len": int(spec.get("max_model_len", 256)),
         "max_num_batched_tokens": int(spec.get("max_num_batched_tokens", 256)),
         "max_num_seqs": int(spec.get("max_num_seqs", 16)),
+        # 64 MiB of KV cache per rank holds ~20k tokens of the tiny model; vLLM's CPU
+        # default (or VLLM_CPU_KVCACHE_SPACE, whole GiB, which wins if set) asks for more
+        # free memory than a shared 24 GiB machine may have.
+        "kv_cache_memory_bytes": int(spec.get("kv_cache_memory_bytes", 64 << 20)),
         "seed": 0,
     }
     if tp > 1:

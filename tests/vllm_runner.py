@@ -19,7 +19,6 @@ from typing import Any
 
 
 def _build_model(hf_dir: str) -> Any:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm.config import set_current_vllm_config
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
     from vllm.distributed.parallel_state import model_parallel_is_initialized
