@@ -11,7 +11,8 @@ dispatcher really ran.
 Grid: total T in {0,1,2,3,5,7,64,257} x layout {replicated, sequence} x dispatcher
 {all_to_all, all_gather}, with score {softmax, sigmoid} and shared experts {on, off}, plus
 skewed routing (every token to one expert; every token to the experts of one rank),
-plus dispatcher='auto'. Each (T, layout, dispatcher) runs two of the four (score,
+plus dispatcher='auto', plus a slice of it in debug mode (spmd_types placement
+tracking on: no false positive, same numbers). Each (T, layout, dispatcher) runs two of the four (score,
 shared) pairs, rotating, so every (layout, dispatcher, score, shared) combination is
 covered (test_grid_covers_the_acceptance_list asserts it). Each grid runs three ways: autograd (training), then without
 autograd under torch.inference_mode and torch.no_grad (the raw torch.distributed
@@ -44,6 +45,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import spmd_moe
 from dist_utils import run_distributed
 from tp2ep_util import D, K, S_HID, DispatchSpy, build_pair, make_cfg, rel_err, token_slice, world_pctx
 
@@ -80,6 +82,14 @@ def _cases(world: int) -> list[dict[str, Any]]:
     cases = [dict(c, mode="grad") for c in base]
     cases += [dict(c, mode="inference") for c in base]
     cases += [dict(c, mode="no_grad") for c in base if c["T"] in (3, 64) and c["skew"] == "none"]
+    # Debug mode (shape/dtype checks, spmd_types placement tracking through the layer):
+    # the same results, no false positive, on both layouts and dispatchers.
+    cases += [
+        dict(c, mode=mode, debug=True)
+        for c in base
+        if c["T"] in (1, 5, 64) and c["skew"] == "none" and c["dispatcher"] != "auto" and c["score"] == "softmax"
+        for mode in ("grad", "inference")
+    ]
     for i, c in enumerate(cases):
         c["seed"] = zlib.crc32(repr(sorted((k, v) for k, v in c.items() if k != "mode")).encode()) % 1000
         c["id"] = i
@@ -174,9 +184,16 @@ def _run_case(c: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _run(c: dict[str, Any]) -> dict[str, Any]:
+    if c.get("debug"):
+        with spmd_moe.debug():
+            return _run_case(c)
+    return _run_case(c)
+
+
 def parity_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    results = [_run_case(c) for c in cases]
+    results = [_run(c) for c in cases]
     return {"results": results, "seconds": time.perf_counter() - t0}
 
 
@@ -290,6 +307,8 @@ def test_grid_covers_the_acceptance_list(world: int) -> None:
         (lo, d, s, sh) for lo in LAYOUTS for d in DISPATCHERS for s in SCORES for sh in (False, True)
     }
     assert {c["skew"] for c in grad} == {"none", "one_expert", "one_rank"}
+    debug = {(c["layout"], c["dispatcher"], c["mode"]) for c in cases if c.get("debug")}
+    assert debug == {(lo, d, m) for lo in LAYOUTS for d in DISPATCHERS for m in ("grad", "inference")}
     ran = {(c["layout"], r["rows"][0]["used"]) for c, r in zip(cases, results)}
     for lo in LAYOUTS:
         for d in DISPATCHERS:
