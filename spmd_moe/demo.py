@@ -56,13 +56,6 @@ def worker_report(model: Any) -> Any:
     return rep() if rep is not None else {"native": type(model).__name__}
 
 
-def worker_set_debug(model: Any, on: bool) -> bool:
-    from spmd_moe import _debug
-
-    _debug.set_debug(on)
-    return _debug.is_debug()
-
-
 def worker_debug_probe(model: Any) -> dict[str, Any]:
     """apply_model, every TP rank at once: run one real MoE layer of the served model on
     vLLM's TP group in debug mode, then feed it mistakes that must raise."""
@@ -177,7 +170,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
             out = llm.apply_model(mod.worker_report)
         elif op == "set_debug":
             on = bool(step["on"])
-            out = llm.collective_rpc(mod._set_debug_rpc, args=(on,))
+            out = llm.collective_rpc(mod.rpc_set_debug, args=(on,))
         elif op == "debug_probe":
             out = llm.apply_model(mod.worker_debug_probe)
         else:
@@ -186,7 +179,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _set_debug_rpc(worker: Any, on: bool) -> bool:
+def rpc_set_debug(worker: Any, on: bool) -> bool:
+    """collective_rpc: turn spmd_moe's debug mode on/off in every worker process."""
     from spmd_moe import _debug
 
     _debug.set_debug(on)
