@@ -4,7 +4,8 @@ On real gloo groups (world 2 and 4, one spawned group each, every check inside i
 
 * padding='pad': T < n (decode: 1 token on 2 or 4 ranks), uneven T and T = 0 on some
   ranks give the single-device result, in both layouts and with both dispatchers; pad
-  rows are never counted (each rank's own counter and the global one);
+  rows are never counted (each rank's own counter and the global one), so the
+  aux-loss-free expert-bias update equals the single-device one;
 * padding='error': a PaddingError on EVERY rank, with the documented message (T, n,
   the remainder, the padded T, the fix);
 * the torchtitan #3622 situation (fewer tokens than ranks, so a naive path skips the
@@ -47,7 +48,7 @@ def padding_worker(rank: int, world: int) -> dict[str, Any]:
     # --- 'pad': T < n and uneven T, layout 'replicated' -------------------------
     for T in sorted({0, 1, n - 1, n + 1, 2 * n + 1, 5}):
         for disp in ("all_to_all", "all_gather"):
-            cfg = make_cfg(shared_hidden_dim=S_HID, dispatcher=disp)
+            cfg = make_cfg(shared_hidden_dim=S_HID, dispatcher=disp, load_balance_coeff=1e-3)
             full, moe = build_pair(cfg, pctx, "replicated", seed=T)
             with torch.no_grad():
                 y_ref = full(x[:T])
@@ -63,6 +64,12 @@ def padding_worker(rank: int, world: int) -> dict[str, Any]:
                 "local_sum": float(moe.tokens_per_expert_E.sum()),
                 "local_real": (T_loc - pads_here) * K,
             })
+            # The aux-loss-free bias update reads the global counts: pads never counted,
+            # so it moves the bias exactly as on one device.
+            moe.update_expert_bias()
+            full.update_expert_bias()
+            assert moe.expert_bias_E is not None and full.expert_bias_E is not None
+            out["pad"][-1]["bias_equal"] = bool(torch.equal(moe.expert_bias_E, full.expert_bias_E))
 
     # --- 'pad': unequal per-rank slices, layout 'sequence' (all-gather paths) ----
     for counts_list in ([0] * (n - 1) + [3], [1] + [0] * (n - 1), list(range(n))):
@@ -159,6 +166,7 @@ def test_pad_replicated_T_below_and_uneven(world: int) -> None:
             assert r["err"] <= 1e-6, where
             assert r["global_counts_ok"] and r["global_sum"] == r["T"] * K, where
             assert r["local_sum"] == r["local_real"], where  # pad rows never counted
+            assert r["bias_equal"], where  # update_expert_bias == single device
 
 
 @pytest.mark.timeout(300)
