@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from spmd_moe import _debug
+from spmd_moe import _fused_combine as _fc
 from spmd_moe import collectives as C
 from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher
@@ -255,6 +256,12 @@ class MoE(nn.Module):
         routed_RD, counts_e, state = dispatcher.dispatch(x_TD, as_var(expert_ids_TK), num_pad)
         # Local and all-to-all dispatch send exactly sum(counts) rows: no tail to zero.
         out_RD = self.experts(routed_RD, counts_e, rows_exact=not isinstance(dispatcher, AllGatherDispatcher))
+        if not _debug._enabled and isinstance(dispatcher, (LocalDispatcher, AllToAllDispatcher)) and _fc.usable(out_RD, weights_TK):
+            # Inference on CUDA: scatter back, weighting and the ordered sum in one kernel,
+            # bitwise equal to combine + _weighted_sum below.
+            rows_RD = dispatcher.returned_rows(out_RD, state) if isinstance(dispatcher, AllToAllDispatcher) else out_RD
+            self._count(expert_ids_TK)
+            return as_var(_fc.weighted_combine(rows_RD, state.sent_slots_R, weights_TK))
         slots_TKD = dispatcher.combine(out_RD, state)
         self._count(expert_ids_TK)
         return as_var(_weighted_sum(slots_TKD, weights_TK))
@@ -464,9 +471,12 @@ def _weighted_sum(slots_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Te
             terms_TKD = torch.mul(slots_TKD, w_TK1, out=torch.empty_like(slots_TKD))
     else:
         terms_TKD = (slots_TKD.float() * w_TK1).to(slots_TKD.dtype)
-    acc_TD = terms_TKD[:, 0]
-    for k in range(1, terms_TKD.shape[1]):
-        acc_TD = acc_TD + terms_TKD[:, k]
+    # unbind, not terms_TKD[:, k]: its backward stacks the K gradients once, where K
+    # slice backwards would each zero-fill a [T, K, D] buffer and then add them up.
+    terms = terms_TKD.unbind(1)
+    acc_TD = terms[0]
+    for term_TD in terms[1:]:
+        acc_TD = acc_TD + term_TD
     return acc_TD
 
 
