@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 import spmd_moe
 from dist_utils import run_distributed
+from spmd_moe import ParallelContext
 from tp2ep_util import D, K, S_HID, DispatchSpy, build_pair, make_cfg, rel_err, token_slice, world_pctx
 
 TS = (0, 1, 2, 3, 5, 7, 64, 257)
@@ -104,9 +105,9 @@ def _expected_dispatcher(c: dict[str, Any], n: int) -> str:
     return "all_gather" if per_rank <= make_cfg().decode_max_tokens else "all_to_all"
 
 
-def _gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+def _gather_cat(t: torch.Tensor, dim: int, group: Any = None) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
 
@@ -114,8 +115,9 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
 
 
-def _run_case(c: dict[str, Any]) -> dict[str, Any]:
-    pctx = world_pctx()
+def _run_case(c: dict[str, Any], pctx: ParallelContext | None = None) -> dict[str, Any]:
+    pctx = pctx or world_pctx()
+    grp = pctx.group
     n, rank = pctx.size, pctx.rank
     T, layout, mode = c["T"], c["layout"], c["mode"]
     cfg = make_cfg(
@@ -146,21 +148,21 @@ def _run_case(c: dict[str, Any]) -> dict[str, Any]:
         ((y * gy[sl]).sum() / scale).backward()
         gx = x_in.grad.detach().clone() if x_in.grad is not None else torch.zeros_like(x_in)
         if layout == "replicated":
-            dist.all_reduce(gx)  # Partial -> the full input gradient
+            dist.all_reduce(gx, group=grp)  # Partial -> the full input gradient
         gate = _grad(moe.router.gate.weight)
-        dist.all_reduce(gate)  # each rank routed only its own tokens
+        dist.all_reduce(gate, group=grp)  # each rank routed only its own tokens
         ex = moe.experts
         errs = {
             "grad_x": rel_err(gx, x_ref.grad[sl]),
             "grad_gate": rel_err(gate, full.router.gate.weight.grad),
         }
         for pname in ("w1_EFD", "w2_EDF", "w3_EFD"):
-            gathered = _gather_cat(_grad(getattr(ex, pname)), 0)
+            gathered = _gather_cat(_grad(getattr(ex, pname)), 0, grp)
             errs[f"grad_{pname}"] = rel_err(gathered, getattr(full.experts, pname).grad)
         if moe.shared_experts is not None:
             assert full.shared_experts is not None
             for pname, dim in (("w1", 0), ("w2", 1), ("w3", 0)):
-                gathered = _gather_cat(_grad(getattr(moe.shared_experts, pname).weight), dim)
+                gathered = _gather_cat(_grad(getattr(moe.shared_experts, pname).weight), dim, grp)
                 errs[f"grad_shared_{pname}"] = rel_err(gathered, getattr(full.shared_experts, pname).weight.grad)
         out["grad"] = errs
     else:
@@ -174,7 +176,7 @@ def _run_case(c: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         if layout == "replicated" and T > 0:
             # R output: the same bits on every rank.
-            everyone = _gather_cat(y.detach().unsqueeze(0), 0)
+            everyone = _gather_cat(y.detach().unsqueeze(0), 0, grp)
             out["rep_same"] = bool((everyone == everyone[0]).all())
         counts = moe.global_tokens_per_expert()
     ref_counts = full.tokens_per_expert_E
@@ -340,3 +342,35 @@ def test_skewed_routing_really_skews() -> None:
                 e = cfg.num_experts // n
                 assert int(counts[(n - 1) * e:].sum()) == 64 * K
                 assert int(counts[: (n - 1) * e].sum()) == 0
+
+
+# --------------------------------------------------------------------------- sub-mesh
+def submesh_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """4 ranks as a (dp=2, tp=2) DeviceMesh: the expert axis is the 'tp' dim, a subgroup
+    whose ranks are not the global ones (vLLM with data parallel, torchtitan's EP dim
+    inside a larger mesh). Each dp replica gets its own tokens."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    pctx = ParallelContext.from_mesh(mesh, "tp")
+    dp = mesh.get_local_rank("dp")
+    results = [_run_case(dict(c, seed=c["seed"] + 500 * dp), pctx) for c in cases]
+    return {"results": results, "dp": dp, "tp_rank": pctx.rank, "tp_size": pctx.size}
+
+
+@pytest.mark.timeout(400)
+def test_expert_axis_is_a_submesh_dim() -> None:
+    cases = [
+        dict(T=T, layout=layout, dispatcher=disp, score="sigmoid", shared=True, skew="none", mode=mode, seed=T, id=0)
+        for T in (1, 5, 64) for layout in LAYOUTS for disp in DISPATCHERS for mode in ("grad", "inference")
+    ]
+    per_rank = run_distributed(submesh_worker, 4, cases, timeout=300, pg_timeout=60)
+    assert [(r["dp"], r["tp_rank"], r["tp_size"]) for r in per_rank] == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
+    bad = []
+    for rank, pr in enumerate(per_rank):
+        for c, r in zip(cases, pr["results"]):
+            check = _check_grad if c["mode"] == "grad" else _check_no_autograd
+            problem = check(c, r, 2)
+            if problem:
+                bad.append(f"global rank {rank} case {c}: {problem}")
+    assert not bad, "\n".join(bad[:20])
