@@ -217,7 +217,13 @@ def run_engine_subprocess(
         env.setdefault("OMP_NUM_THREADS", "1")
         log_f = open(log, "w") if log is not None else tempfile.TemporaryFile("w+")
         try:
-            proc = subprocess.run(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+            # Own session: vLLM's engine core and TP workers are grandchildren; killing the
+            # whole group afterwards (and on timeout) leaves no orphaned engine behind.
+            proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            finally:
+                _kill_group(proc)
             if proc.returncode != 0 or not out_p.exists():
                 log_f.flush()
                 if log is not None:
@@ -230,6 +236,16 @@ def run_engine_subprocess(
             log_f.close()
         res: dict[str, Any] = json.loads(out_p.read_text())
         return res
+
+
+def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def hf_generate(model_dir: str | Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
