@@ -181,7 +181,16 @@ class MoE(nn.Module):
         NaN/inf and all raise together (a lone raise would leave the others hanging)."""
         bad = torch.tensor([int((~torch.isfinite(x_TD)).any(dim=-1).sum())], dtype=torch.int64)
         everyone = torch.empty(self.pctx.size, dtype=torch.int64)
-        dist.all_gather_into_tensor(everyone, bad, group=self.pctx.group)
+        try:
+            dist.all_gather_into_tensor(everyone, bad, group=self.pctx.group)
+        except RuntimeError as e:
+            raise DistributedError(
+                f"{self.name}: debug-mode finite check on axis '{self.pctx.name}' (size "
+                f"{self.pctx.size}) failed: expected every rank to join, got: "
+                f"{str(e).splitlines()[0][:300]}. Fix: check that every rank reached this MoE "
+                "layer, with debug mode on everywhere (a rank that died or skipped the layer "
+                "makes the others time out after the group's timeout)."
+            ) from e
         if int(everyone.sum()):
             ranks = [r for r in range(self.pctx.size) if int(everyone[r])]
             raise RoutingError(

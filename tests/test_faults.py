@@ -68,18 +68,21 @@ def _wait_for(flag: str, cap: float) -> None:
         time.sleep(0.05)
 
 
-def _never_joins(rank: int, world: int, flag: str) -> Any:
-    """Rank 1 never calls the layer; rank 0 does (64 tokens: the prefill path)."""
+def _never_joins(rank: int, world: int, flag: str, debug: bool) -> Any:
+    """Rank 1 never calls the layer; rank 0 does (64 tokens: the prefill path), with
+    debug mode off or on (on: the first exchange is the ranks' NaN/inf agreement)."""
     import torch
     import torch.distributed as dist
 
+    import spmd_moe as sm
     from spmd_moe import ParallelContext
 
     m = _layer(ParallelContext.from_group(dist.group.WORLD))
     if rank == 1:
         _wait_for(flag, PG_TIMEOUT + 30)  # released by rank 0 once it has its error
         return "skipped the layer"
-    return _timed(lambda: m(torch.randn(64, 8)), flag)
+    with sm.debug(debug):
+        return _timed(lambda: m(torch.randn(64, 8)), flag)
 
 
 def _fails_in_exchange(rank: int, world: int, flag: str, how: str, phase: str) -> Any:
@@ -154,11 +157,13 @@ def _survivor(res: list[dict[str, Any]]) -> tuple[str, str, float]:
 
 
 @pytest.mark.timeout(HARD_KILL + 30)
-def test_fault_rank_never_joins(tmp_path: Path) -> None:
-    res, wall = _run(_never_joins, str(tmp_path / "released"))
+@pytest.mark.parametrize("debug", [False, True], ids=["debug_off", "debug_on"])
+def test_fault_rank_never_joins(tmp_path: Path, debug: bool) -> None:
+    res, wall = _run(_never_joins, str(tmp_path / "released"), debug)
     kind, msg, waited = _survivor(res)
     assert kind == "DistributedError", (kind, msg)
-    for part in ("moe: metadata exchange on axis 'tp' (size 2) failed", "expected every rank to join",
+    first = "debug-mode finite check" if debug else "metadata exchange"
+    for part in (f"moe: {first} on axis 'tp' (size 2) failed", "expected every rank to join",
                  "Timed out", "Fix: check that every rank reached this MoE layer"):
         assert part in msg, f"{part!r} not in: {msg}"
     # Released by the group's timeout, not later.
