@@ -1,0 +1,563 @@
+"""torchtitan 0.3.0 adapter: spmd_moe's MoE as a drop-in for torchtitan's MoE module.
+
+One config change swaps the MoE of a torchtitan model spec (Qwen3 ``debugmodel_moe``,
+``30B-A3B``, ...)::
+
+    from torchtitan.models.qwen3 import model_registry
+    from spmd_moe.integrations.torchtitan import use_spmd_moe
+
+    spec = model_registry("30B-A3B")
+    use_spmd_moe(spec)            # every layer's MoE.Config -> SpmdMoE.Config
+
+``SpmdMoE.Config`` subclasses torchtitan's ``MoE.Config`` (same fields: router,
+routed_experts, shared_experts, load_balance_coeff, num_experts) plus spmd_moe's
+options, so torchtitan's own config code (sharding-config setters, param_init, the
+HF state-dict adapter) keeps working on it. The built module:
+
+* takes torchtitan's ``[B, L, D]`` (or ``[T, D]``) and flattens it for spmd_moe;
+* has the state-dict keys of torchtitan's MoE (router.gate.weight,
+  routed_experts.inner_experts.w1_EFD/w2_EDF/w3_EFD, shared_experts.w1/w2/w3.weight,
+  expert_bias_E), so checkpoints move both ways;
+* has the attributes torchtitan's optimizer hook (``_update_expert_bias``) reads and
+  writes: ``load_balance_coeff``, ``tokens_per_expert_E`` (this rank's counts, which
+  the hook sums over TP and the loss mesh), ``expert_bias_E``;
+* ``parallelize(parallel_dims)`` takes the EP group from torchtitan's ParallelDims
+  (``ParallelContext.from_parallel_dims``), shards the experts E/n per rank (slicing
+  materialized weights, or re-creating meta ones) and picks the layout: tokens
+  replicated over the EP group (TP without sequence parallel) -> 'replicated';
+  tokens split over it (sequence parallel, or EP drawn from data parallel) ->
+  'sequence'. With TP the EP group must be the TP group (TP2EP).
+
+Experts run in bf16 by default, as torchtitan's do (``expert_dtype="bfloat16"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchtitan.models.common.moe import MoE as TitanMoE
+from torchtitan.protocols.module import Module as TitanModule
+
+from spmd_moe.checkpoint import shard_state_dict
+from spmd_moe.config import MoEConfig
+from spmd_moe.errors import ConfigError
+from spmd_moe.moe import Layout, MoE
+from spmd_moe.parallel import ParallelContext
+
+__all__ = ["SpmdMoE", "moe_config_from_torchtitan", "use_spmd_moe", "choose_layout", "collect_routes", "force_routes"]
+
+_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+def moe_config_from_torchtitan(
+    cfg: Any, *, expert_dtype: torch.dtype | None = torch.bfloat16, dispatcher: str = "auto", padding: str = "pad"
+) -> MoEConfig:
+    """spmd_moe's MoEConfig with the routing semantics of a torchtitan MoE.Config."""
+    router = cfg.router
+    inner = cfg.routed_experts.inner_experts
+    if getattr(router.gate, "bias", False):
+        raise ConfigError(
+            "torchtitan MoE.Config.router.gate.bias: expected False (spmd_moe's gate has no "
+            "bias), got True. Fix: build the router with bias=False."
+        )
+    if getattr(router, "_debug_force_load_balance", False):
+        raise ConfigError(
+            "torchtitan MoE.Config.router._debug_force_load_balance: expected False, got True. "
+            "Fix: turn the debug round-robin routing off (spmd_moe has forced routes instead)."
+        )
+    if not (cfg.num_experts == router.num_experts == inner.num_experts):
+        raise ConfigError(
+            f"torchtitan MoE.Config.num_experts: expected the MoE, router and experts to agree, "
+            f"got {cfg.num_experts}, {router.num_experts}, {inner.num_experts}. Fix: set the "
+            "same num_experts on all three."
+        )
+    shared_hidden = None
+    if cfg.shared_experts is not None:
+        shared_hidden = int(cfg.shared_experts.w1.out_features)
+    return MoEConfig(
+        dim=int(inner.dim), hidden_dim=int(inner.hidden_dim), num_experts=int(inner.num_experts),
+        top_k=int(router.top_k), score_func=router.score_func, route_norm=bool(router.route_norm),
+        route_scale=float(router.route_scale), num_expert_groups=router.num_expert_groups,
+        num_limited_groups=router.num_limited_groups, load_balance_coeff=cfg.load_balance_coeff,
+        shared_hidden_dim=shared_hidden, expert_dtype=expert_dtype,
+        dispatcher=dispatcher,  # type: ignore[arg-type]
+        padding=padding,  # type: ignore[arg-type]
+    )
+
+
+def choose_layout(parallel_dims: Any, sequence_parallel: bool, shared_experts: bool) -> Layout:
+    """The spmd_moe layout for torchtitan's ParallelDims (see the module docstring)."""
+    tp, ep = int(parallel_dims.tp), int(parallel_dims.ep)
+    if ep <= 1:
+        return "sequence" if (tp > 1 and sequence_parallel) else "replicated"
+    if tp > 1:
+        if ep != tp:
+            raise ConfigError(
+                f"ParallelDims: expected expert_parallel_degree == tensor_parallel_degree when "
+                f"TP is on (spmd_moe shards experts over the TP group: TP2EP), got ep={ep}, "
+                f"tp={tp}. Fix: set expert_parallel_degree={tp}, or turn TP off and draw EP "
+                "from data parallel."
+            )
+        return "sequence" if sequence_parallel else "replicated"
+    if shared_experts:
+        raise ConfigError(
+            f"ParallelDims: shared experts with EP drawn from data parallel (ep={ep}, tp=1): "
+            "expected TP2EP (ep == tp), got tp=1; spmd_moe shards the shared experts over the "
+            "EP group, which data-parallel gradient reduction would mix. Fix: use "
+            "tensor_parallel_degree == expert_parallel_degree for models with shared experts."
+        )
+    return "sequence"
+
+
+def _all_reduce_hook(group: Any) -> Any:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    return hook
+
+
+class _GradSumOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (Megatron's "copy
+    to the tensor-parallel region"). torchtitan's TP without sequence parallel treats
+    a replicated activation's gradient as complete on every rank, while spmd_moe's
+    replicated layout returns it Partial (each rank differentiates its token chunk)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GradOverGroupSize(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by the group size. torchtitan
+    hands every TP rank the complete gradient of a replicated output; spmd_moe's
+    replicated output expects a Partial one (its all_gather's backward sums over the
+    ranks). Dividing by n (exact for powers of 2) turns n complete copies into
+    summands of the complete gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.n = n
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad / ctx.n, None
+
+
+def reshard(moe: MoE, pctx: ParallelContext, layout: Layout) -> None:
+    """Rebuild moe's parallel pieces for the expert axis pctx, in place. Materialized
+    weights are sliced from the current (full, EP=1) ones; meta weights stay meta."""
+    if moe.pctx.size != 1:
+        raise ConfigError(
+            f"{moe.name}: reshard: expected a layer built for one device, got one already on "
+            f"axis '{moe.pctx.name}' of size {moe.pctx.size}. Fix: parallelize once."
+        )
+    dev = moe.router.gate.weight.device
+    full = None if dev.type == "meta" else {k: v.detach().clone() for k, v in moe.state_dict().items()}
+    fresh = MoE(moe.cfg, pctx, layout=layout, device=dev, name=moe.name)
+    internal = set(vars(nn.Module()))
+    for name, child in fresh.named_children():
+        setattr(moe, name, child)
+    for key, value in vars(fresh).items():
+        if key not in internal:
+            object.__setattr__(moe, key, value)
+    if full is not None:
+        moe.load_state_dict(shard_state_dict(full, moe.cfg, pctx), strict=False)
+
+
+class SpmdMoE(TitanModule, MoE):  # type: ignore[misc]
+    """spmd_moe.MoE built from a torchtitan Config, with torchtitan's Module protocol."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(TitanMoE.Config):  # type: ignore[misc]
+        # spmd_moe options on top of torchtitan's MoE.Config fields.
+        expert_dtype: str | None = "bfloat16"  # torchtitan runs its experts in bf16
+        layout: Literal["auto", "replicated", "sequence"] = "auto"
+        sequence_parallel: bool = True  # torchtitan's ParallelismConfig default
+        dispatcher: Literal["auto", "all_to_all", "all_gather"] = "auto"
+        padding: Literal["pad", "error"] = "pad"
+
+    def __init__(self, config: Any) -> None:
+        if config.expert_dtype not in _DTYPES:
+            raise ConfigError(
+                f"SpmdMoE.Config.expert_dtype: expected one of {sorted(k for k in _DTYPES if k)} "
+                f"or None, got {config.expert_dtype!r}. Fix: use 'bfloat16' (torchtitan's) or None."
+            )
+        mcfg = moe_config_from_torchtitan(
+            config, expert_dtype=_DTYPES[config.expert_dtype], dispatcher=config.dispatcher,
+            padding=config.padding,
+        )
+        MoE.__init__(self, mcfg, None, layout="replicated", name="moe")
+        self.titan_config = config
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D] (or [T, D] -> [T, D]); this rank's tokens."""
+        if x_BLD.ndim != 3:
+            return MoE.forward(self, x_BLD)
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        bridge = self.layout == "replicated" and self.pctx.size > 1 and torch.is_grad_enabled()
+        if bridge and x_TD.requires_grad:
+            # torchtitan (TP without SP) wants complete gradients on replicated
+            # activations; spmd_moe's replicated layout works with Partial ones.
+            x_TD = _GradSumOverGroup.apply(x_TD, self.pctx.group)  # type: ignore[no-untyped-call]
+        y_TD = MoE.forward(self, x_TD)
+        if bridge and y_TD.requires_grad:
+            y_TD = _GradOverGroupSize.apply(y_TD, self.pctx.size)  # type: ignore[no-untyped-call]
+        return y_TD.view(B, L, D)
+
+    def parallelize(self, parallel_dims: Any) -> None:
+        """Shard the experts over torchtitan's EP mesh and pick the layout. Replaces
+        torchtitan's sharding_config machinery for this module (the placements are
+        spmd_moe's own; see docs/torchtitan.md)."""
+        if getattr(self, "_parallelized", False):
+            raise ConfigError(
+                f"{self.name}: parallelize: expected one call, got a second. Fix: call "
+                "model.parallelize(parallel_dims) once."
+            )
+        self._parallelized = True
+        c = self.titan_config
+        layout: Layout
+        if c.layout == "auto":
+            layout = choose_layout(parallel_dims, c.sequence_parallel, self.shared_experts is not None)
+        else:
+            layout = c.layout
+        pctx = ParallelContext.from_parallel_dims(parallel_dims)
+        reshard(self, pctx, layout)
+        if pctx.size > 1 and int(parallel_dims.tp) > 1:
+            # The gate sees this rank's tokens only; its gradient is Partial over the
+            # TP(=EP) group, which no data-parallel reduction covers: sum it here.
+            self.router.gate.weight.register_hook(_all_reduce_hook(pctx.group))  # type: ignore[no-untyped-call]
+
+    def init_states(self, seed: int | None = None, std: float = 0.02, *, buffer_device: torch.device | None = None) -> None:
+        """torchtitan protocol: initialize with the Config's param_init functions (or,
+        with a seed, spmd_moe's layout-independent seeded init), zero the buffers."""
+        if seed is not None:
+            MoE.init_states(self, seed, std)
+        else:
+            self._titan_param_init(std)
+        if buffer_device is not None:
+            self.tokens_per_expert_E = self.tokens_per_expert_E.to(buffer_device)
+            if self.expert_bias_E is not None:
+                self.expert_bias_E = self.expert_bias_E.to(buffer_device)
+        with torch.no_grad():
+            self.tokens_per_expert_E.zero_()
+            if self.expert_bias_E is not None:
+                self.expert_bias_E.zero_()
+
+    @torch.no_grad()
+    def _titan_param_init(self, std: float) -> None:
+        c = self.titan_config
+
+        def init(p: torch.Tensor, fn: Any) -> None:
+            if fn is None:
+                nn.init.normal_(p, std=std)
+            else:
+                fn(p)
+
+        inits = c.routed_experts.inner_experts.param_init or {}
+        for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            init(getattr(self.experts, name), inits.get(name))
+        init(self.router.gate.weight, (c.router.gate.param_init or {}).get("weight"))
+        if self.shared_experts is not None and c.shared_experts is not None:
+            for name in ("w1", "w2", "w3"):
+                init(getattr(self.shared_experts, name).weight, (getattr(c.shared_experts, name).param_init or {}).get("weight"))
+
+
+def _moe_configs(model_config: Any) -> list[tuple[Any, Any]]:
+    """(layer config, its moe config) for every MoE layer of a model config or ModelSpec."""
+    model = getattr(model_config, "model", model_config)
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise ConfigError(
+            f"use_spmd_moe: expected a torchtitan model Config (or ModelSpec) with .layers, got "
+            f"{type(model_config).__name__}. Fix: pass e.g. model_registry('30B-A3B') or its .model."
+        )
+    return [(layer, layer.moe) for layer in layers if getattr(layer, "moe", None) is not None]
+
+
+def use_spmd_moe(model_config: Any, **options: Any) -> Any:
+    """Swap every layer's torchtitan MoE.Config for an SpmdMoE.Config with the same
+    fields (options: expert_dtype, layout, sequence_parallel, dispatcher, padding).
+    Mutates and returns model_config (a model Config or a ModelSpec)."""
+    known = {f.name for f in dataclasses.fields(SpmdMoE.Config)}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise ConfigError(f"use_spmd_moe: unknown options {bad}; expected some of {sorted(known)}.")
+    found = _moe_configs(model_config)
+    if not found:
+        raise ConfigError("use_spmd_moe: expected a model with MoE layers, found none. Fix: pass an MoE flavor.")
+    for layer, moe in found:
+        if isinstance(moe, SpmdMoE.Config):
+            layer.moe = dataclasses.replace(moe, **options)
+            continue
+        if not isinstance(moe, TitanMoE.Config):
+            raise ConfigError(
+                f"use_spmd_moe: expected torchtitan MoE.Config layers, got {type(moe).__name__}. "
+                "Fix: only models built on torchtitan.models.common.moe.MoE are supported."
+            )
+        fields = {f.name: getattr(moe, f.name) for f in dataclasses.fields(moe) if f.init}
+        layer.moe = SpmdMoE.Config(**fields, **options)
+    return model_config
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoE]:
+    """Every spmd_moe MoE layer of a model, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def collect_routes(model: nn.Module, *, clear: bool = True) -> dict[str, list[torch.Tensor]]:
+    """The routes each MoE layer recorded (record_routes=True): layer name -> one [T, K]
+    tensor of expert ids per forward call, for this rank's tokens."""
+    out = {name: list(m.recorded_routes) for name, m in moe_layers(model).items()}
+    if clear:
+        for m in moe_layers(model).values():
+            m.recorded_routes.clear()
+    return out
+
+
+def force_routes(model: nn.Module, routes: dict[str, torch.Tensor] | None) -> None:
+    """Force each MoE layer's routes for the next forward (layer name -> [T, K] expert
+    ids for this rank's tokens); None releases every layer."""
+    layers = moe_layers(model)
+    if routes is None:
+        for m in layers.values():
+            m.forced_routes_TK = None
+        return
+    unknown = sorted(set(routes) - set(layers))
+    if unknown:
+        raise ConfigError(
+            f"force_routes: layers {unknown} are not spmd_moe MoE layers of this model "
+            f"(it has {sorted(layers)}). Fix: use the names collect_routes returned."
+        )
+    for name, m in layers.items():
+        m.forced_routes_TK = routes.get(name)
+
+
+def tiny_qwen3_moe_config(
+    *, n_layers: int = 2, dim: int = 64, n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 32,
+    moe_hidden_dim: int = 32, num_experts: int = 8, top_k: int = 2, vocab_size: int = 128,
+    max_seq_len: int = 256, load_balance_coeff: float | None = 1e-3, rope_theta: float = 1e6,
+) -> Any:
+    """torchtitan's Qwen3 ``debugmodel_moe`` spec shrunk for CPU tests, with SDPA
+    attention (torchtitan's flex attention has no CPU backward). Still torchtitan's
+    own MoE.Config: pass it to use_spmd_moe to swap the MoE."""
+    import torchtitan.models.qwen3 as q
+    from torchtitan.models.common import CosSinRoPE
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    cfg = q.qwen3_configs["debugmodel_moe"](attn_backend="flex")
+    cfg.layers = q._build_qwen3_moe_layers(
+        n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+        moe_hidden_dim=moe_hidden_dim, num_experts=num_experts, top_k=top_k, attn_backend="flex",
+        moe_comm_backend="standard",
+        rope=CosSinRoPE.Config(dim=head_dim, max_seq_len=max_seq_len, theta=rope_theta),
+    )
+    for layer in cfg.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+        layer.moe.load_balance_coeff = load_balance_coeff
+    cfg.dim, cfg.vocab_size = dim, vocab_size
+    cfg.tok_embeddings.num_embeddings, cfg.tok_embeddings.embedding_dim = vocab_size, dim
+    cfg.lm_head.in_features, cfg.lm_head.out_features = dim, vocab_size
+    cfg.norm.normalized_shape = dim
+    return cfg
+
+
+# ----------------------------------------------------------------------------- parity trainer
+def titan_config_for_tiny(hf: dict[str, Any]) -> Any:
+    """The torchtitan Qwen3 config of a tiny HF Qwen3-MoE config.json (every layer MoE)."""
+    if hf.get("mlp_only_layers"):
+        raise ConfigError(
+            f"parity: expected every layer to be MoE, got mlp_only_layers={hf['mlp_only_layers']}. "
+            "Fix: build the tiny checkpoint with TinySpec(mlp_only_layers=())."
+        )
+    rope = hf.get("rope_parameters") or {}
+    return tiny_qwen3_moe_config(
+        n_layers=hf["num_hidden_layers"], dim=hf["hidden_size"], n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
+        moe_hidden_dim=hf["moe_intermediate_size"], num_experts=hf["num_experts"],
+        top_k=hf["num_experts_per_tok"], vocab_size=hf["vocab_size"],
+        max_seq_len=hf["max_position_embeddings"], load_balance_coeff=None,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+    )
+
+
+def _parity_rank(rank: int, world: int, port: int, hf_dir: str, gen_path: str, out_path: str) -> None:
+    import datetime
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        res = _parity_trainer(rank, world, hf_dir, gen_path)
+        if rank == 0:
+            torch.save(res, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _logprobs(model: nn.Module, tok: torch.Tensor, tp_group: Any, world: int) -> torch.Tensor:
+    import torch.distributed.nn.functional as dnf
+
+    logits = model(tok)  # vocab-sharded over TP
+    full = torch.cat(dnf.all_gather(logits.contiguous(), group=tp_group), dim=-1)
+    return torch.log_softmax(full.float(), dim=-1)
+
+
+def _parity_trainer(rank: int, world: int, hf_dir: str, gen_path: str) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    import torchtitan.distributed.parallel_dims as pdm
+    from safetensors.torch import load_file
+
+    pdm.device_type = "cpu"  # torchtitan falls back to "cuda" without an accelerator
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed.utils import get_spmd_context
+    from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
+    from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
+
+    from spmd_moe.batch_invariant import batch_invariant
+
+    gen = torch.load(gen_path, weights_only=False)
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    cfg = use_spmd_moe(titan_config_for_tiny(hf), expert_dtype=None, sequence_parallel=True)
+    sd = Qwen3StateDictAdapter(cfg, None).from_hf(load_file(str(Path(hf_dir) / "model.safetensors")))
+    pd = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=world, pp=1, ep=world, world_size=world)
+    pd.build_mesh()
+    tp_group = pd.get_mesh("tp").get_group()
+    set_qwen3_sharding_config(cfg, enable_sp=True, enable_ep=True)
+    model = cfg.build()
+    model.load_state_dict(sd, strict=True)
+    model.parallelize(pd)
+    model.eval()
+    ctx = get_spmd_context(parallel_dims=pd)
+    seqs = gen["sequences"]
+    P = len(seqs[0]["prompt"])
+    N = len(seqs[0]["tokens"])
+    full_seqs = torch.tensor([s["prompt"] + s["tokens"] for s in seqs])  # [B, P+N]
+    B, L = full_seqs.shape
+    if L % world:
+        full_seqs = torch.cat([full_seqs, full_seqs[:, -1:]], dim=1)  # SP needs L % TP == 0
+        L += 1
+    gen_lp = torch.tensor([s["logprobs"] for s in seqs], dtype=torch.float64)  # [B, N]
+    layers = moe_layers(model)
+    names = sorted(layers)
+    out: dict[str, Any] = {"B": B, "P": P, "N": N, "layers": names}
+
+    def tok_lp(lp: torch.Tensor) -> torch.Tensor:  # logprob of generated token j at position P-1+j
+        idx = full_seqs[:, P : P + N].unsqueeze(-1)
+        return lp[:, P - 1 : P - 1 + N].gather(-1, idx).squeeze(-1).double()
+
+    # Local token slice of this rank under SP: positions [r*L/n, (r+1)*L/n) of every sequence.
+    lo, hi = rank * L // world, (rank + 1) * L // world
+    gen_routes_BLK = _generator_routes(gen, names, B, P, N, L)
+
+    with torch.no_grad(), ctx(), batch_invariant():
+        for m in layers.values():
+            m.record_routes = True
+        lp = _logprobs(model, full_seqs, tp_group, world)
+        free = {n: layers[n].recorded_routes.pop() for n in names}
+        out["max_abs_logprob_delta"] = float((tok_lp(lp) - gen_lp).abs().max())
+        # Routing replay: force the generator's routes (this rank's token slice).
+        forced_in = {n: gen_routes_BLK[n][:, lo:hi].reshape(-1, gen_routes_BLK[n].shape[-1]) for n in names}
+        force_routes(model, forced_in)
+        lp_f = _logprobs(model, full_seqs, tp_group, world)
+        forced = {n: layers[n].recorded_routes.pop() for n in names}
+        force_routes(model, None)
+        out["max_abs_logprob_delta_replayed"] = float((tok_lp(lp_f) - gen_lp).abs().max())
+        known = {n: (gen_routes_BLK[n][:, lo:hi] >= 0).all(-1).reshape(-1) for n in names}
+        out["replay_exact"] = _all_ranks(all(
+            torch.equal(forced[n][known[n]], forced_in[n][known[n]].sort(-1).values) for n in names
+        ))
+        out["routes_differing_without_replay"] = _sum_ranks(sum(
+            int((free[n][known[n]] != forced_in[n][known[n]].sort(-1).values).any(-1).sum()) for n in names
+        ))
+        # The MoE layers themselves: the generator's recorded inputs through the trainer's
+        # layers (sequence layout, each rank every other row: other batches than vLLM's).
+        mism, rows, pairs = 0, 0, 0
+        for n in names:
+            x_all = torch.cat(gen["moe"][f"model.layers.{n.split('.')[1]}.mlp"]["x"])
+            y_all = torch.cat(gen["moe"][f"model.layers.{n.split('.')[1]}.mlp"]["y"])
+            mine = torch.arange(rank, x_all.shape[0], world)
+            y = layers[n](x_all[mine])
+            mism += int((y != y_all[mine]).any(-1).sum())
+            rows += int(mine.numel())
+            pairs += 1
+        out["moe_rows_compared"] = _sum_ranks(rows)
+        out["moe_rows_not_bitwise"] = _sum_ranks(mism)
+        out["moe_layers_compared"] = pairs
+    return out
+
+
+def _all_ranks(ok: bool) -> bool:
+    t = torch.tensor([0 if ok else 1])
+    dist.all_reduce(t)
+    return int(t) == 0
+
+
+def _sum_ranks(v: int) -> int:
+    t = torch.tensor([v])
+    dist.all_reduce(t)
+    return int(t)
+
+
+def _generator_routes(gen: dict[str, Any], names: list[str], B: int, P: int, N: int, L: int) -> dict[str, torch.Tensor]:
+    """Map the generator's per-call routes onto [B, L, K] (seq, position); -1 where the
+    generator never routed a position (the last generated token, padding). vLLM ran one
+    prefill call with the B prompts back to back, then N-1 decode calls of B tokens."""
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        rec = gen["moe"][f"model.layers.{n.split('.')[1]}.mlp"]
+        calls = [torch.cat([per_rank[c] for per_rank in rec["routes"]]) for c in range(len(rec["routes"][0]))]
+        sizes = [int(c.shape[0]) for c in calls]
+        if sizes != [B * P] + [B] * (N - 1):
+            raise ConfigError(
+                f"parity: generator calls for layer {n}: expected one prefill of {B * P} tokens "
+                f"then {N - 1} decode calls of {B}, got {sizes}. Fix: keep the prompts within "
+                "max_num_batched_tokens and the batch within max_num_seqs."
+            )
+        K = calls[0].shape[-1]
+        r = torch.full((B, L, K), -1, dtype=torch.int64)
+        r[:, :P] = calls[0].view(B, P, K)
+        for j, c in enumerate(calls[1:]):
+            r[:, P + j] = c
+        out[n] = r
+    return out
+
+
+def parity_trainer_main(argv: list[str]) -> None:
+    """python -m spmd_moe.integrations.torchtitan --parity HF_DIR GEN.pt OUT.pt"""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    hf_dir, gen_path, out_path = argv
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.start_processes(_parity_rank, args=(2, port, hf_dir, gen_path, out_path), nprocs=2, start_method="spawn")  # type: ignore[attr-defined,no-untyped-call]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--parity"]:
+        parity_trainer_main(sys.argv[2:])
