@@ -16,6 +16,7 @@ from torch import nn
 
 from spmd_moe.config import MoEConfig
 from spmd_moe.parallel import ParallelContext
+from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe.placement import Par, Rep, Var, as_var, checked
 
@@ -143,6 +144,8 @@ class GroupedExperts(nn.Module):
         offs = torch.cumsum(counts_e, dim=0, dtype=torch.int32)  # once for the three GEMMs
         dt = self.cfg.expert_dtype or routed_RD.dtype
         w1, w2, w3 = self.w1_EFD.to(dt), self.w2_EDF.to(dt), self.w3_EFD.to(dt)
+        if _bi._enabled:  # one [1, D] row at a time: see spmd_moe.batch_invariant
+            return as_var(_bi.grouped_swiglu_rows(routed_RD.to(dt), w1, w2, w3, counts_e).to(routed_RD.dtype))
         # One cast per use: the two input grads then add in the input dtype (fp32),
         # not in dt (bf16); that is also torchtitan's order, so its grads match bitwise.
         h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt, offs_e=offs)) * grouped_mm(
@@ -167,5 +170,9 @@ class SharedExperts(nn.Module):
 
     @checked
     def forward(self, x_TD: Float[Rep, "T D"]) -> Float[Par, "T D"]:
+        if _bi._enabled:  # one [1, D] row at a time: see spmd_moe.batch_invariant
+            w1, w2, w3 = self.w1.weight, self.w2.weight, self.w3.weight
+            y_TD = _bi.rowwise(lambda r: _bi.swiglu_row(r, w1, w2, w3), x_TD)
+            return C.partial_from_shards(as_var(y_TD), self.pctx)
         h_TF = F.silu(self.w1(x_TD)) * self.w3(x_TD)
         return C.partial_from_shards(as_var(self.w2(h_TF)), self.pctx)

@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from spmd_moe import _debug
+from spmd_moe import batch_invariant as _bi
 from spmd_moe import _fused_combine as _fc
 from spmd_moe import collectives as C
 from spmd_moe.config import MoEConfig
@@ -52,7 +53,7 @@ from spmd_moe.errors import (
 )
 from spmd_moe.experts import GroupedExperts, SharedExperts
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Rep, Var, as_rep, as_var, checked
+from spmd_moe.placement import Par, Rep, Var, as_rep, as_var, checked
 from spmd_moe.router import TopKRouter
 
 Layout = Literal["replicated", "sequence"]
@@ -219,7 +220,7 @@ class MoE(nn.Module):
         num_pad = max(0, min(T_loc, (self.pctx.rank + 1) * T_loc - T))
         y_loc_TD = self._routed(x_loc_TD, num_pad, decode=self._use_decode(T_loc))
         if self.shared_experts is not None:
-            shared_TD = C.reduce_scatter(self.shared_experts(x_pad_TD), self.pctx)
+            shared_TD = self._reduce_shared(self.shared_experts(x_pad_TD))
             y_loc_TD = as_var(y_loc_TD + shared_TD)
         y_TD = C.all_gather(y_loc_TD, self.pctx)
         return as_rep(y_TD[:T]) if T_pad > T else y_TD
@@ -242,10 +243,18 @@ class MoE(nn.Module):
         y_TD = self._routed(x_eq_TD, T_eq - T, decode=decode)
         if self.shared_experts is not None:
             x_all_TD = C.all_gather(x_eq_TD, self.pctx)
-            y_TD = as_var(y_TD + C.reduce_scatter(self.shared_experts(x_all_TD), self.pctx))
+            y_TD = as_var(y_TD + self._reduce_shared(self.shared_experts(x_all_TD)))
         return as_var(y_TD[:T]) if T_eq > T else y_TD
 
     # ------------------------------------------------------------------ pieces
+    def _reduce_shared(self, shared_TD: Par) -> Var:
+        """The shared experts' Partial sum, this rank's token chunk (P -> V). In
+        batch-invariant mode with more than 2 ranks the summands are added in rank
+        order (a+b is exact in any order; a+b+c is not)."""
+        if _bi._enabled and self.pctx.size > 2:
+            return as_var(_bi.ordered_reduce_scatter(shared_TD, self.pctx.group, self.pctx.size, self.pctx.rank))
+        return C.reduce_scatter(shared_TD, self.pctx)
+
     def _routed(self, x_TD: Var, num_pad: int, *, decode: bool) -> Var:
         """Route this rank's slice, dispatch, run experts, combine: Var -> Var."""
         T = x_TD.shape[0]

@@ -13,6 +13,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from spmd_moe import _debug
+from spmd_moe import batch_invariant as _bi
 from spmd_moe.config import MoEConfig
 from spmd_moe.errors import RoutingError
 from spmd_moe.parallel import ParallelContext
@@ -48,6 +49,10 @@ class TopKRouter(nn.Module):
         The gate and the score function run in fp32 (as torchtitan) whatever the input
         dtype; weights_TK stays fp32 so the combine can weight in fp32.
         """
+        if _bi._enabled and x_TD.shape[0] != 1:
+            # Batch-invariant mode: every token routed alone (fixed [1, D] shapes).
+            out: tuple[Var, Var, Var] = _bi.rowwise(lambda r: self.forward(as_var(r), expert_bias_E), x_TD)
+            return out
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         if _debug._enabled and not bool(torch.isfinite(logits_TE).all()):
             bad = int((~torch.isfinite(x_TD)).any(dim=-1).sum())

@@ -391,7 +391,7 @@ def titan_config_for_tiny(hf: dict[str, Any]) -> Any:
     return tiny_qwen3_moe_config(
         n_layers=hf["num_hidden_layers"], dim=hf["hidden_size"], n_heads=hf["num_attention_heads"],
         n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
-        moe_hidden_dim=hf["moe_intermediate_size"], num_experts=hf["num_experts"],
+        moe_hidden_dim=hf["moe_intermediate_size"], num_experts=hf.get("num_experts", hf.get("num_local_experts")),
         top_k=hf["num_experts_per_tok"], vocab_size=hf["vocab_size"],
         max_seq_len=hf["max_position_embeddings"], load_balance_coeff=None,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
@@ -477,13 +477,18 @@ def _parity_trainer(rank: int, world: int, hf_dir: str, gen_path: str) -> dict[s
         free = {n: layers[n].recorded_routes.pop() for n in names}
         out["max_abs_logprob_delta"] = float((tok_lp(lp) - gen_lp).abs().max())
         # Routing replay: force the generator's routes (this rank's token slice).
-        forced_in = {n: gen_routes_BLK[n][:, lo:hi].reshape(-1, gen_routes_BLK[n].shape[-1]) for n in names}
+        # Positions the generator never routed (its last token, padding) keep the
+        # trainer's own routes.
+        known = {n: (gen_routes_BLK[n][:, lo:hi] >= 0).all(-1).reshape(-1) for n in names}
+        forced_in = {
+            n: torch.where(known[n].unsqueeze(-1), gen_routes_BLK[n][:, lo:hi].reshape(-1, free[n].shape[-1]), free[n])
+            for n in names
+        }
         force_routes(model, forced_in)
         lp_f = _logprobs(model, full_seqs, tp_group, world)
         forced = {n: layers[n].recorded_routes.pop() for n in names}
         force_routes(model, None)
         out["max_abs_logprob_delta_replayed"] = float((tok_lp(lp_f) - gen_lp).abs().max())
-        known = {n: (gen_routes_BLK[n][:, lo:hi] >= 0).all(-1).reshape(-1) for n in names}
         out["replay_exact"] = _all_ranks(all(
             torch.equal(forced[n][known[n]], forced_in[n][known[n]].sort(-1).values) for n in names
         ))
