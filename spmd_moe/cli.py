@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(bench_main(args))
     if args.cmd == "parity":
-        from spmd_moe.parity import main as parity_main  # type: ignore[import-not-found]
+        from spmd_moe.parity import main as parity_main
 
         return int(parity_main(args))
     print(json.dumps({"error": f"unknown command {args.cmd}"}), file=sys.stderr)

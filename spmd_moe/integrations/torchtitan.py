@@ -391,7 +391,7 @@ def titan_config_for_tiny(hf: dict[str, Any]) -> Any:
     return tiny_qwen3_moe_config(
         n_layers=hf["num_hidden_layers"], dim=hf["hidden_size"], n_heads=hf["num_attention_heads"],
         n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
-        moe_hidden_dim=hf["moe_intermediate_size"], num_experts=hf.get("num_experts", hf.get("num_local_experts")),
+        moe_hidden_dim=hf["moe_intermediate_size"], num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
         top_k=hf["num_experts_per_tok"], vocab_size=hf["vocab_size"],
         max_seq_len=hf["max_position_embeddings"], load_balance_coeff=None,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
@@ -417,7 +417,7 @@ def _logprobs(model: nn.Module, tok: torch.Tensor, tp_group: Any, world: int) ->
     import torch.distributed.nn.functional as dnf
 
     logits = model(tok)  # vocab-sharded over TP
-    full = torch.cat(dnf.all_gather(logits.contiguous(), group=tp_group), dim=-1)
+    full = torch.cat(dnf.all_gather(logits.contiguous(), group=tp_group), dim=-1)  # type: ignore[no-untyped-call]
     return torch.log_softmax(full.float(), dim=-1)
 
 
@@ -489,6 +489,7 @@ def _parity_trainer(rank: int, world: int, hf_dir: str, gen_path: str) -> dict[s
         forced = {n: layers[n].recorded_routes.pop() for n in names}
         force_routes(model, None)
         out["max_abs_logprob_delta_replayed"] = float((tok_lp(lp_f) - gen_lp).abs().max())
+        out["routes_replayed"] = _sum_ranks(sum(int(known[n].sum()) for n in names))
         out["replay_exact"] = _all_ranks(all(
             torch.equal(forced[n][known[n]], forced_in[n][known[n]].sort(-1).values) for n in names
         ))
@@ -506,6 +507,15 @@ def _parity_trainer(rank: int, world: int, hf_dir: str, gen_path: str) -> dict[s
             mism += int((y != y_all[mine]).any(-1).sum())
             rows += int(mine.numel())
             pairs += 1
+        # Control: the same rows through the trainer's layers without the mode.
+        ctrl = 0
+        with batch_invariant(False):
+            for n in names:
+                rec = gen["moe"][f"model.layers.{n.split('.')[1]}.mlp"]
+                x_all, y_all = torch.cat(rec["x"]), torch.cat(rec["y"])
+                mine = torch.arange(rank, x_all.shape[0], world)
+                ctrl += int((layers[n](x_all[mine]) != y_all[mine]).any(-1).sum())
+        out["moe_rows_not_bitwise_without_mode"] = _sum_ranks(ctrl)
         out["moe_rows_compared"] = _sum_ranks(rows)
         out["moe_rows_not_bitwise"] = _sum_ranks(mism)
         out["moe_layers_compared"] = pairs
@@ -525,25 +535,30 @@ def _sum_ranks(v: int) -> int:
 
 
 def _generator_routes(gen: dict[str, Any], names: list[str], B: int, P: int, N: int, L: int) -> dict[str, torch.Tensor]:
-    """Map the generator's per-call routes onto [B, L, K] (seq, position); -1 where the
-    generator never routed a position (the last generated token, padding). vLLM ran one
-    prefill call with the B prompts back to back, then N-1 decode calls of B tokens."""
+    """Map the generator's per-call routes onto [B, L, K] (sequence, position), -1 where
+    unknown. vLLM schedules prefill chunks and decode tokens of the requests as it likes;
+    each scheduled row is identified by its (position, token id), which must match
+    exactly one sequence (else it stays unknown and the trainer routes it itself)."""
+    seqs = torch.tensor([s["prompt"] + s["tokens"] for s in gen["sequences"]])  # [B, P+N]
+    rows: list[tuple[int, int] | None] = []
+    for ids, pos in gen["calls"]:
+        for t, p in zip(ids, pos):
+            hit = [b for b in range(B) if p < seqs.shape[1] and int(seqs[b, p]) == t]
+            rows.append((hit[0], p) if len(hit) == 1 else None)
     out: dict[str, torch.Tensor] = {}
     for n in names:
         rec = gen["moe"][f"model.layers.{n.split('.')[1]}.mlp"]
         calls = [torch.cat([per_rank[c] for per_rank in rec["routes"]]) for c in range(len(rec["routes"][0]))]
-        sizes = [int(c.shape[0]) for c in calls]
-        if sizes != [B * P] + [B] * (N - 1):
+        flat = torch.cat(calls)
+        if flat.shape[0] != len(rows):
             raise ConfigError(
-                f"parity: generator calls for layer {n}: expected one prefill of {B * P} tokens "
-                f"then {N - 1} decode calls of {B}, got {sizes}. Fix: keep the prompts within "
-                "max_num_batched_tokens and the batch within max_num_seqs."
+                f"parity: generator layer {n}: expected one route per scheduled token "
+                f"({len(rows)}), got {flat.shape[0]}. Fix: record routes and tokens in the same run."
             )
-        K = calls[0].shape[-1]
-        r = torch.full((B, L, K), -1, dtype=torch.int64)
-        r[:, :P] = calls[0].view(B, P, K)
-        for j, c in enumerate(calls[1:]):
-            r[:, P + j] = c
+        r = torch.full((B, L, flat.shape[-1]), -1, dtype=torch.int64)
+        for i, where in enumerate(rows):
+            if where is not None:
+                r[where[0], where[1]] = flat[i]
         out[n] = r
     return out
 
