@@ -12,10 +12,12 @@ over the TP(=EP) group; with and without sequence parallel.
 
 Tolerances. spmd_moe runs the experts in bf16 like torchtitan (same grouped-GEMM
 kernel on the same expert-sorted rows, same combine order), so the loss agrees to
-fp32 rounding of the TP-split dense layers: rel 1e-5 on the first step; later steps
-rel 1e-4 (AdamW divides by sqrt(v): tiny gradient differences move weights a little).
-Gradients: the router gate rel 1e-4 of its max (fp32 path); experts rel 2e-2 of the
-max (their backward runs in bf16, epsilon 3.9e-3, summed in a different order).
+fp32 rounding of the TP-split dense layers: rel 1e-5 at every step (measured 1e-7;
+AdamW steps move weights by lr-sized amounts, tiny gradient differences stay tiny).
+Gradients, relative to the max: router gate 1e-5 (fp32 path; measured 3e-7); dense
+parameters reached through the MoE's input gradient 1e-4 (measured 6e-7; the TP
+gradient-convention bug this caught gave 3e-2); experts 5e-3 (their backward runs in
+bf16, epsilon 3.9e-3; measured 3.7e-4).
 """
 
 from __future__ import annotations
@@ -326,17 +328,17 @@ def test_train_tp2_ep2_matches_torchtitan_moe() -> None:
             # Loss: step 0 to fp32 rounding, later steps after AdamW updates.
             assert abs(got["losses"][0] - ref["losses"][0]) <= 1e-5 * abs(ref["losses"][0]), (mode, got["losses"], ref["losses"])
             for s in range(1, STEPS):
-                assert abs(got["losses"][s] - ref["losses"][s]) <= 1e-4 * abs(ref["losses"][s]), (mode, s, got["losses"], ref["losses"])
+                assert abs(got["losses"][s] - ref["losses"][s]) <= 1e-5 * abs(ref["losses"][s]), (mode, s, got["losses"], ref["losses"])
             assert got["losses"][-1] < got["losses"][0]  # it trains
             for k, g in got["grads0"].items():
                 g_ref = ref["grads0"][k]
                 if "inner_experts" in k:
                     g_ref = g_ref[e0:e1]
-                    tol = 2e-2
+                    tol = 5e-3
                 elif ".moe." in k:
-                    tol = 1e-4
+                    tol = 1e-5
                 else:  # dense, replicated over TP: reached through the MoE's input gradient
-                    tol = 2e-2
+                    tol = 1e-4
                 assert g.shape == g_ref.shape, k
                 assert rel_err(g, g_ref) <= tol, (mode, k, rel_err(g, g_ref))
             for n, b in got["bias"].items():
