@@ -57,22 +57,22 @@ def batches(seed: int) -> list[tuple[torch.Tensor, list[int]]]:
     return out
 
 
-def make_moe(c: sm.MoEConfig, pctx: sm.ParallelContext, layout: str) -> sm.MoE:
-    moe = sm.MoE(c, pctx, layout=layout)  # type: ignore[arg-type]
+def make_moe(c: sm.MoEConfig, pctx: sm.ParallelContext, layout: str, dev: str = "cpu") -> sm.MoE:
+    moe = sm.MoE(c, pctx, layout=layout, device=dev)  # type: ignore[arg-type]
     moe.init_states(seed=3, std=0.3)  # same weights at every EP degree
     assert moe.expert_bias_E is not None
-    moe.expert_bias_E.copy_(torch.linspace(-0.05, 0.05, E))
+    moe.expert_bias_E.copy_(torch.linspace(-0.05, 0.05, E, device=moe.expert_bias_E.device))
     return moe
 
 
-def run_probe_outputs(moe: sm.MoE, layout: str, rank: int, n: int, grad: bool) -> list[list[torch.Tensor]]:
+def run_probe_outputs(moe: sm.MoE, layout: str, rank: int, n: int, grad: bool, dev: str = "cpu") -> list[list[torch.Tensor]]:
     """For every batch, the probe outputs (only rank 0 holds probes in 'sequence')."""
     results: list[list[torch.Tensor]] = []
     for b, (x, pos) in enumerate(batches(11)):
         if layout == "sequence" and rank != 0:
             # Other ranks: their own, different tokens (same count, as shared experts need).
             x = torch.randn(x.shape[0], D, generator=torch.Generator().manual_seed(1000 * rank + b))
-        x = x.clone().requires_grad_(grad)
+        x = x.to(dev).requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             y = moe(x)
             if grad:
@@ -82,7 +82,7 @@ def run_probe_outputs(moe: sm.MoE, layout: str, rank: int, n: int, grad: bool) -
     if layout == "replicated":
         single = []
         for i in range(N_PROBE):
-            x1 = probes()[i : i + 1].clone().requires_grad_(grad)
+            x1 = probes()[i : i + 1].to(dev).requires_grad_(grad)
             with torch.set_grad_enabled(grad):
                 single.append(moe(x1)[0].detach().clone())
         results.append(single)
@@ -187,3 +187,43 @@ def test_invariant_mode_matches_normal_mode_closely() -> None:
         with batch_invariant():
             y_bi = moe(x)
     torch.testing.assert_close(y_bi, y, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- CUDA (device tool)
+def _cuda_cases(pctx: sm.ParallelContext, dev: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for expert_dtype in (None, torch.bfloat16):
+        for layout in ("replicated", "sequence"):
+            runs: list[list[torch.Tensor]] = []
+            with batch_invariant():
+                for dispatcher, grad in (("all_to_all", False), ("all_gather", False), ("all_to_all", True)):
+                    moe = make_moe(cfg(dispatcher, expert_dtype=expert_dtype), pctx, layout, dev)
+                    runs.extend(run_probe_outputs(moe, layout, pctx.rank, pctx.size, grad, dev))
+            out[f"ep{pctx.size}-{layout}-{expert_dtype}"] = (len(runs), first_mismatch(runs))
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device tool)")
+def test_batch_invariant_cuda_one_gpu() -> None:
+    res = _cuda_cases(sm.ParallelContext.single(), "cuda")
+    for key, (n_runs, mismatch) in res.items():
+        assert n_runs >= 9 and mismatch is None, f"{key}: {mismatch}"
+
+
+def cuda_ep2_main() -> None:
+    """torchrun --nproc-per-node 2 tests/test_batch_invariance.py: EP=2 over NCCL."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+    torch.cuda.set_device(rank)
+    res = _cuda_cases(sm.ParallelContext.from_group(dist.group.WORLD), f"cuda:{rank}")
+    if rank == 0:
+        print("CUDA_EP2", json.dumps({k: [n, m] for k, (n, m) in res.items()}, default=str), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cuda_ep2_main()
