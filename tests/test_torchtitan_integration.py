@@ -345,3 +345,74 @@ def test_train_tp2_ep2_matches_torchtitan_moe() -> None:
                 # The bias moves by +-coeff per step: equal routing counts give equal bias.
                 assert torch.equal(b, ref["bias"][n]), (mode, n, b, ref["bias"][n])
                 assert float(b.abs().max()) > 0
+
+
+# ---------------------------------------------------------------- EP drawn from data parallel
+def _dp_worker(rank: int, world: int, full_sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    import torchtitan.distributed.parallel_dims as pdm
+
+    pdm.device_type = "cpu"
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed.utils import get_spmd_context
+    from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
+
+    pd = ParallelDims(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, ep=2, world_size=world)
+    pd.build_mesh()
+    cfg = use_spmd_moe(tiny_qwen3_moe_config())
+    set_qwen3_sharding_config(cfg, enable_sp=False, enable_ep=True)
+    model = cfg.build()
+    model.load_state_dict(full_sd, strict=True)
+    model.parallelize(pd)
+    moe0 = model.layers["0"].moe
+    tok = tokens(200 + rank)  # every rank its own data
+    with get_spmd_context(parallel_dims=pd)():
+        loss = ce(model(tok), tok)
+        loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if ".moe." in k and p.grad is not None}
+    # The torchtitan flow: build on meta, parallelize, to_empty, init_states.
+    cfg2 = use_spmd_moe(tiny_qwen3_moe_config())
+    set_qwen3_sharding_config(cfg2, enable_sp=False, enable_ep=True)
+    with torch.device("meta"):
+        meta_model = cfg2.build()
+    meta_model.parallelize(pd)
+    meta_model.to_empty(device="cpu")
+    meta_model.layers["0"].moe.init_states(buffer_device=torch.device("cpu"))
+    m0 = meta_model.layers["0"].moe
+    return {
+        "layout": moe0.layout, "range": (moe0.experts.expert_start, moe0.experts.expert_stop),
+        "loss": float(loss), "grads": grads,
+        "meta_shape": tuple(m0.experts.w1_EFD.shape), "meta_is_meta": m0.experts.w1_EFD.is_meta,
+        "meta_finite": bool(torch.isfinite(m0.experts.w1_EFD).all()) and float(m0.experts.w1_EFD.std()) > 0,
+    }
+
+
+@pytest.mark.timeout(600)
+def test_ep2_from_data_parallel_and_meta_flow() -> None:
+    """EP=2 drawn from data parallel (tp=1): layout 'sequence', each rank its own tokens.
+    Each rank's loss equals torchtitan's single-process loss on its tokens; the gate
+    gradient is that rank's own (data-parallel reduction is the trainer's job); the
+    local experts' gradients hold both ranks' tokens (all_to_all backward), i.e. the
+    slice of the reference gradient of loss_0 + loss_1. Also the meta -> parallelize ->
+    to_empty -> init_states flow gives materialized local shards."""
+    theirs = build_titan(0)
+    full_sd = {k: v.clone() for k, v in theirs.state_dict().items()}
+    res = run_distributed(_dp_worker, 2, full_sd, timeout=500, pg_timeout=400)
+    ref_losses, ref_gate = [], []
+    theirs.zero_grad()
+    for r in range(2):
+        tok = tokens(200 + r)
+        loss = ce(theirs(tok), tok)
+        ref_losses.append(float(loss))
+        g = torch.autograd.grad(loss, [theirs.layers["0"].moe.router.gate.weight], retain_graph=True)[0]
+        ref_gate.append(g)
+        loss.backward()
+    for rank, r in enumerate(res):
+        assert r["layout"] == "sequence" and r["range"] == (4 * rank, 4 * rank + 4)
+        assert abs(r["loss"] - ref_losses[rank]) <= 1e-5 * ref_losses[rank], (r["loss"], ref_losses[rank])
+        assert rel_err(r["grads"]["layers.0.moe.router.gate.weight"], ref_gate[rank]) <= 1e-5
+        e0, e1 = r["range"]
+        for k in ("w1_EFD", "w2_EDF", "w3_EFD"):
+            key = f"layers.0.moe.routed_experts.inner_experts.{k}"
+            g_ref = dict(theirs.named_parameters())[key].grad[e0:e1]
+            assert rel_err(r["grads"][key], g_ref) <= 5e-3, (key, rel_err(r["grads"][key], g_ref))
+        assert r["meta_shape"] == (4, 32, 64) and not r["meta_is_meta"] and r["meta_finite"]
