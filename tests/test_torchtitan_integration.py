@@ -214,6 +214,24 @@ def test_expert_bias_update_by_torchtitan_hook_matches() -> None:
         assert torch.equal(m_o.expert_bias_E, m_t.expert_bias_E)
 
 
+def test_tokens_counted_in_training_mode_only_like_torchtitan() -> None:
+    theirs = build_titan(0)
+    ours = build_ours()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    tok = tokens(30)
+    for model in (theirs, ours):
+        model.eval()
+        with torch.no_grad():
+            model(tok)
+        assert all(float(m.tokens_per_expert_E.sum()) == 0 for _, m in _moes(model))
+        model.train()
+        with torch.no_grad():
+            model(tok)
+        assert all(float(m.tokens_per_expert_E.sum()) == B * L * 2 for _, m in _moes(model))
+    for (_, a), (_, b) in zip(_moes(theirs), _moes(ours)):
+        assert torch.equal(a.tokens_per_expert_E, b.tokens_per_expert_E)
+
+
 def _moes(model: nn.Module) -> list[tuple[str, Any]]:
     return [(n, blk.moe) for n, blk in model.layers.items() if getattr(blk, "moe_enabled", False)]
 

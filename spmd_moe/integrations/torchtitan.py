@@ -207,7 +207,19 @@ class SpmdMoE(TitanModule, MoE):  # type: ignore[misc]
         self.titan_config = config
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] -> [B, L, D] (or [T, D] -> [T, D]); this rank's tokens."""
+        """[B, L, D] -> [B, L, D] (or [T, D] -> [T, D]); this rank's tokens. Like
+        torchtitan's MoE, tokens are counted for the expert bias in training mode only
+        (an eval-mode scoring pass must not move the next bias update)."""
+        if self.training:
+            return self._forward_counted(x_BLD)
+        kept_E = self.tokens_per_expert_E.clone()
+        try:
+            return self._forward_counted(x_BLD)
+        finally:
+            with torch.no_grad():
+                self.tokens_per_expert_E.copy_(kept_E)
+
+    def _forward_counted(self, x_BLD: torch.Tensor) -> torch.Tensor:
         if x_BLD.ndim != 3:
             return MoE.forward(self, x_BLD)
         B, L, D = x_BLD.shape
