@@ -178,7 +178,7 @@ def reshard(moe: MoE, pctx: ParallelContext, layout: Layout) -> None:
         if key not in internal:
             object.__setattr__(moe, key, value)
     if full is not None:
-        moe.load_state_dict(shard_state_dict(full, moe.cfg, pctx), strict=False)
+        moe.load_state_dict(shard_state_dict(full, moe.cfg, pctx), strict=True)
 
 
 class SpmdMoE(TitanModule, MoE):  # type: ignore[misc]
