@@ -15,6 +15,7 @@ Asserted:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,8 +23,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("vllm")
-pytest.importorskip("torchtitan")
+# Both frameworks run in subprocesses; only check that they are installed.
+for _mod in ("vllm", "torchtitan"):
+    if importlib.util.find_spec(_mod) is None:
+        pytest.skip(f"{_mod} is not installed", allow_module_level=True)
 
 
 @pytest.mark.timeout(900)
