@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from spmd_moe._subproc import run_in_session
 
 LOGPROB_TOL = 1e-4  # acceptance bound: per-token logprob vs vLLM native, fp32
 
@@ -217,35 +218,19 @@ def run_engine_subprocess(
         env.setdefault("OMP_NUM_THREADS", "1")
         log_f = open(log, "w") if log is not None else tempfile.TemporaryFile("w+")
         try:
-            # Own session: vLLM's engine core and TP workers are grandchildren; killing the
-            # whole group afterwards (and on timeout) leaves no orphaned engine behind.
-            proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            try:
-                proc.wait(timeout=timeout)
-            finally:
-                _kill_group(proc)
-            if proc.returncode != 0 or not out_p.exists():
+            rc = run_in_session(cmd, stdout=log_f, env=env, timeout=timeout)
+            if rc != 0 or not out_p.exists():
                 log_f.flush()
                 if log is not None:
                     tail = Path(log).read_text()[-6000:]
                 else:
                     log_f.seek(0)
                     tail = log_f.read()[-6000:]
-                raise RuntimeError(f"vLLM engine (tp={spec.get('tp')}, model={spec.get('model')}) exited {proc.returncode}:\n{tail}")
+                raise RuntimeError(f"vLLM engine (tp={spec.get('tp')}, model={spec.get('model')}) exited {rc}:\n{tail}")
         finally:
             log_f.close()
         res: dict[str, Any] = json.loads(out_p.read_text())
         return res
-
-
-def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def hf_generate(model_dir: str | Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from spmd_moe._subproc import run_in_session
+
 PROMPTS, PROMPT_LEN, MAX_TOKENS = 3, 7, 5
 
 
@@ -53,10 +55,10 @@ def _run(cmd: list[str], timeout: float, what: str) -> float:
     # A log file, not a pipe: vLLM's worker processes inherit the output handles and
     # may outlive the main process for a while; a pipe would block until they exit.
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
-        if proc.returncode != 0:
+        rc = run_in_session(cmd, stdout=log, env=env, timeout=timeout)
+        if rc != 0:
             log.seek(0)
-            raise RuntimeError(f"parity: {what} exited {proc.returncode}:\n{log.read()[-6000:]}")
+            raise RuntimeError(f"parity: {what} exited {rc}:\n{log.read()[-6000:]}")
     return time.perf_counter() - t0
 
 
