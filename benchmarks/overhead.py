@@ -35,7 +35,7 @@ import torch
 
 
 def _wrapper_code() -> Any:
-    from spmd_moe.placement import checked
+    from spmd_moe.checking import checked
 
     def probe() -> None: ...
 
@@ -100,7 +100,8 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def _per_call_cost(iters: int = 20000) -> dict[str, float]:
     """ns per call of a @checked no-op (debug off) and of as_var, minus a bare call."""
-    from spmd_moe.placement import as_var, checked
+    from spmd_moe.placement import as_var
+    from spmd_moe.checking import checked
 
     x = torch.zeros(1)
 
@@ -122,7 +123,7 @@ def _per_call_cost(iters: int = 20000) -> dict[str, float]:
 def measure(tokens: int = 512, dim: int = 256, hidden: int = 128, experts: int = 8, top_k: int = 2,
             iters: int = 200, warmup: int = 10, threads: int = 1) -> dict[str, Any]:
     import spmd_moe as sm
-    from spmd_moe.placement import checked_calls
+    from spmd_moe.checking import checked_calls
 
     torch.set_num_threads(threads)
     moe, x = _build(tokens, dim, hidden, experts, top_k)

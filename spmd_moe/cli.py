@@ -11,7 +11,7 @@ def _demo_one_device(args: argparse.Namespace) -> int:
     import torch
 
     import spmd_moe as sm
-    from spmd_moe.placement import checked_calls
+    from spmd_moe.checking import checked_calls
 
     torch.manual_seed(0)
     cfg = sm.MoEConfig(dim=64, hidden_dim=32, num_experts=8, top_k=2, score_func="softmax",

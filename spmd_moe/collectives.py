@@ -1,6 +1,6 @@
 """Typed collectives over the expert axis.
 
-Each function's signature is its placement transition (``all_gather: Var -> Rep``), so a
+Each function's signature is its placement transition (``all_gather: Placed[Var[EP]] -> Placed[Rep[EP]]``), so a
 missing or wrong collective is a mypy error. With autograd on they go through
 spmd_types' differentiable collectives (which also track placements in debug mode);
 with autograd off (torch.no_grad / inference_mode, as vLLM runs) they call
@@ -20,7 +20,8 @@ import torch.distributed as dist
 import typing_rules
 
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Par, Rep, Var, check_placement
+from spmd_moe.placement import EP, Par, Placed, Rep, Var
+from spmd_moe.checking import check_placement
 
 S0 = spmd.S(0)
 
@@ -36,7 +37,7 @@ def _autograd(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-def split_tokens(x_TD: Rep, pctx: ParallelContext) -> Var:
+def split_tokens(x_TD: Placed[Rep[EP]], pctx: ParallelContext) -> Placed[Var[EP]]:
     """R -> V: keep this rank's contiguous chunk of dim 0 (len divisible by the size).
 
     Backward (R's gradient is Partial): the chunk's gradient placed into zeros.
@@ -45,44 +46,44 @@ def split_tokens(x_TD: Rep, pctx: ParallelContext) -> Var:
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
         _check_in("split_tokens", x_TD, pctx)
-        out: Var = spmd.convert(x_TD, pctx.group, src=spmd.R, dst=S0)
+        out: Placed[Var[EP]] = spmd.convert(x_TD, pctx.group, src=spmd.R, dst=S0)
         return out
     return x_TD.chunk(pctx.size, dim=0)[pctx.rank]  # type: ignore[return-value]
 
 
-def all_gather(x_TD: Var, pctx: ParallelContext) -> Rep:
+def all_gather(x_TD: Placed[Var[EP]], pctx: ParallelContext) -> Placed[Rep[EP]]:
     """V -> R: concatenate every rank's chunk along dim 0 (equal sizes)."""
     if pctx.size == 1:
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
         _check_in("all_gather", x_TD, pctx)
-        out: Rep = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R)
+        out: Placed[Rep[EP]] = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R)
         return out
     buf = x_TD.new_empty((pctx.size * x_TD.shape[0], *x_TD.shape[1:]))
     dist.all_gather_into_tensor(buf, x_TD.contiguous(), group=pctx.group)
     return buf  # type: ignore[return-value]
 
 
-def reduce_scatter(x_TD: Par, pctx: ParallelContext) -> Var:
+def reduce_scatter(x_TD: Placed[Par[EP]], pctx: ParallelContext) -> Placed[Var[EP]]:
     """P -> V: sum over ranks, keep this rank's chunk of dim 0."""
     if pctx.size == 1:
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
         _check_in("reduce_scatter", x_TD, pctx)
-        out: Var = spmd.reduce_scatter(x_TD, pctx.group, src=spmd.P, dst=S0)
+        out: Placed[Var[EP]] = spmd.reduce_scatter(x_TD, pctx.group, src=spmd.P, dst=S0)
         return out
     buf = x_TD.new_empty((x_TD.shape[0] // pctx.size, *x_TD.shape[1:]))
     dist.reduce_scatter_tensor(buf, x_TD.contiguous(), group=pctx.group)
     return buf  # type: ignore[return-value]
 
 
-def all_reduce(x: Par, pctx: ParallelContext) -> Rep:
+def all_reduce(x: Placed[Par[EP]], pctx: ParallelContext) -> Placed[Rep[EP]]:
     """P -> R: sum over ranks."""
     if pctx.size == 1:
         return x  # type: ignore[return-value]
     if _autograd(x) or spmd.is_type_checking():
         _check_in("all_reduce", x, pctx)
-        out: Rep = spmd.all_reduce(x, pctx.group, src=spmd.P, dst=spmd.R)
+        out: Placed[Rep[EP]] = spmd.all_reduce(x, pctx.group, src=spmd.P, dst=spmd.R)
         return out
     y = x.clone()
     dist.all_reduce(y, group=pctx.group)
@@ -109,7 +110,7 @@ def _a2a_raw(x: torch.Tensor, group: Any, in_splits: list[int], out_splits: list
     return buf
 
 
-def all_to_all(x_ND: Var, pctx: ParallelContext, in_splits: list[int], out_splits: list[int]) -> Var:
+def all_to_all(x_ND: Placed[Var[EP]], pctx: ParallelContext, in_splits: list[int], out_splits: list[int]) -> Placed[Var[EP]]:
     """V -> V: send rows [in_splits[j]] to rank j, receive out_splits[j] rows from j."""
     if pctx.size == 1:
         return x_ND
@@ -124,22 +125,22 @@ def all_to_all(x_ND: Var, pctx: ParallelContext, in_splits: list[int], out_split
     return _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-any-return, no-untyped-call]
 
 
-def partial_from_shards(x: Var, pctx: ParallelContext) -> Par:
+def partial_from_shards(x: Placed[Var[EP]], pctx: ParallelContext) -> Placed[Par[EP]]:
     """V -> P with no communication: the local products of a hidden dim sharded over
     the axis are the summands of the full product (row-parallel linear)."""
     if pctx.size == 1 or not spmd.is_type_checking():
         return x  # type: ignore[return-value]
     _check_in("row_parallel", x, pctx)
-    out: Par = spmd.reinterpret(x, pctx.group, src=spmd.V, dst=spmd.P)
+    out: Placed[Par[EP]] = spmd.reinterpret(x, pctx.group, src=spmd.V, dst=spmd.P)
     return out
 
 
-def rank_view(x: Rep, pctx: ParallelContext) -> Var:
+def rank_view(x: Placed[Rep[EP]], pctx: ParallelContext) -> Placed[Var[EP]]:
     """R -> V with no communication: each rank uses the same replicated value in its own
     way (e.g. keeps the rows of its own experts). Backward: per-rank gradients are
     summands of the replicated input's gradient (V -> P, no-op)."""
     if pctx.size == 1 or not spmd.is_type_checking():
         return x  # type: ignore[return-value]
     _check_in("rank_view", x, pctx)
-    out: Var = spmd.reinterpret(x, pctx.group, src=spmd.R, dst=spmd.V, expert_mode=True)
+    out: Placed[Var[EP]] = spmd.reinterpret(x, pctx.group, src=spmd.R, dst=spmd.V, expert_mode=True)
     return out

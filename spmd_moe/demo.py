@@ -66,7 +66,7 @@ def worker_debug_probe(model: Any) -> dict[str, Any]:
     from spmd_moe import _debug
     from spmd_moe.errors import SpmdMoeError
     from spmd_moe.moe import MoE
-    from spmd_moe.placement import checked_calls
+    from spmd_moe.checking import checked_calls
 
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     D = moe.cfg.dim

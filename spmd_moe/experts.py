@@ -18,7 +18,8 @@ from spmd_moe.config import MoEConfig
 from spmd_moe.parallel import ParallelContext
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
-from spmd_moe.placement import Par, Rep, Var, as_var, checked
+from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_var
+from spmd_moe.checking import checked
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -131,10 +132,10 @@ class GroupedExperts(nn.Module):
     @checked
     def forward(
         self,
-        routed_RD: Float[Var, "R D"],
-        counts_e: Int[Var, " e"],
+        routed_RD: Float[Placed[Var[EP]], "R D"],
+        counts_e: Int[Placed[Var[EP]], " e"],
         rows_exact: bool = False,
-    ) -> Float[Var, "R D"]:
+    ) -> Float[Placed[Var[EP]], "R D"]:
         """SwiGLU per expert in MoEConfig.expert_dtype (None: the input's dtype).
 
         rows_exact: routed_RD has exactly sum(counts_e) rows (the local and all-to-all
@@ -169,7 +170,7 @@ class SharedExperts(nn.Module):
         self.w3 = nn.Linear(cfg.dim, f, **kw)
 
     @checked
-    def forward(self, x_TD: Float[Rep, "T D"]) -> Float[Par, "T D"]:
+    def forward(self, x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Par[EP]], "T D"]:
         if _bi._enabled:  # one [1, D] row at a time: see spmd_moe.batch_invariant
             w1, w2, w3 = self.w1.weight, self.w2.weight, self.w3.weight
             y_TD = _bi.rowwise(lambda r: _bi.swiglu_row(r, w1, w2, w3), x_TD)

@@ -5,14 +5,14 @@ E experts, e = E/n local experts, K top-k, R rows routed to this rank, n the siz
 the expert axis. Placements are on the expert axis (see spmd_moe.placement):
 
     x_TD            Rep (layout 'replicated', vLLM)  |  Var (layout 'sequence', SP training)
-    pad + split     Rep -> Var   (pad T to a multiple of n; pad rows never routed)
-    router          Var -> weights_TK, expert_ids_TK, scores_TE: Var
+    pad + split     Rep -> Placed[Var[EP]]   (pad T to a multiple of n; pad rows never routed)
+    router          Var -> weights_TK, expert_ids_TK, scores_TE: Placed[Var[EP]]
     counts_E        Var data, Partial meaning (sum over ranks = global counts)
     dispatch        all_to_all (prefill) | all_gather (decode, no host sync) | local (n=1)
-    experts         Var rows, Var (sharded) weights -> Var rows
-    combine         slots_TKD: Var; weighted sum over k in ascending expert order -> Var
-    shared experts  Rep -> Par (TP-sharded), reduce_scatter -> Var, added
-    output layout   all_gather Var -> Rep ('replicated') | keep Var ('sequence')
+    experts         Var rows, Placed[Var[EP]] (sharded) weights -> Placed[Var[EP]] rows
+    combine         slots_TKD: Placed[Var[EP]]; weighted sum over k in ascending expert order -> Placed[Var[EP]]
+    shared experts  Rep -> Placed[Par[EP]] (TP-sharded), reduce_scatter -> Placed[Var[EP]], added
+    output layout   all_gather Var -> Placed[Rep[EP]] ('replicated') | keep Var ('sequence')
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ from spmd_moe.errors import (
 )
 from spmd_moe.experts import GroupedExperts, SharedExperts
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Par, Rep, Var, as_rep, as_var, checked
+from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_rep, as_var
+from spmd_moe.checking import checked
 from spmd_moe.router import TopKRouter
 
 Layout = Literal["replicated", "sequence"]
@@ -203,7 +204,7 @@ class MoE(nn.Module):
             )
 
     @checked
-    def forward_replicated(self, x_TD: Float[Rep, "T D"]) -> Float[Rep, "T D"]:
+    def forward_replicated(self, x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Rep[EP]], "T D"]:
         n = self.pctx.size
         T = x_TD.shape[0]
         T_pad = math.ceil(T / n) * n
@@ -226,7 +227,7 @@ class MoE(nn.Module):
         return as_rep(y_TD[:T]) if T_pad > T else y_TD
 
     @checked
-    def forward_sequence(self, x_TD: Float[Var, "T D"]) -> Float[Var, "T D"]:
+    def forward_sequence(self, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]:
         T = x_TD.shape[0]
         T_eq, decode = T, False
         if self.pctx.size > 1:
@@ -247,7 +248,7 @@ class MoE(nn.Module):
         return as_var(y_TD[:T]) if T_eq > T else y_TD
 
     # ------------------------------------------------------------------ pieces
-    def _reduce_shared(self, shared_TD: Par) -> Var:
+    def _reduce_shared(self, shared_TD: Placed[Par[EP]]) -> Placed[Var[EP]]:
         """The shared experts' Partial sum, this rank's token chunk (P -> V). In
         batch-invariant mode with more than 2 ranks the summands are added in rank
         order (a+b is exact in any order; a+b+c is not)."""
@@ -255,8 +256,8 @@ class MoE(nn.Module):
             return as_var(_bi.ordered_reduce_scatter(shared_TD, self.pctx.group, self.pctx.size, self.pctx.rank))
         return C.reduce_scatter(shared_TD, self.pctx)
 
-    def _routed(self, x_TD: Var, num_pad: int, *, decode: bool) -> Var:
-        """Route this rank's slice, dispatch, run experts, combine: Var -> Var."""
+    def _routed(self, x_TD: Placed[Var[EP]], num_pad: int, *, decode: bool) -> Placed[Var[EP]]:
+        """Route this rank's slice, dispatch, run experts, combine: Placed[Var[EP]] -> Placed[Var[EP]]."""
         T = x_TD.shape[0]
         weights_TK, expert_ids_TK, _ = self.router(x_TD, self.expert_bias_E)
         if self.forced_routes_TK is not None:
@@ -284,7 +285,7 @@ class MoE(nn.Module):
         self._count(expert_ids_TK)
         return as_var(_weighted_sum(slots_TKD, weights_TK))
 
-    def _forced(self, x_TD: torch.Tensor, routed_ids_TK: torch.Tensor) -> tuple[Var, Var]:
+    def _forced(self, x_TD: torch.Tensor, routed_ids_TK: torch.Tensor) -> tuple[Placed[Var[EP]], Placed[Var[EP]]]:
         """Replace the router's choice by the forced routes (gate values recomputed)."""
         forced = self.forced_routes_TK
         assert forced is not None

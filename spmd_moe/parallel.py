@@ -7,19 +7,25 @@ every collective is the identity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Generic, overload
 
 import torch
 import torch.distributed as dist
 
 from spmd_moe.errors import ConfigError, DistributedError
+from spmd_moe.placement import EP, A, Axis
 
 
 @dataclass(frozen=True, eq=False)
-class ParallelContext:
+class ParallelContext(Generic[A]):
+    """A process group playing the role of mesh axis ``A`` (``ParallelContext[EP]`` is
+    the layer's expert axis). ``name`` is the group's name in messages ('tp' in vLLM);
+    ``axis`` is the role the static types name (``EP``, ``DP`` or your own ``Axis``)."""
+
     group: dist.ProcessGroup | None = None
     name: str = "ep"
+    axis: type[Axis] = field(default=EP)
 
     @property
     def size(self) -> int:
@@ -30,19 +36,27 @@ class ParallelContext:
         return 0 if self.group is None else dist.get_rank(self.group)
 
     # ------------------------------------------------------------ constructors
-    @classmethod
-    def single(cls) -> ParallelContext:
-        return cls(None, "ep")
+    @staticmethod
+    def single() -> ParallelContext[EP]:
+        """One device: every collective is the identity."""
+        return ParallelContext[EP](None, "ep", EP)
 
-    @classmethod
-    def from_group(cls, group: dist.ProcessGroup | None, name: str = "tp") -> ParallelContext:
-        """From a ProcessGroup (vLLM's TP group is one: ``get_tp_group().device_group``)."""
-        if group is None or dist.get_world_size(group) == 1:
-            return cls(None if group is None else group, name)
-        return cls(group, name)
+    @overload
+    @staticmethod
+    def from_group(group: dist.ProcessGroup | None, name: str = "tp") -> ParallelContext[EP]: ...
 
-    @classmethod
-    def from_mesh(cls, mesh: Any, dim: str) -> ParallelContext:
+    @overload
+    @staticmethod
+    def from_group(group: dist.ProcessGroup | None, name: str = "tp", *, axis: type[A]) -> ParallelContext[A]: ...
+
+    @staticmethod
+    def from_group(group: dist.ProcessGroup | None, name: str = "tp", *, axis: type[Axis] = EP) -> ParallelContext[Any]:
+        """From a ProcessGroup (vLLM's TP group is one: ``get_tp_group().device_group``);
+        ``axis`` is the role it plays (default: the expert axis)."""
+        return ParallelContext[Any](group, name, axis)
+
+    @staticmethod
+    def from_mesh(mesh: Any, dim: str) -> ParallelContext[EP]:
         """From a torch DeviceMesh and the name of its expert-axis dim."""
         names = getattr(mesh, "mesh_dim_names", None) or ()
         if dim not in names:
@@ -50,10 +64,10 @@ class ParallelContext:
                 f"DeviceMesh: expected a dim named '{dim}', got dims {tuple(names)}. "
                 f"Fix: build the mesh with mesh_dim_names containing '{dim}'."
             )
-        return cls(mesh.get_group(dim), dim)
+        return ParallelContext[EP](mesh.get_group(dim), dim, EP)
 
-    @classmethod
-    def from_parallel_dims(cls, parallel_dims: Any) -> ParallelContext:
+    @staticmethod
+    def from_parallel_dims(parallel_dims: Any) -> ParallelContext[EP]:
         """From torchtitan's ParallelDims: the 'ep' mesh if EP is on, else one device."""
         if getattr(parallel_dims, "ep_enabled", False):
             mesh = parallel_dims.get_optional_mesh("ep")
@@ -62,8 +76,8 @@ class ParallelContext:
                     "ParallelDims: ep_enabled but no 'ep' mesh was built. "
                     "Fix: call parallel_dims.build_mesh() before parallelize()."
                 )
-            return cls(mesh.get_group(), "ep")
-        return cls.single()
+            return ParallelContext[EP](mesh.get_group(), "ep", EP)
+        return ParallelContext.single()
 
     # ------------------------------------------------------------ expert sharding
     def local_experts(self, num_experts: int) -> tuple[int, int]:

@@ -1,351 +1,218 @@
-"""Placement vocabulary, the `checked` decorator and the debug-mode checker glue.
+"""Placements with mesh axes: the types every spmd_moe tensor carries.
 
-Placements are those of ``spmd_types`` (R / I / V / P) on the layer's *expert axis*:
-the mesh axis over which the layer splits tokens and shards experts (the TP group in
-TP2EP, the EP mesh dim in torchtitan). A tensor's type in a signature is written
-``Float[Var, "T D"]``: jaxtyping gives shape and dtype, the class gives placement.
+A tensor's type names its placement on each mesh axis it is laid out over::
 
-* Statically (mypy) ``Rep``, ``Inv``, ``Var`` and ``Par`` are four distinct subclasses of
-  ``torch.Tensor``: passing a ``Par`` where a ``Rep`` is required is a type error. A plain
-  ``Tensor`` is none of them; ``as_rep`` / ``as_var`` / ... state a placement (and check
-  it in debug mode), the typed collectives in ``spmd_moe.collectives`` change it.
-* At runtime the four classes accept any tensor (``isinstance`` is Tensor's), so they
-  cost nothing. In debug mode :func:`checked` checks shapes and dtypes (jaxtyping +
-  beartype) and placements (spmd_types' tracked local type on the expert axis).
+    x_TD: Float[Placed[Var[EP]], "T D"]            # Varying on the expert axis
+    y_TD: Placed[Var[EP], Rep[DP]]                 # ... and Replicate on a data axis
+
+``Rep`` / ``Inv`` / ``Var`` / ``Par`` are spmd_types' R / I / V / P; ``EP`` (the layer's
+expert axis) and ``DP`` are axis roles, and users name their own by subclassing
+:class:`Axis`. For mypy (with ``plugins = spmd_moe.mypy_plugin``) ``Placed[...]`` is a
+``torch.Tensor`` subtype whose placements the plugin follows through torch ops, using
+the rules in ``typing_rules``; jaxtyping's ``Float[X, "T D"]`` is ``X`` for mypy.
+At runtime ``Placed[...]`` is a real class carrying the placements (read by
+``spmd_moe.checking.checked`` in debug mode); ``isinstance`` accepts any tensor, so the
+types cost nothing.
+
+A placement is *stated* only on a tensor that has none (an input, a buffer) with
+``as_rep`` / ``as_inv`` / ``as_var`` / ``as_par`` (verified in debug mode), or through
+``unchecked_cast(Placed[...], t, reason=...)``, which says why it cannot be checked.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
-import re
 import typing
-from collections.abc import Callable, Iterator
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, TypeVarTuple, Unpack
 
 import torch
-import typing_rules
-from beartype import beartype
-from beartype.roar import BeartypeCallHintViolation
-from jaxtyping import TypeCheckError, jaxtyped
 
-from spmd_moe import _debug
-from spmd_moe.errors import DtypeError, PlacementError, ShapeError
+if TYPE_CHECKING:
+    from spmd_moe.parallel import ParallelContext
 
-try:  # the checker half of spmd_types; only needed in debug mode
-    import spmd_types as spmd
-    from spmd_types.types import PerMeshAxisLocalSpmdType as _LocalType
-
-    _HAVE_SPMD = True
-except ImportError:  # pragma: no cover - spmd_types is a core dependency
-    _HAVE_SPMD = False
+__all__ = [
+    "DP", "EP", "Axis", "Inv", "Par", "Placed", "Rep", "Var",
+    "as_inv", "as_par", "as_rep", "as_var", "placements_of", "unchecked_cast",
+]
 
 
-class _PlacedMeta(torch._C._TensorMeta):
-    # Any tensor is an instance at runtime: placement is checked by `checked` (debug
-    # mode only, with a message that says the fix), never by isinstance.
-    def __instancecheck__(cls, obj: object) -> bool:
-        return isinstance(obj, torch.Tensor)
+class Axis:
+    """A mesh axis role. Subclass it to name an axis of your own (``name`` is shown in
+    messages and is the key the mypy plugin orders axes by)."""
+
+    name: ClassVar[str] = "axis"
 
 
-class Placed(torch.Tensor, metaclass=_PlacedMeta):
-    """Base of the placement brands. ``code`` is the spmd_types letter."""
+class EP(Axis):
+    """The layer's expert axis: tokens split and experts sharded over it (TP2EP's TP
+    group in vLLM, the ``ep`` mesh dim in torchtitan)."""
 
-    code: typing.ClassVar[str] = "?"
+    name = "ep"
 
 
-class Rep(Placed):
-    """Replicate on the expert axis: same value on every rank, gradient is Partial."""
+class DP(Axis):
+    """A data / sequence axis: a second axis for user model code (not used by the layer)."""
+
+    name = "dp"
+
+
+A = TypeVar("A", bound=Axis)
+
+
+class _PerAxis(Generic[A]):
+    code: ClassVar[str] = "?"
+
+
+class Rep(_PerAxis[A]):
+    """Replicate on axis A: the same value on every rank; its gradient is Partial."""
 
     code = "R"
 
 
-class Inv(Placed):
-    """Invariant on the expert axis: same value on every rank, gradient is Invariant."""
+class Inv(_PerAxis[A]):
+    """Invariant on axis A: the same value on every rank; its gradient is Invariant."""
 
     code = "I"
 
 
-class Var(Placed):
-    """Varying on the expert axis: each rank holds different data (its token slice)."""
+class Var(_PerAxis[A]):
+    """Varying on axis A: each rank holds different data (its token slice, its experts)."""
 
     code = "V"
 
 
-class Par(Placed):
-    """Partial on the expert axis: the true value is the sum over ranks."""
+class Par(_PerAxis[A]):
+    """Partial on axis A: the true value is the sum over ranks of the local tensors."""
 
     code = "P"
 
 
-BRANDS: dict[str, type[Placed]] = {b.code: b for b in (Rep, Inv, Var, Par)}
+_CODES: dict[type, str] = {Rep: "R", Inv: "I", Var: "V", Par: "P"}
 
-# What the rules cannot say: why such a placement shows up here and what else to change.
-_HINTS: dict[tuple[str, str], str] = {
-    ("V", "R"): "and pad T to a multiple of the axis size (MoEConfig.padding='pad'); a "
-    "replicated tensor here means every rank would route all tokens",
-    ("P", "R"): "a replicated count summed again over ranks would be counted n times: "
-    "count only this rank's token slice (R->V split first, padding T to a multiple of "
-    "the axis size)",
-    ("I", "P"): "call spmd_types.all_reduce(x, group, src=P, dst=I) first",
-}
+_Ts = TypeVarTuple("_Ts")
 
+if TYPE_CHECKING:
 
-def placement_fix(expected: str, actual: str) -> str:
-    """The "Fix:" text: the converting op from typing_rules, plus a layer hint."""
-    op = typing_rules.fix(expected, actual)
-    hint = _HINTS.get((expected, actual))
-    if op and hint:
-        return f"{op}, {hint}"
-    return op or hint or (
-        f"insert the collective that turns {actual} into {expected} on this axis, "
-        "or fix the placement stated by the producer"
-    )
+    class Placed(torch.Tensor, Generic[Unpack[_Ts]]):
+        """A tensor with a placement per named mesh axis (see the module docstring)."""
 
+        placements: ClassVar[dict[str, str]]
 
-# ----------------------------------------------------------------------------- helpers
+else:
 
+    class _PlacedMeta(torch._C._TensorMeta):
+        # Any tensor is an instance at runtime: placements are verified by `checked`
+        # in debug mode (with a message that says the fix), never by isinstance.
+        def __instancecheck__(cls, obj: object) -> bool:
+            return isinstance(obj, torch.Tensor)
 
-class AxisLike(typing.Protocol):
-    """What the checker needs of a parallel context."""
+        def __repr__(cls) -> str:
+            p = getattr(cls, "placements", None)
+            if not p:
+                return "Placed"
+            return "Placed[" + ", ".join(f"{_NAMES[c]}[{a}]" for a, c in p.items()) + "]"
 
-    @property
-    def size(self) -> int: ...
+    _NAMES = {"R": "Rep", "I": "Inv", "V": "Var", "P": "Par"}
+    _CACHE: dict[tuple[tuple[str, str], ...], type] = {}
 
-    @property
-    def name(self) -> str: ...
+    class Placed(torch.Tensor, metaclass=_PlacedMeta):
+        """A tensor with a placement per named mesh axis (see the module docstring)."""
 
-    @property
-    def group(self) -> Any: ...
+        placements: ClassVar[dict[str, str]] = {}
+        axis_roles: ClassVar[dict[str, type[Axis]]] = {}
 
-
-def local_type_on(t: torch.Tensor, axis: AxisLike) -> str | None:
-    """The spmd_types letter tracked on ``t`` for ``axis``, or None if untyped."""
-    if not _HAVE_SPMD or axis.size == 1 or axis.group is None:
-        return None
-    ty = spmd.maybe_get_axis_local_type(t, axis.group) if hasattr(spmd, "maybe_get_axis_local_type") else None
-    return None if ty is None else str(ty.value)
-
-
-def check_placement(t: torch.Tensor, name: str, expected: str, axis: AxisLike) -> None:
-    """Debug mode: raise PlacementError unless ``t`` is ``expected`` on ``axis``.
-
-    An untyped tensor is given the expected type (it enters the tracked region here).
-    """
-    if axis.size == 1 or axis.group is None or not _HAVE_SPMD:
-        return  # one rank: every placement is the same thing
-    actual = local_type_on(t, axis)
-    if actual is None:
-        spmd.assert_type(t, {axis.group: _LocalType(expected)})
-        return
-    if actual != expected:
-        raise PlacementError(
-            f"{name} on axis '{axis.name}' (size {axis.size}): expected placement "
-            f"{expected}, got {actual}. Fix: {placement_fix(expected, actual)}."
-        )
+        def __class_getitem__(cls, params: Any) -> type:
+            if not isinstance(params, tuple):
+                params = (params,)
+            spec: list[tuple[str, str, type[Axis]]] = []
+            for p in params:
+                origin, args = typing.get_origin(p), typing.get_args(p)
+                if origin not in _CODES or len(args) != 1 or not (
+                    isinstance(args[0], type) and issubclass(args[0], Axis)
+                ):
+                    raise TypeError(
+                        f"Placed[...]: expected Rep[AX] / Inv[AX] / Var[AX] / Par[AX] with AX an "
+                        f"Axis subclass, got {p!r}. Fix: e.g. Placed[Var[EP], Rep[DP]]."
+                    )
+                spec.append((args[0].name, _CODES[origin], args[0]))
+            names = [s[0] for s in spec]
+            if len(set(names)) != len(names):
+                raise TypeError(f"Placed[...]: axis named twice in {names}. Fix: one placement per axis.")
+            key = tuple(sorted((a, c) for a, c, _ in spec))
+            if key not in _CACHE:
+                _CACHE[key] = _PlacedMeta(
+                    "Placed", (Placed,),
+                    {"placements": dict(key), "axis_roles": {a: ax for a, _, ax in spec},
+                     "__module__": __name__},
+                )
+            return _CACHE[key]
 
 
-def _state(t: torch.Tensor, expected: str, axis: AxisLike | None, name: str) -> None:
-    if _debug.is_debug() and axis is not None:
-        check_placement(t, name, expected, axis)
-
-
-def as_rep(t: torch.Tensor, axis: AxisLike | None = None, name: str = "tensor") -> Rep:
-    """State that ``t`` is Replicate on the expert axis (checked in debug mode)."""
-    _state(t, "R", axis, name)
-    return cast(Rep, t)
-
-
-def as_inv(t: torch.Tensor, axis: AxisLike | None = None, name: str = "tensor") -> Inv:
-    _state(t, "I", axis, name)
-    return cast(Inv, t)
-
-
-def as_var(t: torch.Tensor, axis: AxisLike | None = None, name: str = "tensor") -> Var:
-    _state(t, "V", axis, name)
-    return cast(Var, t)
-
-
-def as_par(t: torch.Tensor, axis: AxisLike | None = None, name: str = "tensor") -> Par:
-    _state(t, "P", axis, name)
-    return cast(Par, t)
-
-
-# ----------------------------------------------------------------------------- checked
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-def _brand_of(hint: Any) -> type[Placed] | None:
-    """Find the placement brand in a hint: Var, Float[Var, ...], Optional[...]."""
+def placements_of(hint: Any) -> dict[str, str] | None:
+    """The {axis name: letter} of a ``Placed[...]`` inside a hint (``Float[Placed[...], "T D"]``,
+    ``X | None``), or None if the hint carries no placement."""
     if isinstance(hint, type) and issubclass(hint, Placed):
-        return hint
+        return dict(hint.placements) if hint.placements else None
     array_type = getattr(hint, "array_type", None)  # jaxtyping's Float[X, "..."]
-    if isinstance(array_type, type) and issubclass(array_type, Placed):
-        return array_type
+    if array_type is not None and array_type is not hint:
+        found = placements_of(array_type)
+        if found is not None:
+            return found
     for arg in typing.get_args(hint):
-        b = _brand_of(arg)
-        if b is not None:
-            return b
-    return None
-
-
-def _return_brands(hint: Any) -> list[type[Placed] | None] | None:
-    if typing.get_origin(hint) is tuple:
-        return [_brand_of(a) for a in typing.get_args(hint)]
-    b = _brand_of(hint)
-    return None if b is None else [b]
-
-
-def _axis_of(args: tuple[Any, ...]) -> AxisLike | None:
-    owner = args[0] if args else None
-    pctx = getattr(owner, "pctx", None)
-    return cast("AxisLike | None", pctx)
-
-
-def checked(fn: Callable[_P, _T]) -> Callable[_P, _T]:
-    """Check shapes, dtypes (jaxtyping+beartype) and placements of ``fn`` in debug mode.
-
-    Off, the wrapper is one bool test and a call. The placement axis is ``self.pctx``
-    of the method's owner (a ParallelContext).
-    """
-    typed_fn = jaxtyped(typechecker=beartype)(fn)
-    sig = inspect.signature(fn)
-    info: dict[str, Any] = {}
-
-    def _hints() -> tuple[dict[str, type[Placed]], list[type[Placed] | None] | None]:
-        if not info:
-            hints = typing.get_type_hints(fn, include_extras=True)
-            params = {}
-            for pname in sig.parameters:
-                if pname in hints:
-                    b = _brand_of(hints[pname])
-                    if b is not None:
-                        params[pname] = b
-            info["params"] = params
-            info["ret"] = _return_brands(hints["return"]) if "return" in hints else None
-        return info["params"], info["ret"]
-
-    qual = fn.__qualname__
-
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        if not _debug._enabled:
-            return fn(*args, **kwargs)
-        if _call_log is not None:
-            _call_log[qual] = _call_log.get(qual, 0) + 1
-        params, ret = _hints()
-        axis = _axis_of(args)
-        if axis is not None and axis.size > 1:
-            bound = sig.bind(*args, **kwargs)
-            for pname, brand in params.items():
-                v = bound.arguments.get(pname)
-                if isinstance(v, torch.Tensor):
-                    check_placement(v, f"{qual}({pname})", brand.code, axis)
-        try:
-            out = typed_fn(*args, **kwargs)
-        except (BeartypeCallHintViolation, TypeCheckError) as e:
-            hints = typing.get_type_hints(fn, include_extras=True)
-            arguments = sig.bind(*args, **kwargs).arguments
-            raise _shape_or_dtype_error(qual, e, hints, arguments) from None
-        if axis is not None and axis.size > 1 and ret is not None:
-            outs = out if isinstance(out, tuple) else (out,)
-            for i, (o, out_brand) in enumerate(zip(outs, ret)):
-                if out_brand is not None and isinstance(o, torch.Tensor):
-                    check_placement(o, f"{qual} -> output {i}", out_brand.code, axis)
-        return out
-
-    return wrapper
-
-
-_call_log: dict[str, int] | None = None
-
-
-@contextlib.contextmanager
-def checked_calls() -> Iterator[dict[str, int]]:
-    """Count the debug-mode checks made inside the block, by function."""
-    global _call_log
-    old, _call_log = _call_log, {}
-    try:
-        yield _call_log
-    finally:
-        _call_log = old
-
-
-_SHORT_DTYPES = {"f": "float", "bf": "bfloat", "i": "int", "u": "uint", "c": "complex"}
-
-
-def _array_hint(hint: Any) -> Any:
-    """The jaxtyping array type inside a hint (Float[Var, ...] or Optional of it)."""
-    if hasattr(hint, "dtypes") and hasattr(hint, "dim_str"):
-        return hint
-    for arg in typing.get_args(hint):
-        found = _array_hint(arg)
+        found = placements_of(arg)
         if found is not None:
             return found
     return None
 
 
-def _dtype_of(short: str) -> str:
-    """jaxtyping's short form (f32[3,4](torch), i64[], bool[2]) -> 'float32'."""
-    m = re.match(r"([a-z]+?)(\d+)\[", short)
-    if m is None:
-        return short.split("[")[0]
-    return _SHORT_DTYPES.get(m.group(1), m.group(1)) + m.group(2)
+# ----------------------------------------------------------------------------- stating
+# The mypy plugin types these precisely: the result keeps t's other axes and gains
+# `pctx`'s axis; stating a placement on a tensor that already has one on that axis is
+# an error ("restating a known placement"). Without the plugin they are typed as below.
 
 
-def _shape_or_dtype_error(
-    qual: str, e: Exception, hints: dict[str, Any], arguments: dict[str, Any]
-) -> Exception:
-    """Turn jaxtyping/beartype's report into a ShapeError or DtypeError that names the
-    parameter, the expected shape/dtype, the actual one and the fix."""
-    msg = str(e)
-    m = re.search(r"typechecking parameter '(\w+)'", msg)
-    pname = m.group(1) if m else None
-    what = f"parameter '{pname}'" if pname else "return value"
-    hint = _array_hint(hints.get(pname if pname else "return"))
-    value = arguments.get(pname) if pname else None
-    actual_m = re.search(r"Actual value: (\S+)", msg)
-    actual = actual_m.group(1) if actual_m else "?"
-    bound_dims = ", ".join(
-        ln.strip() for ln in msg.split("annotation are as follows.")[-1].splitlines() if "=" in ln
-    ) if "annotation are as follows." in msg else ""
-    shape: object
-    if isinstance(value, torch.Tensor):
-        dtype, shape = str(value.dtype).removeprefix("torch."), list(value.shape)
-    else:
-        dtype, shape = _dtype_of(actual), actual.split("(")[0]
-    if hint is None:  # not an array hint (e.g. a plain int)
-        expected_m = re.search(r"Expected type: (.*?)\.?$", msg, re.MULTILINE)
-        expected = expected_m.group(1) if expected_m else "the annotated type"
-        return DtypeError(
-            f"{qual}: {what}: expected type {expected}, got {type(value).__name__} "
-            f"{actual}. Fix: pass a value of the annotated type."
-        )
-    kind = hint.__name__.split("[")[0]  # Float / Int / ...
-    # A result that breaks its own signature is a bug in the function, not bad input.
-    bug = (f"Fix: none on your side: {qual} returned a result its signature does not "
-           "allow; please report this message as a bug.")
-    if dtype not in hint.dtypes:
-        fix = (
-            "Fix: pass integer expert ids / counts (x.long())." if kind == "Int" else
-            "Fix: cast the input to the dtype the layer computes in (MoEConfig.param_dtype) "
-            "or build the layer with the input's dtype."
-        )
-        return DtypeError(
-            f"{qual}: {what} ({hint.__name__}): expected dtype {kind} "
-            f"({', '.join(d for d in hint.dtypes if not d.startswith(('int2', 'int4', 'float4', 'float8')))}), "
-            f"got {dtype}. {bug if pname is None else fix}"
-        )
-    dims = f" with {bound_dims} bound by the other arguments" if bound_dims else ""
-    fix = (
-        "Fix: pass tensors shaped as the signature states (T tokens x D=MoEConfig.dim; "
-        "flatten batch and sequence dims into T first; every argument must agree on the "
-        "shared dims)."
-    )
-    return ShapeError(
-        f"{qual}: {what} ({hint.__name__}): expected shape [{', '.join(hint.dim_str.split())}]"
-        f"{dims}, got {shape}. {bug if pname is None else fix}"
-    )
+def _state(t: torch.Tensor, code: str, pctx: ParallelContext[Any] | None, name: str) -> None:
+    from spmd_moe import _debug
+
+    if _debug._enabled and pctx is not None:
+        from spmd_moe.checking import verify_stated
+
+        verify_stated(t, code, pctx, name)
+
+
+def as_rep(t: torch.Tensor, pctx: ParallelContext[A] | None = None, name: str = "tensor") -> Placed[Rep[A]]:
+    """State that the untyped ``t`` is Replicate on ``pctx``'s axis (verified in debug mode)."""
+    _state(t, "R", pctx, name)
+    return typing.cast("Placed[Rep[A]]", t)
+
+
+def as_inv(t: torch.Tensor, pctx: ParallelContext[A] | None = None, name: str = "tensor") -> Placed[Inv[A]]:
+    """State that the untyped ``t`` is Invariant on ``pctx``'s axis (verified in debug mode)."""
+    _state(t, "I", pctx, name)
+    return typing.cast("Placed[Inv[A]]", t)
+
+
+def as_var(t: torch.Tensor, pctx: ParallelContext[A] | None = None, name: str = "tensor") -> Placed[Var[A]]:
+    """State that the untyped ``t`` is Varying on ``pctx``'s axis (verified in debug mode)."""
+    _state(t, "V", pctx, name)
+    return typing.cast("Placed[Var[A]]", t)
+
+
+def as_par(t: torch.Tensor, pctx: ParallelContext[A] | None = None, name: str = "tensor") -> Placed[Par[A]]:
+    """State that the untyped ``t`` is Partial on ``pctx``'s axis (cannot be verified:
+    any local values are summands of some total)."""
+    _state(t, "P", pctx, name)
+    return typing.cast("Placed[Par[A]]", t)
+
+
+_T = TypeVar("_T")
+
+
+def unchecked_cast(typ: type[_T], t: torch.Tensor, *, reason: str) -> _T:
+    """Give ``t`` the placement type ``typ`` with no static or runtime check.
+
+    The escape hatch for what the rules cannot express; ``reason`` says why it holds
+    (grep for ``unchecked_cast(`` to audit every one).
+    """
+    if not reason:
+        raise ValueError("unchecked_cast: expected a reason, got ''. Fix: say why the placement holds.")
+    return typing.cast(_T, t)

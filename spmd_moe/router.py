@@ -17,7 +17,8 @@ from spmd_moe import batch_invariant as _bi
 from spmd_moe.config import MoEConfig
 from spmd_moe.errors import RoutingError
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Rep, Var, as_var, checked
+from spmd_moe.placement import EP, Placed, Rep, Var, as_var
+from spmd_moe.checking import checked
 
 
 class TopKRouter(nn.Module):
@@ -41,9 +42,9 @@ class TopKRouter(nn.Module):
     @checked
     def forward(
         self,
-        x_TD: Float[Var, "T D"],
-        expert_bias_E: Float[Rep, "E"] | None = None,
-    ) -> tuple[Float[Var, "T K"], Int[Var, "T K"], Float[Var, "T E"]]:
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_bias_E: Float[Placed[Rep[EP]], "E"] | None = None,
+    ) -> tuple[Float[Placed[Var[EP]], "T K"], Int[Placed[Var[EP]], "T K"], Float[Placed[Var[EP]], "T E"]]:
         """Return (weights_TK, expert_ids_TK, scores_TE).
 
         The gate and the score function run in fp32 (as torchtitan) whatever the input
@@ -51,7 +52,7 @@ class TopKRouter(nn.Module):
         """
         if _bi._enabled and x_TD.shape[0] != 1:
             # Batch-invariant mode: every token routed alone (fixed [1, D] shapes).
-            out: tuple[Var, Var, Var] = _bi.rowwise(lambda r: self.forward(as_var(r), expert_bias_E), x_TD)
+            out: tuple[Placed[Var[EP]], Placed[Var[EP]], Placed[Var[EP]]] = _bi.rowwise(lambda r: self.forward(as_var(r), expert_bias_E), x_TD)
             return out
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         if _debug._enabled and not bool(torch.isfinite(logits_TE).all()):

@@ -22,7 +22,7 @@ import spmd_moe.placement
 from spmd_moe.dispatch import LocalDispatcher
 from spmd_moe.errors import DtypeError, PlacementError, ShapeError, SpmdMoeError
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Var
+from spmd_moe.placement import EP, Placed, Var
 from tests.dist_utils import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,7 +227,7 @@ _CASES = (("replicated", 11, "all_gather"), ("replicated", 40, "all_to_all"),
 
 
 def _fwd_bwd(rank: int, world: int) -> dict[str, Any]:
-    from spmd_moe.placement import checked_calls
+    from spmd_moe.checking import checked_calls
 
     out: dict[str, Any] = {}
     for layout, T, dispatcher in _CASES:
@@ -277,16 +277,16 @@ class _Broken:
 
     pctx = ParallelContext.single()
 
-    @sm.placement.checked
-    def narrow(self, x_TD: Float[Var, "T D"]) -> Float[Var, "T D"]:
+    @sm.checking.checked
+    def narrow(self, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]:
         return x_TD[:, :1]  # type: ignore[return-value]
 
-    @sm.placement.checked
-    def as_int(self, x_TD: Float[Var, "T D"]) -> Float[Var, "T D"]:
+    @sm.checking.checked
+    def as_int(self, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]:
         return x_TD.long()  # type: ignore[return-value]
 
-    @sm.placement.checked
-    def takes_int(self, x_TD: Float[Var, "T D"], k: int) -> Float[Var, "T D"]:
+    @sm.checking.checked
+    def takes_int(self, x_TD: Float[Placed[Var[EP]], "T D"], k: int) -> Float[Placed[Var[EP]], "T D"]:
         return x_TD
 
 

@@ -27,7 +27,7 @@ import spmd_moe
 from dist_utils import run_distributed
 from spmd_moe import MoE, PaddingError, PlacementError
 from spmd_moe import collectives as C
-from spmd_moe.placement import as_rep
+from spmd_moe.placement import EP, Placed, as_rep
 from tp2ep_util import D, K, S_HID, build_pair, make_cfg, rel_err, token_slice, world_pctx
 
 

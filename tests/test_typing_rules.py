@@ -19,7 +19,7 @@ import torch
 import typing_rules
 from spmd_moe import collectives as C
 from spmd_moe.experts import SharedExperts
-from spmd_moe.placement import _brand_of, placement_fix
+from spmd_moe.checking import _brand_of, placement_fix
 from spmd_moe.router import TopKRouter
 from tests.dist_utils import run_distributed
 

@@ -15,7 +15,8 @@ from jaxtyping import Float, Int
 from spmd_moe import collectives as C
 from spmd_moe.dispatch.local import DispatchState, count_ids
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Var, as_var, checked
+from spmd_moe.placement import EP, Placed, Var, as_var
+from spmd_moe.checking import checked
 
 
 class AllGatherDispatcher:
@@ -28,10 +29,10 @@ class AllGatherDispatcher:
     @checked
     def dispatch(
         self,
-        x_TD: Float[Var, "T D"],
-        expert_ids_TK: Int[Var, "T K"],
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
         num_pad_tokens: int,
-    ) -> tuple[Float[Var, "R D"], Int[Var, " e"], DispatchState]:
+    ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " e"], DispatchState]:
         del num_pad_tokens  # pads carry id E: never local to any rank
         T, K = expert_ids_TK.shape
         e = self.num_local
@@ -47,7 +48,7 @@ class AllGatherDispatcher:
         return as_var(x_all[order_N // K]), as_var(counts_e), state
 
     @checked
-    def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
+    def combine(self, out_RD: Float[Placed[Var[EP]], "R D"], state: DispatchState) -> Float[Placed[Var[EP]], "T K D"]:
         # Rows past the local experts' count are zeros (grouped_mm): every slot not
         # owned here contributes an exact 0 to the sum.
         slots_ND = torch.empty_like(out_RD).index_copy_(0, state.sent_slots_R, out_RD)

@@ -15,7 +15,8 @@ from jaxtyping import Float, Int
 from spmd_moe import collectives as C
 from spmd_moe.dispatch.local import DispatchState, count_per_expert, scatter_to_slots, sort_slots
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Var, as_var, checked
+from spmd_moe.placement import EP, Placed, Var, as_var
+from spmd_moe.checking import checked
 
 
 class AllToAllDispatcher:
@@ -27,10 +28,10 @@ class AllToAllDispatcher:
     @checked
     def dispatch(
         self,
-        x_TD: Float[Var, "T D"],
-        expert_ids_TK: Int[Var, "T K"],
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
         num_pad_tokens: int,
-    ) -> tuple[Float[Var, "R D"], Int[Var, " e"], DispatchState]:
+    ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " e"], DispatchState]:
         n, e = self.pctx.size, self.num_local
         T, K = expert_ids_TK.shape
         order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
@@ -51,7 +52,7 @@ class AllToAllDispatcher:
         return as_var(recv_RD[regroup_R]), as_var(recv_ne.sum(dim=0)), state
 
     @checked
-    def returned_rows(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "S D"]:
+    def returned_rows(self, out_RD: Float[Placed[Var[EP]], "R D"], state: DispatchState) -> Float[Placed[Var[EP]], "S D"]:
         """The expert outputs back on their source rank, in sent order (sent_slots_R)."""
         regroup_R = state.extra["regroup"]
         assert isinstance(regroup_R, torch.Tensor)
@@ -63,7 +64,7 @@ class AllToAllDispatcher:
         )
 
     @checked
-    def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
+    def combine(self, out_RD: Float[Placed[Var[EP]], "R D"], state: DispatchState) -> Float[Placed[Var[EP]], "T K D"]:
         back_SD = self.returned_rows(out_RD, state)
         slots_ND = scatter_to_slots(back_SD, state.sent_slots_R, state.num_tokens * state.top_k)
         return as_var(slots_ND.view(state.num_tokens, state.top_k, slots_ND.shape[-1]))

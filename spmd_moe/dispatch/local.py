@@ -13,7 +13,8 @@ import torch
 from jaxtyping import Float, Int
 
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import Var, as_var, checked
+from spmd_moe.placement import EP, Placed, Var, as_var
+from spmd_moe.checking import checked
 
 
 @dataclass
@@ -64,10 +65,10 @@ class LocalDispatcher:
     @checked
     def dispatch(
         self,
-        x_TD: Float[Var, "T D"],
-        expert_ids_TK: Int[Var, "T K"],
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
         num_pad_tokens: int,
-    ) -> tuple[Float[Var, "R D"], Int[Var, " E"], DispatchState]:
+    ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " E"], DispatchState]:
         T, K = expert_ids_TK.shape
         order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
         sent_slots_R = order_N[:num_sent]
@@ -76,6 +77,6 @@ class LocalDispatcher:
         return as_var(routed_RD), as_var(counts_E), DispatchState(T, K, sent_slots_R)
 
     @checked
-    def combine(self, out_RD: Float[Var, "R D"], state: DispatchState) -> Float[Var, "T K D"]:
+    def combine(self, out_RD: Float[Placed[Var[EP]], "R D"], state: DispatchState) -> Float[Placed[Var[EP]], "T K D"]:
         slots_ND = scatter_to_slots(out_RD, state.sent_slots_R, state.num_tokens * state.top_k)
         return as_var(slots_ND.view(state.num_tokens, state.top_k, slots_ND.shape[-1]))
