@@ -1,6 +1,6 @@
 """Typed collectives over the expert axis.
 
-Each function's signature is its placement transition (``all_gather: Placed[Var[EP]] -> Placed[Rep[EP]]``), so a
+Each function's signature is its placement transition (``all_gather: Placed[Var[A]] -> Placed[Rep[A]]``), so a
 missing or wrong collective is a mypy error. With autograd on they go through
 spmd_types' differentiable collectives (which also track placements in debug mode);
 with autograd off (torch.no_grad / inference_mode, as vLLM runs) they call
@@ -20,13 +20,13 @@ import torch.distributed as dist
 import typing_rules
 
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import EP, Par, Placed, Rep, Var
+from spmd_moe.placement import A, Inv, Par, Placed, Rep, Var
 from spmd_moe.checking import check_placement
 
 S0 = spmd.S(0)
 
 
-def _check_in(op: str, x: torch.Tensor, pctx: ParallelContext) -> None:
+def _check_in(op: str, x: torch.Tensor, pctx: ParallelContext[Any]) -> None:
     """With placements tracked (debug mode, >1 rank): the input placement that
     typing_rules states for ``op``, as a PlacementError with a fix."""
     if spmd.is_type_checking():
@@ -37,7 +37,7 @@ def _autograd(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-def split_tokens(x_TD: Placed[Rep[EP]], pctx: ParallelContext) -> Placed[Var[EP]]:
+def split_tokens(x_TD: Placed[Rep[A]], pctx: ParallelContext[A]) -> Placed[Var[A]]:
     """R -> V: keep this rank's contiguous chunk of dim 0 (len divisible by the size).
 
     Backward (R's gradient is Partial): the chunk's gradient placed into zeros.
@@ -46,44 +46,44 @@ def split_tokens(x_TD: Placed[Rep[EP]], pctx: ParallelContext) -> Placed[Var[EP]
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
         _check_in("split_tokens", x_TD, pctx)
-        out: Placed[Var[EP]] = spmd.convert(x_TD, pctx.group, src=spmd.R, dst=S0)
+        out: Placed[Var[A]] = spmd.convert(x_TD, pctx.group, src=spmd.R, dst=S0)
         return out
     return x_TD.chunk(pctx.size, dim=0)[pctx.rank]  # type: ignore[return-value]
 
 
-def all_gather(x_TD: Placed[Var[EP]], pctx: ParallelContext) -> Placed[Rep[EP]]:
+def all_gather(x_TD: Placed[Var[A]], pctx: ParallelContext[A]) -> Placed[Rep[A]]:
     """V -> R: concatenate every rank's chunk along dim 0 (equal sizes)."""
     if pctx.size == 1:
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
         _check_in("all_gather", x_TD, pctx)
-        out: Placed[Rep[EP]] = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R)
+        out: Placed[Rep[A]] = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R)
         return out
     buf = x_TD.new_empty((pctx.size * x_TD.shape[0], *x_TD.shape[1:]))
     dist.all_gather_into_tensor(buf, x_TD.contiguous(), group=pctx.group)
     return buf  # type: ignore[return-value]
 
 
-def reduce_scatter(x_TD: Placed[Par[EP]], pctx: ParallelContext) -> Placed[Var[EP]]:
+def reduce_scatter(x_TD: Placed[Par[A]], pctx: ParallelContext[A]) -> Placed[Var[A]]:
     """P -> V: sum over ranks, keep this rank's chunk of dim 0."""
     if pctx.size == 1:
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
         _check_in("reduce_scatter", x_TD, pctx)
-        out: Placed[Var[EP]] = spmd.reduce_scatter(x_TD, pctx.group, src=spmd.P, dst=S0)
+        out: Placed[Var[A]] = spmd.reduce_scatter(x_TD, pctx.group, src=spmd.P, dst=S0)
         return out
     buf = x_TD.new_empty((x_TD.shape[0] // pctx.size, *x_TD.shape[1:]))
     dist.reduce_scatter_tensor(buf, x_TD.contiguous(), group=pctx.group)
     return buf  # type: ignore[return-value]
 
 
-def all_reduce(x: Placed[Par[EP]], pctx: ParallelContext) -> Placed[Rep[EP]]:
+def all_reduce(x: Placed[Par[A]], pctx: ParallelContext[A]) -> Placed[Rep[A]]:
     """P -> R: sum over ranks."""
     if pctx.size == 1:
         return x  # type: ignore[return-value]
     if _autograd(x) or spmd.is_type_checking():
         _check_in("all_reduce", x, pctx)
-        out: Placed[Rep[EP]] = spmd.all_reduce(x, pctx.group, src=spmd.P, dst=spmd.R)
+        out: Placed[Rep[A]] = spmd.all_reduce(x, pctx.group, src=spmd.P, dst=spmd.R)
         return out
     y = x.clone()
     dist.all_reduce(y, group=pctx.group)
@@ -110,7 +110,7 @@ def _a2a_raw(x: torch.Tensor, group: Any, in_splits: list[int], out_splits: list
     return buf
 
 
-def all_to_all(x_ND: Placed[Var[EP]], pctx: ParallelContext, in_splits: list[int], out_splits: list[int]) -> Placed[Var[EP]]:
+def all_to_all(x_ND: Placed[Var[A]], pctx: ParallelContext[A], in_splits: list[int], out_splits: list[int]) -> Placed[Var[A]]:
     """V -> V: send rows [in_splits[j]] to rank j, receive out_splits[j] rows from j."""
     if pctx.size == 1:
         return x_ND
@@ -125,22 +125,48 @@ def all_to_all(x_ND: Placed[Var[EP]], pctx: ParallelContext, in_splits: list[int
     return _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-any-return, no-untyped-call]
 
 
-def partial_from_shards(x: Placed[Var[EP]], pctx: ParallelContext) -> Placed[Par[EP]]:
+def partial_from_shards(x: Placed[Var[A]], pctx: ParallelContext[A]) -> Placed[Par[A]]:
     """V -> P with no communication: the local products of a hidden dim sharded over
     the axis are the summands of the full product (row-parallel linear)."""
     if pctx.size == 1 or not spmd.is_type_checking():
         return x  # type: ignore[return-value]
     _check_in("row_parallel", x, pctx)
-    out: Placed[Par[EP]] = spmd.reinterpret(x, pctx.group, src=spmd.V, dst=spmd.P)
+    out: Placed[Par[A]] = spmd.reinterpret(x, pctx.group, src=spmd.V, dst=spmd.P)
     return out
 
 
-def rank_view(x: Placed[Rep[EP]], pctx: ParallelContext) -> Placed[Var[EP]]:
+def rank_view(x: Placed[Rep[A]], pctx: ParallelContext[A]) -> Placed[Var[A]]:
     """R -> V with no communication: each rank uses the same replicated value in its own
     way (e.g. keeps the rows of its own experts). Backward: per-rank gradients are
     summands of the replicated input's gradient (V -> P, no-op)."""
     if pctx.size == 1 or not spmd.is_type_checking():
         return x  # type: ignore[return-value]
     _check_in("rank_view", x, pctx)
-    out: Placed[Var[EP]] = spmd.reinterpret(x, pctx.group, src=spmd.R, dst=spmd.V, expert_mode=True)
+    out: Placed[Var[A]] = spmd.reinterpret(x, pctx.group, src=spmd.R, dst=spmd.V, expert_mode=True)
     return out
+
+
+def invariant_to_replicate(x: Placed[Inv[A]], pctx: ParallelContext[A]) -> Placed[Rep[A]]:
+    """I -> R with no communication forward; backward sums the Partial gradient over the
+    axis (P -> I): Megatron's "copy to tensor-parallel region" at a replicated-activation
+    model's entry into the layer."""
+    if pctx.size == 1:
+        return x  # type: ignore[return-value]
+    if _autograd(x) or spmd.is_type_checking():
+        _check_in("invariant_to_replicate", x, pctx)
+        out: Placed[Rep[A]] = spmd.convert(x, pctx.group, src=spmd.I, dst=spmd.R)
+        return out
+    return x  # type: ignore[return-value]
+
+
+def replicate_to_invariant(x: Placed[Rep[A]], pctx: ParallelContext[A]) -> Placed[Inv[A]]:
+    """R -> I with no communication forward; backward turns the complete (Invariant)
+    gradient of every rank into Partial summands (I -> P): the layer's exit back into
+    a replicated-activation model."""
+    if pctx.size == 1:
+        return x  # type: ignore[return-value]
+    if _autograd(x) or spmd.is_type_checking():
+        _check_in("replicate_to_invariant", x, pctx)
+        out: Placed[Inv[A]] = spmd.convert(x, pctx.group, src=spmd.R, dst=spmd.I)
+        return out
+    return x  # type: ignore[return-value]

@@ -55,7 +55,7 @@ _NONLINEAR = (
     "a Partial input must be summed (all_reduce / reduce_scatter) first"
 )
 
-_RULES = (
+_RULES: tuple[OpRule, ...] = (
     # ---------------------------------------------------------------- local ops
     OpRule(
         "gate_matmul", (("x_TD", "V"), ("gate_weight_ED", "R")), "V", (("x_TD", "R"), ("x_TD", "P")),
@@ -142,7 +142,27 @@ _RULES = (
     ),
 )
 
+_RULES += (
+    OpRule(
+        "invariant_to_replicate", (("x", "I"),), "R", (),
+        "no communication forward; backward sums the Partial gradient over the axis (P -> I): "
+        "a replicated-activation (Megatron-style) model entering the layer",
+        collective=True, call="spmd_moe.collectives.invariant_to_replicate(x, pctx)",
+    ),
+    OpRule(
+        "replicate_to_invariant", (("x", "R"),), "I", (),
+        "no communication forward; backward turns every rank's complete gradient into "
+        "Partial summands (I -> P): the layer's exit into a replicated-activation model",
+        collective=True, call="spmd_moe.collectives.replicate_to_invariant(x, pctx)",
+    ),
+)
+
 RULES: dict[str, OpRule] = {r.name: r for r in _RULES}
+# spmd_moe.collectives function name -> its rule (read by the mypy plugin and at runtime).
+COLLECTIVE_FUNCS: dict[str, OpRule] = {
+    r.call.removeprefix("spmd_moe.collectives.").split("(")[0]: r
+    for r in _RULES if r.call.startswith("spmd_moe.collectives.")
+}
 
 
 def rule(name: str) -> OpRule:
