@@ -93,11 +93,13 @@ def placements(t: Type) -> Axes | None:
     out: Axes = {}
     for a in p.args:
         a = get_proper_type(a)
-        if isinstance(a, Instance) and a.type.fullname in _CODE_OF and a.args:
-            ax = get_proper_type(a.args[0])
-            if isinstance(ax, Instance):
-                out[ax.type.fullname] = (ax, _CODE_OF[a.type.fullname])
-    return out
+        if not (isinstance(a, Instance) and a.type.fullname in _CODE_OF and a.args):
+            return None
+        ax = get_proper_type(a.args[0])
+        if not isinstance(ax, Instance):
+            return None  # an axis that is Any or a type variable: nothing to infer from
+        out[ax.type.fullname] = (ax, _CODE_OF[a.type.fullname])
+    return out or None
 
 
 def _is_tensor(t: Type) -> bool:
@@ -233,6 +235,8 @@ class SpmdPlugin(Plugin):
             name = fullname[len(_COLLECTIVES):]
             if name in typing_rules.COLLECTIVE_FUNCS:
                 return lambda ctx: _collective(ctx, name)
+        if fullname in _SEQUENCE_FUNCS:
+            return _sequence_of_tensors
         return _polymorphic
 
     def get_method_signature_hook(self, fullname: str) -> Callable[[MethodSigContext], FunctionLike] | None:
@@ -244,10 +248,6 @@ class SpmdPlugin(Plugin):
 def _analyze_placed(ctx: AnalyzeTypeContext) -> Type:
     """``Placed[X[A], ...]`` in an annotation: canonical axis order, one placement per axis."""
     t: UnboundType = ctx.type
-    sym = ctx.api.lookup_fully_qualified(PLACED)
-    info = sym.node if sym is not None else None
-    if not isinstance(info, TypeInfo):
-        return AnyType(TypeOfAny.from_error)
     args = [get_proper_type(ctx.api.analyze_type(a)) for a in t.args]
     keyed: dict[str, Instance] = {}
     for a in args:
@@ -270,7 +270,7 @@ def _analyze_placed(ctx: AnalyzeTypeContext) -> Type:
             )
             return AnyType(TypeOfAny.from_error)
         keyed[key] = a
-    return Instance(info, [keyed[k] for k in sorted(keyed)])
+    return ctx.api.named_type(PLACED, [keyed[k] for k in sorted(keyed)])
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -347,7 +347,7 @@ def _infer_op(op: str, ctx: FunctionContext | MethodContext, receiver: Type | No
         if code is not None:
             out[k] = (all_axes[k], code)
     template = _placed_template(ctx.api)
-    if template is None:
+    if template is None or not out:
         return ctx.default_return_type
     result = make_placed(template, out)
     if op in PAIR_OPS and isinstance(default, TupleType):
@@ -416,7 +416,7 @@ def _collective(ctx: FunctionSigContext, name: str) -> FunctionLike:
             ctx.api,
             f'{name}({names[0]}) on axis {axis_label(axis)}: expected {_NAME_OF[want]} '
             f'({want}), got {got} ({show(axes)}): {why}. Fix: '
-            + (typing_rules.fix(want, have) or f"make it {_NAME_OF[want]} on {axis_label(axis)} first, or use the collective for its placement")
+            + ((typing_rules.fix(want, have) if have else None) or f"make it {_NAME_OF[want]} on {axis_label(axis)} first, or use the collective for its placement")
             + (" (a collective on the wrong axis?)" if have is None else ""),
             ctx.context,
         )
@@ -425,6 +425,23 @@ def _collective(ctx: FunctionSigContext, name: str) -> FunctionLike:
     arg_types = list(sig.arg_types)
     arg_types[0] = x
     return sig.copy_modified(arg_types=arg_types, ret_type=make_placed(template, out))
+
+
+_SEQUENCE_FUNCS = frozenset(f"torch._C._VariableFunctions.{op}" for op in SEQUENCE_OPS)
+
+
+def _sequence_of_tensors(ctx: FunctionSigContext) -> FunctionLike:
+    """torch.cat / torch.stack take any sequence of tensors (a list[Placed[...]] variable
+    included: torch's stub says list[Tensor], which list invariance would reject)."""
+    sig = ctx.default_signature
+    tensor = _placed_template(ctx.api)
+    if tensor is None or not sig.arg_types:
+        return sig
+    tensor_t = tensor.type.bases[0] if tensor.type.bases else None
+    if tensor_t is None:
+        return sig
+    seq = ctx.api.named_generic_type("typing.Sequence", [tensor_t])
+    return sig.copy_modified(arg_types=[seq, *sig.arg_types[1:]])
 
 
 def _stating(ctx: FunctionSigContext, code: str) -> FunctionLike:
@@ -526,7 +543,7 @@ def _module_call(ctx: MethodSigContext) -> FunctionLike:
     call = ctx.context
     if not isinstance(call, CallExpr):
         return fwd
-    items = fwd.items if isinstance(fwd, Overloaded) else [fwd]
+    items: list[CallableType] = list(fwd.items) if isinstance(fwd, Overloaded) else [fwd]
     out: list[CallableType] = []
     for item in items:
         mapping = map_actuals_to_formals(
@@ -538,7 +555,7 @@ def _module_call(ctx: MethodSigContext) -> FunctionLike:
     return out[0] if len(out) == 1 else Overloaded(out)
 
 
-def _bound_forward(obj: Instance) -> FunctionLike | None:
+def _bound_forward(obj: Instance) -> CallableType | Overloaded | None:
     """The class's own typed ``forward`` bound to ``obj`` (None if only Module's)."""
     from mypy.expandtype import expand_type_by_instance
     from mypy.nodes import Decorator, FuncDef, OverloadedFuncDef

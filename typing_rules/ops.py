@@ -151,7 +151,7 @@ _VIEW = (
     "unsqueeze", "transpose", "t", "T", "mT", "permute", "contiguous", "clone", "detach",
     "expand", "expand_as", "narrow", "to", "float", "double", "half", "bfloat16", "type_as",
     "__getitem__", "neg", "__neg__", "__pos__", "movedim", "select", "repeat",
-    "cpu", "cuda", "requires_grad_", "unbind",
+    "cpu", "cuda", "requires_grad_", "unbind", "pad",
 )
 _LINEAR = (
     "__add__", "__radd__", "__sub__", "__rsub__", "add", "sub", "__iadd__", "__isub__",
@@ -160,7 +160,7 @@ _LINEAR = (
 _MULTILINEAR = (
     "__mul__", "__rmul__", "__imul__", "mul", "__matmul__", "__rmatmul__", "matmul", "mm",
     "bmm", "linear", "einsum", "__truediv__", "div", "gather", "index_select",
-    "take_along_dim", "masked_fill", "where", "scatter_add", "index_add", "outer",
+    "take_along_dim", "masked_fill", "where", "outer", "repeat_interleave",
 )
 _NONLINEAR = (
     "silu", "gelu", "relu", "sigmoid", "softmax", "log_softmax", "exp", "log", "sqrt",
