@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import re
 import typing
 from collections.abc import Callable, Iterator
@@ -83,35 +84,252 @@ class AxisLike(typing.Protocol):
     def group(self) -> Any: ...
 
 
+_WORDS = {"R": "Replicate", "I": "Invariant", "V": "Varying", "P": "Partial"}
+
+
 def local_type_on(t: torch.Tensor, axis: AxisLike) -> str | None:
     """The spmd_types letter tracked on ``t`` for ``axis``, or None if untyped."""
     if not _HAVE_SPMD or axis.size == 1 or axis.group is None:
         return None
-    ty = spmd.maybe_get_axis_local_type(t, axis.group) if hasattr(spmd, "maybe_get_axis_local_type") else None
+    ty = spmd.maybe_get_axis_local_type(t, axis.group)
     return None if ty is None else str(ty.value)
 
 
-def check_placement(t: torch.Tensor, name: str, expected: str, axis: AxisLike) -> None:
+# ----------------------------------------------------------------------------- value checks
+#
+# A placement stated on a tensor that spmd_types does not track yet is verified from
+# the values, never assigned: one fixed-size int64 all_gather per tensor (as
+# DTensor.from_local(run_check=True) does), compared identically on every rank so
+# every rank raises the same error (no rank is left waiting in a later collective).
+#
+#   R / I      same shape, dtype and bytes on every rank (exact integer fingerprint)
+#   V          nothing in general (equal values on every rank are a legal Varying);
+#              a *token slice* (``tokens=True``: the 'sequence' layout's input, the
+#              public router's input) identical on every rank is reported as a likely
+#              Replicate: a split that never happened (torchtitan #3622)
+#   P          shape and dtype agreement only: any local values are summands of some
+#              total, so Partial cannot be verified from values
+
+_MAGIC = 0x5EED_C4EC
+_MAX_DIMS = 8
+# magic, ndim, dims..., dtype, numel, fp_sum, fp_weighted
+_ROW = 1 + 1 + _MAX_DIMS + 1 + 1 + 2
+_DTYPES = {d: i for i, d in enumerate((
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+))}
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _exchange_device(axis: AxisLike) -> torch.device:
+    """NCCL moves only CUDA tensors; gloo takes CPU ones."""
+    import torch.distributed as dist
+
+    if dist.get_backend(axis.group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def fingerprint(t: torch.Tensor) -> tuple[int, int]:
+    """An exact fingerprint of ``t``'s bytes: (sum, position-weighted sum) of its elements
+    reinterpreted as integers, in int64 (wrapping). Integer sums do not depend on the
+    summation order, so bitwise-equal tensors give equal fingerprints on any device."""
+    with torch.no_grad():
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        if flat.dtype == torch.bool:
+            ints = flat.to(torch.int64)
+        else:
+            ints = flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)
+        pos = torch.arange(1, ints.numel() + 1, device=ints.device, dtype=torch.int64)
+        pos = pos * 0x9E3779B1 + 0x7F4A7C15  # odd multiplier: spreads positions
+        both = torch.stack([ints.sum(), (ints * pos).sum()])
+        a, b = both.tolist()
+    return int(a), int(b)
+
+
+def _row(t: torch.Tensor, with_values: bool) -> list[int]:
+    shape = list(t.shape)
+    dims = shape[:_MAX_DIMS - 1] + [math.prod(shape[_MAX_DIMS - 1:])] if len(shape) > _MAX_DIMS else shape
+    dims = dims + [-1] * (_MAX_DIMS - len(dims))
+    fp = fingerprint(t) if with_values else (0, 0)
+    return [_MAGIC, t.ndim, *dims, _DTYPES.get(t.dtype, 99), t.numel(), *fp]
+
+
+def _gather_rows(t: torch.Tensor, name: str, axis: AxisLike, with_values: bool) -> list[list[int]]:
+    """Every rank's row (shape, dtype, fingerprint) in rank order; a failed exchange or a
+    rank that never joins ends in the group's timeout as a DistributedError."""
+    import torch.distributed as dist
+
+    from spmd_moe.errors import DistributedError
+
+    n = axis.size
+    dev = _exchange_device(axis)
+    mine = torch.tensor(_row(t, with_values), dtype=torch.int64, device=dev)
+    everyone = torch.empty(n * _ROW, dtype=torch.int64, device=dev)
+    ctx = spmd.no_typecheck() if _HAVE_SPMD and spmd.is_type_checking() else contextlib.nullcontext()
+    try:
+        with ctx, torch.no_grad():
+            dist.all_gather_into_tensor(everyone, mine, group=axis.group)
+    except RuntimeError as e:
+        raise DistributedError(
+            f"{name}: debug-mode placement check on axis '{axis.name}' (size {n}) failed: "
+            f"expected every rank to join the checksum exchange, got: "
+            f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}. Fix: check that "
+            "every rank reached this call with debug mode on everywhere (a rank that died, "
+            "skipped the call or runs with debug off makes the others time out after the "
+            "group's timeout); the group is unusable now, restart the job."
+        ) from e
+    rows = everyone.view(n, _ROW).tolist()
+    for r, row in enumerate(rows):
+        if row[0] != _MAGIC:  # a peer in some other collective: shapes of what it sent differ
+            raise DistributedError(
+                f"{name}: debug-mode placement check on axis '{axis.name}' (size {n}): "
+                f"expected every rank in the same check, got other data from rank {r}. Fix: "
+                "make every rank run the same layers in the same order with debug mode on."
+            )
+    return [[int(v) for v in row] for row in rows]
+
+
+def _shape_of(row: list[int]) -> list[int]:
+    return [d for d in row[2:2 + _MAX_DIMS]][: row[1] if row[1] <= _MAX_DIMS else _MAX_DIMS]
+
+
+def _differs(rows: list[list[int]], lo: int, hi: int) -> list[int]:
+    return [r for r in range(1, len(rows)) if rows[r][lo:hi] != rows[0][lo:hi]]
+
+
+_TOKEN_FIX = (
+    "give each rank its own slice of the tokens (shard the batch or sequence over this "
+    "axis, or spmd_moe.collectives.split_tokens(x, pctx) on a replicated batch: pad T to a "
+    "multiple of the axis size first); if every rank really holds the same tokens, use "
+    "layout 'replicated' (or 'invariant'), which splits them itself"
+)
+
+
+def verify_values(t: torch.Tensor, name: str, code: str, axis: AxisLike, *, tokens: bool = False) -> None:
+    """Debug mode: verify from the values that ``t`` can be ``code`` on ``axis``.
+
+    R / I: same shape, dtype and bytes on every rank. P: same shape and dtype (Partial
+    cannot be verified from values). V: nothing, unless ``tokens`` (``t`` is documented
+    as this rank's token slice): then identical non-empty data on every rank is
+    rejected as a likely Replicate. A collective on every rank of the axis, except for V
+    without ``tokens`` (no communication).
+    """
+    if axis.size == 1 or axis.group is None or not _HAVE_SPMD:
+        return
+    if code == "V" and not tokens:
+        return  # an all-ranks-equal Varying is legal in general: nothing to check
+    rows = _gather_rows(t, name, axis, with_values=code in ("R", "I") or tokens)
+    where = f"{name} on axis '{axis.name}' (size {axis.size})"
+    shape_diff = _differs(rows, 1, 2 + _MAX_DIMS + 1)  # ndim, dims, dtype
+    if code in ("R", "I", "P") and shape_diff:
+        r = shape_diff[0]
+        got = (f"shape {_shape_of(rows[r])} dtype #{rows[r][2 + _MAX_DIMS]} on rank {r} vs "
+               f"{_shape_of(rows[0])} dtype #{rows[0][2 + _MAX_DIMS]} on rank 0")
+        if code == "P":
+            raise PlacementError(
+                f"{where}: expected placement P (Partial: summands of one shape on every "
+                f"rank), got {got}. Fix: every rank must compute its summand of the same "
+                "tensor (same shape and dtype); check what feeds this tensor on each rank."
+            )
+        raise PlacementError(
+            f"{where}: expected placement {code} ({_WORDS[code]}: the same values on every "
+            f"rank), got V: differs across ranks: Varying ({got}). Fix: "
+            f"{placement_fix(code, 'V')}."
+        )
+    if code in ("R", "I"):
+        val_diff = _differs(rows, _ROW - 2, _ROW)
+        if val_diff:
+            raise PlacementError(
+                f"{where}: expected placement {code} ({_WORDS[code]}: the same values on "
+                f"every rank), got V: differs across ranks: Varying (ranks {val_diff} hold "
+                f"other values than rank 0; shape {_shape_of(rows[0])}). Fix: "
+                f"{placement_fix(code, 'V')}."
+            )
+        return
+    if tokens and not shape_diff and rows[0][_ROW - 3] > 0 and not _differs(rows, _ROW - 2, _ROW):
+        raise PlacementError(
+            f"{where}: expected placement V (Varying: this rank's own token slice), got "
+            f"identical tokens on all {axis.size} ranks (shape {_shape_of(rows[0])}): likely "
+            "R (Replicate), a token split that never happened (torchtitan #3622): every "
+            "token would be routed and counted once per rank. Fix: " + _TOKEN_FIX + "."
+        )
+
+
+def _mismatch(where: str, expected: str, actual: str) -> PlacementError:
+    return PlacementError(
+        f"{where}: expected placement {expected}, got {actual}. "
+        f"Fix: {placement_fix(expected, actual)}."
+    )
+
+
+def check_placement(t: torch.Tensor, name: str, expected: str, axis: AxisLike, *, tokens: bool = False) -> None:
     """Debug mode: raise PlacementError unless ``t`` is ``expected`` on ``axis``.
 
-    An untyped tensor is given the expected type (it enters the tracked region here).
+    A tensor spmd_types tracks is checked against its tracked placement; an untracked one
+    is verified from its values (:func:`verify_values`). Nothing is written on ``t``.
     """
     if axis.size == 1 or axis.group is None or not _HAVE_SPMD:
         return  # one rank: every placement is the same thing
     actual = local_type_on(t, axis)
     if actual is None:
-        spmd.assert_type(t, {axis.group: _LocalType(expected)})
-        return
-    if actual != expected:
-        raise PlacementError(
-            f"{name} on axis '{axis.name}' (size {axis.size}): expected placement "
-            f"{expected}, got {actual}. Fix: {placement_fix(expected, actual)}."
-        )
+        verify_values(t, name, expected, axis, tokens=tokens)
+    elif actual != expected:
+        raise _mismatch(f"{name} on axis '{axis.name}' (size {axis.size})", expected, actual)
 
 
 def verify_stated(t: torch.Tensor, code: str, pctx: AxisLike, name: str) -> None:
-    """Debug mode: check a placement stated with as_rep / as_var / ... on ``pctx``'s axis."""
+    """Debug mode: check a placement stated with as_rep / as_inv / as_var / as_par.
+
+    Verified, never assigned: R / I by a checksum exchange over the axis; P by shape
+    agreement only (Partial cannot be verified from values); V needs no exchange. A
+    tensor that spmd_types already tracks must carry the stated placement. ``t`` is
+    left as it was (no spmd_types mark is written on it).
+    """
     check_placement(t, name, code, pctx)
+
+
+def typed_alias(t: torch.Tensor, code: str, axis: AxisLike) -> torch.Tensor:
+    """A new tensor object sharing ``t``'s storage and autograd history
+    (``t.view_as(t)``), marked ``code`` on ``axis`` for spmd_types' tracking. The
+    caller's ``t`` gets no mark: nothing outlives the tracked region on it."""
+    ctx = spmd.no_typecheck() if spmd.is_type_checking() else contextlib.nullcontext()
+    with ctx:
+        alias = t.view_as(t)
+    spmd.assert_type(alias, {axis.group: _LocalType(code)})
+    return alias
+
+
+@contextlib.contextmanager
+def typed_params(axis: AxisLike, where: str, params: list[tuple[str, torch.Tensor, str]]) -> Iterator[None]:
+    """The layer's own parameters and buffers inside its tracked region: each is
+    verified from its values (R / I by checksum: a replicated gate weight must be the
+    same on every rank), marked for spmd_types, and unmarked again on exit (a mark
+    this did not add is left alone), so no verdict depends on an earlier call."""
+    added: list[torch.Tensor] = []
+    try:
+        for pname, p, code in params:
+            actual = local_type_on(p, axis)
+            if actual is None:
+                verify_values(p, f"{where}: {pname}", code, axis)
+                with spmd.no_typecheck():
+                    spmd.assert_type(p, {axis.group: _LocalType(code)})
+                added.append(p)
+            elif actual != code:
+                raise _mismatch(f"{where}: {pname} on axis '{axis.name}' (size {axis.size})", code, actual)
+        yield
+    finally:
+        for p in added:
+            _unmark(p)
+
+
+def _unmark(t: torch.Tensor) -> None:
+    from spmd_types._type_attr import _LOCAL_TYPE_ATTR
+
+    if _LOCAL_TYPE_ATTR in t.__dict__:
+        delattr(t, _LOCAL_TYPE_ATTR)
 
 
 # ----------------------------------------------------------------------------- checked
@@ -139,12 +357,33 @@ def _axis_of(args: tuple[Any, ...]) -> AxisLike | None:
     return cast("AxisLike | None", pctx)
 
 
-def checked(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+@typing.overload
+def checked(fn: Callable[_P, _T], /) -> Callable[_P, _T]: ...
+
+
+@typing.overload
+def checked(*, tokens: tuple[str, ...] = ()) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]: ...
+
+
+def checked(fn: Callable[_P, _T] | None = None, /, *, tokens: tuple[str, ...] = ()) -> Any:
     """Check shapes, dtypes (jaxtyping+beartype) and placements of ``fn`` in debug mode.
 
     Off, the wrapper is one bool test and a call. The placement axis is ``self.pctx``
-    of the method's owner (a ParallelContext).
+    of the method's owner (a ParallelContext). On, each tensor parameter with a
+    placement on the expert axis is checked against spmd_types' tracked placement, or,
+    if untracked, verified from its values (:func:`verify_values`; never assigned);
+    inside a tracked region (spmd_types' typecheck mode) ``fn`` then gets a marked alias
+    of it (:func:`typed_alias`), never the caller's object marked. ``tokens`` names the
+    Varying parameters documented as this rank's token slice (``@checked(tokens=("x_TD",))``):
+    identical on every rank, they are rejected as a likely Replicate (torchtitan #3622).
+    Results are checked the same way (tracked placement, else values).
     """
+    if fn is None:
+        return functools.partial(_checked, tokens=frozenset(tokens))
+    return _checked(fn, tokens=frozenset())
+
+
+def _checked(fn: Callable[_P, _T], tokens: frozenset[str]) -> Callable[_P, _T]:
     typed_fn = jaxtyped(typechecker=beartype)(fn)
     sig = inspect.signature(fn)
     info: dict[str, Any] = {}
@@ -158,6 +397,9 @@ def checked(fn: Callable[_P, _T]) -> Callable[_P, _T]:
                     b = _expert_axis_code(hints[pname])
                     if b is not None:
                         params[pname] = b
+            bad = sorted(set(tokens) - {p for p, c in params.items() if c == "V"})
+            if bad:
+                raise TypeError(f"checked(tokens={sorted(tokens)}): {bad} not Varying parameters of {fn.__qualname__}")
             info["params"] = params
             info["ret"] = _return_codes(hints["return"]) if "return" in hints else None
         return info["params"], info["ret"]
@@ -172,29 +414,56 @@ def checked(fn: Callable[_P, _T]) -> Callable[_P, _T]:
             _call_log[qual] = _call_log.get(qual, 0) + 1
         params, ret = _hints()
         axis = _axis_of(args)
-        if axis is not None and axis.size > 1:
+        global _depth
+        outer = _depth == 0  # entering the checked region: verify what comes in
+        call_args, call_kwargs = args, kwargs
+        if axis is not None and axis.size > 1 and axis.group is not None and _HAVE_SPMD:
             bound = sig.bind(*args, **kwargs)
-            for pname, brand in params.items():
+            tracking = spmd.is_type_checking()
+            aliased = False
+            for pname, code in params.items():
                 v = bound.arguments.get(pname)
-                if isinstance(v, torch.Tensor):
-                    check_placement(v, f"{qual}({pname})", brand, axis)
+                if not isinstance(v, torch.Tensor):
+                    continue
+                actual = local_type_on(v, axis)
+                if actual is None:
+                    if not outer:
+                        continue  # the layer's own untracked tensor: mypy's business
+                    verify_values(v, f"{qual}({pname})", code, axis, tokens=pname in tokens)
+                    if tracking:
+                        bound.arguments[pname] = typed_alias(v, code, axis)
+                        aliased = True
+                elif actual != code:
+                    raise _mismatch(f"{qual}({pname}) on axis '{axis.name}' (size {axis.size})", code, actual)
+            if aliased:
+                call_args, call_kwargs = tuple(bound.args), dict(bound.kwargs)  # type: ignore[assignment]
+        _depth += 1
         try:
-            out = typed_fn(*args, **kwargs)
+            out = typed_fn(*call_args, **call_kwargs)
         except (BeartypeCallHintViolation, TypeCheckError) as e:
             hints = typing.get_type_hints(fn, include_extras=True)
             arguments = sig.bind(*args, **kwargs).arguments
             raise _shape_or_dtype_error(qual, e, hints, arguments) from None
+        finally:
+            _depth -= 1
         if axis is not None and axis.size > 1 and ret is not None:
             outs = out if isinstance(out, tuple) else (out,)
             for i, (o, out_brand) in enumerate(zip(outs, ret)):
-                if out_brand is not None and isinstance(o, torch.Tensor):
+                if out_brand is None or not isinstance(o, torch.Tensor):
+                    continue
+                if outer:
                     check_placement(o, f"{qual} -> output {i}", out_brand, axis)
+                else:
+                    actual = local_type_on(o, axis)
+                    if actual is not None and actual != out_brand:
+                        raise _mismatch(f"{qual} -> output {i} on axis '{axis.name}' (size {axis.size})", out_brand, actual)
         return out
 
     return wrapper
 
 
 _call_log: dict[str, int] | None = None
+_depth = 0  # nesting of checked calls: values are verified where the region is entered
 
 
 @contextlib.contextmanager
