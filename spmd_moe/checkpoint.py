@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from spmd_moe.config import MoEConfig
@@ -30,7 +32,7 @@ def full_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
 
 
 def shard_state_dict(
-    full_sd: dict[str, torch.Tensor], cfg: MoEConfig, pctx: ParallelContext, prefix: str = ""
+    full_sd: dict[str, torch.Tensor], cfg: MoEConfig, pctx: ParallelContext[Any], prefix: str = ""
 ) -> dict[str, torch.Tensor]:
     """This rank's slice of a full MoE state dict: experts E/n, shared hidden dim /n."""
     want = full_shapes(cfg)

@@ -12,6 +12,7 @@ def _demo_one_device(args: argparse.Namespace) -> int:
 
     import spmd_moe as sm
     from spmd_moe.checking import checked_calls
+    from spmd_moe.placement import as_rep
 
     torch.manual_seed(0)
     cfg = sm.MoEConfig(dim=64, hidden_dim=32, num_experts=8, top_k=2, score_func="softmax",
@@ -21,8 +22,8 @@ def _demo_one_device(args: argparse.Namespace) -> int:
     moe.init_states(seed=0)
     x_TD = torch.randn(24, cfg.dim, requires_grad=True)
     with sm.debug(), checked_calls() as calls:
-        y_TD = moe(x_TD)
-        y_TD.square().mean().backward()
+        y_TD = moe(as_rep(x_TD, moe.pctx, "x_TD"))  # one device: trivially Replicate
+        torch.autograd.backward(y_TD.square().mean())
     print(f"MoE forward+backward on one device, debug mode: y {tuple(y_TD.shape)} {y_TD.dtype}")
     for name, n in sorted(calls.items()):
         print(f"  checked {n}x  {name}")

@@ -31,7 +31,8 @@ T_PROMPT, N_DECODE = 12, 4
 
 
 def cfg() -> sm.MoEConfig:
-    return sm.MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, score_func="softmax", route_norm=True)
+    # padding='pad': the generator's one-token decode steps (T=1 < 2 ranks) need it.
+    return sm.MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, score_func="softmax", route_norm=True, padding="pad")
 
 
 def tokens() -> torch.Tensor:

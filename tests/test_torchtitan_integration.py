@@ -150,7 +150,9 @@ def test_config_errors() -> None:
             self.tp, self.ep = tp, ep
 
     assert choose_layout(PD(2, 2), True, False) == "sequence"
-    assert choose_layout(PD(2, 2), False, False) == "replicated"
+    assert choose_layout(PD(2, 2), False, False) == "invariant"  # TP without SP: complete grads
+    assert choose_layout(PD(2, 1), False, False) == "invariant"
+    assert choose_layout(PD(1, 1), False, False) == "replicated"
     assert choose_layout(PD(1, 2), False, False) == "sequence"
     with pytest.raises(ConfigError, match="expert_parallel_degree == tensor_parallel_degree"):
         choose_layout(PD(4, 2), True, False)
@@ -337,7 +339,7 @@ def test_train_tp2_ep2_matches_torchtitan_moe() -> None:
     toks = [tokens(100 + s) for s in range(STEPS)]
     ref = reference_run(full_sd, toks)
     res = run_distributed(_train_worker, 2, full_sd, toks, timeout=800, pg_timeout=600)
-    for mode, layout in (("sp", "sequence"), ("nosp", "replicated")):
+    for mode, layout in (("sp", "sequence"), ("nosp", "invariant")):
         for rank, r in enumerate(res):
             got = r[mode]
             assert got["info"]["layout"] == layout and got["info"]["ep"] == 2 and got["info"]["experts"] == 4

@@ -39,15 +39,17 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from jaxtyping import Float
 from torch import nn
 from torchtitan.models.common.moe import MoE as TitanMoE
 from torchtitan.protocols.module import Module as TitanModule
 
 from spmd_moe.checkpoint import shard_state_dict
-from spmd_moe.config import MoEConfig
+from spmd_moe.config import DispatchKind, MoEConfig, PaddingPolicy
 from spmd_moe.errors import ConfigError
-from spmd_moe.moe import Layout, MoE
+from spmd_moe.moe import AnyLayout, Layout, MoE
 from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import EP, as_inv, as_rep, as_var
 
 __all__ = ["SpmdMoE", "moe_config_from_torchtitan", "use_spmd_moe", "choose_layout", "collect_routes", "force_routes"]
 
@@ -56,10 +58,20 @@ _DTYPES: dict[str | None, torch.dtype | None] = {
 }
 
 
+# The adapter's padding policy (SpmdMoE.Config.padding's default; MoEConfig.padding has
+# none): 'pad', because torchtitan hands the layer whatever token count its batch holds
+# (B*L not a multiple of the EP size without sequence parallel, uneven per-rank rows in
+# scoring passes), and pad rows are never routed, counted or given a gradient, so
+# padding changes no result. Set padding='error' to refuse such batches instead.
+TITAN_PADDING: PaddingPolicy = "pad"
+
+
 def moe_config_from_torchtitan(
-    cfg: Any, *, expert_dtype: torch.dtype | None = torch.bfloat16, dispatcher: str = "auto", padding: str = "pad"
+    cfg: Any, *, padding: PaddingPolicy, expert_dtype: torch.dtype | None = torch.bfloat16,
+    dispatcher: DispatchKind = "auto",
 ) -> MoEConfig:
-    """spmd_moe's MoEConfig with the routing semantics of a torchtitan MoE.Config."""
+    """spmd_moe's MoEConfig with the routing semantics of a torchtitan MoE.Config.
+    ``padding`` has no default: say 'pad' or 'error' (the adapter passes TITAN_PADDING)."""
     router = cfg.router
     inner = cfg.routed_experts.inner_experts
     if getattr(router.gate, "bias", False):
@@ -87,16 +99,21 @@ def moe_config_from_torchtitan(
         route_scale=float(router.route_scale), num_expert_groups=router.num_expert_groups,
         num_limited_groups=router.num_limited_groups, load_balance_coeff=cfg.load_balance_coeff,
         shared_hidden_dim=shared_hidden, expert_dtype=expert_dtype,
-        dispatcher=dispatcher,  # type: ignore[arg-type]
-        padding=padding,  # type: ignore[arg-type]
+        dispatcher=dispatcher, padding=padding,
     )
 
 
 def choose_layout(parallel_dims: Any, sequence_parallel: bool, shared_experts: bool) -> Layout:
-    """The spmd_moe layout for torchtitan's ParallelDims (see the module docstring)."""
+    """The spmd_moe layout for torchtitan's ParallelDims (see the module docstring).
+    torchtitan's TP without sequence parallel replicates activations and hands every TP
+    rank their complete gradient (Megatron's convention): layout 'invariant' (Inv in,
+    Inv out) takes and gives exactly that, so no gradient hook is needed at the
+    boundary. Sequence parallel, or EP drawn from data parallel: 'sequence'."""
     tp, ep = int(parallel_dims.tp), int(parallel_dims.ep)
     if ep <= 1:
-        return "sequence" if (tp > 1 and sequence_parallel) else "replicated"
+        if tp > 1:
+            return "sequence" if sequence_parallel else "invariant"
+        return "replicated"  # one device: every layout is the same
     if tp > 1:
         if ep != tp:
             raise ConfigError(
@@ -105,7 +122,7 @@ def choose_layout(parallel_dims: Any, sequence_parallel: bool, shared_experts: b
                 f"tp={tp}. Fix: set expert_parallel_degree={tp}, or turn TP off and draw EP "
                 "from data parallel."
             )
-        return "sequence" if sequence_parallel else "replicated"
+        return "sequence" if sequence_parallel else "invariant"
     if shared_experts:
         raise ConfigError(
             f"ParallelDims: shared experts with EP drawn from data parallel (ep={ep}, tp=1): "
@@ -125,42 +142,7 @@ def _all_reduce_hook(group: Any) -> Any:
     return hook
 
 
-class _GradSumOverGroup(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over the group (Megatron's "copy
-    to the tensor-parallel region"). torchtitan's TP without sequence parallel treats
-    a replicated activation's gradient as complete on every rank, while spmd_moe's
-    replicated layout returns it Partial (each rank differentiates its token chunk)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _GradOverGroupSize(torch.autograd.Function):
-    """Identity forward; backward divides the gradient by the group size. torchtitan
-    hands every TP rank the complete gradient of a replicated output; spmd_moe's
-    replicated output expects a Partial one (its all_gather's backward sums over the
-    ranks). Dividing by n (exact for powers of 2) turns n complete copies into
-    summands of the complete gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, n: int) -> torch.Tensor:
-        ctx.n = n
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad / ctx.n, None
-
-
-def reshard(moe: MoE, pctx: ParallelContext, layout: Layout) -> None:
+def reshard(moe: MoE[Any], pctx: ParallelContext[EP], layout: Layout) -> None:
     """Rebuild moe's parallel pieces for the expert axis pctx, in place. Materialized
     weights are sliced from the current (full, EP=1) ones; meta weights stay meta."""
     if moe.pctx.size != 1:
@@ -181,23 +163,33 @@ def reshard(moe: MoE, pctx: ParallelContext, layout: Layout) -> None:
         moe.load_state_dict(shard_state_dict(full, moe.cfg, pctx), strict=True)
 
 
-class SpmdMoE(TitanModule, MoE):  # type: ignore[misc]
+class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
     """spmd_moe.MoE built from a torchtitan Config, with torchtitan's Module protocol."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(TitanMoE.Config):  # type: ignore[misc]
         # spmd_moe options on top of torchtitan's MoE.Config fields.
         expert_dtype: str | None = "bfloat16"  # torchtitan runs its experts in bf16
-        layout: Literal["auto", "replicated", "sequence"] = "auto"
+        # 'auto': from ParallelDims in parallelize() (choose_layout); or 'invariant' /
+        # 'sequence' / 'replicated' (Partial input gradient: not torchtitan's convention).
+        layout: Literal["auto", "replicated", "invariant", "sequence"] = "auto"
         sequence_parallel: bool = True  # torchtitan's ParallelismConfig default
         dispatcher: Literal["auto", "all_to_all", "all_gather"] = "auto"
-        padding: Literal["pad", "error"] = "pad"
+        # What to do with tokens that do not split over the EP ranks: 'pad' (the
+        # adapter's stated policy, TITAN_PADDING: padding changes no result) or 'error'.
+        padding: Literal["pad", "error"] = TITAN_PADDING
 
     def __init__(self, config: Any) -> None:
         if config.expert_dtype not in _DTYPES:
             raise ConfigError(
                 f"SpmdMoE.Config.expert_dtype: expected one of {sorted(k for k in _DTYPES if k)} "
                 f"or None, got {config.expert_dtype!r}. Fix: use 'bfloat16' (torchtitan's) or None."
+            )
+        if config.padding not in ("pad", "error"):
+            raise ConfigError(
+                f"SpmdMoE.Config.padding: expected 'pad' or 'error', got {config.padding!r}. "
+                "Fix: padding='pad' (pad the tokens to a multiple of the EP size; pad rows are "
+                "never routed, counted or given a gradient) or padding='error' (refuse such batches)."
             )
         mcfg = moe_config_from_torchtitan(
             config, expert_dtype=_DTYPES[config.expert_dtype], dispatcher=config.dispatcher,
@@ -206,8 +198,10 @@ class SpmdMoE(TitanModule, MoE):  # type: ignore[misc]
         MoE.__init__(self, mcfg, None, layout="replicated", name="moe")
         self.titan_config = config
 
-    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] -> [B, L, D] (or [T, D] -> [T, D]); this rank's tokens. Like
+    def forward(self, x_BLD: Float[torch.Tensor, "*B D"]) -> Float[torch.Tensor, "*B D"]:  # type: ignore[override]
+        """[B, L, D] -> [B, L, D] (or [T, D] -> [T, D]); this rank's tokens, as torchtitan
+        hands them over: plain tensors, whose placement on the EP axis the layout chosen
+        in parallelize() says (stated in _run_layout, verified in debug mode). Like
         torchtitan's MoE, tokens are counted for the expert bias in training mode only
         (an eval-mode scoring pass must not move the next bias update)."""
         if self.training:
@@ -219,20 +213,23 @@ class SpmdMoE(TitanModule, MoE):  # type: ignore[misc]
             with torch.no_grad():
                 self.tokens_per_expert_E.copy_(kept_E)
 
-    def _forward_counted(self, x_BLD: torch.Tensor) -> torch.Tensor:
+    def _forward_counted(self, x_BLD: Float[torch.Tensor, "*B D"]) -> Float[torch.Tensor, "*B D"]:
         if x_BLD.ndim != 3:
-            return MoE.forward(self, x_BLD)
+            return self._run_layout(x_BLD)
         B, L, D = x_BLD.shape
-        x_TD = x_BLD.reshape(B * L, D)
-        bridge = self.layout == "replicated" and self.pctx.size > 1 and torch.is_grad_enabled()
-        if bridge and x_TD.requires_grad:
-            # torchtitan (TP without SP) wants complete gradients on replicated
-            # activations; spmd_moe's replicated layout works with Partial ones.
-            x_TD = _GradSumOverGroup.apply(x_TD, self.pctx.group)  # type: ignore[no-untyped-call]
-        y_TD = MoE.forward(self, x_TD)
-        if bridge and y_TD.requires_grad:
-            y_TD = _GradOverGroupSize.apply(y_TD, self.pctx.size)  # type: ignore[no-untyped-call]
-        return y_TD.view(B, L, D)
+        return self._run_layout(x_BLD.reshape(B * L, D)).view(B, L, D)
+
+    def _run_layout(self, x_TD: Float[torch.Tensor, "T D"]) -> Float[torch.Tensor, "T D"]:
+        """State torchtitan's placement of the tokens on the EP axis (verified in debug
+        mode) and run the layer. No gradient bridging: 'invariant' is torchtitan's own
+        convention for TP without sequence parallel (complete gradients on every rank)."""
+        what = f"{self.name}: x_TD (from torchtitan)"
+        if self.layout == "invariant":  # TP without SP: the same tokens on every TP rank
+            return MoE.forward(self, as_inv(x_TD, self.pctx, what))
+        if self.layout == "sequence":  # sequence parallel / EP from DP: this rank's slice
+            return MoE.forward(self, as_var(x_TD, self.pctx, what))
+        # 'replicated' (one device, or chosen explicitly): the input gradient is Partial.
+        return MoE.forward(self, as_rep(x_TD, self.pctx, what))
 
     def parallelize(self, parallel_dims: Any) -> None:
         """Shard the experts over torchtitan's EP mesh and pick the layout. Replaces
@@ -329,7 +326,7 @@ def use_spmd_moe(model_config: Any, **options: Any) -> Any:
     return model_config
 
 
-def moe_layers(model: nn.Module) -> dict[str, MoE]:
+def moe_layers(model: nn.Module) -> dict[str, MoE[Any]]:
     """Every spmd_moe MoE layer of a model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
 

@@ -40,11 +40,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from spmd_moe import _debug
-from spmd_moe.config import MoEConfig
+from spmd_moe.config import MoEConfig, PaddingPolicy
 from spmd_moe.errors import CheckpointError, ConfigError
 from spmd_moe.integrations.vllm import weights as W
-from spmd_moe.moe import MoE
+from spmd_moe.moe import MoE, Replicated
 from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import EP, as_rep
 
 # checkpoint sub-name -> (our parameter sub-name, shard id of vLLM's merged layer)
 _STACKED: tuple[tuple[str, str, Any], ...] = (
@@ -56,6 +57,11 @@ _STACKED: tuple[tuple[str, str, Any], ...] = (
 )
 _SHARDS_OF: dict[str, set[Any]] = {".qkv_proj.": {"q", "k", "v"}, ".gate_up_proj.": {0, 1}}
 INIT_SEED = 0  # init_states seed: every weight is then overwritten by load_weights
+# Padding policy of every MoE layer (MoEConfig.padding has no default): 'pad', because a
+# vLLM step's token count is whatever the scheduler batched, and a decode step with fewer
+# tokens than TP ranks (T=1 at TP=2) or any T not a multiple of TP is normal; pad rows
+# are never routed or counted and are sliced off, so padding changes no output.
+PADDING: PaddingPolicy = "pad"
 
 
 def moe_config_from_hf(hf: Any, dtype: torch.dtype) -> MoEConfig:
@@ -78,7 +84,7 @@ def moe_config_from_hf(hf: Any, dtype: torch.dtype) -> MoEConfig:
         score_func="softmax",
         route_norm=bool(getattr(hf, "norm_topk_prob", True)),
         param_dtype=dtype,
-        padding="pad",
+        padding=PADDING,
     )
 
 
@@ -149,10 +155,11 @@ class _DenseMLP(nn.Module):
 
 
 class _DecoderLayer(nn.Module):
-    def __init__(self, hf: Any, vllm_config: VllmConfig, idx: int, prefix: str, pctx: ParallelContext, device: torch.device) -> None:
+    def __init__(self, hf: Any, vllm_config: VllmConfig, idx: int, prefix: str, pctx: ParallelContext[EP], device: torch.device) -> None:
         super().__init__()
         self.self_attn = _Attention(hf, vllm_config, f"{prefix}.self_attn")
-        self.mlp: nn.Module
+        self.pctx = pctx
+        self.mlp: MoE[Replicated] | _DenseMLP
         if is_moe_layer(hf, idx):
             cfg = moe_config_from_hf(hf, vllm_config.model_config.dtype)
             # Built on the meta device (no memory), then materialized and initialized:
@@ -176,11 +183,15 @@ class _DecoderLayer(nn.Module):
             x_TD, residual_TD = self.input_layernorm(x_TD, residual_TD)
         x_TD = self.self_attn(positions, x_TD)
         x_TD, residual_TD = self.post_attention_layernorm(x_TD, residual_TD)
+        if isinstance(self.mlp, MoE):
+            # vLLM hands every TP rank the same hidden states (o_proj's all-reduce, then
+            # a replicated norm): Replicate on the TP(=EP) axis, verified in debug mode.
+            return self.mlp(as_rep(x_TD, self.pctx, f"{self.mlp.name}: x_TD (from vLLM)")), residual_TD
         return self.mlp(x_TD), residual_TD
 
 
 class _Qwen3MoeModel(nn.Module):
-    def __init__(self, hf: Any, vllm_config: VllmConfig, prefix: str, pctx: ParallelContext, device: torch.device) -> None:
+    def __init__(self, hf: Any, vllm_config: VllmConfig, prefix: str, pctx: ParallelContext[EP], device: torch.device) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf.vocab_size, hf.hidden_size, prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
@@ -261,7 +272,7 @@ class SpmdQwen3MoeForCausalLM(nn.Module):
         return out
 
     # ------------------------------------------------------------------ weights
-    def moe_layers(self) -> dict[str, MoE]:
+    def moe_layers(self) -> dict[str, MoE[Any]]:
         """'model.layers.{i}.mlp' -> its MoE."""
         return {n: m for n, m in self.named_modules() if isinstance(m, MoE)}
 
@@ -340,7 +351,7 @@ class SpmdQwen3MoeForCausalLM(nn.Module):
         return loaded
 
     def _load_experts(
-        self, name: str, w: torch.Tensor, moes: dict[str, MoE], params: dict[str, nn.Parameter], ledger: W.ExpertLedger
+        self, name: str, w: torch.Tensor, moes: dict[str, MoE[Any]], params: dict[str, nn.Parameter], ledger: W.ExpertLedger
     ) -> None:
         mlp = W.moe_prefix_of(name)
         moe = moes.get(mlp or "")
