@@ -367,6 +367,57 @@ def test_train_tp2_ep2_matches_torchtitan_moe() -> None:
                 assert float(b.abs().max()) > 0
 
 
+# ---------------------------------------------------------------- padding policy
+def _padding_worker(rank: int, world: int, full_sd: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from spmd_moe.errors import PaddingError
+    from spmd_moe.integrations.torchtitan import reshard
+    from spmd_moe.parallel import ParallelContext
+
+    out: dict[str, Any] = {}
+    pctx = ParallelContext.from_group(dist.group.WORLD, "ep")
+    for padding in ("pad", "error"):
+        moe = use_spmd_moe(tiny_qwen3_moe_config(), padding=padding).layers[0].moe.build()
+        moe.load_state_dict(full_sd, strict=True)
+        reshard(moe, pctx, "invariant")  # TP without SP: the same 3 tokens on both ranks
+        moe.eval()
+        try:
+            with torch.no_grad():
+                out[padding] = moe(x)
+        except PaddingError as e:
+            out[padding] = str(e)
+    return out
+
+
+def test_padding_policy_is_stated_and_error_offers_both_choices() -> None:
+    """The adapter states its policy (TITAN_PADDING = 'pad', SpmdMoE.Config.padding's
+    default); 'pad' runs T=3 tokens on 2 ranks and matches one device; 'error' refuses
+    with a message that offers both choices (the core's and the torchtitan option)."""
+    from spmd_moe.integrations.torchtitan import TITAN_PADDING
+
+    assert TITAN_PADDING == "pad"
+    cfg = use_spmd_moe(tiny_qwen3_moe_config())
+    assert all(layer.moe.padding == TITAN_PADDING for layer in cfg.layers)
+    assert cfg.layers[0].moe.build().cfg.padding == "pad"  # MoEConfig told explicitly
+    with pytest.raises(ConfigError, match="padding='pad'.*padding='error'"):
+        use_spmd_moe(tiny_qwen3_moe_config(), padding=None).layers[0].moe.build()
+    one = use_spmd_moe(tiny_qwen3_moe_config()).layers[0].moe.build()
+    one.init_states(seed=3, std=0.05)
+    one.eval()
+    full_sd = {k: v.clone() for k, v in one.state_dict().items()}
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = one(x)
+    res = run_distributed(_padding_worker, 2, full_sd, x, timeout=300, pg_timeout=240)
+    for r in res:
+        assert torch.equal(r["pad"], want), float((r["pad"] - want).abs().max())
+        msg = r["error"]
+        assert isinstance(msg, str) and "T=3" in msg, msg
+        assert "padding='pad'" in msg and "pad the batch to T=4 rows yourself" in msg, msg
+        assert "use_spmd_moe(spec, padding='pad')" in msg, msg
+
+
 # ---------------------------------------------------------------- EP drawn from data parallel
 def _dp_worker(rank: int, world: int, full_sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     import torchtitan.distributed.parallel_dims as pdm

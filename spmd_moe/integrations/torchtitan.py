@@ -46,7 +46,7 @@ from torchtitan.protocols.module import Module as TitanModule
 
 from spmd_moe.checkpoint import shard_state_dict
 from spmd_moe.config import DispatchKind, MoEConfig, PaddingPolicy
-from spmd_moe.errors import ConfigError
+from spmd_moe.errors import ConfigError, PaddingError
 from spmd_moe.moe import AnyLayout, Layout, MoE
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, as_inv, as_rep, as_var
@@ -224,12 +224,19 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         mode) and run the layer. No gradient bridging: 'invariant' is torchtitan's own
         convention for TP without sequence parallel (complete gradients on every rank)."""
         what = f"{self.name}: x_TD (from torchtitan)"
-        if self.layout == "invariant":  # TP without SP: the same tokens on every TP rank
-            return MoE.forward(self, as_inv(x_TD, self.pctx, what))
-        if self.layout == "sequence":  # sequence parallel / EP from DP: this rank's slice
-            return MoE.forward(self, as_var(x_TD, self.pctx, what))
-        # 'replicated' (one device, or chosen explicitly): the input gradient is Partial.
-        return MoE.forward(self, as_rep(x_TD, self.pctx, what))
+        try:
+            if self.layout == "invariant":  # TP without SP: the same tokens on every TP rank
+                return MoE.forward(self, as_inv(x_TD, self.pctx, what))
+            if self.layout == "sequence":  # sequence parallel / EP from DP: this rank's slice
+                return MoE.forward(self, as_var(x_TD, self.pctx, what))
+            # 'replicated' (one device, or chosen explicitly): the input gradient is Partial.
+            return MoE.forward(self, as_rep(x_TD, self.pctx, what))
+        except PaddingError as e:  # raised on every rank alike, before any data exchange
+            raise PaddingError(
+                f"{e} (torchtitan: the policy is SpmdMoE.Config.padding, now "
+                f"{self.titan_config.padding!r}: use_spmd_moe(spec, padding='pad') lets the layer "
+                "pad; padding='error' refuses)"
+            ) from e
 
     def parallelize(self, parallel_dims: Any) -> None:
         """Shard the experts over torchtitan's EP mesh and pick the layout. Replaces
