@@ -576,10 +576,25 @@ def _bound_forward(obj: Instance) -> CallableType | Overloaded | None:
         from mypy.maptype import map_instance_to_supertype
 
         inst = map_instance_to_supertype(obj, base)
+        if isinstance(t, Overloaded):
+            # Overloads on the self type (MoE[Replicated], ...): keep the ones obj matches.
+            items = [i for i in t.items if not i.arg_types or _self_matches(obj, i)]
+            if not items:
+                return None
+            t = items[0] if len(items) == 1 else Overloaded(items)
         bound = bind_self(t, obj)
         expanded = get_proper_type(expand_type_by_instance(bound, inst))
         return expanded if isinstance(expanded, (CallableType, Overloaded)) else None
     return None
+
+
+def _self_matches(obj: Instance, item: CallableType) -> bool:
+    from mypy.subtypes import is_subtype
+
+    self_t = get_proper_type(item.arg_types[0])
+    if isinstance(self_t, Instance):
+        return is_subtype(obj, self_t)
+    return True  # an unannotated or type-variable self matches anything
 
 
 def plugin(version: str) -> type[Plugin]:
