@@ -16,6 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
+
+from spmd_moe.placement import EP, Placed, Var, unchecked_cast
 
 _kernel: Any = None
 _tried = False
@@ -65,7 +68,9 @@ def usable(rows_RD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
     return _build() is not None
 
 
-def weighted_combine(rows_RD: torch.Tensor, sent_slots_R: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+def weighted_combine(
+    rows_RD: Float[Placed[Var[EP]], "R D"], sent_slots_R: Int[Placed[Var[EP]], " R"], weights_TK: Float[Placed[Var[EP]], "T K"]
+) -> Float[Placed[Var[EP]], "T D"]:
     """y[t] = sum_k w[t,k] * row(slot t*K+k), rows_RD[i] belonging to slot sent_slots_R[i]."""
     kernel = _build()
     T, K = weights_TK.shape
@@ -77,8 +82,7 @@ def weighted_combine(rows_RD: torch.Tensor, sent_slots_R: torch.Tensor, weights_
     row_of_slot_N.index_copy_(0, sent_slots_R, torch.arange(sent_slots_R.shape[0], device=rows_RD.device))
     w_TK = weights_TK.float().contiguous()
     out_TD = torch.empty(T, D, dtype=rows_RD.dtype, device=rows_RD.device)
-    if T == 0 or D == 0:
-        return out_TD
-    block = 1024 if D >= 1024 else max(16, 1 << (D - 1).bit_length())
-    kernel[(T, (D + block - 1) // block)](out_TD, rows_RD.contiguous(), row_of_slot_N, w_TK, D, K=K, BLOCK_D=block)
-    return out_TD
+    if T > 0 and D > 0:
+        block = 1024 if D >= 1024 else max(16, 1 << (D - 1).bit_length())
+        kernel[(T, (D + block - 1) // block)](out_TD, rows_RD.contiguous(), row_of_slot_N, w_TK, D, K=K, BLOCK_D=block)
+    return unchecked_cast(Placed[Var[EP]], out_TD, reason="combine + weighted sum of this rank's rows, in one kernel")

@@ -38,11 +38,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from jaxtyping import Float, Int
+
+from spmd_moe.placement import EP, Par, Placed, Var, unchecked_cast
 
 _enabled: bool = os.environ.get("SPMD_MOE_BATCH_INVARIANT", "0") not in ("", "0", "false", "False")
 
@@ -68,26 +71,31 @@ def batch_invariant(on: bool = True) -> Iterator[None]:
         _enabled = old
 
 
-def _row(x: torch.Tensor, i: int) -> torch.Tensor:
+_X = TypeVar("_X", bound=torch.Tensor)
+_Y = TypeVar("_Y")
+
+
+def _row(x: _X, i: int) -> _X:
     # A fresh [1, D] tensor: same shape, contiguity and allocator alignment for every
     # row, wherever the row sat in its batch. clone() is differentiable.
-    return x[i : i + 1].clone()
+    return cast(_X, x[i : i + 1].clone())  # a row keeps x's placement
 
 
-def rowwise(fn: Callable[[torch.Tensor], Any], x_TD: torch.Tensor) -> Any:
+def rowwise(fn: Callable[[_X], _Y], x_TD: _X) -> _Y:
     """Apply fn to each row of x_TD as a [1, D] tensor and concatenate the results
-    (fn returns a tensor or a tuple of tensors, each with a leading dim of 1)."""
+    (fn returns a tensor or a tuple of tensors, each with a leading dim of 1). Rows
+    keep x_TD's placement and concatenating rows keeps fn's: the types pass through."""
     T = x_TD.shape[0]
-    outs = [fn(_row(x_TD, i)) for i in range(T)]
+    outs: list[Any] = [fn(_row(x_TD, i)) for i in range(T)]
     if not outs:
         # No rows: run one zero row that is still attached to x_TD's graph, keep 0 rows.
-        probe = fn(torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])]))
+        probe: Any = fn(cast(_X, torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])))
         if isinstance(probe, tuple):
-            return tuple(p[:0] for p in probe)
-        return probe[:0]
+            return cast(_Y, tuple(p[:0] for p in probe))
+        return cast(_Y, probe[:0])
     if isinstance(outs[0], tuple):
-        return tuple(torch.cat([o[j] for o in outs]) for j in range(len(outs[0])))
-    return torch.cat(outs)
+        return cast(_Y, tuple(torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))))
+    return cast(_Y, torch.cat(outs))
 
 
 def swiglu_row(x_1D: torch.Tensor, w1_FD: torch.Tensor, w2_DF: torch.Tensor, w3_FD: torch.Tensor) -> torch.Tensor:
@@ -96,8 +104,9 @@ def swiglu_row(x_1D: torch.Tensor, w1_FD: torch.Tensor, w2_DF: torch.Tensor, w3_
 
 
 def grouped_swiglu_rows(
-    x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor, counts_e: torch.Tensor
-) -> torch.Tensor:
+    x_RD: Float[Placed[Var[EP]], "R D"], w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
+    counts_e: Int[Placed[Var[EP]], " e"],
+) -> Float[Placed[Var[EP]], "R D"]:
     """The grouped experts, one row at a time. Rows are grouped by expert (counts_e
     rows each); rows past sum(counts_e) belong to no local expert and come out zero."""
     sizes = [int(c) for c in counts_e.tolist()]  # host sync: this mode trades speed for invariance
@@ -114,7 +123,7 @@ def grouped_swiglu_rows(
         # out): a rank with no local rows must still send gradients through the
         # dispatcher's collectives in backward, or the ranks' backward passes diverge.
         outs.append(x_RD[start:] * 0)
-    return torch.cat(outs)
+    return unchecked_cast(Placed[Var[EP]], torch.cat(outs), reason="this rank's experts on the rows it holds")
 
 
 class _OrderedReduceScatter(torch.autograd.Function):
@@ -141,10 +150,10 @@ class _OrderedReduceScatter(torch.autograd.Function):
         return buf, None, None, None
 
 
-def ordered_reduce_scatter(x_TD: torch.Tensor, group: Any, n: int, rank: int) -> torch.Tensor:
+def ordered_reduce_scatter(x_TD: Float[Placed[Par[EP]], "T D"], group: Any, n: int, rank: int) -> Float[Placed[Var[EP]], "t D"]:
     """P -> V like reduce_scatter, but the n summands are added in rank order, so the
     result does not depend on which rank's chunk a token landed in."""
     if n == 1:
-        return x_TD
-    out: torch.Tensor = _OrderedReduceScatter.apply(x_TD, group, n, rank)  # type: ignore[no-untyped-call]
+        return unchecked_cast(Placed[Var[EP]], x_TD, reason="one rank: the Partial sum is this rank's value")
+    out: Placed[Var[EP]] = _OrderedReduceScatter.apply(x_TD, group, n, rank)  # type: ignore[no-untyped-call]
     return out

@@ -28,7 +28,12 @@ class MoEConfig:
     shared_hidden_dim: hidden dim of the shared-expert SwiGLU MLP; None = no shared experts.
     expert_dtype: dtype the expert GEMMs run in; None = the input dtype (fp32 stays fp32).
         torch.bfloat16 reproduces torchtitan, whose experts always run in bf16.
-    padding: what to do when the token count does not split evenly over the EP ranks.
+    padding: what to do when the tokens do not split evenly over the expert axis (T not
+        a multiple of its size in the replicated layouts; unequal per-rank slices where
+        the sequence layout's all-gather paths need equal ones): 'pad' (pad, and slice
+        the pad rows off; they are never routed or counted) or 'error' (refuse). None
+        (the default) means not told: a layer that would need to pad raises
+        PaddingError offering both choices.
     dispatcher: 'all_to_all' (prefill; one host sync for split sizes), 'all_gather'
         (decode; no host sync) or 'auto' (all_gather when T <= decode_max_tokens).
     """
@@ -46,7 +51,7 @@ class MoEConfig:
     shared_hidden_dim: int | None = None
     param_dtype: torch.dtype = torch.float32
     expert_dtype: torch.dtype | None = None
-    padding: PaddingPolicy = "pad"
+    padding: PaddingPolicy | None = None
     dispatcher: DispatchKind = "auto"
     decode_max_tokens: int = 16
 
@@ -91,9 +96,9 @@ class MoEConfig:
                     f"MoEConfig.{name}: expected one of {_FLOAT_DTYPES}, got {dt!r}. "
                     "Fix: use a floating dtype."
                 )
-        if self.padding not in ("pad", "error"):
+        if self.padding not in (None, "pad", "error"):
             raise ConfigError(
-                f"MoEConfig.padding: expected 'pad' or 'error', got {self.padding!r}. "
+                f"MoEConfig.padding: expected 'pad', 'error' or None, got {self.padding!r}. "
                 "Fix: choose 'pad' (pad to a multiple of the EP size) or 'error'."
             )
         if self.dispatcher not in ("auto", "all_to_all", "all_gather"):

@@ -18,7 +18,7 @@ from spmd_moe.config import MoEConfig
 from spmd_moe.parallel import ParallelContext
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
-from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_var
+from spmd_moe.placement import EP, Par, Placed, Rep, Var, unchecked_cast
 from spmd_moe.checking import checked
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -85,9 +85,9 @@ def _per_expert_grad_w(g_RF: torch.Tensor, x_RD: torch.Tensor, offs_e: torch.Ten
 
 
 def grouped_mm(
-    x_RD: torch.Tensor, w_EFD: torch.Tensor, counts_e: torch.Tensor, *, zero_tail: bool = True,
-    offs_e: torch.Tensor | None = None,
-) -> torch.Tensor:
+    x_RD: Float[Placed[Var[EP]], "R D"], w_EFD: torch.Tensor, counts_e: Int[Placed[Var[EP]], " e"], *,
+    zero_tail: bool = True, offs_e: torch.Tensor | None = None,
+) -> Float[Placed[Var[EP]], "R F"]:
     """Per-expert x @ w.T for rows grouped by expert (counts_e rows each).
 
     Rows past sum(counts_e) (the decode dispatcher's non-local slots) come back zero.
@@ -98,22 +98,22 @@ def grouped_mm(
     if _grouped_mm_ok(x_RD, w_EFD):
         if offs_e is None:
             offs_e = torch.cumsum(counts_e, dim=0, dtype=torch.int32)
-        out: torch.Tensor = _GroupedMM.apply(x_RD, w_EFD, offs_e, zero_tail)  # type: ignore[no-untyped-call]
+        out: Placed[Var[EP]] = _GroupedMM.apply(x_RD, w_EFD, offs_e, zero_tail)  # type: ignore[no-untyped-call]
         return out
     # Reference path (float64, other devices): one host sync for the split sizes.
     sizes = counts_e.tolist()
     tail = x_RD.shape[0] - sum(sizes)
     parts = torch.split(x_RD, sizes + [tail])
-    outs = [p @ w_EFD[e].transpose(0, 1) for e, p in enumerate(parts[:-1])]
+    outs: list[torch.Tensor] = [p @ w_EFD[e].transpose(0, 1) for e, p in enumerate(parts[:-1])]
     outs.append(x_RD.new_zeros(tail, w_EFD.shape[-2]))
-    return torch.cat(outs)
+    return unchecked_cast(Placed[Var[EP]], torch.cat(outs), reason="this rank's experts on the rows it holds")
 
 
 class GroupedExperts(nn.Module):
     """This rank's e = E/n experts. Weights are Varying over the expert axis (each
     rank holds different experts); so are the rows it receives."""
 
-    def __init__(self, cfg: MoEConfig, pctx: ParallelContext, device: torch.device | None = None):
+    def __init__(self, cfg: MoEConfig, pctx: ParallelContext[EP], device: torch.device | None = None):
         super().__init__()
         self.cfg = cfg
         self.pctx = pctx
@@ -146,20 +146,20 @@ class GroupedExperts(nn.Module):
         dt = self.cfg.expert_dtype or routed_RD.dtype
         w1, w2, w3 = self.w1_EFD.to(dt), self.w2_EDF.to(dt), self.w3_EFD.to(dt)
         if _bi._enabled:  # one [1, D] row at a time: see spmd_moe.batch_invariant
-            return as_var(_bi.grouped_swiglu_rows(routed_RD.to(dt), w1, w2, w3, counts_e).to(routed_RD.dtype))
+            return _bi.grouped_swiglu_rows(routed_RD.to(dt), w1, w2, w3, counts_e).to(routed_RD.dtype)
         # One cast per use: the two input grads then add in the input dtype (fp32),
         # not in dt (bf16); that is also torchtitan's order, so its grads match bitwise.
         h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt, offs_e=offs)) * grouped_mm(
             routed_RD.to(dt), w3, counts_e, zero_tail=zt, offs_e=offs
         )
-        return as_var(grouped_mm(h_RF, w2, counts_e, zero_tail=zt, offs_e=offs).to(routed_RD.dtype))
+        return grouped_mm(h_RF, w2, counts_e, zero_tail=zt, offs_e=offs).to(routed_RD.dtype)
 
 
 class SharedExperts(nn.Module):
     """Dense SwiGLU MLP on every token, hidden dim sharded over the expert axis (TP):
     w1/w3 column-parallel, w2 row-parallel, so the output is Partial."""
 
-    def __init__(self, cfg: MoEConfig, pctx: ParallelContext, device: torch.device | None = None):
+    def __init__(self, cfg: MoEConfig, pctx: ParallelContext[EP], device: torch.device | None = None):
         super().__init__()
         assert cfg.shared_hidden_dim is not None
         self.pctx = pctx
@@ -169,11 +169,20 @@ class SharedExperts(nn.Module):
         self.w2 = nn.Linear(f, cfg.dim, **kw)
         self.w3 = nn.Linear(cfg.dim, f, **kw)
 
+    def _shards(self) -> tuple[Placed[Var[EP]], Placed[Var[EP]], Placed[Var[EP]]]:
+        """(w1_FD, w2_DF, w3_FD): this rank's slice of the hidden dim."""
+        why = "each rank holds its own slice of the shared hidden dim (asserted for spmd_types by MoE in debug mode)"
+        return (
+            unchecked_cast(Placed[Var[EP]], self.w1.weight, reason=why),
+            unchecked_cast(Placed[Var[EP]], self.w2.weight, reason=why),
+            unchecked_cast(Placed[Var[EP]], self.w3.weight, reason=why),
+        )
+
     @checked
     def forward(self, x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Par[EP]], "T D"]:
+        w1_FD, w2_DF, w3_FD = self._shards()
         if _bi._enabled:  # one [1, D] row at a time: see spmd_moe.batch_invariant
-            w1, w2, w3 = self.w1.weight, self.w2.weight, self.w3.weight
-            y_TD = _bi.rowwise(lambda r: _bi.swiglu_row(r, w1, w2, w3), x_TD)
-            return C.partial_from_shards(as_var(y_TD), self.pctx)
-        h_TF = F.silu(self.w1(x_TD)) * self.w3(x_TD)
-        return C.partial_from_shards(as_var(self.w2(h_TF)), self.pctx)
+            y_TD = _bi.rowwise(lambda r_1D: F.linear(F.silu(F.linear(r_1D, w1_FD)) * F.linear(r_1D, w3_FD), w2_DF), x_TD)
+            return C.partial_from_shards(y_TD, self.pctx)
+        h_TF = F.silu(F.linear(x_TD, w1_FD)) * F.linear(x_TD, w3_FD)
+        return C.partial_from_shards(F.linear(h_TF, w2_DF), self.pctx)

@@ -1,51 +1,53 @@
-"""MoE: router -> token split -> dispatch -> experts -> combine -> output layout.
+"""MoE: router -> dispatch -> experts -> combine -> shared experts -> output layout.
 
 Shape suffixes (torchtitan's legend): T tokens, D model dim, F expert hidden dim,
 E experts, e = E/n local experts, K top-k, R rows routed to this rank, n the size of
 the expert axis. Placements are on the expert axis (see spmd_moe.placement):
 
-    x_TD            Rep (layout 'replicated', vLLM)  |  Var (layout 'sequence', SP training)
-    pad + split     Rep -> Placed[Var[EP]]   (pad T to a multiple of n; pad rows never routed)
-    router          Var -> weights_TK, expert_ids_TK, scores_TE: Placed[Var[EP]]
+    x_TD            Rep ('replicated', vLLM) | Inv ('invariant', Megatron-style TP)
+                    | Var ('sequence', SP training)
+    token layout    spmd_moe.tokens: Inv -> Rep at entry; Rep padded to a multiple of n
+                    and split -> Var; Var slices padded to equal size where needed
+    router          Var -> weights_TK, expert_ids_TK, scores_TE: Var
     counts_E        Var data, Partial meaning (sum over ranks = global counts)
     dispatch        all_to_all (prefill) | all_gather (decode, no host sync) | local (n=1)
-    experts         Var rows, Placed[Var[EP]] (sharded) weights -> Placed[Var[EP]] rows
-    combine         slots_TKD: Placed[Var[EP]]; weighted sum over k in ascending expert order -> Placed[Var[EP]]
-    shared experts  Rep -> Placed[Par[EP]] (TP-sharded), reduce_scatter -> Placed[Var[EP]], added
-    output layout   all_gather Var -> Placed[Rep[EP]] ('replicated') | keep Var ('sequence')
+    experts         Var rows, Var (sharded) weights -> Var rows
+    combine         slots_TKD: Var; weighted sum over k in ascending expert order -> Var
+    shared experts  Rep -> Par (TP-sharded), reduce_scatter -> Var, added
+    output layout   all_gather Var -> Rep ('replicated'; then Rep -> Inv for
+                    'invariant') | keep Var ('sequence')
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar, overload
+
+from typing_extensions import TypeVar as DefaultTypeVar
 
 import spmd_types as spmd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
 from spmd_moe import _debug
-from spmd_moe import batch_invariant as _bi
 from spmd_moe import _fused_combine as _fc
+from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
+from spmd_moe.checking import checked
 from spmd_moe.config import MoEConfig
-from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher
-from spmd_moe.dispatch.local import count_ids
-from spmd_moe.dispatch.validate import exchange_header
+from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, Dispatcher, LocalDispatcher
+from spmd_moe.dispatch.base import count_ids
 from spmd_moe.errors import (
     CheckpointError,
     ConfigError,
     DeviceError,
     DistributedError,
     DtypeError,
-    PaddingError,
     PlacementError,
     RoutingError,
     ShapeError,
@@ -53,46 +55,106 @@ from spmd_moe.errors import (
 )
 from spmd_moe.experts import GroupedExperts, SharedExperts
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_rep, as_var
-from spmd_moe.checking import checked
+from spmd_moe.placement import EP, Inv, Par, Placed, Rep, Var, as_inv, as_par, as_rep, as_var
 from spmd_moe.router import TopKRouter
+from spmd_moe.tokens import TokenLayout
 
-Layout = Literal["replicated", "sequence"]
-Dispatcher = LocalDispatcher | AllToAllDispatcher | AllGatherDispatcher
+Layout = Literal["replicated", "invariant", "sequence"]
+LAYOUTS: tuple[Layout, ...] = ("replicated", "invariant", "sequence")
+
+
+# Layout markers: MoE[Replicated] takes and returns Placed[Rep[EP]], and so on; the
+# layout string given to MoE(...) picks the marker statically (see MoE.__init__).
+class Replicated:
+    """Layout 'replicated': Rep in, Rep out (the input's gradient is Partial)."""
+
+
+class Invariant:
+    """Layout 'invariant': Inv in, Inv out (complete input gradient on every rank)."""
+
+
+class Sequence:
+    """Layout 'sequence': Var in (this rank's token slice), Var out."""
+
+
+class AnyLayout:
+    """A layout chosen at runtime (a plain str): forward takes and returns plain tensors
+    and states the layout's placement at entry (verified in debug mode)."""
+
+
+# A bare ``MoE`` (a layer whose layout is chosen at runtime) is MoE[AnyLayout].
+L = DefaultTypeVar("L", Replicated, Invariant, Sequence, AnyLayout, default=AnyLayout)
+_S = TypeVar("_S")
 
 
 class RoutedExperts(nn.Module):
     """Holds the local experts under torchtitan's key path (routed_experts.inner_experts)."""
 
-    def __init__(self, cfg: MoEConfig, pctx: ParallelContext, device: torch.device | None):
+    def __init__(self, cfg: MoEConfig, pctx: ParallelContext[EP], device: torch.device | None):
         super().__init__()
         self.inner_experts = GroupedExperts(cfg, pctx, device)
 
 
-class MoE(nn.Module):
+class MoE(nn.Module, Generic[L]):
+    """One MoE layer on the expert axis ``pctx`` (None: one device).
+
+    ``layout`` says how the tokens sit on the axis: 'replicated' (every rank the same
+    tokens; vLLM), 'invariant' (the same, with complete gradients on every rank;
+    Megatron-style TP) or 'sequence' (each rank its own slice; sequence-parallel
+    training). ``moe(x_TD)`` is typed per layout: ``MoE(cfg, pctx, layout="sequence")``
+    is a ``MoE[Sequence]`` whose call takes and returns ``Placed[Var[EP]]``.
+    """
+
+    @overload
+    def __init__(
+        self: MoE[Replicated], cfg: MoEConfig, pctx: ParallelContext[EP] | None = None, *,
+        layout: Literal["replicated"] = "replicated", device: torch.device | str | None = None, name: str = "moe",
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: MoE[Invariant], cfg: MoEConfig, pctx: ParallelContext[EP] | None = None, *,
+        layout: Literal["invariant"], device: torch.device | str | None = None, name: str = "moe",
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: MoE[Sequence], cfg: MoEConfig, pctx: ParallelContext[EP] | None = None, *,
+        layout: Literal["sequence"], device: torch.device | str | None = None, name: str = "moe",
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: MoE[AnyLayout], cfg: MoEConfig, pctx: ParallelContext[EP] | None = None, *,
+        layout: str, device: torch.device | str | None = None, name: str = "moe",
+    ) -> None: ...
+
     def __init__(
         self,
         cfg: MoEConfig,
-        pctx: ParallelContext | None = None,
+        pctx: ParallelContext[EP] | None = None,
         *,
-        layout: Layout = "replicated",
+        layout: str = "replicated",
         device: torch.device | str | None = None,
         name: str = "moe",
-    ):
+    ) -> None:
         super().__init__()
         pctx = pctx or ParallelContext.single()
         cfg.check_ep(pctx.size)
-        if layout not in ("replicated", "sequence"):
+        if layout not in LAYOUTS:
             raise ConfigError(
-                f"MoE layout: expected 'replicated' or 'sequence', got {layout!r}. Fix: "
-                "'replicated' when every rank holds the same tokens (vLLM TP), 'sequence' "
-                "when each rank holds its own token slice (sequence-parallel training)."
+                f"MoE layout: expected 'replicated', 'invariant' or 'sequence', got {layout!r}. "
+                "Fix: 'replicated' when every rank holds the same tokens (vLLM TP; the input "
+                "gradient is Partial), 'invariant' for the same tokens with complete gradients "
+                "on every rank (Megatron-style TP), 'sequence' when each rank holds its own "
+                "token slice (sequence-parallel training)."
             )
         dev = torch.device(device) if device is not None else None
         self.cfg = cfg
         self.pctx = pctx
         self.layout: Layout = layout
         self.name = name
+        self.tokens = TokenLayout(cfg, pctx, layout, name)
         self.router = TopKRouter(cfg, pctx, dev)
         self.router.layer_name = f"{name}.router"
         self.routed_experts = RoutedExperts(cfg, pctx, dev)
@@ -106,10 +168,13 @@ class MoE(nn.Module):
         # Local counts of this rank's tokens: Partial over the expert axis.
         self.tokens_per_expert_E: torch.Tensor
         self.register_buffer("tokens_per_expert_E", torch.zeros(cfg.num_experts, device=dev), persistent=False)
-        self._local = LocalDispatcher(cfg.num_experts, pctx)
-        self._a2a = AllToAllDispatcher(cfg.num_experts, pctx) if pctx.size > 1 else None
-        self._ag = AllGatherDispatcher(cfg.num_experts, pctx) if pctx.size > 1 else None
-        self._peers_checked = False
+        self.prefill_dispatcher: Dispatcher[Any]
+        self.decode_dispatcher: Dispatcher[Any]
+        if pctx.size == 1:
+            self.prefill_dispatcher = self.decode_dispatcher = LocalDispatcher(cfg.num_experts, pctx)
+        else:
+            self.prefill_dispatcher = AllToAllDispatcher(cfg.num_experts, pctx)
+            self.decode_dispatcher = AllGatherDispatcher(cfg.num_experts, pctx)
         # Routing replay: record each call's expert ids, or force them.
         self.record_routes = False
         self.recorded_routes: list[torch.Tensor] = []
@@ -151,19 +216,31 @@ class MoE(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ forward
+    @overload
+    def forward(self: MoE[Replicated], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Rep[EP]], "T D"]: ...
+
+    @overload
+    def forward(self: MoE[Invariant], x_TD: Float[Placed[Inv[EP]], "T D"]) -> Float[Placed[Inv[EP]], "T D"]: ...
+
+    @overload
+    def forward(self: MoE[Sequence], x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]: ...
+
+    @overload
+    def forward(self: MoE[AnyLayout], x_TD: torch.Tensor) -> torch.Tensor: ...
+
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """[T, D] -> [T, D] in the layer's layout (see module docstring)."""
+        """[T, D] -> [T, D] in the layer's layout (see the module docstring)."""
         self._check_input(x_TD)
-        if self.pctx.size == 1:
-            with self._typecheck():
-                return self._forward_layout(x_TD)
-        if _debug._enabled:
+        if self.pctx.size > 1 and _debug._enabled:
+            # Ranks that disagree (config, layout, T) fail on the header first, before
+            # the input's stated placement is verified from its values.
+            self.tokens.check_entry(x_TD.shape[0])
             self._check_finite_everywhere(x_TD)
         try:
             with self._typecheck():
                 return self._forward_layout(x_TD)
         except RuntimeError as e:
-            if isinstance(e, SpmdMoeError) or not _from_torch_distributed(e):
+            if self.pctx.size == 1 or isinstance(e, SpmdMoeError) or not _from_torch_distributed(e):
                 raise
             raise DistributedError(
                 f"{self.name}: a collective on axis '{self.pctx.name}' (size {self.pctx.size}, "
@@ -174,9 +251,13 @@ class MoE(nn.Module):
             ) from e
 
     def _forward_layout(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """State the layout's placement on the input (verified in debug mode) and run it."""
+        what = f"{self.name}: x_TD"
         if self.layout == "replicated":
-            return self.forward_replicated(as_rep(x_TD, self.pctx, f"{self.name}: x_TD"))
-        return self.forward_sequence(as_var(x_TD, self.pctx, f"{self.name}: x_TD"))
+            return self.forward_replicated(as_rep(x_TD, self.pctx, what))
+        if self.layout == "invariant":
+            return self.forward_invariant(as_inv(x_TD, self.pctx, what))
+        return self.forward_sequence(as_var(x_TD, self.pctx, what))
 
     def _check_finite_everywhere(self, x_TD: torch.Tensor) -> None:
         """Debug mode, >1 rank: every rank learns whether any rank's router input holds
@@ -205,87 +286,85 @@ class MoE(nn.Module):
 
     @checked
     def forward_replicated(self, x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Rep[EP]], "T D"]:
-        n = self.pctx.size
-        T = x_TD.shape[0]
-        T_pad = math.ceil(T / n) * n
-        if n > 1 and (not self._use_decode(T_pad // n) or not self._peers_checked or _debug._enabled):
-            # Before any raise or data exchange: ranks that disagree (config, T, padding
-            # policy) all fail here together instead of leaving the others waiting.
-            # The decode path checks once (and always in debug mode): no host sync.
-            self._check_peers(T, "replicated")
-        if T_pad > T:
-            self._padding_allowed(f"token count T={T}", f"remainder {T % n}", T_pad)
-        x_pad_TD = as_rep(F.pad(x_TD, (0, 0, 0, T_pad - T)) if T_pad > T else x_TD)
-        x_loc_TD = C.split_tokens(x_pad_TD, self.pctx)
-        T_loc = T_pad // n
-        num_pad = max(0, min(T_loc, (self.pctx.rank + 1) * T_loc - T))
-        y_loc_TD = self._routed(x_loc_TD, num_pad, decode=self._use_decode(T_loc))
+        split = self.tokens.split(x_TD)
+        y_TD = self._routed(split.x_TD, split.num_pad, decode=split.decode)
         if self.shared_experts is not None:
-            shared_TD = self._reduce_shared(self.shared_experts(x_pad_TD))
-            y_loc_TD = as_var(y_loc_TD + shared_TD)
-        y_TD = C.all_gather(y_loc_TD, self.pctx)
-        return as_rep(y_TD[:T]) if T_pad > T else y_TD
+            y_TD = y_TD + self._reduce_shared(self.shared_experts(split.x_all_TD))
+        return self.tokens.gather(y_TD, x_TD.shape[0])
+
+    @checked
+    def forward_invariant(self, x_TD: Float[Placed[Inv[EP]], "T D"]) -> Float[Placed[Inv[EP]], "T D"]:
+        # I -> R at entry (backward: the Partial input gradient summed over the axis),
+        # R -> I at exit (backward: the complete output gradient taken once).
+        y_TD = self.forward_replicated(C.invariant_to_replicate(x_TD, self.pctx))
+        return C.replicate_to_invariant(y_TD, self.pctx)
 
     @checked
     def forward_sequence(self, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]:
-        T = x_TD.shape[0]
-        T_eq, decode = T, False
-        if self.pctx.size > 1:
-            # Ranks may hold different token counts: exchange them with the header.
-            counts = self._check_peers(-1, "sequence", local_tokens=T)
-            decode = self._use_decode(max(counts))
-            if (decode or self.shared_experts is not None) and len(set(counts)) > 1:
-                # The all-gather paths need equal slices: pad each to the largest
-                # (pad rows never routed, never counted, sliced off). Every rank sees
-                # the same counts, so every rank takes this branch (or raises) alike.
-                self._padding_allowed(f"per-rank token counts {counts}", "unequal counts", max(counts))
-                T_eq = max(counts)
-        x_eq_TD = as_var(F.pad(x_TD, (0, 0, 0, T_eq - T))) if T_eq > T else x_TD
-        y_TD = self._routed(x_eq_TD, T_eq - T, decode=decode)
+        local = self.tokens.equalize(x_TD, needs_equal=self.shared_experts is not None)
+        y_TD = self._routed(local.x_TD, local.num_pad, decode=local.decode)
         if self.shared_experts is not None:
-            x_all_TD = C.all_gather(x_eq_TD, self.pctx)
-            y_TD = as_var(y_TD + self._reduce_shared(self.shared_experts(x_all_TD)))
-        return as_var(y_TD[:T]) if T_eq > T else y_TD
+            x_all_TD = C.all_gather(local.x_TD, self.pctx)
+            y_TD = y_TD + self._reduce_shared(self.shared_experts(x_all_TD))
+        return y_TD[: x_TD.shape[0]] if local.num_pad else y_TD
 
     # ------------------------------------------------------------------ pieces
-    def _reduce_shared(self, shared_TD: Placed[Par[EP]]) -> Placed[Var[EP]]:
+    def _reduce_shared(self, shared_TD: Float[Placed[Par[EP]], "T D"]) -> Float[Placed[Var[EP]], "t D"]:
         """The shared experts' Partial sum, this rank's token chunk (P -> V). In
         batch-invariant mode with more than 2 ranks the summands are added in rank
         order (a+b is exact in any order; a+b+c is not)."""
         if _bi._enabled and self.pctx.size > 2:
-            return as_var(_bi.ordered_reduce_scatter(shared_TD, self.pctx.group, self.pctx.size, self.pctx.rank))
+            return _bi.ordered_reduce_scatter(shared_TD, self.pctx.group, self.pctx.size, self.pctx.rank)
         return C.reduce_scatter(shared_TD, self.pctx)
 
-    def _routed(self, x_TD: Placed[Var[EP]], num_pad: int, *, decode: bool) -> Placed[Var[EP]]:
-        """Route this rank's slice, dispatch, run experts, combine: Placed[Var[EP]] -> Placed[Var[EP]]."""
+    def _routed(self, x_TD: Float[Placed[Var[EP]], "T D"], num_pad: int, *, decode: bool) -> Float[Placed[Var[EP]], "T D"]:
+        """Route this rank's rows (the last num_pad are padding), run the experts on
+        them and combine: Var -> Var."""
         T = x_TD.shape[0]
-        weights_TK, expert_ids_TK, _ = self.router(x_TD, self.expert_bias_E)
+        weights_TK, expert_ids_TK, _ = self.router(x_TD, self._expert_bias())
         if self.forced_routes_TK is not None:
             weights_TK, expert_ids_TK = self._forced(x_TD, expert_ids_TK)
         if num_pad:
             # Pad tokens get expert id E: sorted last, never sent, never counted.
             pad_mark_TK = torch.arange(T, device=x_TD.device).unsqueeze(1) >= T - num_pad
-            expert_ids_TK = as_var(torch.where(pad_mark_TK, self.cfg.num_experts, expert_ids_TK))
+            expert_ids_TK = torch.where(pad_mark_TK, self.cfg.num_experts, expert_ids_TK)
         # Ascending expert id within each token: a fixed summation order for combine.
         expert_ids_TK, k_order_TK = expert_ids_TK.sort(dim=-1)
-        weights_TK = as_var(weights_TK.gather(-1, k_order_TK))
+        weights_TK = weights_TK.gather(-1, k_order_TK)
         if self.record_routes:
             self.recorded_routes.append(expert_ids_TK[: T - num_pad].detach().clone())
-        dispatcher = self._dispatcher(decode)
-        routed_RD, counts_e, state = dispatcher.dispatch(x_TD, as_var(expert_ids_TK), num_pad)
-        # Local and all-to-all dispatch send exactly sum(counts) rows: no tail to zero.
-        out_RD = self.experts(routed_RD, counts_e, rows_exact=not isinstance(dispatcher, AllGatherDispatcher))
-        if not _debug._enabled and isinstance(dispatcher, (LocalDispatcher, AllToAllDispatcher)) and _fc.usable(out_RD, weights_TK):
-            # Inference on CUDA: scatter back, weighting and the ordered sum in one kernel,
-            # bitwise equal to combine + _weighted_sum below.
-            rows_RD = dispatcher.returned_rows(out_RD, state) if isinstance(dispatcher, AllToAllDispatcher) else out_RD
-            self._count(expert_ids_TK)
-            return as_var(_fc.weighted_combine(rows_RD, state.sent_slots_R, weights_TK))
-        slots_TKD = dispatcher.combine(out_RD, state)
+        dispatcher = self.decode_dispatcher if decode else self.prefill_dispatcher
+        y_TD = self._experts_via(dispatcher, x_TD, expert_ids_TK, weights_TK, num_pad)
         self._count(expert_ids_TK)
-        return as_var(_weighted_sum(slots_TKD, weights_TK))
+        return y_TD
 
-    def _forced(self, x_TD: torch.Tensor, routed_ids_TK: torch.Tensor) -> tuple[Placed[Var[EP]], Placed[Var[EP]]]:
+    def _experts_via(
+        self,
+        dispatcher: Dispatcher[_S],
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        weights_TK: Float[Placed[Var[EP]], "T K"],
+        num_pad: int,
+    ) -> Float[Placed[Var[EP]], "T D"]:
+        """dispatch -> experts -> combine -> weighted sum over k."""
+        routed_RD, counts_e, state = dispatcher.dispatch(x_TD, expert_ids_TK, num_pad)
+        out_RD = self.experts(routed_RD, counts_e, rows_exact=dispatcher.rows_exact)
+        if not _debug._enabled and _fc.usable(out_RD, weights_TK):
+            back = dispatcher.returned_rows(out_RD, state)
+            if back is not None:
+                # Inference on CUDA: scatter back, weighting and the ordered sum in one
+                # kernel, bitwise equal to combine + _weighted_sum below.
+                return _fc.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
+        return _weighted_sum(dispatcher.combine(out_RD, state), weights_TK)
+
+    def _expert_bias(self) -> Float[Placed[Rep[EP]], "E"] | None:
+        if self.expert_bias_E is None:
+            return None
+        return as_rep(self.expert_bias_E, self.pctx, f"{self.name}: expert_bias_E")
+
+    def _forced(
+        self, x_TD: Float[Placed[Var[EP]], "T D"], routed_ids_TK: Int[Placed[Var[EP]], "T K"]
+    ) -> tuple[Float[Placed[Var[EP]], "T K"], Int[Placed[Var[EP]], "T K"]]:
         """Replace the router's choice by the forced routes (gate values recomputed)."""
         forced = self.forced_routes_TK
         assert forced is not None
@@ -312,52 +391,24 @@ class MoE(nn.Module):
                     f"expert ids per token, got {forced[t].tolist()} for token {t}. Fix: "
                     "pass routes recorded by the router (top-k never repeats an expert)."
                 )
-        ids_TK = forced.to(routed_ids_TK.device, torch.int64)
+        # The user's routes for this rank's tokens: Varying (stated, verified in debug mode).
+        ids_TK = as_var(forced.to(routed_ids_TK.device, torch.int64), self.pctx, f"{self.name}: forced_routes_TK")
         scores_TE = self.router(x_TD, None)[2]
         weights_TK = scores_TE.gather(-1, ids_TK)
         if self.cfg.route_norm:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return as_var(weights_TK * self.cfg.route_scale), as_var(ids_TK)
+        return weights_TK * self.cfg.route_scale, ids_TK
 
-    def _dispatcher(self, decode: bool) -> Dispatcher:
-        if self.pctx.size == 1:
-            return self._local
-        assert self._a2a is not None and self._ag is not None
-        return self._ag if decode else self._a2a
-
-    def _use_decode(self, tokens_per_rank: int) -> bool:
-        if self.pctx.size == 1:
-            return False
-        if self.cfg.dispatcher == "auto":
-            return tokens_per_rank <= self.cfg.decode_max_tokens
-        return self.cfg.dispatcher == "all_gather"
-
-    def _padding_allowed(self, what: str, got: str, padded: int) -> None:
-        """Raise PaddingError under padding='error' (padding would be needed)."""
-        if self.cfg.padding == "error":
-            n = self.pctx.size
-            if self.layout == "replicated":
-                need = f"a multiple of the axis size n={n}"
-                fix = f"pad the batch to T={padded} rows yourself"
-            else:
-                need = "equal per-rank token counts (the all-gather paths need them)"
-                fix = f"pad every rank's slice to {padded} rows yourself"
-            raise PaddingError(
-                f"{self.name}: {what} on axis '{self.pctx.name}' (size {n}, layout "
-                f"'{self.layout}'): expected {need}, got {got}. Fix: {fix}, or build the "
-                "layer with MoEConfig(padding='pad') to let it pad and slice off the pad "
-                "rows (never routed, never counted)."
-            )
-
-    def _count(self, expert_ids_TK: torch.Tensor) -> None:
+    def _count(self, expert_ids_TK: Int[Placed[Var[EP]], "T K"]) -> None:
         with torch.no_grad():
             counts = count_ids(expert_ids_TK, self.cfg.num_experts + 1)  # no host sync
             self.tokens_per_expert_E.add_(counts[: self.cfg.num_experts])  # int -> float in the add
 
-    def global_tokens_per_expert(self) -> torch.Tensor:
+    def global_tokens_per_expert(self) -> Float[Placed[Rep[EP]], "E"]:
         """The counters summed over the expert axis (P -> R): global counts per expert."""
         with torch.no_grad():
-            return C.all_reduce(C.partial_from_shards(as_var(self.tokens_per_expert_E.clone()), self.pctx), self.pctx)
+            local_E = as_par(self.tokens_per_expert_E.clone(), self.pctx, f"{self.name}: tokens_per_expert_E")
+            return C.all_reduce(local_E, self.pctx)
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
@@ -368,16 +419,6 @@ class MoE(nn.Module):
         delta_E = self.load_balance_coeff * torch.sign(counts_E.mean() - counts_E)
         self.expert_bias_E.add_(delta_E - delta_E.mean())
         self.tokens_per_expert_E.zero_()
-
-    def _check_peers(self, token_convention: int, layout: str, local_tokens: int = -1) -> list[int]:
-        """The header check (see dispatch.validate); returns every rank's local_tokens."""
-        counts = exchange_header(
-            self.pctx, num_experts=self.cfg.num_experts, top_k=self.cfg.top_k, dim=self.cfg.dim,
-            fingerprint=self.cfg.fingerprint(), token_convention=token_convention,
-            layout=layout, what=self.name, local_tokens=local_tokens,
-        )
-        self._peers_checked = True
-        return counts
 
     def _check_input(self, x_TD: torch.Tensor) -> None:
         if not isinstance(x_TD, torch.Tensor):
@@ -477,7 +518,9 @@ def _from_torch_distributed(e: BaseException) -> bool:
     return False
 
 
-def _weighted_sum(slots_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+def _weighted_sum(
+    slots_TKD: Float[Placed[Var[EP]], "T K D"], weights_TK: Float[Placed[Var[EP]], "T K"]
+) -> Float[Placed[Var[EP]], "T D"]:
     """sum_k w[t,k] * slot[t,k] in ascending k (= ascending expert id), weighting in
     fp32 and rounding each term to the slot dtype first (torchtitan's order)."""
     w_TK1 = weights_TK.float().unsqueeze(-1)

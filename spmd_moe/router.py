@@ -17,23 +17,25 @@ from spmd_moe import batch_invariant as _bi
 from spmd_moe.config import MoEConfig
 from spmd_moe.errors import RoutingError
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import EP, Placed, Rep, Var, as_var
+from spmd_moe.placement import EP, Placed, Rep, Var
 from spmd_moe.checking import checked
 
 
 class TopKRouter(nn.Module):
-    def __init__(self, cfg: MoEConfig, pctx: ParallelContext, device: torch.device | None = None):
+    def __init__(self, cfg: MoEConfig, pctx: ParallelContext[EP], device: torch.device | None = None):
         super().__init__()
         self.cfg = cfg
         self.pctx = pctx
         self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False, device=device, dtype=cfg.param_dtype)
         self.layer_name = "moe.router"
 
-    def _group_limit(self, scores_TE: torch.Tensor) -> torch.Tensor:
+    def _group_limit(self, scores_TE: Float[Placed[Var[EP]], "T E"]) -> Float[Placed[Var[EP]], "T E"]:
+        """Keep the experts of the num_limited_groups best groups (group score: the sum
+        of its top-2 scores); the others get -inf."""
         g = self.cfg.num_expert_groups
         lg = self.cfg.num_limited_groups
         assert g is not None and lg is not None  # validated by MoEConfig
-        grouped_TGe: torch.Tensor = scores_TE.unflatten(-1, (g, self.cfg.num_experts // g))  # type: ignore[no-untyped-call]
+        grouped_TGe = scores_TE.reshape(scores_TE.shape[0], g, self.cfg.num_experts // g)
         group_scores_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
         keep_TG = torch.topk(group_scores_TG, k=lg, dim=-1, sorted=False).indices
         drop_TG = torch.ones_like(group_scores_TG, dtype=torch.bool).scatter_(-1, keep_TG, False)
@@ -52,8 +54,7 @@ class TopKRouter(nn.Module):
         """
         if _bi._enabled and x_TD.shape[0] != 1:
             # Batch-invariant mode: every token routed alone (fixed [1, D] shapes).
-            out: tuple[Placed[Var[EP]], Placed[Var[EP]], Placed[Var[EP]]] = _bi.rowwise(lambda r: self.forward(as_var(r), expert_bias_E), x_TD)
-            return out
+            return _bi.rowwise(lambda r_1D: self.forward(r_1D, expert_bias_E), x_TD)
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         if _debug._enabled and not bool(torch.isfinite(logits_TE).all()):
             bad = int((~torch.isfinite(x_TD)).any(dim=-1).sum())
@@ -78,4 +79,4 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.cfg.route_scale != 1.0:  # x * 1.0 == x: skip the kernel
             weights_TK = weights_TK * self.cfg.route_scale
-        return as_var(weights_TK), as_var(expert_ids_TK), as_var(scores_TE)
+        return weights_TK, expert_ids_TK, scores_TE

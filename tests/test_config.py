@@ -54,7 +54,7 @@ BAD: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
     ("load_balance_coeff", dict(load_balance_coeff=0.0), "MoEConfig.load_balance_coeff", ("> 0 or None", "got 0.0")),
     ("param_dtype", dict(param_dtype=torch.int32), "MoEConfig.param_dtype", ("torch.int32", "floating dtype")),
     ("expert_dtype", dict(expert_dtype=torch.int8), "MoEConfig.expert_dtype", ("torch.int8", "floating dtype")),
-    ("padding", dict(padding="truncate"), "MoEConfig.padding", ("'pad' or 'error'", "'truncate'")),
+    ("padding", dict(padding="truncate"), "MoEConfig.padding", ("'pad', 'error' or None", "'truncate'")),
     ("dispatcher", dict(dispatcher="nccl"), "MoEConfig.dispatcher", ("'all_gather'", "'nccl'")),
 ]
 
@@ -122,4 +122,10 @@ def test_moe_rejects_ep_size_not_dividing_experts() -> None:
 def test_moe_rejects_unknown_layout() -> None:
     with pytest.raises(ConfigError) as exc:
         MoE(MoEConfig(**BASE), layout="columnwise")  # type: ignore[arg-type]
-    assert_config_error(exc, "MoE layout", "'replicated' or 'sequence'", "'columnwise'")
+    assert_config_error(exc, "MoE layout", "'replicated', 'invariant' or 'sequence'", "'columnwise'")
+
+
+def test_padding_defaults_to_not_told() -> None:
+    """No silent padding policy: None until the user chooses 'pad' or 'error'."""
+    assert MoEConfig(**BASE).padding is None
+    assert MoEConfig(**{**BASE, "padding": "pad"}).padding == "pad"

@@ -24,7 +24,7 @@ RUNS = 3
 CFG: dict[str, Any] = dict(
     dim=16, hidden_dim=16, num_experts=8, top_k=3, score_func="sigmoid", route_norm=True,
     route_scale=2.0, num_expert_groups=4, num_limited_groups=2, shared_hidden_dim=16,
-    load_balance_coeff=1e-3,
+    load_balance_coeff=1e-3, padding="pad",
 )
 
 
@@ -60,7 +60,7 @@ def _step(m: sm.MoE, x: torch.Tensor) -> str:
 
 
 def _layer(pctx: sm.ParallelContext | None = None, layout: str = "replicated", **kw: Any) -> sm.MoE:
-    m = sm.MoE(sm.MoEConfig(**{**CFG, **kw}), pctx, layout=layout)  # type: ignore[arg-type]
+    m = sm.MoE(sm.MoEConfig(**{**CFG, **kw}), pctx, layout=layout)
     m.init_states(3)
     assert m.expert_bias_E is not None
     with torch.no_grad():  # a non-zero bias: selection differs from the scores' top-k

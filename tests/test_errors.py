@@ -379,7 +379,7 @@ def _ep2_catalogue(rank: int, world: int) -> dict[str, tuple[str, str]]:
             out[name] = (type(e).__name__, str(e))
 
     def layer(layout: str = "replicated", **kw: Any) -> MoE:
-        m = MoE(_cfg(**kw), pctx, layout=layout)  # type: ignore[arg-type]
+        m = MoE(_cfg(**kw), pctx, layout=layout)
         m.init_states(0)
         return m
 
@@ -394,7 +394,7 @@ def _ep2_catalogue(rank: int, world: int) -> dict[str, tuple[str, str]]:
     # Construction: a group whose size does not divide the experts (no communication).
     case("group_size_vs_experts", lambda: MoE(_cfg(num_experts=3, top_k=1), pctx))
     case("group_size_vs_shared", lambda: MoE(_cfg(shared_hidden_dim=5), pctx))
-    rep, seq = layer(), layer("sequence")
+    rep, seq = layer(padding="pad"), layer("sequence", padding="pad")
     # Ranks that disagree: every rank raises the same DistributedError; the group stays usable.
     case("disagree_T_replicated", lambda: rep(x[: 8 if rank == 0 else 6]))
     case("disagree_top_k", lambda: layer(top_k=1 + rank)(x[:8]))

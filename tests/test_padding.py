@@ -8,6 +8,9 @@ On real gloo groups (world 2 and 4, one spawned group each, every check inside i
   aux-loss-free expert-bias update equals the single-device one;
 * padding='error': a PaddingError on EVERY rank, with the documented message (T, n,
   the remainder, the padded T, the fix);
+* padding not told (None, the default): the same sizes raise a PaddingError on every
+  rank that offers both choices (padding='pad', or make the sizes fit; 'error' to
+  refuse explicitly), while sizes that need no padding run;
 * the torchtitan #3622 situation (fewer tokens than ranks, so a naive path skips the
   token split and hands the REPLICATED tokens and counts to the parts that need them
   Varying or Partial), reproduced in debug mode with spmd_types' tracking on: stopped
@@ -48,7 +51,7 @@ def padding_worker(rank: int, world: int) -> dict[str, Any]:
     # --- 'pad': T < n and uneven T, layout 'replicated' -------------------------
     for T in sorted({0, 1, n - 1, n + 1, 2 * n + 1, 5}):
         for disp in ("all_to_all", "all_gather"):
-            cfg = make_cfg(shared_hidden_dim=S_HID, dispatcher=disp, load_balance_coeff=1e-3)
+            cfg = make_cfg(shared_hidden_dim=S_HID, dispatcher=disp, load_balance_coeff=1e-3, padding="pad")
             full, moe = build_pair(cfg, pctx, "replicated", seed=T)
             with torch.no_grad():
                 y_ref = full(x[:T])
@@ -75,7 +78,7 @@ def padding_worker(rank: int, world: int) -> dict[str, Any]:
     for counts_list in ([0] * (n - 1) + [3], [1] + [0] * (n - 1), list(range(n))):
         T = sum(counts_list)
         for disp, shared in (("all_gather", False), ("all_to_all", True), ("all_gather", True)):
-            cfg = make_cfg(shared_hidden_dim=S_HID if shared else None, dispatcher=disp)
+            cfg = make_cfg(shared_hidden_dim=S_HID if shared else None, dispatcher=disp, padding="pad")
             full, moe = build_pair(cfg, pctx, "sequence", seed=T + 1)
             lo = sum(counts_list[:rank])
             hi = lo + counts_list[rank]
@@ -90,23 +93,29 @@ def padding_worker(rank: int, world: int) -> dict[str, Any]:
                 "local_sum": float(moe.tokens_per_expert_E.sum()), "local_real": (hi - lo) * K,
             })
 
-    # --- 'error' -------------------------------------------------------------------
-    def err_layer(layout: str, **kw: Any) -> MoE:
-        m = MoE(make_cfg(padding="error", **kw), pctx, layout=layout)  # type: ignore[arg-type]
+    # --- 'error' and not told (None) ---------------------------------------------------
+    def err_layer(layout: str, padding: str | None = "error", **kw: Any) -> MoE[Any]:
+        m = MoE(make_cfg(padding=padding, **kw), pctx, layout=layout)
         m.init_states(0)
         return m
+
+    sl = token_slice(5, n, rank)
+    out["untold_T1"] = _catch(lambda: err_layer("replicated", None)(x[:1]))
+    out["untold_T1_invariant"] = _catch(lambda: err_layer("invariant", None)(x[:1]))
+    out["untold_even_ok"] = _catch(lambda: err_layer("replicated", None)(x[: 2 * n]))
+    out["untold_seq_shared"] = _catch(lambda: err_layer("sequence", None, shared_hidden_dim=S_HID)(x[sl]))
+    out["untold_seq_a2a_uneven_ok"] = _catch(lambda: err_layer("sequence", None, dispatcher="all_to_all")(x[sl]))
 
     out["error_T1"] = _catch(lambda: err_layer("replicated")(x[:1]))
     out["error_T5"] = _catch(lambda: err_layer("replicated", dispatcher="all_to_all")(x[:5]))
     out["error_even_ok"] = _catch(lambda: err_layer("replicated")(x[: 2 * n]))
-    sl = token_slice(5, n, rank)
     out["error_seq_shared"] = _catch(lambda: err_layer("sequence", shared_hidden_dim=S_HID)(x[sl]))
     out["error_seq_a2a_uneven_ok"] = _catch(lambda: err_layer("sequence", dispatcher="all_to_all")(x[sl]))
     out["error_seq_slices"] = [len(range(40)[token_slice(5, n, r)]) for r in range(n)]
 
     # --- torchtitan #3622, reproduced in debug mode ----------------------------------
     with spmd_moe.debug():
-        cfg = make_cfg(shared_hidden_dim=S_HID)
+        cfg = make_cfg(shared_hidden_dim=S_HID, padding="pad")
         full, moe = build_pair(cfg, pctx, "replicated", seed=3)
         x1 = x[:1].clone()  # T = 1 < n: the case where a naive path skips the split
         ids = torch.zeros(1, K, dtype=torch.int64)
@@ -119,11 +128,11 @@ def padding_worker(rank: int, world: int) -> dict[str, Any]:
         with moe._typecheck():
             x_R = as_rep(x1.clone(), pctx, "x_TD")
             ids_R = as_rep(ids.clone(), pctx, "expert_ids_TK")
-            naive["all_to_all_dispatch"] = _catch(lambda: moe._a2a.dispatch(x_R, ids_R, 0))  # type: ignore[union-attr]
+            naive["all_to_all_dispatch"] = _catch(lambda: moe.prefill_dispatcher.dispatch(x_R, ids_R, 0))
         with moe._typecheck():
             x_R = as_rep(x1.clone(), pctx, "x_TD")
             ids_R = as_rep(ids.clone(), pctx, "expert_ids_TK")
-            naive["all_gather_dispatch"] = _catch(lambda: moe._ag.dispatch(x_R, ids_R, 0))  # type: ignore[union-attr]
+            naive["all_gather_dispatch"] = _catch(lambda: moe.decode_dispatcher.dispatch(x_R, ids_R, 0))
         with moe._typecheck():
             x_R = as_rep(x[:K].clone(), pctx, "routed_RD")
             c_R = as_rep(torch.tensor([K] + [0] * (moe.experts.num_local_experts - 1)), pctx, "counts_e")
@@ -226,9 +235,34 @@ def test_torchtitan_3622_stopped_in_debug_mode(world: int) -> None:
         assert out["debug_real_counts"] == K  # one real token, K slots; the pads not counted
 
 
-def test_padding_error_never_fires_on_one_rank() -> None:
-    """Any T is a multiple of n = 1: 'error' accepts every count on one device."""
-    m = MoE(make_cfg(padding="error"))
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", WORLDS)
+def test_padding_not_told_offers_both_choices(world: int) -> None:
+    n = world
+    for rank, out in enumerate(_res(world)):
+        for key, layout in (("untold_T1", "replicated"), ("untold_T1_invariant", "invariant")):
+            kind, msg = out[key]
+            assert kind == "PaddingError", (rank, key, kind, msg)
+            for frag in ("token count T=1", "axis 'tp'", f"layout '{layout}'", f"a multiple of the axis size n={n}",
+                         "got remainder 1", "MoEConfig.padding is not set (None)",
+                         f"MoEConfig(padding='pad') to let it pad to {n} rows", f"or pad the batch to T={n} rows yourself",
+                         "MoEConfig(padding='error')"):
+                assert frag in msg, (rank, key, frag, msg)
+        slices = out["error_seq_slices"]
+        kind, msg = out["untold_seq_shared"]
+        assert kind == "PaddingError", (rank, kind, msg)
+        for frag in (f"per-rank token counts {slices}", "layout 'sequence'", "MoEConfig.padding is not set",
+                     f"pad every rank's slice to {max(slices)} rows yourself", "MoEConfig(padding='pad')"):
+            assert frag in msg, (rank, frag, msg)
+        # Nothing to pad: no choice needed.
+        assert out["untold_even_ok"] == ("ok", ""), out["untold_even_ok"]
+        assert out["untold_seq_a2a_uneven_ok"] == ("ok", ""), out["untold_seq_a2a_uneven_ok"]
+
+
+@pytest.mark.parametrize("padding", ["error", None])
+def test_padding_error_never_fires_on_one_rank(padding: str | None) -> None:
+    """Any T is a multiple of n = 1: 'error' (or no policy) accepts every count on one device."""
+    m = MoE(make_cfg(padding=padding))
     m.init_states(0)
     for T in (0, 1, 3, 7):
         assert m(torch.randn(T, D)).shape == (T, D)

@@ -27,7 +27,7 @@ LIMIT_S = 60.0
 
 
 def _layer(layout: str = "replicated", **kw: Any) -> MoE:
-    m = MoE(make_cfg(**kw), world_pctx(), layout=layout)  # type: ignore[arg-type]
+    m = MoE(make_cfg(**kw), world_pctx(), layout=layout)
     m.init_states(0)
     return m
 
@@ -56,6 +56,9 @@ def _cases(rank: int, n: int) -> list[tuple[str, Any]]:
         # first, so every rank raises DistributedError instead of one leaving the rest hanging.
         ("padding_error_vs_pad", lambda: _layer(padding="error" if odd else "pad")(x[:5])),
         ("layout", lambda: _layer("sequence" if odd else "replicated")(x[:8])),
+        # Same tokens, other gradient convention: a rank returning Partial gradients
+        # where the others return complete ones would silently scale the update.
+        ("layout_invariant", lambda: _layer("invariant" if odd else "replicated")(x[:8])),
         ("dispatcher", lambda: _layer(dispatcher="all_gather" if odd else "all_to_all")(x[:64])),
         ("sequence_config", lambda: _layer("sequence", top_k=1 if odd else 2)(x[: 3 + rank])),
         ("debug_decode_T_later_call", debug_decode_T),
@@ -102,6 +105,7 @@ EXPECT: dict[str, tuple[str, ...]] = {
     "T_replicated_auto_prefill_vs_decode": ("'token_convention'", "rank 0's 257", "got 8 on rank {odd}"),
     "padding_error_vs_pad": ("'config_hash'", "same MoEConfig"),
     "layout": ("'layout'", "rank 0's 'replicated'", "got 'sequence' on rank {odd}"),
+    "layout_invariant": ("'layout'", "rank 0's 'replicated'", "got 'invariant' on rank {odd}"),
     "dispatcher": ("'config_hash'",),
     "sequence_config": ("'top_k'",),
     "debug_decode_T_later_call": ("'token_convention'", "rank 0's 4", "got 2 on rank {odd}"),

@@ -124,7 +124,7 @@ def _run_case(c: dict[str, Any], pctx: ParallelContext | None = None) -> dict[st
         score_func=c["score"], route_norm=c["score"] == "sigmoid",
         shared_hidden_dim=S_HID if c["shared"] else None,
         load_balance_coeff=1e-3 if c["skew"] != "none" else None,
-        dispatcher=c["dispatcher"],
+        dispatcher=c["dispatcher"], padding="pad",
     )
     full, moe = build_pair(cfg, pctx, layout, c["seed"], c["skew"])
     spy = DispatchSpy(moe)

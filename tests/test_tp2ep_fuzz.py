@@ -53,7 +53,7 @@ def _one_example(pctx: ParallelContext, ex: dict[str, Any]) -> dict[str, Any]:
     E = n * ex["per_rank"]
     cfg = MoEConfig(
         dim=DIM, hidden_dim=4, num_experts=E, top_k=min(ex["top_k"], E), score_func=ex["score"],
-        route_norm=ex["route_norm"], load_balance_coeff=1e-3, dispatcher=ex["dispatcher"],
+        route_norm=ex["route_norm"], load_balance_coeff=1e-3, dispatcher=ex["dispatcher"], padding="pad",
     )
     if ex["layout"] == "replicated":
         T = ex["T"]

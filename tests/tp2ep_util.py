@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from spmd_moe import MoE, MoEConfig, ParallelContext
 from spmd_moe.checkpoint import shard_state_dict
+from spmd_moe.placement import EP
 
 D, F_HID, E, K, S_HID = 16, 24, 8, 2, 16
 
@@ -21,7 +22,7 @@ def make_cfg(**kw: Any) -> MoEConfig:
     return MoEConfig(**base)
 
 
-def world_pctx() -> ParallelContext:
+def world_pctx() -> ParallelContext[EP]:
     return ParallelContext.from_group(dist.group.WORLD, name="tp")
 
 
@@ -42,17 +43,17 @@ def skew_bias(skew: str, num_experts: int, n: int) -> torch.Tensor | None:
     return b
 
 
-def build_pair(cfg: MoEConfig, pctx: ParallelContext, layout: str, seed: int, skew: str = "none") -> tuple[MoE, MoE]:
+def build_pair(cfg: MoEConfig, pctx: ParallelContext[EP], layout: str, seed: int, skew: str = "none") -> tuple[MoE, MoE]:
     """(single-device MoE, this rank's sharded MoE) with the same weights: the sharded
     one is loaded with shard_state_dict of the single-device state dict."""
-    full = MoE(cfg, layout=layout)  # type: ignore[arg-type]
+    full = MoE(cfg, layout=layout)
     full.init_states(seed)
     bias = skew_bias(skew, cfg.num_experts, pctx.size)
     if bias is not None:
         assert full.expert_bias_E is not None, "skewed cases need load_balance_coeff set"
         with torch.no_grad():
             full.expert_bias_E.copy_(bias)
-    moe = MoE(cfg, pctx, layout=layout)  # type: ignore[arg-type]
+    moe = MoE(cfg, pctx, layout=layout)
     moe.load_state_dict(shard_state_dict(full.state_dict(), cfg, pctx))
     return full, moe
 
@@ -91,10 +92,10 @@ class DispatchSpy:
 
     def __init__(self, moe: MoE) -> None:
         self.calls: dict[str, int] = {"all_to_all": 0, "all_gather": 0}
-        for attr, name in (("_a2a", "all_to_all"), ("_ag", "all_gather")):
+        if moe.prefill_dispatcher is moe.decode_dispatcher:
+            return  # one device: the local dispatcher, neither collective
+        for attr, name in (("prefill_dispatcher", "all_to_all"), ("decode_dispatcher", "all_gather")):
             d = getattr(moe, attr)
-            if d is None:
-                continue
             orig = d.dispatch
 
             def wrapped(*a: Any, _orig: Any = orig, _name: str = name, **kw: Any) -> Any:

@@ -4,23 +4,35 @@ Every rank gathers all ranks' token slices and expert ids (V -> R), runs its loc
 experts on the slots that chose them (the others come out zero), and each slot's
 output, held by exactly one rank, is summed back to its owner by reduce_scatter
 (P -> V). Adding zeros is exact, so the result equals the all-to-all path bit for bit.
-Needs the same token count on every rank (the replicated layout guarantees it).
+Needs the same token count on every rank (the token layout pads to it).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 
 from spmd_moe import collectives as C
-from spmd_moe.dispatch.local import DispatchState, count_ids
-from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import EP, Placed, Var, as_var
 from spmd_moe.checking import checked
+from spmd_moe.dispatch.base import count_ids
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import EP, Placed, Var, unchecked_cast
+
+
+@dataclass(frozen=True)
+class AllGatherState:
+    num_tokens: int
+    top_k: int
+    order_N: Int[Placed[Var[EP]], " N"]  # every rank's slots (N = n*T*K), local experts' first
 
 
 class AllGatherDispatcher:
-    def __init__(self, num_experts: int, pctx: ParallelContext):
+    # Rows of the other ranks' experts follow the local ones: the GEMMs zero them.
+    rows_exact = False
+
+    def __init__(self, num_experts: int, pctx: ParallelContext[EP]):
         self.num_experts = num_experts
         self.pctx = pctx
         self.num_local = num_experts // pctx.size
@@ -32,7 +44,7 @@ class AllGatherDispatcher:
         x_TD: Float[Placed[Var[EP]], "T D"],
         expert_ids_TK: Int[Placed[Var[EP]], "T K"],
         num_pad_tokens: int,
-    ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " e"], DispatchState]:
+    ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " e"], AllGatherState]:
         del num_pad_tokens  # pads carry id E: never local to any rank
         T, K = expert_ids_TK.shape
         e = self.num_local
@@ -43,14 +55,20 @@ class AllGatherDispatcher:
         # Non-local slots get key e: they sort after every local expert's rows.
         key_N = torch.where((local_all >= 0) & (local_all < e), local_all, e).reshape(-1)
         order_N = torch.argsort(key_N, stable=True)
-        counts_e = count_ids(key_N, e + 1)[:e]  # no host sync (torch.bincount has one)
-        state = DispatchState(T, K, order_N, {"total_tokens": x_all.shape[0]})
-        return as_var(x_all[order_N // K]), as_var(counts_e), state
+        counts_e = count_ids(key_N, e + 1)[:e]
+        return x_all[order_N // K], counts_e, AllGatherState(T, K, order_N)
 
     @checked
-    def combine(self, out_RD: Float[Placed[Var[EP]], "R D"], state: DispatchState) -> Float[Placed[Var[EP]], "T K D"]:
+    def combine(self, out_RD: Float[Placed[Var[EP]], "R D"], state: AllGatherState) -> Float[Placed[Var[EP]], "T K D"]:
         # Rows past the local experts' count are zeros (grouped_mm): every slot not
         # owned here contributes an exact 0 to the sum.
-        slots_ND = torch.empty_like(out_RD).index_copy_(0, state.sent_slots_R, out_RD)
-        mine_ND = C.reduce_scatter(C.partial_from_shards(as_var(slots_ND), self.pctx), self.pctx)
-        return as_var(mine_ND.view(state.num_tokens, state.top_k, mine_ND.shape[-1]))
+        slots_ND = unchecked_cast(
+            Placed[Var[EP]], torch.empty_like(out_RD).index_copy_(0, state.order_N, out_RD),
+            reason="this rank's expert outputs, reordered within the rank",
+        )
+        mine_ND = C.reduce_scatter(C.partial_from_shards(slots_ND, self.pctx), self.pctx)
+        return mine_ND.view(state.num_tokens, state.top_k, mine_ND.shape[-1])
+
+    def returned_rows(self, out_RD: Float[Placed[Var[EP]], "R D"], state: AllGatherState) -> None:
+        """No fused form: every slot is summed over ranks by reduce_scatter."""
+        return None

@@ -8,6 +8,7 @@ same DistributedError. A peer that never joins ends in the process group's timeo
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ _MAGIC = 0x5EED_0E
 _FIELDS = ("magic", "axis_size", "layout", "num_experts", "top_k", "dim", "config_hash", "token_convention", "local_tokens")
 # Fields that may differ between ranks (exchanged, not compared).
 _FREE = ("local_tokens",)
-LAYOUT_CODES = {"replicated": 1, "sequence": 2}
+LAYOUT_CODES = {"replicated": 1, "sequence": 2, "invariant": 3}
 _LAYOUT_NAMES = {v: k for k, v in LAYOUT_CODES.items()}
 
 
@@ -30,7 +31,7 @@ def config_hash(fingerprint: tuple[object, ...]) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
-def _header_device(pctx: ParallelContext) -> torch.device:
+def _header_device(pctx: ParallelContext[Any]) -> torch.device:
     """NCCL moves only CUDA tensors: the header goes where the group's backend wants it."""
     if pctx.group is not None and dist.get_backend(pctx.group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -38,7 +39,7 @@ def _header_device(pctx: ParallelContext) -> torch.device:
 
 
 def exchange_header(
-    pctx: ParallelContext,
+    pctx: ParallelContext[Any],
     *,
     num_experts: int,
     top_k: int,
