@@ -65,13 +65,14 @@ def worker_debug_probe(model: Any) -> dict[str, Any]:
 
     from spmd_moe import _debug
     from spmd_moe.errors import SpmdMoeError
-    from spmd_moe.moe import MoE
     from spmd_moe.checking import checked_calls
+    from spmd_moe.moe import MoE, Replicated
+    from spmd_moe.placement import EP, Placed, Rep, as_rep, unchecked_cast
 
-    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    moe: MoE[Replicated] = next(m for m in model.modules() if isinstance(m, MoE))
     D = moe.cfg.dim
     g = torch.Generator().manual_seed(1234)  # same on every rank: a replicated input
-    x_TD = torch.randn(5, D, generator=g, dtype=moe.router.gate.weight.dtype)
+    x_TD = as_rep(torch.randn(5, D, generator=g, dtype=moe.router.gate.weight.dtype), moe.pctx, "probe x_TD")
     out: dict[str, Any] = {"rank": moe.pctx.rank, "debug_before": _debug.is_debug()}
     old = _debug.is_debug()
     _debug.set_debug(True)
@@ -94,7 +95,7 @@ def worker_debug_probe(model: Any) -> dict[str, Any]:
             with torch.inference_mode():
                 xv = x_TD.clone()
                 spmd.assert_type(xv, {moe.pctx.group: spmd.V})
-                moe(xv)
+                moe(unchecked_cast(Placed[Rep[EP]], xv, reason="deliberately wrong: debug mode must reject it"))
 
         def disagreeing_ranks() -> None:  # ranks pass different token counts
             with torch.inference_mode():
