@@ -82,6 +82,7 @@ class Mutant:
     file: str
     line: int
     desc: str
+    func: str = ""
     # source mutants: byte-offset edits of `file`; input mutants: `spec`
     edits: list[tuple[int, int, str]] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)
@@ -227,6 +228,7 @@ def source_mutants(root: str, files: list[str]) -> list[Mutant]:
         mods, funcs = _aliases(src.tree)
         seen_calls: set[int] = set()
         for fn, cls in _funcs(src.tree):
+            n_before = len(muts)
             calls = _own_calls(fn)
             # ParallelContexts in scope: parameters typed ParallelContext, and every
             # expression passed as the axis of a collective / as_* in this function.
@@ -309,6 +311,8 @@ def source_mutants(root: str, files: list[str]) -> list[Mutant]:
                         if other != nm.id:
                             muts.append(Mutant("", "sig", rel, nm.lineno,
                                                f"{qual}({pname}): {nm.id} -> {other}", [(na, nb, other)]))
+            for m in muts[n_before:]:
+                m.func = qual
     return muts
 
 
@@ -350,10 +354,12 @@ def entry_points(root: str) -> list[dict[str, Any]]:
                                    "kwonly": a in fn.args.kwonlyargs})
                 if not any(p["letters"] for p in params):
                     continue
-                used = {n.id for p in fn.args.args[1:] + fn.args.kwonlyargs if p.annotation is not None
+                self_ann = fn.args.args[0].annotation if fn.args.args else None
+                used = {n.id for p in fn.args.args + fn.args.kwonlyargs if p.annotation is not None
                         for n in ast.walk(p.annotation) if isinstance(n, ast.Name)}
                 out.append({
                     "file": rel, "line": fn.lineno, "module": _module_of(rel), "cls": cls.name,
+                    "self_ann": src.text(self_ann) if self_ann is not None else cls.name,
                     "method": fn.name, "params": params, "imports": imports,
                     "local_names": sorted((used | {cls.name}) & top_names),
                     "defaults": len(fn.args.defaults),
@@ -368,22 +374,23 @@ def input_mutants(root: str, layouts: list[str]) -> list[Mutant]:
             if len(p["letters"]) != 1:
                 continue  # multi-axis parameter: flipped one axis at a time below
             have = p["letters"][0]
-            targets = [(ep["method"], None)]
-            if ep["cls"] == "MoE" and ep["method"].startswith("forward_"):
-                lay = ep["method"].removeprefix("forward_")
+            lay = None
+            if ep["cls"] == "MoE":
+                # the layout: MoE[Replicated]-style self type, or a forward_<layout> method
+                mk = re.search(r"MoE\[(\w+)\]", ep["self_ann"])
+                lay = mk.group(1).lower() if mk else ep["method"].removeprefix("forward_")
                 if lay not in layouts:
                     continue
-                targets = [(ep["method"], lay)]
-            for meth, lay in targets:
-                for wrong in LETTERS:
-                    if wrong == have:
-                        continue
-                    name = f"{ep['cls']}.{meth}" + (f"[{lay}]" if lay else "")
-                    muts.append(Mutant(
-                        "", "input", ep["file"], ep["line"],
-                        f"{name}({p['name']}) fed {wrong} (expects {have})",
-                        spec={"ep": ep, "param": p["name"], "wrong": wrong, "have": have, "layout": lay},
-                    ))
+            for wrong in LETTERS:
+                if wrong == have:
+                    continue
+                name = f"{ep['self_ann']}.{ep['method']}" + (f"[layout {lay!r}]" if lay else "")
+                muts.append(Mutant(
+                    "", "input", ep["file"], ep["line"],
+                    f"{name}({p['name']}) fed {wrong} (expects {have})",
+                    func=f"{ep['cls']}.{ep['method']}",
+                    spec={"ep": ep, "param": p["name"], "wrong": wrong, "have": have, "layout": lay},
+                ))
     return muts
 
 
@@ -392,7 +399,7 @@ def _snippet(ep: dict[str, Any], param: str | None, wrong: str | None) -> str:
     lines = ["from __future__ import annotations", *ep["imports"]]
     lines.append(f"from {ep['module']} import {', '.join(ep['local_names'])}")
     lines.append("from spmd_moe.placement import EP, DP, Inv, Par, Placed, Rep, Var")
-    sig, call = [f"m: {ep['cls']}"], []
+    sig, call = [f"m: {ep['self_ann']}"], []
     for p in ep["params"]:
         ann = p["ann"] or "object"
         if p["name"] == param and wrong is not None:
@@ -421,7 +428,7 @@ def generate(root: str, examples: list[str], layouts: list[str]) -> list[Mutant]
     muts += input_mutants(root, layouts)
     seen: dict[str, int] = {}
     for m in muts:
-        base = f"{m.category}:{m.file}:{m.line}:{hashlib.sha1(m.desc.encode()).hexdigest()[:6]}"
+        base = f"{m.category}:{m.file}:{m.func or '-'}:{hashlib.sha1(m.desc.encode()).hexdigest()[:6]}"
         seen[base] = seen.get(base, 0) + 1
         m.id = base if seen[base] == 1 else f"{base}.{seen[base]}"
     return muts
@@ -824,20 +831,13 @@ def _input_rank(rank: int, world: int, spec: dict[str, Any], pg_timeout: float =
 
 
 # ------------------------------------------------------------------ rank servers
-# Spawning ranks costs seconds (torch import, gloo setup) where a case costs
-# milliseconds: each worker keeps one group of rank processes per world alive. Per
-# request the ranks drop spmd_moe / typing_rules from sys.modules and import them again
-# from the workspace (where the mutant is applied; bytecode caching is off), and every
-# case runs on a fresh gloo group.
-
-
-def _purge() -> None:
-    import importlib
-
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("spmd_moe", "typing_rules"):
-            del sys.modules[name]
-    importlib.invalidate_caches()
+# Spawning ranks costs seconds (torch import) where a case costs milliseconds: each
+# worker keeps one set of rank processes per world alive, with torch, spmd_types,
+# jaxtyping and beartype imported but never spmd_moe. Per request every rank forks a
+# child that imports spmd_moe from the workspace (where the mutant is applied; bytecode
+# caching off), joins a fresh gloo group (a new port per request) and runs the cases.
+# (Dropping spmd_moe from sys.modules and importing it again is not equivalent:
+# beartype's caches keep the first import's hints.)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -847,8 +847,50 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _serve_rank(rank: int, world: int, ctrl: str, pg_timeout: float) -> int:
+def _serve_child(rank: int, world: int, req: dict[str, Any], pg_timeout: float, out: str) -> None:
+    t0 = time.monotonic()
+    res: dict[str, Any]
+    try:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{req['port']}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=pg_timeout))
+        if req["what"] == "layer":
+            res = {"cases": _layer_rank(rank, world, [tuple(c) for c in req["cases"]], pg_timeout)}
+        else:
+            res = _input_rank(rank, world, req["spec"], pg_timeout)
+    except BaseException as e:  # noqa: BLE001
+        res = {"status": "crash", "msg": f"{type(e).__name__}: {e}"[:400]}
+    res["seconds"] = time.monotonic() - t0
+    _write_json(out, res)
+
+
+_WARM = (
+    "numpy", "torch.distributed.tensor", "torch.distributed.tensor.parallel", "torch.distributed.nn",
+    "torch.distributed.fsdp", "torch.distributed.algorithms", "torch._dynamo", "torch._inductor",
+    "torch._functorch._aot_autograd", "torch.testing._internal.distributed", "torch.onnx", "triton",
+    "torch.distributed._shard.sharded_tensor",
+)
+
+
+def _serve_rank(rank: int, world: int, ctrl: str, pg_timeout: float) -> None:
     sys.dont_write_bytecode = True
+    import beartype  # noqa: F401 - imported once here, inherited by every fork
+    import jaxtyping  # noqa: F401
+    import spmd_types  # noqa: F401
+    import spmd_types.checker  # noqa: F401
+    import torch
+    import torch.distributed  # noqa: F401
+
+    torch.set_num_threads(1)
+    # What the first debug-mode multi-rank call imports lazily (seconds): once, here.
+    import importlib
+
+    for mod in _WARM:
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001 - warming only
+            pass
     _write_json(os.path.join(ctrl, f"ready_r{rank}.json"), {"pid": os.getpid()})
     k = 0
     while True:
@@ -858,20 +900,29 @@ def _serve_rank(rank: int, world: int, ctrl: str, pg_timeout: float) -> int:
         with open(req_path) as f:
             req = json.load(f)
         if req["what"] == "stop":
-            return k
-        _purge()
-        t0 = time.monotonic()
-        res: dict[str, Any]
-        try:
-            if req["what"] == "layer":
-                res = {"cases": _layer_rank(rank, world, [tuple(c) for c in req["cases"]], pg_timeout)}
-            else:
-                res = _input_rank(rank, world, req["spec"], pg_timeout)
-        except BaseException as e:  # noqa: BLE001
-            res = {"status": "crash", "msg": f"{type(e).__name__}: {e}"[:400]}
-        res["seconds"] = time.monotonic() - t0
-        _write_json(os.path.join(ctrl, f"res{k}_r{rank}.json"), res)
+            return
+        out = os.path.join(ctrl, f"res{k}_r{rank}.json")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _serve_child(rank, world, req, pg_timeout, out)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        if not os.path.exists(out):
+            _write_json(out, {"status": "crash", "msg": "forked rank died"})
         k += 1
+
+
+def _serve_main(world: int, ctrl: str, pg_timeout: float) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_serve_rank, args=(r, world, ctrl, pg_timeout)) for r in range(world)]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join()
 
 
 class Server:
@@ -922,7 +973,9 @@ class Server:
 
     def request(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
         """{'status': 'done', 'ranks': [...]} or {'status': 'hang'|'crash', 'reason'}."""
-        _write_json(os.path.join(self.ctrl, f"req{self.k}.json"), req)
+        from tests.dist_utils import _free_port
+
+        _write_json(os.path.join(self.ctrl, f"req{self.k}.json"), req | {"port": _free_port()})
         deadline = time.monotonic() + timeout + (0 if self.ready else self.startup)
         paths = [os.path.join(self.ctrl, f"res{self.k}_r{r}.json") for r in range(self.world)]
         while not all(os.path.exists(p) for p in paths):
@@ -1103,7 +1156,7 @@ class Runner:
             controls: dict[str, str] = {}
             for m in inputs:
                 ep = m.spec["ep"]
-                ckey = f"{ep['cls']}_{ep['method']}"
+                ckey = f"{ep['cls']}_{ep['method']}_{ep['line']}"
                 if ckey not in controls:
                     controls[ckey] = f"tests/_mutate_snippets/control_{ckey}.py"
                     with open(os.path.join(ws0.path, controls[ckey]), "w") as f:
@@ -1249,9 +1302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctrl", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.serve:
-        from tests.dist_utils import run_ranks
-
-        run_ranks(_serve_rank, a.world, a.ctrl, a.pg_timeout, timeout=1e9, pg_timeout=3600.0)
+        _serve_main(a.world, a.ctrl, a.pg_timeout)
         return 0
     if a.drive:
         _drive_main(a)
