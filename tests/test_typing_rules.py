@@ -148,6 +148,7 @@ def _rules_on_ranks(rank: int, world: int) -> dict[str, dict[str, Any]]:
     import torch.nn.functional as F
 
     from spmd_moe.config import MoEConfig
+    from spmd_moe.dispatch.all_gather import AllGatherDispatcher
     from spmd_moe.dispatch.all_to_all import AllToAllDispatcher
     from spmd_moe.dispatch.base import count_per_expert
     from spmd_moe.dispatch.local import LocalDispatcher
@@ -255,6 +256,13 @@ def _rules_on_ranks(rank: int, world: int) -> dict[str, dict[str, Any]]:
                                "rows": len(tok_e), "counts_e": counts_e.tolist()}
         res["swiglu"] = {"err": _err(back_TKD, want_back), "tol": f64_tol}
         res["all_to_all/dispatch"] = {"err": _err(recv_RD, X[[t for t, _ in tok_e]]), "tol": 0.0}
+        # rank_view's use: the decode dispatcher gathers every slice (V -> R), keeps the
+        # rows of its own experts (rank_view R -> V) and sums the outputs back: the same
+        # slots as the reference (non-local rows come out exactly zero)
+        ag = AllGatherDispatcher(E, pctx)
+        g_rows, g_counts, gstate = ag.dispatch(X[sl], ids_loc, 0)
+        res["rank_view/decode_dispatch"] = {
+            "err": _err(ag.combine(experts(g_rows, g_counts), gstate), want_back), "tol": f64_tol}
         # forbidden: a Partial gate (rows split into two summands) through the experts
         half = _seeded(20 + r, *recv_RD.shape)
         part = experts(half, counts_e, rows_exact=True) + experts(recv_RD - half, counts_e, rows_exact=True)
@@ -393,10 +401,6 @@ def _rules_on_ranks(rank: int, world: int) -> dict[str, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def computed() -> list[dict[str, dict[str, Any]]]:
     return run_distributed(_rules_on_ranks, 2, timeout=240)
-
-
-def _cases(rule: typing_rules.OpRule) -> list[str]:
-    return [f"{rule.name}/raw", f"{rule.name}/autograd"] if rule.collective else [rule.name]
 
 
 def test_every_rule_is_computed(computed: list[dict[str, dict[str, Any]]]) -> None:
