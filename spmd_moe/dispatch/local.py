@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-import torch
 from jaxtyping import Float, Int
 
 from spmd_moe.checking import checked
