@@ -431,3 +431,52 @@ def test_layer_rule_forbidden_inputs_raise(name: str, forbidden: list[dict[str, 
             assert c["raised"] in ("PlacementError", "SpmdTypeError"), c
             if c["raised"] == "PlacementError":
                 assert "expected placement" in c["msg"] and "Fix:" in c["msg"], c
+
+
+# ----------------------------------------------------------------------------- 3. untyped operands
+
+
+def _untyped_on_ranks(rank: int, world: int) -> dict[str, str]:
+    """A typed tensor combined with an untyped one (no spmd_types mark: a buffer, a
+    torch.arange made without a current mesh), in both of spmd_types' modes."""
+    import spmd_types as spmd
+    import torch
+    import torch.distributed as dist
+    from spmd_types.checker import typecheck
+
+    group = dist.group.WORLD
+    out: dict[str, str] = {}
+    for mode in ("strict", "permissive"):
+        for code in "RIVP":
+            for op, lin in (("add", "linear"), ("mul", "multilinear")):
+                with typecheck(strict_mode=mode):  # type: ignore[arg-type]
+                    a = spmd.assert_type(torch.ones(3, dtype=torch.float64), {group: getattr(spmd, code)})
+                    b = torch.arange(3, dtype=torch.float64)  # made inside: untyped ({})
+                    fn = (lambda x, y: x + y) if op == "add" else (lambda x, y: x * y)
+                    out[f"{mode}:{code}:{lin}"] = _verdict(fn, [a, b], group)
+    return out
+
+
+@pytest.fixture(scope="module")
+def untyped() -> list[dict[str, str]]:
+    return run_distributed(_untyped_on_ranks, 2, timeout=120)
+
+
+def test_untyped_operand_is_scalar_like_for_typing_rules_only(untyped: list[dict[str, str]]) -> None:
+    """typing_rules (and the plugin) treat an untyped tensor like a scalar ("S"): it adopts
+    the other operand's placement, except that P + S is affine. spmd_types does not:
+    strict mode rejects any mix of typed and untyped operands; permissive mode skips the
+    untyped one (so P + untyped is P there). Recorded here so the difference is known:
+    code mypy accepts (V + torch.arange(...)) fails under strict mode unless the runtime
+    types the untyped tensor (assert_type, or a current mesh that makes factories R)."""
+    res = untyped[0]
+    assert untyped[0] == untyped[1]
+    for code in "RIVP":
+        for lin in ("linear", "multilinear"):
+            assert res[f"strict:{code}:{lin}"].startswith("error: ") and "missing axis" in res[f"strict:{code}:{lin}"], res
+            assert res[f"permissive:{code}:{lin}"] == code, res  # the untyped operand is skipped
+            ours = _join_verdict("__add__" if lin == "linear" else "__mul__", code + "S")
+            if code == "P" and lin == "linear":
+                assert ours == "error: partial_plus_nonpartial"  # stricter than permissive mode
+            else:
+                assert ours == code  # accepted, where strict mode raises
