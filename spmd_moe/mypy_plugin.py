@@ -328,10 +328,12 @@ def _infer_op(op: str, ctx: FunctionContext | MethodContext, receiver: Type | No
     for group in rest:
         for t in group:
             operands += _operand_axes(t, op) or []
+    linearity = OPS.get(op, "view")
+    if linearity == "view":
+        operands = operands[:1]  # other tensors only lend a shape or a dtype
     placed = [o for o in operands if isinstance(o, dict)]
     if not placed:
         return ctx.default_return_type
-    linearity = OPS.get(op, "view")
     all_axes: dict[str, Instance] = {}
     for o in placed:
         for k, (ax, _) in o.items():

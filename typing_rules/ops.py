@@ -95,10 +95,12 @@ def join(linearity: Linearity, operands: Sequence[Operand], axis: str, what: str
     """The output placement on ``axis`` of an op with this linearity, or None when no
     operand has a placement there. Raises RuleViolation for a forbidden combination.
 
-    * ``view``: one tensor operand, any placement kept (reshape, slicing, dtype casts).
+    * ``view``: one tensor operand, any placement kept (reshape, dtype casts, pad); other
+      tensor arguments (``view_as(t)``, ``.to(t)``) only lend a shape or dtype.
     * ``linear``: every tensor operand enters linearly and additively (add, sub, cat,
       sum): P + P -> P, P + anything else is affine.
-    * ``multilinear``: linear in each factor (mul, matmul, linear, index by a tensor):
+    * ``multilinear``: linear in each factor (mul, matmul, linear, indexing / gather by
+      an index tensor, which selects the same way from each summand):
       one Partial factor times Replicate/scalar factors stays Partial.
     * ``nonlinear``: anything else (softmax, silu, exp, comparisons, top-k): no Partial.
     """
@@ -150,7 +152,7 @@ _VIEW = (
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze",
     "unsqueeze", "transpose", "t", "T", "mT", "permute", "contiguous", "clone", "detach",
     "expand", "expand_as", "narrow", "to", "float", "double", "half", "bfloat16", "type_as",
-    "__getitem__", "neg", "__neg__", "__pos__", "movedim", "select", "repeat",
+    "neg", "__neg__", "__pos__", "movedim", "select", "repeat",
     "cpu", "cuda", "requires_grad_", "unbind", "pad",
 )
 _LINEAR = (
@@ -160,7 +162,7 @@ _LINEAR = (
 _MULTILINEAR = (
     "__mul__", "__rmul__", "__imul__", "mul", "__matmul__", "__rmatmul__", "matmul", "mm",
     "bmm", "linear", "einsum", "__truediv__", "div", "gather", "index_select",
-    "take_along_dim", "masked_fill", "where", "outer", "repeat_interleave",
+    "take_along_dim", "__getitem__", "masked_fill", "where", "outer", "repeat_interleave",
 )
 _NONLINEAR = (
     "silu", "gelu", "relu", "sigmoid", "softmax", "log_softmax", "exp", "log", "sqrt",
