@@ -166,12 +166,15 @@ def _gather_rows(t: torch.Tensor, name: str, axis: AxisLike, with_values: bool) 
 
     n = axis.size
     dev = _exchange_device(axis)
-    mine = torch.tensor(_row(t, with_values), dtype=torch.int64, device=dev)
-    everyone = torch.empty(n * _ROW, dtype=torch.int64, device=dev)
+    # Checker arithmetic, not layer data: outside spmd_types' tracking (strict mode
+    # would reject the untyped fingerprint tensors).
     ctx = spmd.no_typecheck() if _HAVE_SPMD and spmd.is_type_checking() else contextlib.nullcontext()
     try:
         with ctx, torch.no_grad():
+            mine = torch.tensor(_row(t, with_values), dtype=torch.int64, device=dev)
+            everyone = torch.empty(n * _ROW, dtype=torch.int64, device=dev)
             dist.all_gather_into_tensor(everyone, mine, group=axis.group)
+            rows = everyone.view(n, _ROW).tolist()
     except RuntimeError as e:
         raise DistributedError(
             f"{name}: debug-mode placement check on axis '{axis.name}' (size {n}) failed: "
@@ -181,7 +184,6 @@ def _gather_rows(t: torch.Tensor, name: str, axis: AxisLike, with_values: bool) 
             "skipped the call or runs with debug off makes the others time out after the "
             "group's timeout); the group is unusable now, restart the job."
         ) from e
-    rows = everyone.view(n, _ROW).tolist()
     for r, row in enumerate(rows):
         if row[0] != _MAGIC:  # a peer in some other collective: shapes of what it sent differ
             raise DistributedError(
@@ -323,6 +325,27 @@ def typed_params(axis: AxisLike, where: str, params: list[tuple[str, torch.Tenso
     finally:
         for p in added:
             _unmark(p)
+
+
+@contextlib.contextmanager
+def tracked_region(
+    axis: AxisLike, where: str, params: list[tuple[str, torch.Tensor, str]], *, strict: bool = True
+) -> Iterator[None]:
+    """A layer's tracked region (debug mode, >1 rank): spmd_types' typecheck mode in
+    strict mode (every operand of every op must carry a placement on the axis) with
+    the axis as the current mesh (deterministic factories such as torch.zeros /
+    torch.arange are Replicate), the layer's own ``params`` verified and marked
+    (:func:`typed_params`), and spmd_types' errors re-raised as PlacementError naming
+    the layer and the axis."""
+    from spmd_types.checker import typecheck
+
+    full = f"{where} on axis '{axis.name}' (size {axis.size})"
+    try:
+        with spmd.set_current_mesh([axis.group]), typecheck(strict_mode="strict" if strict else "permissive"):
+            with typed_params(axis, where, params):
+                yield
+    except spmd.SpmdTypeError as e:
+        raise PlacementError(f"{full}: placement check failed: {e}") from e
 
 
 def _unmark(t: torch.Tensor) -> None:
