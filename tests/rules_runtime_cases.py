@@ -56,6 +56,7 @@ CASES += [
     ("narrow", "f", lambda x: x.narrow(0, 0, 2)),
     ("to", "f", lambda x: x.to(torch.float32)),
     ("__getitem__", "f", lambda x: x[:2]),
+    ("__getitem__", "fj", lambda x, j: x[j]),
     ("movedim", "f", lambda x: x.movedim(0, 1)),
     ("select", "f", lambda x: x.select(0, 1)),
     ("repeat", "f", lambda x: x.repeat(2, 1)),
