@@ -53,6 +53,11 @@ _HINTS: dict[tuple[str, str], str] = {
     "count only this rank's token slice (R->V split first, padding T to a multiple of "
     "the axis size)",
     ("I", "P"): "call spmd_types.all_reduce(x, group, src=P, dst=I) first",
+    ("R", "V"): "if each rank holds its own token slice, use layout 'sequence' instead; if "
+    "the ranks should hold the same tensor, find where they diverged (a per-rank seed, "
+    "dropout, the data loader, an op on one rank only)",
+    ("I", "V"): "give every rank the same tensor (a per-rank seed, dropout or data loader "
+    "made them differ); if each rank holds its own token slice, use layout 'sequence'",
 }
 
 
@@ -198,6 +203,11 @@ def _shape_of(row: list[int]) -> list[int]:
     return [d for d in row[2:2 + _MAX_DIMS]][: row[1] if row[1] <= _MAX_DIMS else _MAX_DIMS]
 
 
+def _dtype_name(row: list[int]) -> str:
+    names = {i: str(d).removeprefix("torch.") for d, i in _DTYPES.items()}
+    return names.get(row[2 + _MAX_DIMS], "other dtype")
+
+
 def _differs(rows: list[list[int]], lo: int, hi: int) -> list[int]:
     return [r for r in range(1, len(rows)) if rows[r][lo:hi] != rows[0][lo:hi]]
 
@@ -228,8 +238,8 @@ def verify_values(t: torch.Tensor, name: str, code: str, axis: AxisLike, *, toke
     shape_diff = _differs(rows, 1, 2 + _MAX_DIMS + 1)  # ndim, dims, dtype
     if code in ("R", "I", "P") and shape_diff:
         r = shape_diff[0]
-        got = (f"shape {_shape_of(rows[r])} dtype #{rows[r][2 + _MAX_DIMS]} on rank {r} vs "
-               f"{_shape_of(rows[0])} dtype #{rows[0][2 + _MAX_DIMS]} on rank 0")
+        got = (f"shape {_shape_of(rows[r])} ({_dtype_name(rows[r])}) on rank {r} vs "
+               f"{_shape_of(rows[0])} ({_dtype_name(rows[0])}) on rank 0")
         if code == "P":
             raise PlacementError(
                 f"{where}: expected placement P (Partial: summands of one shape on every "

@@ -201,14 +201,23 @@ def test_replicated_tokens_into_router(placement_cases: list[dict[str, dict[str,
         assert "split_tokens" in c["msg"] and "pad T to a multiple" in c["msg"]
 
 
+def test_partial_parameter_rejected_at_entry(placement_cases: list[dict[str, dict[str, Any]]]) -> None:
+    # A gate weight marked Partial is rejected where the layer's region is entered
+    # (before it could reach softmax), naming the parameter.
+    for r in placement_cases:
+        c = r["partial_gate_True"]
+        assert c["raised"] == "PlacementError", c
+        assert "moe: router.gate.weight on axis 'ep' (size 2): expected placement R, got P" in c["msg"]
+        assert "Fix: call spmd_moe.collectives.all_reduce(x, pctx) first" in c["msg"]
+
+
 def test_partial_into_nonlinear_op(placement_cases: list[dict[str, dict[str, Any]]]) -> None:
     for r in placement_cases:
-        for key in ("partial_gate_True", "silu_of_partial"):
-            c = r[key]
-            assert c["raised"] == "PlacementError" and c["cause"] == "SpmdTypeError", (key, c)
-            assert "moe on axis 'ep' (size 2): placement check failed" in c["msg"]
-            assert "Partial type on axis" in c["msg"] and "non-linear" in c["msg"]
-            assert "all_reduce" in c["msg"]  # spmd_types' fix suggestion is kept
+        c = r["silu_of_partial"]
+        assert c["raised"] == "PlacementError" and c["cause"] == "SpmdTypeError", c
+        assert "moe on axis 'ep' (size 2): placement check failed" in c["msg"]
+        assert "Partial type on axis" in c["msg"] and "non-linear" in c["msg"]
+        assert "all_reduce" in c["msg"]  # spmd_types' fix suggestion is kept
 
 
 def test_debug_off_does_not_check_placements(placement_cases: list[dict[str, dict[str, Any]]]) -> None:
