@@ -24,9 +24,14 @@ HF state-dict adapter) keeps working on it. The built module:
 * ``parallelize(parallel_dims)`` takes the EP group from torchtitan's ParallelDims
   (``ParallelContext.from_parallel_dims``), shards the experts E/n per rank (slicing
   materialized weights, or re-creating meta ones) and picks the layout: tokens
-  replicated over the EP group (TP without sequence parallel) -> 'replicated';
-  tokens split over it (sequence parallel, or EP drawn from data parallel) ->
-  'sequence'. With TP the EP group must be the TP group (TP2EP).
+  replicated over the EP group (TP without sequence parallel) -> 'invariant' (Inv in,
+  Inv out: the complete gradient on every rank, torchtitan's convention, so no
+  gradient hooks on the activations); tokens split over it (sequence parallel, or EP
+  drawn from data parallel) -> 'sequence'. With TP the EP group must be the TP group
+  (TP2EP). The forward states that placement on torchtitan's untyped tokens
+  (as_inv / as_var; verified in debug mode).
+* pads token counts that do not split over the EP ranks: the adapter's stated policy
+  TITAN_PADDING ('pad'), overridable with SpmdMoE.Config.padding='error'.
 
 Experts run in bf16 by default, as torchtitan's do (``expert_dtype="bfloat16"``).
 """
@@ -258,7 +263,10 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         reshard(self, pctx, layout)
         if pctx.size > 1 and int(parallel_dims.tp) > 1:
             # The gate sees this rank's tokens only; its gradient is Partial over the
-            # TP(=EP) group, which no data-parallel reduction covers: sum it here.
+            # TP(=EP) group, which no data-parallel reduction covers: sum it here. (The
+            # layer types the gate weight Replicate, whose gradient is Partial in
+            # spmd_types' convention; once it can type it Invariant and enter it with
+            # invariant_to_replicate, whose backward is this all-reduce, the hook goes.)
             self.router.gate.weight.register_hook(_all_reduce_hook(pctx.group))  # type: ignore[no-untyped-call]
 
     def init_states(self, seed: int | None = None, std: float = 0.02, *, buffer_device: torch.device | None = None) -> None:
