@@ -302,6 +302,49 @@ def test_greedy_generation_unchanged(family: str) -> None:
     assert len(set(t for row in tokens_hf for t in row[len(PROMPT[0]):])) > 1, "degenerate generation"
 
 
+@pytest.mark.parametrize("hooks_before_swap", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_logits_and_aux_loss_unchanged(family: str, hooks_before_swap: bool) -> None:
+    """output_router_logits=True (HF records them with hooks on its router class): the
+    swapped model returns HF's router logits, aux loss (Mixtral, Qwen3-MoE) and loss, and
+    the same gradients through them; whether HF installed its hooks before the swap
+    (they move to the swapped block) or installs them after it."""
+    ids = torch.tensor(PROMPT)
+
+    def run(model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        out = model(ids, labels=ids, output_router_logits=True)
+        total = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and ".mlp." not in n}
+        for path, m in model.named_modules():  # the router gates, by block path
+            w = m.moe.router.gate.weight if isinstance(m, SwappedMoEBlock) else (
+                m.gate.weight if block_family(m) is not None else None)
+            if w is not None:
+                assert w.grad is not None
+                grads[f"{path}/gate"] = w.grad.clone()
+        return out, grads
+
+    model = make_model(family, seed=7)
+    ref, ref_grads = run(model)
+    fresh = make_model(family, seed=7)
+    target = model if hooks_before_swap else fresh
+    swapped = swap_moe_blocks(target)
+    ours, our_grads_ = run(target)
+    assert len(ours.router_logits) == len(ref.router_logits) == len(swapped)
+    for a, b in zip(ours.router_logits, ref.router_logits):
+        assert rel_err(a.detach(), b.detach()) <= REL_TOL
+    assert rel_err(ours.loss.detach(), ref.loss.detach()) <= REL_TOL
+    assert (ours.aux_loss is None) == (ref.aux_loss is None) == (family == "deepseek_v3")
+    if ref.aux_loss is not None:
+        assert rel_err(ours.aux_loss.detach(), ref.aux_loss.detach()) <= REL_TOL
+    # Gradients of everything outside the MoE blocks (attention, norms, embeddings) and
+    # of the router gates (through the routing and the aux loss).
+    assert set(our_grads_) == set(ref_grads) and sum(k.endswith("/gate") for k in ref_grads) == len(swapped)
+    bad = {n: f"{rel_err(our_grads_[n], g):.1e}" for n, g in ref_grads.items() if not rel_err(our_grads_[n], g) <= REL_TOL}
+    assert not bad, f"gradients above {REL_TOL}: {bad}"
+
+
 # ----------------------------------------------------------------------------- (c)
 def _gather_cat(t: torch.Tensor | None, dim: int, like: torch.Tensor, group: Any) -> torch.Tensor:
     import torch.distributed as dist

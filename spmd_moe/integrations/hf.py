@@ -32,9 +32,11 @@ builds the full state dict of the block it already holds and loads its slice
 ranks' experts are freed.
 
 The call convention is HF's: ``block(hidden_states [B, L, D]) -> [B, L, D]`` (all three
-families return one tensor in transformers 5; the router logits are recorded by HF's
-output hooks on its router class, which the swapped block does not have: see
-``docs/hf.md``). The hidden states arrive from transformers as plain tensors; the block
+families return one tensor in transformers 5). HF records the router logits
+(``output_router_logits=True``, Mixtral's and Qwen3-MoE's load-balancing aux loss) with
+forward hooks on its router class: the swapped block holds a parameter-free
+``router_logits`` tap of that class, run only while HF is recording them, which returns
+HF's logits ``x @ gate.weight.T`` computed from the spmd_moe router's weight. The hidden states arrive from transformers as plain tensors; the block
 states their placement on the expert axis at the boundary, as ``layout`` says
 (verified in debug mode):
 
@@ -58,6 +60,7 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
 
@@ -164,12 +167,12 @@ def moe_config_from_hf_block(
             f"HF MoE block {type(block).__name__}: experts.gate_up_proj: expected shape "
             f"[E={E}, 2F, D={D}], got {tuple(gate_up.shape)}. Fix: check the model config."
         )
-    F = gate_up.shape[1] // 2
+    F_hid = gate_up.shape[1] // 2
     _check_silu(block, "experts", getattr(block.experts, "act_fn", None))
     router: Any = getattr(block, "gate")
     top_k = int(getattr(router, "top_k"))
     common: dict[str, Any] = dict(
-        dim=int(D), hidden_dim=int(F), num_experts=int(E), top_k=top_k,
+        dim=int(D), hidden_dim=int(F_hid), num_experts=int(E), top_k=top_k,
         param_dtype=gate_up.dtype, padding=padding, dispatcher=dispatcher,
     )
     if fam == "qwen3_moe":
@@ -194,12 +197,12 @@ def moe_config_from_hf_block(
 
 def hf_block_state_dict(block: nn.Module, cfg: MoEConfig) -> dict[str, torch.Tensor]:
     """The full (EP size 1) spmd_moe state dict of an HF block (detached views)."""
-    F = cfg.hidden_dim
+    F_hid = cfg.hidden_dim
     gate_up = _param(block, "experts.gate_up_proj").detach()
     sd: dict[str, torch.Tensor] = {
         "router.gate.weight": _param(block, "gate.weight").detach(),
-        _W1: gate_up[:, :F],
-        _W3: gate_up[:, F:],
+        _W1: gate_up[:, :F_hid],
+        _W3: gate_up[:, F_hid:],
         _W2: _param(block, "experts.down_proj").detach(),
     }
     if cfg.shared_hidden_dim is not None:
@@ -211,12 +214,52 @@ def hf_block_state_dict(block: nn.Module, cfg: MoEConfig) -> dict[str, torch.Ten
     return sd
 
 
+_TAP_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _tap_init(self: nn.Module) -> None:
+    nn.Module.__init__(self)  # not the HF router's __init__: no parameters of its own
+
+
+def _tap_forward(self: nn.Module, x_TD: torch.Tensor, weight_ED: torch.Tensor) -> tuple[torch.Tensor]:
+    if getattr(self, "logits_in_fp32"):  # DeepSeek-V3's router computes its logits in fp32
+        return (F.linear(x_TD.float(), weight_ED.float()),)
+    return (F.linear(x_TD, weight_ED),)
+
+
+def _logits_tap(router: nn.Module, fp32: bool) -> nn.Module:
+    """A parameter-free module that IS an instance of the HF router's class (HF's output
+    recorder hooks match by class) and returns (router logits,). Hooks HF already put
+    on ``router`` (the model recorded outputs before the swap) move over to it."""
+    cls = type(router)
+    if cls not in _TAP_CLASSES:
+        _TAP_CLASSES[cls] = type(
+            f"RouterLogitsTap_{cls.__name__}", (cls,),
+            {"__init__": _tap_init, "forward": _tap_forward, "logits_in_fp32": fp32},
+        )
+    tap = _TAP_CLASSES[cls]()
+    for hook in router._forward_hooks.values():
+        tap.register_forward_hook(hook)
+    return tap
+
+
+def _recording_router_logits() -> bool:
+    """Whether transformers is recording router logits right now (output_router_logits)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions
+        return False
+    got = _active_collector.get()
+    return isinstance(got, dict) and "router_logits" in got
+
+
 class SwappedMoEBlock(nn.Module):
     """An HF MoE block's replacement: ``[B, L, D] -> [B, L, D]`` through ``self.moe``
     (a ``spmd_moe.MoE`` on ``pctx``'s expert axis, in ``layout``)."""
 
     def __init__(
-        self, moe: MoE[Any], pctx: ParallelContext[EP], layout: HFLayout, family: Family, jitter_noise: float = 0.0
+        self, moe: MoE[Any], pctx: ParallelContext[EP], layout: HFLayout, family: Family,
+        jitter_noise: float = 0.0, router_logits: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.moe = moe
@@ -224,6 +267,22 @@ class SwappedMoEBlock(nn.Module):
         self.layout: HFLayout = layout
         self.family: Family = family
         self.jitter_noise = jitter_noise  # Mixtral's router_jitter_noise (training only)
+        self.router_logits = router_logits
+
+    def _tap_router_logits(self, x_TD: torch.Tensor) -> None:
+        tap = self.router_logits
+        if tap is None or not tap._forward_hooks or not _recording_router_logits():
+            return
+        if self.pctx.size > 1 and self.layout == "invariant":
+            raise ConfigError(
+                f"{self.moe.name}: output_router_logits on axis '{self.pctx.name}' (size "
+                f"{self.pctx.size}, layout 'invariant'): expected the router gate gradient to be "
+                "one kind, got both: the routing part is Partial (each rank routed its own chunk) "
+                "and an aux loss on the full logits would add a complete part on every rank. "
+                "Fix: use layout 'replicated' (scale the loss by 1/n: every part is then Partial) "
+                "or 'sequence', or train without output_router_logits."
+            )
+        tap(x_TD, self.moe.router.gate.weight)
 
     def forward(self, hidden_states: Float[torch.Tensor, "*B D"]) -> Float[torch.Tensor, "*B D"]:
         shape = hidden_states.shape
@@ -238,6 +297,7 @@ class SwappedMoEBlock(nn.Module):
                 )
             # HF multiplies the hidden states in place; the same factors, out of place.
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        self._tap_router_logits(x_TD)
         return self._run(x_TD).view(shape)
 
     def _run(self, x_TD: Float[torch.Tensor, "T D"]) -> Float[torch.Tensor, "T D"]:
@@ -271,7 +331,8 @@ def swap_block(
     moe.load_state_dict(shard_state_dict(full, cfg, pctx) if pctx.size > 1 else {k: v.clone() for k, v in full.items()})
     moe.train(block.training)
     jitter = float(getattr(block, "jitter_noise", 0.0) or 0.0) if fam == "mixtral" else 0.0
-    return SwappedMoEBlock(moe, pctx, layout, fam, jitter)
+    tap = _logits_tap(getattr(block, "gate"), fp32=fam == "deepseek_v3")
+    return SwappedMoEBlock(moe, pctx, layout, fam, jitter, tap)
 
 
 def swap_moe_blocks(
