@@ -18,7 +18,7 @@ from spmd_moe.config import MoEConfig
 from spmd_moe.parallel import ParallelContext
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
-from spmd_moe.placement import EP, Par, Placed, Rep, Var, unchecked_cast
+from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_var, unchecked_cast
 from spmd_moe.checking import checked
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -170,12 +170,12 @@ class SharedExperts(nn.Module):
         self.w3 = nn.Linear(cfg.dim, f, **kw)
 
     def _shards(self) -> tuple[Placed[Var[EP]], Placed[Var[EP]], Placed[Var[EP]]]:
-        """(w1_FD, w2_DF, w3_FD): this rank's slice of the hidden dim."""
-        why = "each rank holds its own slice of the shared hidden dim (asserted for spmd_types by MoE in debug mode)"
+        """(w1_FD, w2_DF, w3_FD): this rank's slice of the hidden dim (Varying)."""
+        p, what = self.pctx, "SharedExperts"
         return (
-            unchecked_cast(Placed[Var[EP]], self.w1.weight, reason=why),
-            unchecked_cast(Placed[Var[EP]], self.w2.weight, reason=why),
-            unchecked_cast(Placed[Var[EP]], self.w3.weight, reason=why),
+            as_var(self.w1.weight, p, f"{what}.w1.weight"),
+            as_var(self.w2.weight, p, f"{what}.w2.weight"),
+            as_var(self.w3.weight, p, f"{what}.w3.weight"),
         )
 
     @checked

@@ -33,7 +33,7 @@ N_PROBE = 3
 def cfg(dispatcher: str = "auto", **kw: Any) -> sm.MoEConfig:
     base: dict[str, Any] = dict(
         dim=D, hidden_dim=F, num_experts=E, top_k=2, score_func="softmax", route_norm=True,
-        load_balance_coeff=1e-3, shared_hidden_dim=S, dispatcher=dispatcher,
+        load_balance_coeff=1e-3, shared_hidden_dim=S, dispatcher=dispatcher, padding="pad",
     )
     base.update(kw)
     return sm.MoEConfig(**base)
