@@ -121,6 +121,23 @@ CASES += [
 ]
 
 
+def plugin_join(op: str, operands: str) -> str:
+    """typing_rules' verdict for a case as the mypy plugin computes it: the op's linearity
+    from ``typing_rules.OPS``; a view op joins its first operand only (its other tensor
+    arguments, as in ``x.expand_as(y)`` / ``x.type_as(y)``, only lend a shape or a dtype).
+    The output letter, "untyped", or "error: <FORBIDDEN name>"."""
+    import typing_rules
+
+    lin = typing_rules.OPS[op]
+    if lin == "view":
+        operands = operands[:1]
+    try:
+        out = typing_rules.join(lin, list(operands), "ep")  # type: ignore[arg-type]
+    except typing_rules.RuleViolation as e:
+        return "error: " + e.rule.name
+    return out or "untyped"
+
+
 def make_operand(kind: str, seed: int) -> Any:
     """A fresh operand of this kind (the same on every rank: values do not matter here)."""
     g = torch.Generator().manual_seed(seed)

@@ -26,7 +26,7 @@ import pytest
 
 import typing_rules
 from tests.dist_utils import run_distributed
-from tests.rules_runtime_cases import CASES, NO_CASE
+from tests.rules_runtime_cases import CASES, NO_CASE, plugin_join
 
 # ----------------------------------------------------------------------------- workers
 
@@ -208,18 +208,7 @@ def forbidden() -> list[dict[str, list[dict[str, str]]]]:
 # ----------------------------------------------------------------------------- 1. the op table
 
 
-def _join_verdict(op: str, operands: str) -> str:
-    """typing_rules' verdict as the mypy plugin computes it: the op's linearity from the
-    table; a view op joins its first operand only (its other tensor arguments, as in
-    ``x.expand_as(y)`` / ``x.type_as(y)``, only lend a shape or a dtype)."""
-    lin = typing_rules.OPS[op]
-    if lin == "view":
-        operands = operands[:1]
-    try:
-        out = typing_rules.join(lin, list(operands), "ep")  # type: ignore[arg-type]
-    except typing_rules.RuleViolation as e:
-        return "error: " + e.rule.name
-    return out or "untyped"
+_join_verdict = plugin_join
 
 
 _CAST = (
