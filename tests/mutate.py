@@ -82,10 +82,10 @@ class Mutant:
     file: str
     line: int
     desc: str
-    func: str = ""
     # source mutants: byte-offset edits of `file`; input mutants: `spec`
     edits: list[tuple[int, int, str]] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)
+    func: str = ""
     # results
     static: bool | None = None
     static_errors: list[str] = field(default_factory=list)
@@ -221,10 +221,41 @@ def _own_calls(fn: ast.AST) -> list[ast.Call]:
     return out
 
 
-def source_mutants(root: str, files: list[str]) -> list[Mutant]:
+def _bound_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at top level (imports anywhere at top level, defs, classes)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                out.add((a.asname or a.name).split(".")[0])
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            out.add(node.name)
+    return out
+
+
+def _importing(muts: list[Mutant], src: _Src, bound: set[str]) -> None:
+    """A mutant that writes a placement name the module does not import gets the import
+    (at the end of the file, so no line moves): a NameError is not a placement kill."""
+    if src.rel.endswith("spmd_moe/placement.py") or src.rel == "spmd_moe/placement.py":
+        return
+    for m in muts:
+        names = {new for _, _, new in m.edits if new in LETTERS or new in STATE_FNS}
+        names |= {new.rsplit(".", 1)[-1] for _, _, new in m.edits if new.rsplit(".", 1)[-1] in STATE_FNS and "." not in new}
+        missing = sorted(n for n in names if n not in bound)
+        if missing:
+            imp = ", ".join(f"{n} as {n}" for n in missing)
+            end = len(src.data)
+            sep = "" if src.data.endswith(b"\n") else "\n"
+            m.edits.append((end, end, f"{sep}from spmd_moe.placement import {imp}  # added by the mutant\n"))
+
+
+def source_mutants(root: str, files: list[str], only_axis: tuple[str, ...] = ()) -> list[Mutant]:
     muts: list[Mutant] = []
     for rel in files:
         src = _Src(rel, root)
+        bound = _bound_names(src.tree)
+        first = len(muts)
         mods, funcs = _aliases(src.tree)
         seen_calls: set[int] = set()
         for fn, cls in _funcs(src.tree):
@@ -315,6 +346,9 @@ def source_mutants(root: str, files: list[str]) -> list[Mutant]:
                                                f"{qual}({at}): {nm.id} -> {other}", [(na, nb, other)]))
             for m in muts[n_before:]:
                 m.func = qual
+        if rel in only_axis:  # a user example: only its axis mutants (c)
+            muts[first:] = [m for m in muts[first:] if m.category == "axis"]
+        _importing(muts[first:], src, bound)
     return muts
 
 
@@ -426,7 +460,7 @@ def _lib_files(root: str) -> list[str]:
 
 
 def generate(root: str, examples: list[str], layouts: list[str]) -> list[Mutant]:
-    muts = source_mutants(root, _lib_files(root) + examples)
+    muts = source_mutants(root, _lib_files(root) + examples, tuple(examples))
     muts += input_mutants(root, layouts)
     seen: dict[str, int] = {}
     for m in muts:
@@ -502,6 +536,7 @@ class Workspace:
         os.utime(p, (t, t))
 
     def apply(self, m: Mutant) -> None:
+        assert m.edits, f"mutant {m.id} has no edits"
         p = os.path.join(self.path, m.file)
         with open(p, "rb") as f:
             data = f.read()
@@ -1119,7 +1154,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         a = self.a
         t_start = time.monotonic()
-        examples = [e for e in (a.example or [])]
+        examples = _examples(a)
         nworkers = max(1, a.jobs)
         self.log(f"copying the repo into {nworkers} workspace(s) under {WORK}")
         wss = [Workspace(f"w{i}", examples) for i in range(nworkers)]
@@ -1288,13 +1323,23 @@ class Runner:
         return summary
 
 
+DEFAULT_EXAMPLES = ("tests/typing_snippets/good_two_axis_model.py",)
+
+
+def _examples(a: argparse.Namespace) -> list[str]:
+    """--example files, else the two-axis user example(s) that exist."""
+    if a.example:
+        return list(a.example)
+    return [e for e in DEFAULT_EXAMPLES if os.path.exists(os.path.join(REPO, e))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.mutate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--fast", action="store_true", help="a small deterministic subset (CI)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--only", help="regex on mutant id / description")
     ap.add_argument("--worlds", default="2,4")
-    ap.add_argument("--jobs", type=int, default=2, help="parallel workers (workspace copies)")
+    ap.add_argument("--jobs", type=int, default=3, help="parallel workers (workspace copies)")
     ap.add_argument("--example", action="append", help="extra (two-axis) file to mutate and type-check, repo-relative")
     ap.add_argument("--static-only", action="store_true", help="mypy only")
     ap.add_argument("--runtime-all", action="store_true", help="run the runtime driver on statically killed mutants too")
@@ -1317,7 +1362,7 @@ def main(argv: list[str] | None = None) -> int:
         _drive_main(a)
         return 0
     if a.list:
-        muts = generate(REPO, a.example or [], ["replicated", "invariant", "sequence"])
+        muts = generate(REPO, _examples(a), ["replicated", "invariant", "sequence"])
         if a.fast:
             muts = fast_subset(muts)
         if a.only:
