@@ -46,8 +46,11 @@ def _identity(t: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return t
 
 
-_MODULES = ("spmd_moe.moe", "spmd_moe.router", "spmd_moe.experts", "spmd_moe.collectives",
-            "spmd_moe.dispatch.local", "spmd_moe.dispatch.all_to_all", "spmd_moe.dispatch.all_gather")
+def _modules() -> list[str]:
+    """Every loaded spmd_moe module (the layer, its token layout, dispatchers, ...)."""
+    import spmd_moe  # noqa: F401 - loads the layer's modules
+
+    return sorted(m for m in sys.modules if m.startswith("spmd_moe.") and sys.modules[m] is not None)
 
 
 @contextlib.contextmanager
@@ -63,7 +66,7 @@ def erased() -> Iterator[int]:
         setattr(owner, name, new)
 
     null = contextlib.nullcontext()
-    for modname in _MODULES:
+    for modname in _modules():
         mod = importlib.import_module(modname)
         for name, obj in list(vars(mod).items()):
             if name in ("as_rep", "as_var", "as_par", "as_inv"):

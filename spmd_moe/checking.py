@@ -358,6 +358,55 @@ def tracked_region(
         raise PlacementError(f"{full}: placement check failed: {e}") from e
 
 
+def untracked() -> contextlib.AbstractContextManager[Any]:
+    """Outside spmd_types' tracking inside a tracked region (checker arithmetic, a kernel
+    run only to be compared); a no-op elsewhere."""
+    if _HAVE_SPMD and spmd.is_type_checking():
+        return spmd.no_typecheck()  # type: ignore[no-any-return]
+    return contextlib.nullcontext()
+
+
+def kernels_agree(what: str, fast: torch.Tensor, reference: torch.Tensor, axis: AxisLike) -> None:
+    """Debug mode: the production kernel's result ``fast`` must equal the reference
+    path's bit for bit (the fused CUDA combine guarantees it). Every rank learns whether
+    any rank differs and all raise together (a lone raise would leave the others
+    waiting in the layer's next collective)."""
+    import torch.distributed as dist
+
+    from spmd_moe.errors import DistributedError, SpmdMoeError
+
+    with torch.no_grad(), untracked():
+        same = fast.shape == reference.shape and fast.dtype == reference.dtype and bool(torch.equal(fast, reference))
+        bad = [] if same else [0]
+        if axis.size > 1 and axis.group is not None:
+            dev = _exchange_device(axis)
+            flags = torch.empty(axis.size, dtype=torch.int64, device=dev)
+            try:
+                dist.all_gather_into_tensor(flags, torch.tensor([0 if same else 1], dtype=torch.int64, device=dev), group=axis.group)
+            except RuntimeError as e:
+                raise DistributedError(
+                    f"{what}: debug-mode kernel comparison on axis '{axis.name}' (size {axis.size}) "
+                    f"failed: expected every rank to join, got: {str(e).splitlines()[0][:300]}. "
+                    "Fix: check that every rank reached this layer with debug mode on."
+                ) from e
+            bad = [r for r, f in enumerate(flags.tolist()) if f]
+    if bad:
+        detail = ""
+        if not same:
+            if fast.shape != reference.shape or fast.dtype != reference.dtype:
+                detail = f" (here {fast.dtype} {list(fast.shape)} vs {reference.dtype} {list(reference.shape)})"
+            else:
+                with untracked():
+                    diff = (fast.float() - reference.float()).abs()
+                    detail = f" (here {int((fast != reference).sum())} entries differ, max |diff| {float(diff.max()):.3g})"
+        raise SpmdMoeError(
+            f"{what}: expected the production kernel to equal the reference path bit for bit, "
+            f"got a difference on ranks {bad}{detail}. Fix: none on your side: please report "
+            "this message as a bug; meanwhile run with the reference path (the fused kernel "
+            "is skipped with autograd on or on CPU)."
+        )
+
+
 def _unmark(t: torch.Tensor) -> None:
     from spmd_types._type_attr import _LOCAL_TYPE_ATTR
 

@@ -38,7 +38,8 @@ def _moe(layout: str, *, shared: bool = True) -> Any:
 
     cfg = sm.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, padding="pad",
                        shared_hidden_dim=8 if shared else None, load_balance_coeff=1e-3)
-    moe = sm.MoE(cfg, sm.ParallelContext.from_group(dist.group.WORLD, "ep"), layout=layout)  # type: ignore[call-overload]
+    pctx = sm.ParallelContext.from_group(dist.group.WORLD, "ep") if dist.is_initialized() else sm.ParallelContext.single()
+    moe = sm.MoE(cfg, pctx, layout=layout)  # type: ignore[call-overload]
     moe.init_states(seed=0)
     return moe
 
@@ -349,3 +350,75 @@ def test_fingerprint_sees_signed_zero_and_nan_payloads() -> None:
     assert fingerprint(torch.tensor([0.0])) != fingerprint(torch.tensor([-0.0]))
     nan = torch.tensor([float("nan")])
     assert fingerprint(nan) == fingerprint(nan.clone())
+
+
+# ----------------------------------------------------------------- same kernels as production
+# The fused combine (spmd_moe/_fused_combine.py) runs only on CUDA with Triton. Debug mode
+# runs it too and compares it bit for bit with the reference combine. On CPU the
+# comparison path is exercised with a torch stand-in for the kernel: an exact one (must
+# pass, and must have been called) and one off by one ulp on one rank (must be caught on
+# every rank).
+
+
+def _torch_combine(rows_SD: torch.Tensor, slots_S: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    from spmd_moe.moe import _weighted_sum
+
+    T, K = weights_TK.shape
+    slots_ND = rows_SD.new_zeros(T * K, rows_SD.shape[-1])
+    slots_ND[slots_S] = rows_SD
+    return _weighted_sum(slots_ND.view(T, K, -1), weights_TK)
+
+
+def _fused_cases(rank: int, world: int) -> dict[str, Any]:
+    from spmd_moe import _fused_combine as fc
+
+    res: dict[str, Any] = {}
+    calls = {"n": 0}
+
+    def exact(rows: torch.Tensor, slots: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return _torch_combine(rows, slots, w)
+
+    def off_by_one_ulp(rows: torch.Tensor, slots: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = _torch_combine(rows, slots, w)
+        if rank == world - 1:
+            y[0, 0] = torch.nextafter(y[0, 0], y[0, 0] + 1)
+        return y
+
+    fc.usable = lambda rows, w: True  # type: ignore[assignment]
+    x = _tokens(42, T=40)  # > decode_max_tokens: the all-to-all (prefill) dispatcher on >1 rank
+    moe = _moe("replicated")
+    with torch.no_grad():
+        with sm.debug(False):
+            fc.weighted_combine = exact  # type: ignore[assignment]
+            res["off"] = moe(x)
+            res["off_calls"] = calls["n"]
+        with sm.debug():
+            calls["n"] = 0
+            res["on"] = _catch(lambda: moe(x))
+            res["on_calls"] = calls["n"]
+            fc.weighted_combine = off_by_one_ulp  # type: ignore[assignment]
+            res["broken"] = _catch(lambda: moe(x))
+            res["broken"].pop("out", None)
+    return res
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_debug_mode_runs_and_compares_the_fused_combine(world: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    if world == 1:  # in this process (no group): the local dispatcher
+        from spmd_moe import _fused_combine as fc
+
+        monkeypatch.setattr(fc, "usable", fc.usable)  # restored after the test
+        monkeypatch.setattr(fc, "weighted_combine", fc.weighted_combine)
+        ranks = [_fused_cases(0, 1)]
+    else:
+        ranks = run_distributed(_fused_cases, world, timeout=180)
+    for r in ranks:
+        assert r["off_calls"] >= 1  # production (debug off) uses the kernel
+        assert r["on"]["raised"] is None, r["on"]
+        assert r["on_calls"] >= 1  # ... and so does debug mode
+        assert torch.equal(r["on"]["out"], r["off"])
+        c = r["broken"]
+        assert c["raised"] == "SpmdMoeError", c
+        assert "expected the production kernel to equal the reference path bit for bit" in c["msg"]
+        assert f"ranks [{world - 1}]" in c["msg"] and "Fix:" in c["msg"]
