@@ -54,6 +54,7 @@ from mypy.types import (
     UnionType,
     get_proper_type,
 )
+from typing_rules.calls import join_call
 from typing_rules.ops import OPS, PAIR_OPS, SEQUENCE_OPS, TUPLE_OPS, RuleViolation, join, through_function
 
 PLACEMENT = ErrorCode("spmd-placement", "SPMD placement rules (spmd_moe)", "General")
@@ -340,9 +341,13 @@ def _infer_op(op: str, ctx: FunctionContext | MethodContext, receiver: Type | No
             all_axes[k] = ax
     out: Axes = {}
     for k in sorted(all_axes):
-        letters = [o[k][1] if k in o else "S" for o in placed] + ["S" for o in operands if o == "S"]
+        # In call order: typing_rules.calls gives some positions roles (a divisor, an index).
+        letters = [o[k][1] if isinstance(o, dict) and k in o else "S" for o in operands]
         try:
-            code = join(linearity, letters, axis_label(all_axes[k]), op)  # type: ignore[arg-type]
+            if op in OPS:
+                code = join_call(op, letters, axis_label(all_axes[k]), op)  # type: ignore[arg-type]
+            else:  # chunk / split: pieces of one tensor
+                code = join("view", letters[:1], axis_label(all_axes[k]), op)  # type: ignore[arg-type]
         except RuleViolation as e:
             _fail(ctx.api, f'{label or "Tensor." + op}: {e}', ctx.context)
             return AnyType(TypeOfAny.from_error)
