@@ -502,6 +502,9 @@ if __name__ == "__main__":  # the measured errors: cd tests && python test_hf_dr
         print(f"{fam:12s} generate: same tokens {t0 == t1}, logits {rel_err(l1, l0):.1e}")
     for r, res in enumerate(_tp2ep()):
         for key, errs in res["block"].items():
+            if "error" in errs:
+                print(f"rank {r} {key:24s} FAILED {errs['error'][:200]}")
+                continue
             print(f"rank {r} {key:24s} forward {errs['forward']:.1e}  max grad {max(v for k, v in errs.items() if k != 'forward'):.1e}")
         for fam, g in res["generate"].items():
-            print(f"rank {r} {fam:12s} TP2EP generate: same tokens {g['same_tokens']}, logits {g['logits']:.1e}")
+            print(f"rank {r} {fam:12s} TP2EP generate: {g}")
