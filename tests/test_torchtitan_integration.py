@@ -387,13 +387,25 @@ def _padding_worker(rank: int, world: int, full_sd: dict[str, torch.Tensor], x: 
                 out[padding] = moe(x)
         except PaddingError as e:
             out[padding] = str(e)
+    # Debug mode verifies the placement the adapter states on torchtitan's untyped tokens:
+    # 'invariant' with different tokens per rank (a split that already happened) raises.
+    from spmd_moe import debug
+    from spmd_moe.errors import SpmdMoeError
+
+    try:
+        with debug(), torch.no_grad():
+            moe(x[:, :2] + rank)
+        out["debug"] = "no error"
+    except SpmdMoeError as e:
+        out["debug"] = f"{type(e).__name__}: {e}"
     return out
 
 
 def test_padding_policy_is_stated_and_error_offers_both_choices() -> None:
     """The adapter states its policy (TITAN_PADDING = 'pad', SpmdMoE.Config.padding's
     default); 'pad' runs T=3 tokens on 2 ranks and matches one device; 'error' refuses
-    with a message that offers both choices (the core's and the torchtitan option)."""
+    with a message that offers both choices (the core's and the torchtitan option).
+    Debug mode verifies the placement the adapter states (Inv) on torchtitan's tokens."""
     from spmd_moe.integrations.torchtitan import TITAN_PADDING
 
     assert TITAN_PADDING == "pad"
@@ -416,6 +428,7 @@ def test_padding_policy_is_stated_and_error_offers_both_choices() -> None:
         assert isinstance(msg, str) and "T=3" in msg, msg
         assert "padding='pad'" in msg and "pad the batch to T=4 rows yourself" in msg, msg
         assert "use_spmd_moe(spec, padding='pad')" in msg, msg
+        assert "PlacementError" in r["debug"] and "x_TD (from torchtitan)" in r["debug"], r["debug"]
 
 
 # ---------------------------------------------------------------- EP drawn from data parallel
