@@ -122,10 +122,25 @@ CASES += [
 
 
 def plugin_join(op: str, operands: str) -> str:
-    """typing_rules' verdict for a case as the mypy plugin computes it: the op's linearity
-    from ``typing_rules.OPS``; a view op joins its first operand only (its other tensor
-    arguments, as in ``x.expand_as(y)`` / ``x.type_as(y)``, only lend a shape or a dtype).
-    The output letter, "untyped", or "error: <FORBIDDEN name>"."""
+    """typing_rules' verdict for a case as the mypy plugin computes it:
+    ``typing_rules.calls.join_call`` with the operands in call order (a view op joins its
+    first operand only; a divisor, an index, a mask, a ``where`` condition may not be
+    Partial; ``where``'s branches add). The output letter, "untyped", or
+    "error: <FORBIDDEN name>"."""
+    import typing_rules
+    from typing_rules.calls import join_call
+
+    try:
+        out = join_call(op, list(operands), "ep")  # type: ignore[arg-type]
+    except typing_rules.RuleViolation as e:
+        return "error: " + e.rule.name
+    return out or "untyped"
+
+
+def table_join(op: str, operands: str) -> str:
+    """``typing_rules.ops.join`` with the op's table linearity alone (every tensor operand
+    in the same role; a view op's first operand only): what the plugin did before
+    typing_rules.calls, kept to show why operand roles are needed."""
     import typing_rules
 
     lin = typing_rules.OPS[op]

@@ -110,9 +110,11 @@ def test_through_function_is_a_non_linear_op() -> None:
 
 # ----------------------------------------------------------------------------- 1b. soundness
 
-# Cases where typing_rules (as the plugin joins) says the result is Partial but it is
-# not: the sum over ranks of the per-rank results is not the op on the summed input.
-# Found by test_partial_verdicts_are_numerically_true; each is checked to still fail.
+# Cases where typing_rules.ops.join with the table's linearity alone (every operand in
+# the same role; what the plugin did before typing_rules.calls) says the result is
+# Partial but it is not: the sum over ranks of the per-rank results is not the op on the
+# summed input. Found by test_partial_verdicts_are_numerically_true; each is checked to
+# still fail for ops.join, and to be rejected by join_call (the plugin's join).
 UNSOUND: dict[str, str] = {
     "__truediv__:ff:RP": "1/y is non-linear in the divisor",
     "div:ff:RP": "1/y is non-linear in the divisor",
@@ -145,16 +147,6 @@ def _summands(kind: str, letter: str, seed: int) -> tuple[Any, Any, Any]:
     return g, g, g  # R / I / S: the same on every rank
 
 
-def _call_join(op: str, operands: str) -> str:
-    """typing_rules.calls.join_call's verdict (operands in call order)."""
-    from typing_rules.calls import join_call
-
-    try:
-        return join_call(op, list(operands), "ep") or "untyped"  # type: ignore[arg-type]
-    except typing_rules.RuleViolation as e:
-        return "error: " + e.rule.name
-
-
 def _p_claims(verdict: Any) -> list[tuple[str, str, str]]:
     from tests.rules_runtime_cases import CASES
 
@@ -169,19 +161,20 @@ def _p_claims(verdict: Any) -> list[tuple[str, str, str]]:
     return out
 
 
-@pytest.mark.parametrize("verdict", ["plugin_join", "join_call"])
+@pytest.mark.parametrize("verdict", ["table_join", "plugin_join"])
 def test_partial_verdicts_are_numerically_true(verdict: str) -> None:
     """For every table case typing_rules types Partial, simulate two ranks: each Partial
     operand split into two summands, the others the same on both (a view op's Varying
     donor differs): the per-rank results must sum to the op on the global operands, up
     to rounding in the result's dtype (4 eps of the largest summand: dtype casts round
-    each summand). For the join the plugin uses (plugin_join), the cases listed in UNSOUND
-    are the ones where this fails; typing_rules.calls.join_call (operand roles) has none."""
-    from tests.rules_runtime_cases import CASES, plugin_join
+    each summand). With the table's linearity alone (table_join) the cases listed in
+    UNSOUND fail; with the plugin's join (typing_rules.calls.join_call: operand roles)
+    none does."""
+    from tests.rules_runtime_cases import CASES, plugin_join, table_join
 
     fns = {(op, kinds): fn for op, kinds, fn in CASES}
-    claims = _p_claims(plugin_join if verdict == "plugin_join" else _call_join)
-    expected = UNSOUND if verdict == "plugin_join" else {}
+    claims = _p_claims(table_join if verdict == "table_join" else plugin_join)
+    expected = UNSOUND if verdict == "table_join" else {}
     assert len(claims) > 80, len(claims)  # the table has ~100 Partial-preserving cases
     unsound = {}
     for op, kinds, ops in claims:
@@ -214,17 +207,17 @@ def test_join_call_differs_from_join_only_on_operand_roles() -> None:
     ops with operand roles (non-linear operands, where's branches)."""
     from typing_rules.calls import NONLINEAR_OPERANDS
 
-    from tests.rules_runtime_cases import CASES, plugin_join
+    from tests.rules_runtime_cases import CASES, plugin_join, table_join
 
     for key in UNSOUND:
         op, _, ops = key.split(":")
-        assert _call_join(op, ops).startswith("error"), key
+        assert plugin_join(op, ops).startswith("error"), key
     for op, kinds, _ in CASES:
         n = sum(k != "s" for k in kinds)
         for letters in itertools.product("RIVP", repeat=n):
             it = iter(letters)
             ops = "".join("S" if k == "s" else next(it) for k in kinds)
-            a, b = plugin_join(op, ops), _call_join(op, ops)
+            a, b = table_join(op, ops), plugin_join(op, ops)
             if op not in NONLINEAR_OPERANDS:
                 assert a == b, (op, kinds, ops, a, b)
             elif a != b and not a.startswith("error"):
