@@ -397,6 +397,65 @@ def _tp2ep_block_case(rank: int, world: int, pctx: Any, family: str, layout: str
     return errs
 
 
+def _raises(fn: Any) -> str:
+    """'' if fn() returns, else 'ExceptionType: message'."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def _tp2ep_checks(rank: int, pctx: Any) -> dict[str, Any]:
+    """Debug mode on the group (the placements stated at the boundary are verified):
+    no false positive on right inputs, a PlacementError on tokens that are not the
+    same on every rank in 'replicated'; and the refusals of the integration."""
+    from spmd_moe import debug
+
+    res: dict[str, Any] = {}
+    for family in FAMILIES:
+        for layout in ("replicated", "sequence"):
+            block = make_block(family, 5)
+            x, gy = inputs(305)
+            rows = slice(0, B) if layout != "sequence" else (slice(0, 2) if rank == 0 else slice(2, B))
+            x_in = x[rows].clone().requires_grad_(True)
+            new = swap_block(copy.deepcopy(block), pctx, layout=layout, padding="pad")  # type: ignore[arg-type]
+            y_plain = new(x[rows]).detach()
+            err = ""
+            try:
+                with debug():
+                    y = new(x_in)
+                    (y * gy[rows]).sum().backward()
+                res[f"debug_ok/{family}/{layout}"] = rel_err(y.detach(), y_plain)
+            except Exception as e:  # noqa: BLE001
+                err = f"{type(e).__name__}: {e}"
+                res[f"debug_ok/{family}/{layout}"] = err
+    # Rep stated on tokens that differ per rank: refused in debug mode.
+    new = swap_block(make_block("mixtral", 5), pctx, layout="replicated", padding="pad")
+    x_bad = torch.randn(1, 4, D, generator=torch.Generator().manual_seed(rank))
+    with debug():
+        res["debug_bad_rep"] = _raises(lambda: new(x_bad))
+    # Mixtral's router jitter in training on the same-tokens layouts: refused.
+    jit = make_block("mixtral", 5)
+    jit.jitter_noise = 0.1
+    new = swap_block(jit, pctx, layout="replicated", padding="pad").train()
+    res["jitter"] = _raises(lambda: new(torch.randn(1, 4, D)))
+    # output_router_logits under 'invariant' on a group: refused (mixed gate gradient).
+    model = make_model("mixtral", 7)
+    swap_moe_blocks(model, pctx, layout="invariant", padding="pad")
+    ids = torch.tensor(PROMPT)
+    res["router_logits_invariant"] = _raises(lambda: model(ids, output_router_logits=True))
+    # ... and allowed under 'replicated': HF's logits.
+    ref = make_model("mixtral", 7)
+    with torch.no_grad():
+        want = ref(ids, output_router_logits=True).router_logits
+        model = make_model("mixtral", 7)
+        swap_moe_blocks(model, pctx, layout="replicated", padding="pad")
+        got = model(ids, output_router_logits=True).router_logits
+    res["router_logits_replicated"] = max(rel_err(a, b) for a, b in zip(got, want)) if len(got) == len(want) else float("inf")
+    return res
+
+
 def tp2ep_worker(rank: int, world: int, layouts: tuple[str, ...] = LAYOUTS, gen_layout: str = "invariant") -> dict[str, Any]:
     """Every family x layout on this rank: errors vs HF's single-process block, and the
     greedy generation of each whole model swapped onto the group."""
@@ -426,6 +485,7 @@ def tp2ep_worker(rank: int, world: int, layouts: tuple[str, ...] = LAYOUTS, gen_
             }
         except Exception as e:  # noqa: BLE001
             out["generate"][family] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+    out["checks"] = _tp2ep_checks(rank, pctx)
     # Explicit padding: not told, an odd token count on 2 ranks is refused (on every rank).
     from spmd_moe.errors import PaddingError
 
@@ -488,6 +548,27 @@ def test_tp2ep_greedy_generation_unchanged(family: str) -> None:
 def test_tp2ep_padding_is_explicit() -> None:
     for res in _tp2ep():
         assert "padding='pad'" in res["padding_error"] and "MoEConfig.padding is not set" in res["padding_error"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2ep_debug_mode_verifies_the_boundary(family: str) -> None:
+    """Debug mode on the group: the swapped block runs forward and backward with its
+    stated placements verified (no false positive; the same output)."""
+    for rank, res in enumerate(_tp2ep()):
+        for layout in ("replicated", "sequence"):
+            v = res["checks"][f"debug_ok/{family}/{layout}"]
+            assert not isinstance(v, str), f"rank {rank}, {layout}: {v}"
+            assert v <= REL_TOL
+
+
+def test_tp2ep_refusals() -> None:
+    for res in _tp2ep():
+        c = res["checks"]
+        assert c["debug_bad_rep"].startswith("PlacementError"), c["debug_bad_rep"]
+        assert c["jitter"].startswith("ConfigError") and "router_jitter_noise" in c["jitter"], c["jitter"]
+        assert c["router_logits_invariant"].startswith("ConfigError"), c["router_logits_invariant"]
+        assert "'replicated'" in c["router_logits_invariant"]
+        assert c["router_logits_replicated"] <= REL_TOL
 
 
 if __name__ == "__main__":  # the measured errors: cd tests && python test_hf_dropin.py
