@@ -167,6 +167,6 @@ def replicate_to_invariant(x: Placed[Rep[A]], pctx: ParallelContext[A]) -> Place
         return x  # type: ignore[return-value]
     if _autograd(x) or spmd.is_type_checking():
         _check_in("replicate_to_invariant", x, pctx)
-        out: Placed[Inv[A]] = spmd.convert(x, pctx.group, src=spmd.R, dst=spmd.I)
+        out: Placed[Inv[A]] = spmd.convert(x, pctx.group, src=spmd.R, dst=spmd.I, expert_mode=True)
         return out
     return x  # type: ignore[return-value]
