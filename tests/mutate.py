@@ -504,7 +504,7 @@ def fast_subset(muts: list[Mutant], per_cat: int = 3) -> list[Mutant]:
 class Workspace:
     """A copy of the repo under WORK/<name>; mutants are applied and reverted in it."""
 
-    def __init__(self, name: str, examples: list[str]) -> None:
+    def __init__(self, name: str, examples: list[str], mypy_cache: bool = True) -> None:
         self.path = os.path.join(WORK, name)
         self.examples = examples
         if os.path.exists(self.path):
@@ -518,7 +518,7 @@ class Workspace:
             elif os.path.exists(s):
                 shutil.copy2(s, os.path.join(self.path, item))
         cache = os.path.join(REPO, ".mypy_cache")
-        if os.path.isdir(cache):
+        if mypy_cache and os.path.isdir(cache):
             shutil.copytree(cache, os.path.join(self.path, ".mypy_cache"))
         self._orig: dict[str, bytes] = {}
 
@@ -940,7 +940,7 @@ def _serve_rank(rank: int, world: int, ctrl: str, pg_timeout: float) -> None:
     while True:
         req_path = os.path.join(ctrl, f"req{k}.json")
         while not os.path.exists(req_path):
-            time.sleep(0.02)
+            time.sleep(0.05)
         with open(req_path) as f:
             req = json.load(f)
         if req["what"] == "stop":
@@ -1155,9 +1155,10 @@ class Runner:
         a = self.a
         t_start = time.monotonic()
         examples = _examples(a)
-        nworkers = max(1, a.jobs)
-        self.log(f"copying the repo into {nworkers} workspace(s) under {WORK}")
-        wss = [Workspace(f"w{i}", examples) for i in range(nworkers)]
+        nstatic, nrt = max(1, a.jobs), (0 if a.static_only else max(1, a.rt_jobs))
+        self.log(f"copying the repo into {nstatic} mypy + {nrt} runtime workspace(s) under {WORK}")
+        wss = [Workspace(f"w{i}", examples) for i in range(nstatic)]
+        rws = [Workspace(f"r{i}", examples, mypy_cache=False) for i in range(nrt)]
         ws0 = wss[0]
         # layouts the layer accepts (in the copy)
         r = subprocess.run([PY, "-c", "import tests.mutate as m, json; print(json.dumps(m.supported_layouts()))"],
@@ -1171,19 +1172,20 @@ class Runner:
             muts = [m for m in muts if re.search(a.only, f"{m.id} {m.desc}")]
         self.log(f"{n_all} mutants generated, {len(muts)} selected; layouts {layouts}; worlds {self.worlds}")
 
-        # ---- baselines
-        base_errs, _ = ws0.mypy()
-        for w in wss[1:]:
-            w.mypy()  # warm each worker's cache
+        # ---- baselines (mypy in every mypy workspace: warms its cache)
+        with concurrent.futures.ThreadPoolExecutor(nstatic + 1) as ex:
+            base_f = [ex.submit(w.mypy) for w in wss]
+            if nrt:
+                for i, w_ in enumerate(rws):
+                    ex.submit(self.servers, i, w_)
+        base_errs = base_f[0].result()[0]
         self.log(f"baseline mypy: {len(base_errs)} error(s)")
         base_rt: dict[int, dict[str, str]] = {}
         base_problems = []
         self.cases = layer_cases(layouts)
-        if not a.static_only:
-            for i, w_ in enumerate(wss):  # start every worker's rank servers now
-                self.servers(i, w_)
+        if nrt:
             for w in self.worlds:
-                res = self.servers(0, ws0)[w].layer(self.cases, a.timeout)
+                res = self.servers(0, rws[0])[w].layer(self.cases, a.timeout)
                 base_rt[w] = res.get("cases", {})
                 bad = {k: v for k, v in base_rt[w].items() if v != "ok"}
                 if res["status"] != "done" or bad:
@@ -1224,46 +1226,76 @@ class Runner:
                 m.spec["control_errors"] = per.get(m.spec["control"], [])
             self.log(f"input mutants: {sum(bool(m.static) for m in inputs)}/{len(inputs)} killed by mypy")
 
-        # ---- source mutants
-        queue = [m for m in muts if m.category != "input"]
+        # ---- source mutants: mypy workers feed a runtime queue (static survivors)
+        src = [m for m in muts if m.category != "input"]
+        by_cat: dict[str, list[Mutant]] = collections.defaultdict(list)
+        for m in src:
+            by_cat[m.category].append(m)
+        queue: list[Mutant] = []  # round-robin over categories: a cut-short run stays representative
+        while any(by_cat.values()):
+            for cat in sorted(by_cat):
+                if by_cat[cat]:
+                    queue.append(by_cat[cat].pop(0))
+        rtq: list[Mutant] = [m for m in inputs if nrt and (a.runtime_all or not m.static)]
+        static_left = [nstatic]
         done = [0]
+        budget = a.budget_min * 60 if a.budget_min else None
+
+        def over_budget() -> bool:
+            return budget is not None and time.monotonic() - t_start > budget
 
         def work(i: int) -> None:
             ws = wss[i]
-            while True:
-                with self.lock:
-                    if not queue:
-                        return
-                    m = queue.pop(0)
-                ws.apply(m)
-                try:
-                    errs, _ = ws.mypy()
+            try:
+                while True:
+                    with self.lock:
+                        if not queue or over_budget():
+                            return
+                        m = queue.pop(0)
+                    ws.apply(m)
+                    try:
+                        errs, _ = ws.mypy()
+                    finally:
+                        ws.restore()
                     m.static_errors = new_errors(errs, base_errs)
                     m.static = bool(m.static_errors)
-                    if not a.static_only and (a.runtime_all or not m.static):
-                        m.runtime, m.runtime_reason = self.layer_verdict(self.servers(i, ws), base_rt)
-                finally:
-                    ws.restore()
+                    with self.lock:
+                        done[0] += 1
+                        if nrt and (a.runtime_all or not m.static):
+                            rtq.append(m)
+                    self.log(f"mypy {done[0]}/{len(src)} {m.id} {m.desc}: static={m.static}")
+            finally:
                 with self.lock:
-                    done[0] += 1
-                self.log(f"{done[0]}/{len(muts) - len(inputs)} {m.id} {m.desc}: static={m.static} runtime={m.runtime}"
-                         + (f" ({m.runtime_reason[:120]})" if m.runtime else ""))
+                    static_left[0] -= 1
 
-        def work_inputs(i: int) -> None:
-            ws = wss[i]
+        def rt_work(i: int) -> None:
+            ws = rws[i]
             while True:
                 with self.lock:
-                    if not rt_inputs:
-                        return
-                    m = rt_inputs.pop(0)
-                m.runtime, m.runtime_reason = self.input_verdict(self.servers(i, ws), m)
-                self.log(f"{m.id} {m.desc}: static={m.static} runtime={m.runtime} ({m.runtime_reason[:120]})")
+                    m = rtq.pop(0) if rtq else None
+                    finished = static_left[0] == 0 and not rtq and m is None
+                if finished:
+                    return
+                if m is None:
+                    time.sleep(0.2)
+                    continue
+                if over_budget() and budget is not None and time.monotonic() - t_start > budget + 600:
+                    continue  # far past the budget: leave the rest unrun (reported)
+                if m.category == "input":
+                    m.runtime, m.runtime_reason = self.input_verdict(self.servers(i, ws), m)
+                else:
+                    ws.apply(m)
+                    try:
+                        m.runtime, m.runtime_reason = self.layer_verdict(self.servers(i, ws), base_rt)
+                    finally:
+                        ws.restore()
+                self.log(f"runtime {m.id} {m.desc}: static={m.static} runtime={m.runtime}"
+                         + (f" ({m.runtime_reason[:150]})" if m.runtime_reason else ""))
 
-        rt_inputs = [m for m in inputs if not a.static_only and (a.runtime_all or not m.static)]
-        with concurrent.futures.ThreadPoolExecutor(nworkers) as ex:
-            list(ex.map(work, range(nworkers)))
-        with concurrent.futures.ThreadPoolExecutor(nworkers) as ex:
-            list(ex.map(work_inputs, range(nworkers)))
+        with concurrent.futures.ThreadPoolExecutor(nstatic + nrt) as ex:
+            fs = [ex.submit(work, i) for i in range(nstatic)] + [ex.submit(rt_work, i) for i in range(nrt)]
+            for f in fs:
+                f.result()
         restarts = sum(s.restarts for d in self._servers.values() for s in d.values())
         for d in self._servers.values():
             for srv in d.values():
@@ -1278,12 +1310,14 @@ class Runner:
         cats = sorted({m.category for m in muts})
         rows = []
         for cat in cats + ["all"]:
-            ms = [m for m in muts if cat in ("all", m.category)]
+            ms = [m for m in muts if cat in ("all", m.category) and m.static is not None]
             n = len(ms)
             st = sum(bool(m.static) for m in ms)
             tot = sum(m.killed for m in ms)
             rt_only = sum(bool(m.runtime) and not m.static for m in ms)
-            rows.append({"category": cat, "mutants": n, "static": st, "overall": tot, "runtime_only": rt_only})
+            not_run = sum(1 for m in muts if cat in ("all", m.category) and m.static is None)
+            rows.append({"category": cat, "mutants": n, "static": st, "overall": tot, "runtime_only": rt_only,
+                         "not_run": not_run})
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "spmd_moe", "typing_rules", "mypy.ini"],
                                cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -1296,7 +1330,9 @@ class Runner:
             "worlds": self.worlds, "baseline_mypy_errors": base_errs, "baseline_runtime_problems": base_problems,
             "table": rows,
             "survivors": [{"id": m.id, "category": m.category, "where": f"{m.file}:{m.line}", "mutation": m.desc,
-                           "runtime": m.runtime_reason} for m in muts if not m.killed],
+                           "runtime": m.runtime_reason if m.runtime is not None or m.category == "input"
+                           else "runtime not run (budget)"}
+                          for m in muts if m.static is not None and not m.killed],
             "mutants": [{k: v for k, v in asdict(m).items() if k not in ("edits",)} | {"killed": m.killed} for m in muts],
         }
         for mm in summary["mutants"]:
@@ -1304,11 +1340,11 @@ class Runner:
                 mm["spec"] = {k: v for k, v in mm["spec"].items() if k != "ep"}
         print()
         print(f"mutation testing: {summary['date']}, commit {summary['commit']}, {summary['seconds']:.0f} s")
-        print(f"  {'category':<8} {'mutants':>7} {'mypy':>12} {'mypy+runtime':>14} {'runtime only':>13}")
+        print(f"  {'category':<8} {'mutants':>7} {'mypy':>12} {'mypy+runtime':>14} {'runtime only':>13} {'not run':>8}")
         for r in rows:
             n = r["mutants"] or 1
             print(f"  {r['category']:<8} {r['mutants']:>7} {r['static']:>4} {100 * r['static'] / n:5.1f}% "
-                  f"{r['overall']:>5} {100 * r['overall'] / n:5.1f}% {r['runtime_only']:>8}")
+                  f"{r['overall']:>5} {100 * r['overall'] / n:5.1f}% {r['runtime_only']:>8} {r['not_run']:>12}")
         if base_problems:
             print("  baseline runtime problems (those cases are not used as kills):")
             for p in base_problems:
@@ -1339,7 +1375,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--only", help="regex on mutant id / description")
     ap.add_argument("--worlds", default="2,4")
-    ap.add_argument("--jobs", type=int, default=3, help="parallel workers (workspace copies)")
+    ap.add_argument("--jobs", type=int, default=4, help="parallel mypy workers (workspace copies)")
+    ap.add_argument("--rt-jobs", type=int, default=2, help="parallel runtime workers (each: rank servers per world)")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="stop starting mypy runs after this many minutes (the rest reported as not run)")
     ap.add_argument("--example", action="append", help="extra (two-axis) file to mutate and type-check, repo-relative")
     ap.add_argument("--static-only", action="store_true", help="mypy only")
     ap.add_argument("--runtime-all", action="store_true", help="run the runtime driver on statically killed mutants too")
@@ -1373,7 +1412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     summary = Runner(a).run()
     total = summary["table"][-1]
-    return 0 if total["overall"] == total["mutants"] else 1
+    return 0 if total["overall"] == total["mutants"] and not total["not_run"] else 1
 
 
 if __name__ == "__main__":
