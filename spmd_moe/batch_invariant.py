@@ -40,6 +40,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
+import spmd_types as spmd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -155,5 +156,12 @@ def ordered_reduce_scatter(x_TD: Float[Placed[Par[EP]], "T D"], group: Any, n: i
     result does not depend on which rank's chunk a token landed in."""
     if n == 1:
         return unchecked_cast(Placed[Var[EP]], x_TD, reason="one rank: the Partial sum is this rank's value")
-    out: Placed[Var[EP]] = _OrderedReduceScatter.apply(x_TD, group, n, rank)  # type: ignore[no-untyped-call]
+    if not spmd.is_type_checking():
+        out: Placed[Var[EP]] = _OrderedReduceScatter.apply(x_TD, group, n, rank)  # type: ignore[no-untyped-call]
+        return out
+    # Debug mode's tracked region: the exchange is untracked, its result is V (as
+    # collectives.all_to_all does for its own autograd Function).
+    with spmd.no_typecheck():
+        out = _OrderedReduceScatter.apply(x_TD, group, n, rank)  # type: ignore[no-untyped-call]
+    spmd.assert_type(out, {group: spmd.V})
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import spmd_types as spmd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -33,6 +34,7 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+@spmd.register_local_autograd_function  # per-rank GEMMs, no communication: placements propagate
 class _GroupedMM(torch.autograd.Function):
     """y_RF = x_RD @ w_EFD[e].T per expert group, grads by grouped GEMMs too.
 

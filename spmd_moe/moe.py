@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+import contextlib
 from contextlib import AbstractContextManager
-from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, overload
 
 from typing_extensions import TypeVar as DefaultTypeVar
@@ -38,17 +38,16 @@ from spmd_moe import _debug
 from spmd_moe import _fused_combine as _fc
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
-from spmd_moe.checking import checked
+from spmd_moe.checking import checked, kernels_agree, tracked_region, untracked
 from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, Dispatcher, LocalDispatcher
-from spmd_moe.dispatch.base import count_ids
+from spmd_moe.dispatch.base import count_ids, scatter_to_slots
 from spmd_moe.errors import (
     CheckpointError,
     ConfigError,
     DeviceError,
     DistributedError,
     DtypeError,
-    PlacementError,
     RoutingError,
     ShapeError,
     SpmdMoeError,
@@ -232,10 +231,10 @@ class MoE(nn.Module, Generic[L]):
         """[T, D] -> [T, D] in the layer's layout (see the module docstring)."""
         self._check_input(x_TD)
         if self.pctx.size > 1 and _debug._enabled:
-            # Ranks that disagree (config, layout, T) fail on the header first, before
-            # the input's stated placement is verified from its values.
-            self.tokens.check_entry(x_TD.shape[0])
             self._check_finite_everywhere(x_TD)
+            # Ranks that disagree (config, layout, T) fail on the header, before the
+            # input's stated placement is verified from its values.
+            self.tokens.check_entry(x_TD.shape[0])
         try:
             with self._typecheck():
                 return self._forward_layout(x_TD)
@@ -299,7 +298,7 @@ class MoE(nn.Module, Generic[L]):
         y_TD = self.forward_replicated(C.invariant_to_replicate(x_TD, self.pctx))
         return C.replicate_to_invariant(y_TD, self.pctx)
 
-    @checked
+    @checked(tokens=("x_TD",))
     def forward_sequence(self, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]:
         local = self.tokens.equalize(x_TD, needs_equal=self.shared_experts is not None)
         y_TD = self._routed(local.x_TD, local.num_pad, decode=local.decode)
@@ -349,12 +348,21 @@ class MoE(nn.Module, Generic[L]):
         """dispatch -> experts -> combine -> weighted sum over k."""
         routed_RD, counts_e, state = dispatcher.dispatch(x_TD, expert_ids_TK, num_pad)
         out_RD = self.experts(routed_RD, counts_e, rows_exact=dispatcher.rows_exact)
-        if not _debug._enabled and _fc.usable(out_RD, weights_TK):
+        if _fc.usable(out_RD, weights_TK):
             back = dispatcher.returned_rows(out_RD, state)
             if back is not None:
                 # Inference on CUDA: scatter back, weighting and the ordered sum in one
-                # kernel, bitwise equal to combine + _weighted_sum below.
-                return _fc.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
+                # kernel, bitwise equal to combine + _weighted_sum.
+                if not _debug._enabled:
+                    return _fc.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
+                # Debug mode: the tracked reference path, compared with the kernel.
+                T, K = weights_TK.shape
+                slots_TKD = scatter_to_slots(back.rows_SD, back.slots_S, T * K).view(T, K, -1)
+                y_TD = _weighted_sum(slots_TKD, weights_TK)
+                with untracked():
+                    fast_TD = _fc.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
+                kernels_agree(f"{self.name}: fused combine", fast_TD, y_TD, self.pctx)
+                return y_TD
         return _weighted_sum(dispatcher.combine(out_RD, state), weights_TK)
 
     def _expert_bias(self) -> Float[Placed[Rep[EP]], "E"] | None:
@@ -400,7 +408,9 @@ class MoE(nn.Module, Generic[L]):
         return weights_TK * self.cfg.route_scale, ids_TK
 
     def _count(self, expert_ids_TK: Int[Placed[Var[EP]], "T K"]) -> None:
-        with torch.no_grad():
+        # The counter is this rank's bookkeeping (Partial meaning, summed only by
+        # global_tokens_per_expert): outside debug mode's tracking.
+        with torch.no_grad(), untracked():
             counts = count_ids(expert_ids_TK, self.cfg.num_experts + 1)  # no host sync
             self.tokens_per_expert_E.add_(counts[: self.cfg.num_experts])  # int -> float in the add
 
@@ -455,30 +465,22 @@ class MoE(nn.Module, Generic[L]):
             )
 
     def _typecheck(self) -> AbstractContextManager[None]:
-        """Debug mode on >1 rank: track spmd_types placements through the layer."""
-        import contextlib
-
+        """Debug mode on >1 rank: the layer's tracked region (spmd_types strict mode,
+        its own parameters verified and marked for the call, errors as PlacementError)."""
         if not (_debug._enabled and self.pctx.size > 1):
             return contextlib.nullcontext()
-        from spmd_types.checker import typecheck
+        return tracked_region(self.pctx, self.name, self._placed_params())
 
-        self._type_params()
-        where = f"{self.name} on axis '{self.pctx.name}' (size {self.pctx.size})"
-        return _wrap_spmd_errors(typecheck(strict_mode="permissive"), where)
-
-    def _type_params(self) -> None:
-        g = self.pctx.group
-        for p in (self.router.gate.weight,):
-            if not spmd.has_local_type(p):
-                spmd.assert_type(p, {g: spmd.R})
-        if self.expert_bias_E is not None and not spmd.has_local_type(self.expert_bias_E):
-            spmd.assert_type(self.expert_bias_E, {g: spmd.R})
-        sharded = list(self.experts.parameters())
+    def _placed_params(self) -> list[tuple[str, torch.Tensor, str]]:
+        """(name, tensor, placement) of the layer's own parameters and buffers: the gate
+        and the expert bias Replicate, the expert and shared-expert shards Varying."""
+        out: list[tuple[str, torch.Tensor, str]] = [("router.gate.weight", self.router.gate.weight, "R")]
+        if self.expert_bias_E is not None:
+            out.append(("expert_bias_E", self.expert_bias_E, "R"))
+        out += [(f"experts.{k}", p, "V") for k, p in self.experts.named_parameters()]
         if self.shared_experts is not None:
-            sharded += list(self.shared_experts.parameters())
-        for p in sharded:
-            if not spmd.has_local_type(p):
-                spmd.assert_type(p, {g: spmd.V})
+            out += [(f"shared_experts.{k}", p, "V") for k, p in self.shared_experts.named_parameters()]
+        return out
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -546,22 +548,3 @@ def _seeded_normal(shape: tuple[int, ...] | torch.Size, key: tuple[object, ...],
     seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:7], "little")
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * std).to(dtype)
-
-
-class _wrap_spmd_errors:
-    """Re-raise spmd_types' type errors as PlacementError (message kept, layer named)."""
-
-    def __init__(self, inner: AbstractContextManager[Any], name: str) -> None:
-        self.inner = inner
-        self.name = name
-
-    def __enter__(self) -> None:
-        self.inner.__enter__()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> Literal[False]:
-        self.inner.__exit__(et, ev, tb)
-        if ev is not None and isinstance(ev, spmd.SpmdTypeError):
-            raise PlacementError(f"{self.name}: placement check failed: {ev}") from ev
-        return False

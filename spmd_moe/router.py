@@ -41,7 +41,7 @@ class TopKRouter(nn.Module):
         drop_TG = torch.ones_like(group_scores_TG, dtype=torch.bool).scatter_(-1, keep_TG, False)
         return grouped_TGe.masked_fill(drop_TG.unsqueeze(-1), float("-inf")).flatten(-2)
 
-    @checked
+    @checked(tokens=("x_TD",))
     def forward(
         self,
         x_TD: Float[Placed[Var[EP]], "T D"],

@@ -25,6 +25,7 @@ from jaxtyping import Float
 
 from spmd_moe import _debug
 from spmd_moe import collectives as C
+from spmd_moe.checking import untracked
 from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch.validate import exchange_header
 from spmd_moe.errors import PaddingError
@@ -123,11 +124,12 @@ class TokenLayout:
     def check_peers(self, token_convention: int, local_tokens: int = -1) -> list[int]:
         """The header check (see dispatch.validate); returns every rank's local_tokens."""
         cfg = self.cfg
-        counts = exchange_header(
-            self.pctx, num_experts=cfg.num_experts, top_k=cfg.top_k, dim=cfg.dim,
-            fingerprint=cfg.fingerprint(), token_convention=token_convention,
-            layout=self.layout, what=self.name, local_tokens=local_tokens,
-        )
+        with untracked():  # metadata, not placed data
+            counts = exchange_header(
+                self.pctx, num_experts=cfg.num_experts, top_k=cfg.top_k, dim=cfg.dim,
+                fingerprint=cfg.fingerprint(), token_convention=token_convention,
+                layout=self.layout, what=self.name, local_tokens=local_tokens,
+            )
         self.peers_checked = True
         return counts
 

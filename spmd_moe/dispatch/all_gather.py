@@ -38,7 +38,7 @@ class AllGatherDispatcher:
         self.num_local = num_experts // pctx.size
         self.start = pctx.rank * self.num_local
 
-    @checked
+    @checked(tokens=("x_TD",))
     def dispatch(
         self,
         x_TD: Float[Placed[Var[EP]], "T D"],

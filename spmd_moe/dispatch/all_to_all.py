@@ -38,7 +38,7 @@ class AllToAllDispatcher:
         self.pctx = pctx
         self.num_local = num_experts // pctx.size
 
-    @checked
+    @checked(tokens=("x_TD",))
     def dispatch(
         self,
         x_TD: Float[Placed[Var[EP]], "T D"],
