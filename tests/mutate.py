@@ -1321,7 +1321,21 @@ class Runner:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "spmd_moe", "typing_rules", "mypy.ini"],
                                cwd=REPO, capture_output=True, text=True).stdout.strip()
+        spmd_errs = ("SpmdMoeError", "PlacementError", "ShapeError", "DtypeError", "PaddingError", "RoutingError",
+                     "DistributedError", "ConfigError", "DeviceError", "CheckpointError")
+
+        def kind(reason: str) -> str:
+            if ": hang" in reason or "hang:" in reason:
+                return "hang (timeout)"
+            if "wrong:" in reason:
+                return "wrong result"
+            if any(f"{e}:" in reason or f"{e} " in reason for e in spmd_errs) and "not an SpmdMoeError" not in reason:
+                return "SpmdMoeError"
+            return "crash (other exception)"
+
+        kinds = collections.Counter(kind(m.runtime_reason) for m in muts if m.runtime and not m.static)
         summary = {
+            "runtime_only_kinds": dict(kinds),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit + (" (+ uncommitted changes in spmd_moe/typing_rules)" if dirty else ""),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
@@ -1359,6 +1373,55 @@ class Runner:
         return summary
 
 
+
+# ============================================================================ docs
+
+
+CATEGORY_TEXT = {
+    "drop": "collective call dropped (replaced by its tensor argument)",
+    "swap": "collective swapped for another with a compatible call shape",
+    "axis": "collective / `as_*` moved to another ParallelContext in scope",
+    "state": "stated placement flipped (`as_*`, `unchecked_cast(Placed[...])`)",
+    "sig": "placement letter flipped in a function signature",
+    "input": "entry point fed a wrong placement",
+}
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The figures part of docs/placements.md's "Mutation testing" section."""
+    out = []
+    out.append(f"Measured {summary['date']} on commit `{summary['commit']}`, {summary['machine']}; "
+               f"command `{summary['command']}`; {summary['seconds'] / 60:.0f} min wall; worlds "
+               f"{', '.join(map(str, summary['worlds']))}; layouts {', '.join(summary['layouts'])}.")
+    out.append("")
+    out.append("| category | mutants | killed by mypy | killed by mypy + runtime | runtime only | not run |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    for r in summary["table"]:
+        n = r["mutants"] or 1
+        name = "**all**" if r["category"] == "all" else f"{r['category']}: {CATEGORY_TEXT.get(r['category'], '')}"
+        out.append(f"| {name} | {r['mutants']} | {r['static']} ({100 * r['static'] / n:.1f}%) | "
+                   f"{r['overall']} ({100 * r['overall'] / n:.1f}%) | {r['runtime_only']} | {r.get('not_run', 0)} |")
+    out.append("")
+    if summary.get("runtime_only_kinds"):
+        out.append("Runtime-only kills, by how the debug-mode run failed: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(summary["runtime_only_kinds"].items())) + ".")
+        out.append("")
+    if summary["baseline_mypy_errors"] or summary["baseline_runtime_problems"]:
+        out.append("Baseline problems (cases failing unmutated are not used as kills): "
+                   + "; ".join(summary["baseline_mypy_errors"] + summary["baseline_runtime_problems"])[:1500])
+        out.append("")
+    surv = summary["survivors"]
+    if surv:
+        out.append(f"Surviving mutants ({len(surv)}):")
+        out.append("")
+        out.append("| where | category | mutation | runtime |")
+        out.append("|---|---|---|---|")
+        for sv in surv:
+            rt = (sv.get("runtime") or "accepted, right results").replace("|", "/")[:160]
+            out.append(f"| `{sv['where']}` | {sv['category']} | `{sv['mutation']}` | {rt} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
 DEFAULT_EXAMPLES = ("tests/typing_snippets/good_two_axis_model.py",)
 
 
@@ -1385,6 +1448,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="per runtime request (s): past it, a hang")
     ap.add_argument("--pg-timeout", type=float, default=10.0)
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
+    ap.add_argument("--render", metavar="JSON", help="print the docs table of a --json report and exit")
     # driver mode (internal)
     ap.add_argument("--drive", choices=("layer", "input"), help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, default=2, help=argparse.SUPPRESS)
@@ -1399,6 +1463,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.drive:
         _drive_main(a)
+        return 0
+    if a.render:
+        with open(a.render) as f:
+            print(render_markdown(json.load(f)), end="")
         return 0
     if a.list:
         muts = generate(REPO, _examples(a), ["replicated", "invariant", "sequence"])
