@@ -292,15 +292,24 @@ def check_placement(t: torch.Tensor, name: str, expected: str, axis: AxisLike, *
         raise _mismatch(f"{name} on axis '{axis.name}' (size {axis.size})", expected, actual)
 
 
-def verify_stated(t: torch.Tensor, code: str, pctx: AxisLike, name: str) -> None:
-    """Debug mode: check a placement stated with as_rep / as_inv / as_var / as_par.
+def verify_stated(t: torch.Tensor, code: str, pctx: AxisLike, name: str) -> torch.Tensor:
+    """Debug mode: check a placement stated with as_rep / as_inv / as_var / as_par and
+    return the tensor to use from there on.
 
     Verified, never assigned: R / I by a checksum exchange over the axis; P by shape
-    agreement only (Partial cannot be verified from values); V needs no exchange. A
-    tensor that spmd_types already tracks must carry the stated placement. ``t`` is
-    left as it was (no spmd_types mark is written on it).
+    agreement only (Partial cannot be verified from values); V needs no exchange (an
+    all-ranks-equal Varying is legal; token inputs get the #3622 check in ``checked``).
+    A tensor that spmd_types already tracks must carry the stated placement. ``t``
+    itself is never marked: inside a tracked region (spmd_types' typecheck mode) the
+    result is a marked alias of an untracked ``t`` (:func:`typed_alias`), elsewhere ``t``.
     """
+    if pctx.size == 1 or pctx.group is None or not _HAVE_SPMD:
+        return t
+    tracked = local_type_on(t, pctx)
     check_placement(t, name, code, pctx)
+    if tracked is None and spmd.is_type_checking():
+        return typed_alias(t, code, pctx)
+    return t
 
 
 def typed_alias(t: torch.Tensor, code: str, axis: AxisLike) -> torch.Tensor:
