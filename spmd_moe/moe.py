@@ -374,6 +374,17 @@ class MoE(nn.Module, Generic[L]):
         self, x_TD: Float[Placed[Var[EP]], "T D"], routed_ids_TK: Int[Placed[Var[EP]], "T K"]
     ) -> tuple[Float[Placed[Var[EP]], "T K"], Int[Placed[Var[EP]], "T K"]]:
         """Replace the router's choice by the forced routes (gate values recomputed)."""
+        with untracked():  # the user's plain tensor: checked here, stated Varying below
+            forced_TK = self._valid_forced_routes(routed_ids_TK)
+        ids_TK = as_var(forced_TK, self.pctx, f"{self.name}: forced_routes_TK")
+        scores_TE = self.router(x_TD, None)[2]
+        weights_TK = scores_TE.gather(-1, ids_TK)
+        if self.cfg.route_norm:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_TK * self.cfg.route_scale, ids_TK
+
+    def _valid_forced_routes(self, routed_ids_TK: torch.Tensor) -> torch.Tensor:
+        """forced_routes_TK as int64 on the layer's device, or RoutingError."""
         forced = self.forced_routes_TK
         assert forced is not None
         if forced.shape != routed_ids_TK.shape or forced.dtype not in (torch.int64, torch.int32):
@@ -399,13 +410,7 @@ class MoE(nn.Module, Generic[L]):
                     f"expert ids per token, got {forced[t].tolist()} for token {t}. Fix: "
                     "pass routes recorded by the router (top-k never repeats an expert)."
                 )
-        # The user's routes for this rank's tokens: Varying (stated, verified in debug mode).
-        ids_TK = as_var(forced.to(routed_ids_TK.device, torch.int64), self.pctx, f"{self.name}: forced_routes_TK")
-        scores_TE = self.router(x_TD, None)[2]
-        weights_TK = scores_TE.gather(-1, ids_TK)
-        if self.cfg.route_norm:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights_TK * self.cfg.route_scale, ids_TK
+        return forced.to(routed_ids_TK.device, torch.int64)
 
     def _count(self, expert_ids_TK: Int[Placed[Var[EP]], "T K"]) -> None:
         # The counter is this rank's bookkeeping (Partial meaning, summed only by
