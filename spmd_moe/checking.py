@@ -526,6 +526,10 @@ def _checked(fn: Callable[_P, _T], tokens: frozenset[str]) -> Callable[_P, _T]:
                         aliased = True
                 elif actual != code:
                     raise _mismatch(f"{qual}({pname}) on axis '{axis.name}' (size {axis.size})", code, actual)
+                elif outer and pname in tokens:
+                    # A token slice stated just before (as_var's tracked alias): the #3622
+                    # check still compares its values across ranks.
+                    verify_values(v, f"{qual}({pname})", code, axis, tokens=True)
             if aliased:
                 call_args, call_kwargs = tuple(bound.args), dict(bound.kwargs)  # type: ignore[assignment]
         _depth += 1
