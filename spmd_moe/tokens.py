@@ -114,8 +114,8 @@ class TokenLayout:
 
     # ------------------------------------------------------------ checks
     def check_entry(self, T: int) -> None:
-        """The header check for an input of T rows in this layout (debug mode runs it
-        first, before any other exchange)."""
+        """The header check for an input of T rows in this layout (debug mode runs it at
+        entry, before the input's stated placement is verified from its values)."""
         if self.layout == "sequence":
             self.check_peers(-1, local_tokens=T)
         else:
