@@ -1171,6 +1171,21 @@ class Runner:
         if a.only:
             muts = [m for m in muts if re.search(a.only, f"{m.id} {m.desc}")]
         self.log(f"{n_all} mutants generated, {len(muts)} selected; layouts {layouts}; worlds {self.worlds}")
+        prev_seconds = 0.0
+        if a.resume:  # keep the verdicts of a previous --json report (same mutant ids)
+            with open(a.resume) as f:
+                prev = json.load(f)
+            prev_seconds = float(prev.get("seconds", 0))
+            old = {pm["id"]: pm for pm in prev["mutants"] if pm.get("static") is not None}
+            kept = 0
+            for m in muts:
+                pm = old.get(m.id)
+                if pm is not None and (pm.get("runtime") is not None or pm["static"] or a.static_only):
+                    m.static, m.static_errors = pm["static"], pm["static_errors"]
+                    m.runtime, m.runtime_reason = pm.get("runtime"), pm.get("runtime_reason", "")
+                    m.spec["resumed"] = True
+                    kept += 1
+            self.log(f"resumed {kept} verdicts from {a.resume} ({prev.get('commit')})")
 
         # ---- baselines (mypy in every mypy workspace: warms its cache)
         with concurrent.futures.ThreadPoolExecutor(nstatic + 1) as ex:
@@ -1194,7 +1209,7 @@ class Runner:
                          f"{len(base_rt[w]) - len(bad)}/{len(base_rt[w])} cases ok")
 
         # ---- input mutants: static in one mypy run (a control snippet per entry point)
-        inputs = [m for m in muts if m.category == "input"]
+        inputs = [m for m in muts if m.category == "input" and not m.spec.get("resumed")]
         if inputs:
             sdir = os.path.join(ws0.path, "tests", "_mutate_snippets")
             os.makedirs(sdir, exist_ok=True)
@@ -1227,7 +1242,7 @@ class Runner:
             self.log(f"input mutants: {sum(bool(m.static) for m in inputs)}/{len(inputs)} killed by mypy")
 
         # ---- source mutants: mypy workers feed a runtime queue (static survivors)
-        src = [m for m in muts if m.category != "input"]
+        src = [m for m in muts if m.category != "input" and not m.spec.get("resumed")]
         by_cat: dict[str, list[Mutant]] = collections.defaultdict(list)
         for m in src:
             by_cat[m.category].append(m)
@@ -1301,7 +1316,7 @@ class Runner:
             for srv in d.values():
                 srv.stop()
         self.log(f"rank servers restarted {restarts} time(s) (after hangs / crashes)")
-        elapsed = time.monotonic() - t_start
+        elapsed = time.monotonic() - t_start + prev_seconds
         return self.report(muts, n_all, layouts, base_errs, base_problems, elapsed)
 
     def report(self, muts: list[Mutant], n_all: int, layouts: list[str], base_errs: list[str],
@@ -1448,6 +1463,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="per runtime request (s): past it, a hang")
     ap.add_argument("--pg-timeout", type=float, default=10.0)
     ap.add_argument("--list", action="store_true", help="print the mutants and exit")
+    ap.add_argument("--resume", metavar="JSON", help="keep the verdicts of a previous --json report, run the rest")
     ap.add_argument("--render", metavar="JSON", help="print the docs table of a --json report and exit")
     # driver mode (internal)
     ap.add_argument("--drive", choices=("layer", "input"), help=argparse.SUPPRESS)
