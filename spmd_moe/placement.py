@@ -170,38 +170,38 @@ def placements_of(hint: Any) -> dict[str, str] | None:
 # an error ("restating a known placement"). Without the plugin they are typed as below.
 
 
-def _state(t: torch.Tensor, code: str, pctx: ParallelContext[Any] | None, name: str) -> None:
+def _state(t: torch.Tensor, code: str, pctx: ParallelContext[Any], name: str) -> torch.Tensor:
+    """Off: ``t``. Debug mode: verify the statement (spmd_moe.checking.verify_stated) and
+    return the tensor to use (inside the layer's tracked region a marked alias, never
+    the caller's object)."""
     from spmd_moe import _debug
 
-    if _debug._enabled and pctx is not None:
+    if _debug._enabled:
         from spmd_moe.checking import verify_stated
 
-        verify_stated(t, code, pctx, name)
+        return verify_stated(t, code, pctx, name)
+    return t
 
 
-def as_rep(t: torch.Tensor, pctx: ParallelContext[A] | None = None, name: str = "tensor") -> Placed[Rep[A]]:
+def as_rep(t: torch.Tensor, pctx: ParallelContext[A], name: str = "tensor") -> Placed[Rep[A]]:
     """State that the untyped ``t`` is Replicate on ``pctx``'s axis (verified in debug mode)."""
-    _state(t, "R", pctx, name)
-    return typing.cast("Placed[Rep[A]]", t)
+    return typing.cast("Placed[Rep[A]]", _state(t, "R", pctx, name))
 
 
-def as_inv(t: torch.Tensor, pctx: ParallelContext[A] | None = None, name: str = "tensor") -> Placed[Inv[A]]:
+def as_inv(t: torch.Tensor, pctx: ParallelContext[A], name: str = "tensor") -> Placed[Inv[A]]:
     """State that the untyped ``t`` is Invariant on ``pctx``'s axis (verified in debug mode)."""
-    _state(t, "I", pctx, name)
-    return typing.cast("Placed[Inv[A]]", t)
+    return typing.cast("Placed[Inv[A]]", _state(t, "I", pctx, name))
 
 
-def as_var(t: torch.Tensor, pctx: ParallelContext[A] | None = None, name: str = "tensor") -> Placed[Var[A]]:
+def as_var(t: torch.Tensor, pctx: ParallelContext[A], name: str = "tensor") -> Placed[Var[A]]:
     """State that the untyped ``t`` is Varying on ``pctx``'s axis (verified in debug mode)."""
-    _state(t, "V", pctx, name)
-    return typing.cast("Placed[Var[A]]", t)
+    return typing.cast("Placed[Var[A]]", _state(t, "V", pctx, name))
 
 
-def as_par(t: torch.Tensor, pctx: ParallelContext[A] | None = None, name: str = "tensor") -> Placed[Par[A]]:
+def as_par(t: torch.Tensor, pctx: ParallelContext[A], name: str = "tensor") -> Placed[Par[A]]:
     """State that the untyped ``t`` is Partial on ``pctx``'s axis (cannot be verified:
     any local values are summands of some total)."""
-    _state(t, "P", pctx, name)
-    return typing.cast("Placed[Par[A]]", t)
+    return typing.cast("Placed[Par[A]]", _state(t, "P", pctx, name))
 
 
 _T = TypeVar("_T")
