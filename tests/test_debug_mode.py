@@ -118,7 +118,7 @@ def test_env_var_switch(env: str, expect: tuple[str, str]) -> None:
 def _moe(layout: str = "replicated", dispatcher: str = "auto") -> sm.MoE:
     import torch.distributed as dist
 
-    cfg = sm.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, shared_hidden_dim=8,
+    cfg = sm.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, shared_hidden_dim=8, padding="pad",
                        load_balance_coeff=1e-3, dispatcher=dispatcher)  # type: ignore[arg-type]
     moe = sm.MoE(cfg, ParallelContext.from_group(dist.group.WORLD, "ep"), layout=layout)  # type: ignore[arg-type]
     moe.init_states(seed=0)
@@ -232,6 +232,7 @@ def test_debug_off_does_not_check_placements(placement_cases: list[dict[str, dic
 
 # (layout, T, dispatcher): T=11 needs padding on 2 and 4 ranks; both dispatchers.
 _CASES = (("replicated", 11, "all_gather"), ("replicated", 40, "all_to_all"),
+          ("invariant", 11, "all_gather"), ("invariant", 40, "all_to_all"),
           ("sequence", 12, "all_to_all"), ("sequence", 12, "all_gather"))
 
 
@@ -242,7 +243,7 @@ def _fwd_bwd(rank: int, world: int) -> dict[str, Any]:
     for layout, T, dispatcher in _CASES:
         for on in (False, True):
             moe = _moe(layout, dispatcher)
-            seed = 1 if layout == "replicated" else 1 + rank  # sequence: each rank its own tokens
+            seed = 1 + rank if layout == "sequence" else 1  # sequence: each rank its own tokens
             x = torch.randn(T, 16, generator=torch.Generator().manual_seed(seed), requires_grad=True)
             with sm.debug(on), checked_calls() as calls:
                 y = moe(x)
