@@ -20,7 +20,9 @@ def set_debug(on: bool) -> None:
 
 @contextlib.contextmanager
 def debug(on: bool = True) -> Iterator[None]:
-    """Turn on runtime shape/dtype/placement checks inside the block."""
+    """Turn on runtime checks inside the block: shapes and dtypes, placements verified
+    from the values across ranks (never assigned), spmd_types' strict tracking through
+    the layer, production kernels compared with their reference (spmd_moe.checking)."""
     global _enabled
     old = _enabled
     _enabled = on

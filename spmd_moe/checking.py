@@ -1,17 +1,36 @@
-"""Placement vocabulary, the `checked` decorator and the debug-mode checker glue.
+"""Placement vocabulary, the `checked` decorator and the debug-mode checker.
 
 Placements are those of ``spmd_types`` (R / I / V / P) on the layer's *expert axis*:
 the mesh axis over which the layer splits tokens and shards experts (the TP group in
 TP2EP, the EP mesh dim in torchtitan). A tensor's type in a signature is written
 ``Float[Placed[Var[EP]], "T D"]``: jaxtyping gives shape and dtype, the class gives placement.
 
-* Statically (mypy) ``Rep``, ``Inv``, ``Var`` and ``Par`` are four distinct subclasses of
-  ``torch.Tensor``: passing a ``Par`` where a ``Rep`` is required is a type error. A plain
-  ``Tensor`` is none of them; ``as_rep`` / ``as_var`` / ... state a placement (and check
-  it in debug mode), the typed collectives in ``spmd_moe.collectives`` change it.
-* At runtime the four classes accept any tensor (``isinstance`` is Tensor's), so they
-  cost nothing. In debug mode :func:`checked` checks shapes and dtypes (jaxtyping +
-  beartype) and placements (spmd_types' tracked local type on the expert axis).
+Off, every check is one bool test. On (``spmd_moe.debug()`` / ``SPMD_MOE_DEBUG=1``):
+
+* shapes and dtypes of every ``@checked`` call (jaxtyping + beartype);
+* every placement stated on a tensor that spmd_types does not track yet -- by
+  ``as_rep`` / ``as_inv`` / ``as_var`` / ``as_par`` or by a ``@checked`` signature where
+  the checked region is entered -- is *verified*, never assigned:
+
+  - Replicate / Invariant: same shape, dtype and bytes on every rank, by an exact
+    integer checksum exchange (one fixed-size all_gather, as
+    ``DTensor.from_local(run_check=True)``);
+  - Varying: nothing in general (equal values on every rank are a legal Varying), but a
+    parameter declared a token slice (``@checked(tokens=("x_TD",))``: the 'sequence'
+    layout's input, the public router's and dispatchers' input) that is identical on
+    every rank is rejected as a likely Replicate (torchtitan #3622);
+  - Partial: shape and dtype agreement only -- Partial CANNOT be verified from values
+    (any local tensors are summands of some total);
+
+* inside the layer (``tracked_region``), spmd_types tracks placements through every op
+  in strict mode; the caller's tensors are never marked (the layer gets marked
+  aliases) and the layer's own parameters are marked only for the call, so no verdict
+  depends on an earlier call;
+* production kernels that have a reference path (the fused CUDA combine) are run and
+  compared with it bit for bit (``kernels_agree``).
+
+A checksum exchange that fails, or a rank that never joins it, ends after the process
+group's timeout in a DistributedError; any mismatch raises the same error on every rank.
 """
 
 from __future__ import annotations
