@@ -103,21 +103,25 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def _per_call_cost(iters: int = 20000) -> dict[str, float]:
     """ns per call of a @checked no-op (debug off) and of as_var, minus a bare call."""
-    from spmd_moe.placement import as_var
     from spmd_moe.checking import checked
+    from spmd_moe.parallel import ParallelContext
+    from spmd_moe.placement import as_var
 
     x = torch.zeros(1)
+    pctx = ParallelContext.single()
 
-    def bare(t: torch.Tensor) -> torch.Tensor:
+    def bare(t: torch.Tensor, p: Any) -> torch.Tensor:
         return t
 
     wrapped = checked(bare)
     out: dict[str, list[float]] = {"bare": [], "checked_off": [], "as_var_off": []}
+    fns: tuple[tuple[str, Callable[[torch.Tensor, Any], object]], ...] = (
+        ("bare", bare), ("checked_off", wrapped), ("as_var_off", as_var))
     for _ in range(5):
-        for key, f in (("bare", bare), ("checked_off", wrapped), ("as_var_off", as_var)):
+        for key, f in fns:
             t0 = time.perf_counter_ns()
             for _ in range(iters):
-                f(x)
+                f(x, pctx)
             out[key].append((time.perf_counter_ns() - t0) / iters)
     med = {k: statistics.median(v) for k, v in out.items()}
     return {"checked_ns": med["checked_off"] - med["bare"], "as_var_ns": med["as_var_off"] - med["bare"]}
@@ -207,7 +211,7 @@ def _rank_worker(rank: int, world: int, port: int, q: Any, tokens: int, iters: i
         cfg = sm.MoEConfig(dim=256, hidden_dim=128, num_experts=8, top_k=2)
         moe = sm.MoE(cfg, sm.ParallelContext.from_group(dist.group.WORLD, "ep"))
         moe.init_states(seed=0)
-        x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(0))
+        x: Any = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {"erased": [], "erased_again": [], "debug_off": [], "debug_on": []}
         names = list(times)
         with torch.no_grad():
@@ -266,7 +270,8 @@ def run(args: argparse.Namespace | None = None) -> dict[str, Any]:
     tokens = int(getattr(args, "overhead_tokens", None) or 512)
     res = measure(tokens=tokens, iters=iters)
     if int(getattr(args, "overhead_ranks", None) or 0) > 1:
-        res["ranks"] = measure_ranks(world=int(args.overhead_ranks), tokens=tokens)  # type: ignore[union-attr]
+        res["ranks"] = measure_ranks(world=int(args.overhead_ranks), tokens=tokens,  # type: ignore[union-attr]
+                                     iters=int(getattr(args, "overhead_rank_iters", None) or 60))
     return res
 
 
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", dest="overhead_tokens", type=int, default=512)
     p.add_argument("--ranks", dest="overhead_ranks", type=int, default=0,
                    help="also time the layer on this many gloo ranks (debug on tracks placements)")
+    p.add_argument("--rank-iters", dest="overhead_rank_iters", type=int, default=60,
+                   help="interleaved rounds for --ranks")
     args = p.parse_args(argv)
     res = run(args)
     if args.json:
