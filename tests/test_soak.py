@@ -38,7 +38,7 @@ def _soak(rank: int, world: int, steps: int) -> dict[str, Any]:
 
     pctx = sm.ParallelContext.from_group(dist.group.WORLD)
     cfg = sm.MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2, shared_hidden_dim=8,
-                       load_balance_coeff=1e-3, decode_max_tokens=4)
+                       load_balance_coeff=1e-3, decode_max_tokens=4, padding="pad")
     layers = {"replicated": sm.MoE(cfg, pctx, layout="replicated", name="rep"),
               "sequence": sm.MoE(cfg, pctx, layout="sequence", name="seq")}
     for m in layers.values():
