@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, TypeVarTuple,
 
 import torch
 
+from spmd_moe import _debug
+
 if TYPE_CHECKING:
     from spmd_moe.parallel import ParallelContext
 
@@ -174,8 +176,6 @@ def _state(t: torch.Tensor, code: str, pctx: ParallelContext[Any], name: str) ->
     """Off: ``t``. Debug mode: verify the statement (spmd_moe.checking.verify_stated) and
     return the tensor to use (inside the layer's tracked region a marked alias, never
     the caller's object)."""
-    from spmd_moe import _debug
-
     if _debug._enabled:
         from spmd_moe.checking import verify_stated
 
