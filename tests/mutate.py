@@ -1432,7 +1432,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         out.append("| where | category | mutation | runtime |")
         out.append("|---|---|---|---|")
         for sv in surv:
-            rt = (sv.get("runtime") or "accepted, right results").replace("|", "/")[:160]
+            rt = (sv.get("runtime") or "driver passes").replace("|", "/")[:160]
             out.append(f"| `{sv['where']}` | {sv['category']} | `{sv['mutation']}` | {rt} |")
         out.append("")
     return "\n".join(out) + "\n"
