@@ -1154,6 +1154,12 @@ class Runner:
     def run(self) -> dict[str, Any]:
         a = self.a
         t_start = time.monotonic()
+        # the code the workspaces are copied from: HEAD now (+ uncommitted library changes)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "spmd_moe", "typing_rules",
+                                "mypy.ini", "tests/typing_snippets"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        self.commit = head + (" (+ uncommitted changes in spmd_moe/typing_rules/snippets)" if dirty else "")
+        self.started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         examples = _examples(a)
         nstatic, nrt = max(1, a.jobs), (0 if a.static_only else max(1, a.rt_jobs))
         self.log(f"copying the repo into {nstatic} mypy + {nrt} runtime workspace(s) under {WORK}")
@@ -1333,9 +1339,6 @@ class Runner:
             not_run = sum(1 for m in muts if cat in ("all", m.category) and m.static is None)
             rows.append({"category": cat, "mutants": n, "static": st, "overall": tot, "runtime_only": rt_only,
                          "not_run": not_run})
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "spmd_moe", "typing_rules", "mypy.ini"],
-                               cwd=REPO, capture_output=True, text=True).stdout.strip()
         spmd_errs = ("SpmdMoeError", "PlacementError", "ShapeError", "DtypeError", "PaddingError", "RoutingError",
                      "DistributedError", "ConfigError", "DeviceError", "CheckpointError")
 
@@ -1351,8 +1354,9 @@ class Runner:
         kinds = collections.Counter(kind(m.runtime_reason) for m in muts if m.runtime and not m.static)
         summary = {
             "runtime_only_kinds": dict(kinds),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit + (" (+ uncommitted changes in spmd_moe/typing_rules)" if dirty else ""),
+            "date": self.started,
+            "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": self.commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "command": "python -m tests.mutate " + " ".join(sys.argv[1:]),
             "seconds": round(elapsed, 1), "generated": n_all, "selected": len(muts), "layouts": layouts,
