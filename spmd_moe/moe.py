@@ -230,6 +230,10 @@ class MoE(nn.Module, Generic[L]):
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """[T, D] -> [T, D] in the layer's layout (see the module docstring)."""
         self._check_input(x_TD)
+        # One memory layout for every caller: a strided or transposed view computes
+        # (and back-propagates) bit for bit as its contiguous copy, whatever kernels
+        # the CPU's BLAS picks per layout. A no-op on contiguous input.
+        x_TD = x_TD.contiguous()
         if self.pctx.size > 1 and _debug._enabled:
             self._check_finite_everywhere(x_TD)
             # Ranks that disagree (config, layout, T) fail on the header, before the

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import typing_rules
 from mypy.argmap import map_actuals_to_formals
 from mypy.errorcodes import ErrorCode
-from mypy.nodes import CallExpr, Context, Expression, ListExpr, TupleExpr, TypeInfo
+from mypy.nodes import CallExpr, Context, Expression, ListExpr, MypyFile, TupleExpr, TypeInfo
 from mypy.plugin import (
     AnalyzeTypeContext,
     AttributeContext,
@@ -132,29 +132,42 @@ def show(axes: Axes) -> str:
 
 def make_placed(template: Instance, axes: Axes) -> Instance:
     """A ``Placed[...]`` with these axes, canonically ordered (by axis fullname)."""
-    return Instance(template.type, [Instance(_MARKERS[code], [ax]) for _, (ax, code) in sorted(axes.items())])
+    markers = _markers(template)
+    return Instance(template.type, [Instance(markers[code], [ax]) for _, (ax, code) in sorted(axes.items())])
 
 
-_MARKERS: dict[str, TypeInfo] = {}
-_TEMPLATE: list[Instance] = []
+def _markers(template: Instance) -> dict[str, TypeInfo]:
+    """Rep / Inv / Var / Par's TypeInfos, from the module that defines ``Placed``. Looked
+    up on every use: mypy may reload a module (incremental runs, several runs in one
+    process), and a type built from a stale TypeInfo would not equal the fresh one."""
+    names = _module_names(template)
+    return {code: names[full.rsplit(".", 1)[1]] for full, code in _CODE_OF.items()}
+
+
+def _module_names(template: Instance) -> dict[str, TypeInfo]:
+    out: dict[str, TypeInfo] = {}
+    module = _MODULES.get(template.type.module_name)
+    if module is not None:
+        for name, sym in module.names.items():
+            if isinstance(sym.node, TypeInfo):
+                out[name] = sym.node
+    return out
+
+
+_MODULES: dict[str, MypyFile] = {}
 
 
 def _placed_template(api: object) -> Instance | None:
-    """Placed's TypeInfo (and the markers'), from spmd_moe.placement once it is loaded."""
-    if not _TEMPLATE:
-        module = getattr(api, "modules", {}).get(_MOD)
-        if module is None:
-            return None
-        placed = module.names.get("Placed")
-        if placed is None or not isinstance(placed.node, TypeInfo):
-            return None
-        for full, code in _CODE_OF.items():
-            marker = module.names.get(full.rsplit(".", 1)[1])
-            if marker is None or not isinstance(marker.node, TypeInfo):
-                return None
-            _MARKERS[code] = marker.node
-        _TEMPLATE.append(Instance(placed.node, []))
-    return _TEMPLATE[0]
+    """``Placed`` (no args) from spmd_moe.placement as currently loaded, or None."""
+    modules = getattr(api, "modules", {})
+    module = modules.get(_MOD)
+    if module is None:
+        return None
+    _MODULES[_MOD] = module
+    placed = module.names.get("Placed")
+    if placed is None or not isinstance(placed.node, TypeInfo):
+        return None
+    return Instance(placed.node, [])
 
 
 def _with_axes(t: Type, extra: Axes) -> Type:

@@ -30,9 +30,8 @@ from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch.validate import exchange_header
 from spmd_moe.errors import PaddingError
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import EP, Placed, Rep, Var, unchecked_cast
+from spmd_moe.placement import EP, Placed, Rep, Var
 
-_ZERO_ROWS = "F.pad appends zero rows: the placement of the existing rows is kept"
 
 
 class ReplicatedSplit(NamedTuple):
@@ -85,7 +84,7 @@ class TokenLayout:
         x_all_TD = x_TD
         if T_pad > T:
             self.require_padding(f"token count T={T}", f"remainder {T % n}", T_pad)
-            x_all_TD = unchecked_cast(Placed[Rep[EP]], F.pad(x_TD, (0, 0, 0, T_pad - T)), reason=_ZERO_ROWS)
+            x_all_TD = F.pad(x_TD, (0, 0, 0, T_pad - T))  # zero rows appended: still Rep
         num_pad = max(0, min(T_loc, (self.pctx.rank + 1) * T_loc - T))
         return ReplicatedSplit(x_all_TD, C.split_tokens(x_all_TD, self.pctx), num_pad, decode)
 
@@ -109,7 +108,7 @@ class TokenLayout:
             T_eq = max(counts)
         if T_eq == T:
             return SequenceSlice(x_TD, 0, decode)
-        x_eq_TD = unchecked_cast(Placed[Var[EP]], F.pad(x_TD, (0, 0, 0, T_eq - T)), reason=_ZERO_ROWS)
+        x_eq_TD = F.pad(x_TD, (0, 0, 0, T_eq - T))  # zero rows appended: still Var
         return SequenceSlice(x_eq_TD, T_eq - T, decode)
 
     # ------------------------------------------------------------ checks
