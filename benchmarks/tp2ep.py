@@ -72,7 +72,8 @@ def build(pctx: Any, layout: str, sd: dict[str, torch.Tensor], dev: torch.device
     from spmd_moe.checkpoint import shard_state_dict
 
     cfg = sm.MoEConfig(dim=D, hidden_dim=F_, num_experts=E, top_k=K, score_func="softmax",
-                       route_norm=True, param_dtype=torch.bfloat16)
+                       route_norm=True, param_dtype=torch.bfloat16,
+                       padding="pad")  # decode T is not always a multiple of the GPU count
     m = sm.MoE(cfg, pctx, layout=layout, device=dev)  # type: ignore[arg-type]
     shard = shard_state_dict(sd, cfg, pctx)
     with torch.no_grad():
