@@ -1163,7 +1163,10 @@ class Runner:
         examples = _examples(a)
         nstatic, nrt = max(1, a.jobs), (0 if a.static_only else max(1, a.rt_jobs))
         self.log(f"copying the repo into {nstatic} mypy + {nrt} runtime workspace(s) under {WORK}")
-        wss = [Workspace(f"w{i}", examples) for i in range(nstatic)]
+        # No copy of the repo's .mypy_cache: entries written under an older plugin would be
+        # trusted (the plugin's code is not part of mypy's cache key). One cold run in the
+        # first workspace, its cache copied to the others.
+        wss = [Workspace(f"w{i}", examples, mypy_cache=False) for i in range(nstatic)]
         rws = [Workspace(f"r{i}", examples, mypy_cache=False) for i in range(nrt)]
         ws0 = wss[0]
         # layouts the layer accepts (in the copy)
@@ -1194,6 +1197,9 @@ class Runner:
             self.log(f"resumed {kept} verdicts from {a.resume} ({prev.get('commit')})")
 
         # ---- baselines (mypy in every mypy workspace: warms its cache)
+        cold_errs, _ = wss[0].mypy()
+        for w in wss[1:]:
+            shutil.copytree(os.path.join(wss[0].path, ".mypy_cache"), os.path.join(w.path, ".mypy_cache"))
         with concurrent.futures.ThreadPoolExecutor(nstatic + 1) as ex:
             base_f = [ex.submit(w.mypy) for w in wss]
             if nrt:
