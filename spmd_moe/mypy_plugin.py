@@ -416,6 +416,7 @@ def _collective(ctx: FunctionSigContext, name: str) -> FunctionLike:
     names = list(sig.arg_names)
     if "pctx" not in names or not ctx.args or not ctx.args[0]:
         return sig
+    _check_declared(ctx, name, rule)
     xs = _actual_types(ctx, 0)
     pctx_types = _actual_types(ctx, names.index("pctx"))
     if len(xs) != 1 or len(pctx_types) != 1:
@@ -462,6 +463,32 @@ def _sequence_of_tensors(ctx: FunctionSigContext) -> FunctionLike:
         return sig
     seq = ctx.api.named_generic_type("typing.Sequence", [tensor_t])
     return sig.copy_modified(arg_types=[seq, *sig.arg_types[1:]])
+
+
+def _declared_letter(t: Type) -> str | None:
+    """The letter of a one-axis ``Placed[X[A]]`` annotation (A a type variable)."""
+    p = get_proper_type(t)
+    if isinstance(p, Instance) and p.type.fullname == PLACED and len(p.args) == 1:
+        marker = get_proper_type(p.args[0])
+        if isinstance(marker, Instance):
+            return _CODE_OF.get(marker.type.fullname)
+    return None
+
+
+def _check_declared(ctx: FunctionSigContext, name: str, rule: typing_rules.OpRule) -> None:
+    """A collective's own annotation must say what its typing_rules rule says (the plugin
+    types calls from the rule, so a drifted annotation would otherwise go unnoticed)."""
+    sig = ctx.default_signature
+    declared = (_declared_letter(sig.arg_types[0]), _declared_letter(sig.ret_type))
+    ruled = (rule.inputs[0][1], rule.output)
+    if declared != ruled:
+        _fail(
+            ctx.api,
+            f"spmd_moe.collectives.{name} is annotated {declared[0]} -> {declared[1]} but "
+            f"typing_rules says {ruled[0]} -> {ruled[1]} ({rule.name}). Fix: make the "
+            "annotation and the rule agree",
+            ctx.context,
+        )
 
 
 def _stating(ctx: FunctionSigContext, code: str) -> FunctionLike:

@@ -49,8 +49,8 @@ class AllGatherDispatcher:
         T, K = expert_ids_TK.shape
         e = self.num_local
         # Every rank gathers the same rows (R) and keeps those of its own experts (V).
-        x_all = C.rank_view(C.all_gather(x_TD, self.pctx), self.pctx)
-        ids_all = C.rank_view(C.all_gather(expert_ids_TK, self.pctx), self.pctx)
+        x_all: Placed[Var[EP]] = C.rank_view(C.all_gather(x_TD, self.pctx), self.pctx)
+        ids_all: Placed[Var[EP]] = C.rank_view(C.all_gather(expert_ids_TK, self.pctx), self.pctx)
         local_all = ids_all - self.start
         # Non-local slots get key e: they sort after every local expert's rows.
         key_N = torch.where((local_all >= 0) & (local_all < e), local_all, e).reshape(-1)
