@@ -483,7 +483,8 @@ class MoE(nn.Module, Generic[L]):
     def _placed_params(self) -> list[tuple[str, torch.Tensor, str]]:
         """(name, tensor, placement) of the layer's own parameters and buffers: the gate
         and the expert bias Replicate, the expert and shared-expert shards Varying."""
-        out: list[tuple[str, torch.Tensor, str]] = [("router.gate.weight", self.router.gate.weight, "R")]
+        gate = "I" if self.router.gate_grad == "complete" else "R"
+        out: list[tuple[str, torch.Tensor, str]] = [("router.gate.weight", self.router.gate.weight, gate)]
         if self.expert_bias_E is not None:
             out.append(("expert_bias_E", self.expert_bias_E, "R"))
         out += [(f"experts.{k}", p, "V") for k, p in self.experts.named_parameters()]

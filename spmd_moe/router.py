@@ -7,6 +7,8 @@ expert axis, except the gate weight and the expert bias, which are Replicate.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -17,17 +19,37 @@ from spmd_moe import batch_invariant as _bi
 from spmd_moe.config import MoEConfig
 from spmd_moe.errors import RoutingError
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import EP, Placed, Rep, Var
+from spmd_moe import collectives as C
+from spmd_moe.placement import EP, Placed, Rep, Var, as_inv, as_rep
 from spmd_moe.checking import checked
 
 
+GateGrad = Literal["partial", "complete"]
+
+
 class TopKRouter(nn.Module):
-    def __init__(self, cfg: MoEConfig, pctx: ParallelContext[EP], device: torch.device | None = None):
+    def __init__(
+        self, cfg: MoEConfig, pctx: ParallelContext[EP], device: torch.device | None = None,
+        gate_grad: GateGrad = "partial",
+    ):
         super().__init__()
         self.cfg = cfg
         self.pctx = pctx
         self.gate = nn.Linear(cfg.dim, cfg.num_experts, bias=False, device=device, dtype=cfg.param_dtype)
         self.layer_name = "moe.router"
+        # The gate weight's gradient on the expert axis. Each rank routes its own tokens,
+        # so each holds a summand: 'partial' leaves the sum to whoever reduces gradients
+        # over this axis (FSDP/DDP when EP is drawn from data parallel); 'complete' states
+        # the weight Invariant and enters it with invariant_to_replicate, whose backward
+        # all-reduces (TP2EP: no data-parallel reduction covers the TP group).
+        self.gate_grad: GateGrad = gate_grad
+
+    def gate_weight(self) -> Float[Placed[Rep[EP]], "E D"]:
+        """The gate weight as the routing uses it (Replicate), per ``gate_grad``."""
+        name = f"{self.layer_name}.gate.weight"
+        if self.gate_grad == "complete":
+            return C.invariant_to_replicate(as_inv(self.gate.weight, self.pctx, name), self.pctx)
+        return as_rep(self.gate.weight, self.pctx, name)
 
     def _group_limit(self, scores_TE: Float[Placed[Var[EP]], "T E"]) -> Float[Placed[Var[EP]], "T E"]:
         """Keep the experts of the num_limited_groups best groups (group score: the sum
@@ -52,10 +74,19 @@ class TopKRouter(nn.Module):
         The gate and the score function run in fp32 (as torchtitan) whatever the input
         dtype; weights_TK stays fp32 so the combine can weight in fp32.
         """
+        w_ED = self.gate_weight()  # once per call, also in batch-invariant mode
         if _bi._enabled and x_TD.shape[0] != 1:
             # Batch-invariant mode: every token routed alone (fixed [1, D] shapes).
-            return _bi.rowwise(lambda r_1D: self.forward(r_1D, expert_bias_E), x_TD)
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+            return _bi.rowwise(lambda r_1D: self._route(r_1D, expert_bias_E, w_ED), x_TD)
+        return self._route(x_TD, expert_bias_E, w_ED)
+
+    def _route(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_bias_E: Float[Placed[Rep[EP]], "E"] | None,
+        w_ED: Float[Placed[Rep[EP]], "E D"],
+    ) -> tuple[Float[Placed[Var[EP]], "T K"], Int[Placed[Var[EP]], "T K"], Float[Placed[Var[EP]], "T E"]]:
+        logits_TE = F.linear(x_TD.float(), w_ED.float())
         if _debug._enabled and not bool(torch.isfinite(logits_TE).all()):
             bad = int((~torch.isfinite(x_TD)).any(dim=-1).sum())
             raise RoutingError(

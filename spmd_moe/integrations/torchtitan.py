@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -52,7 +52,7 @@ from torchtitan.protocols.module import Module as TitanModule
 from spmd_moe.checkpoint import shard_state_dict
 from spmd_moe.config import DispatchKind, MoEConfig, PaddingPolicy
 from spmd_moe.errors import ConfigError, PaddingError
-from spmd_moe.moe import AnyLayout, Layout, MoE
+from spmd_moe.moe import AnyLayout, Invariant, Layout, MoE, Replicated, Sequence
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, as_inv, as_rep, as_var
 
@@ -138,15 +138,6 @@ def choose_layout(parallel_dims: Any, sequence_parallel: bool, shared_experts: b
     return "sequence"
 
 
-def _all_reduce_hook(group: Any) -> Any:
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=group)
-        return grad
-
-    return hook
-
-
 def reshard(moe: MoE[Any], pctx: ParallelContext[EP], layout: Layout) -> None:
     """Rebuild moe's parallel pieces for the expert axis pctx, in place. Materialized
     weights are sliced from the current (full, EP=1) ones; meta weights stay meta."""
@@ -230,12 +221,14 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         convention for TP without sequence parallel (complete gradients on every rank)."""
         what = f"{self.name}: x_TD (from torchtitan)"
         try:
+            # The cast names the layout the branch tests, so mypy checks the stated
+            # placement against that layout's typed forward.
             if self.layout == "invariant":  # TP without SP: the same tokens on every TP rank
-                return MoE.forward(self, as_inv(x_TD, self.pctx, what))
+                return MoE.forward(cast("MoE[Invariant]", self), as_inv(x_TD, self.pctx, what))
             if self.layout == "sequence":  # sequence parallel / EP from DP: this rank's slice
-                return MoE.forward(self, as_var(x_TD, self.pctx, what))
+                return MoE.forward(cast("MoE[Sequence]", self), as_var(x_TD, self.pctx, what))
             # 'replicated' (one device, or chosen explicitly): the input gradient is Partial.
-            return MoE.forward(self, as_rep(x_TD, self.pctx, what))
+            return MoE.forward(cast("MoE[Replicated]", self), as_rep(x_TD, self.pctx, what))
         except PaddingError as e:  # raised on every rank alike, before any data exchange
             raise PaddingError(
                 f"{e} (torchtitan: the policy is SpmdMoE.Config.padding, now "
@@ -262,12 +255,10 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         pctx = ParallelContext.from_parallel_dims(parallel_dims)
         reshard(self, pctx, layout)
         if pctx.size > 1 and int(parallel_dims.tp) > 1:
-            # The gate sees this rank's tokens only; its gradient is Partial over the
-            # TP(=EP) group, which no data-parallel reduction covers: sum it here. (The
-            # layer types the gate weight Replicate, whose gradient is Partial in
-            # spmd_types' convention; once it can type it Invariant and enter it with
-            # invariant_to_replicate, whose backward is this all-reduce, the hook goes.)
-            self.router.gate.weight.register_hook(_all_reduce_hook(pctx.group))  # type: ignore[no-untyped-call]
+            # The gate sees this rank's tokens only, so its gradient is a summand over the
+            # TP(=EP) group, which no data-parallel reduction covers: the layer states the
+            # gate weight Invariant there (invariant_to_replicate's backward sums it).
+            self.router.gate_grad = "complete"
 
     def init_states(self, seed: int | None = None, std: float = 0.02, *, buffer_device: torch.device | None = None) -> None:
         """torchtitan protocol: initialize with the Config's param_init functions (or,
