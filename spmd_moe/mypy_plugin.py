@@ -37,6 +37,7 @@ from mypy.plugin import (
     MethodContext,
     MethodSigContext,
     Plugin,
+    ReportConfigContext,
 )
 from mypy.typeops import bind_self
 from mypy.types import (
@@ -216,7 +217,30 @@ def _fail(api: CheckerPluginInterface, msg: str, ctx: Context) -> None:
 # ----------------------------------------------------------------------------- the plugin
 
 
+def _rules_fingerprint() -> str:
+    """A hash of this plugin's and typing_rules' source: mypy's cache key includes it
+    (report_config_data), so a changed rule re-checks every module instead of reusing
+    types inferred under the old one."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    rules = os.path.dirname(os.path.abspath(typing_rules.__file__))
+    for folder, names in ((here, ["mypy_plugin.py"]), (rules, sorted(os.listdir(rules)))):
+        for name in names:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
 class SpmdPlugin(Plugin):
+    _fingerprint = _rules_fingerprint()
+
+    def report_config_data(self, ctx: ReportConfigContext) -> str:
+        return self._fingerprint
+
     def get_type_analyze_hook(self, fullname: str) -> Callable[[AnalyzeTypeContext], Type] | None:
         return _analyze_placed if fullname == PLACED else None
 

@@ -1447,7 +1447,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
         out.append("")
     return "\n".join(out) + "\n"
 
-DEFAULT_EXAMPLES = ("tests/typing_snippets/good_two_axis_model.py",)
+# The project's own typed examples (checked by tests/test_typing_static.py): part of
+# "killed by mypy", as a changed signature that breaks them breaks the suite.
+DEFAULT_EXAMPLES = tuple(sorted(
+    f"tests/typing_snippets/{f}" for f in os.listdir(os.path.join(REPO, "tests", "typing_snippets"))
+    if f.startswith("good_") and f.endswith(".py")
+))
 
 
 def _examples(a: argparse.Namespace) -> list[str]:
