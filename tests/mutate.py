@@ -65,7 +65,7 @@ ARITY = {c: (4 if c == "all_to_all" else 2) for c in COLLECTIVES}
 STATE_FNS = ("as_rep", "as_inv", "as_var", "as_par")
 LETTERS = ("Rep", "Inv", "Var", "Par")
 CODE = {"Rep": "R", "Inv": "I", "Var": "V", "Par": "P"}
-COPY = ("spmd_moe", "typing_rules", "tests", "benchmarks", "docs", "mypy.ini", "pyproject.toml")
+COPY = ("spmd_moe", "typing_rules", "tests", "docs", "mypy.ini", "pyproject.toml")
 SKIP_FILES = ("spmd_moe/mypy_plugin.py",)  # the checker itself is not a mutation target
 WORK = os.environ.get("SPMD_MOE_MUTANTS", "/tmp/mutants")
 PY = sys.executable
@@ -471,8 +471,7 @@ def generate(root: str, examples: list[str], layouts: list[str]) -> list[Mutant]
 
 
 # The layer's data path: what the runtime driver runs (the fast subset is drawn from it).
-NOT_CORE = ("spmd_moe/integrations/", "spmd_moe/demo.py", "spmd_moe/parity.py", "spmd_moe/cli.py",
-            "spmd_moe/tiny_checkpoint.py", "spmd_moe/checkpoint.py")
+NOT_CORE = ("spmd_moe/integrations/", "spmd_moe/apps/", "spmd_moe/checkpoint.py")
 
 
 def fast_subset(muts: list[Mutant], per_cat: int = 3) -> list[Mutant]:

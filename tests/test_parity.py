@@ -33,7 +33,7 @@ for _mod in ("vllm", "torchtitan"):
 def test_parity_cli_json() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "spmd_moe.cli", "parity", "--json"],
+        [sys.executable, "-m", "spmd_moe.apps.cli", "parity", "--json"],
         capture_output=True, text=True, timeout=880, env=env,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

@@ -22,7 +22,7 @@ def test_spmd_moe_demo_cli(tmp_path: Path) -> None:
     env = dict(os.environ, SPMD_MOE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     env.pop("SPMD_MOE_DEBUG", None)
     p = subprocess.run(
-        [sys.executable, "-m", "spmd_moe.cli", "demo"], capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "spmd_moe.apps.cli", "demo"], capture_output=True, text=True, env=env,
         timeout=900, cwd=tmp_path,
     )
     out = p.stdout

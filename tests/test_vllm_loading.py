@@ -20,7 +20,7 @@ pytest.importorskip("vllm")
 
 from spmd_moe.errors import CheckpointError, ConfigError  # noqa: E402
 from spmd_moe.integrations.vllm import weights as W  # noqa: E402
-from spmd_moe.tiny_checkpoint import (  # noqa: E402
+from spmd_moe.apps.tiny_checkpoint import (  # noqa: E402
     SPMD_ARCH, TinySpec, build_tiny_checkpoint, make_state_dict, per_expert_names,
 )
 

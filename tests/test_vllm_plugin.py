@@ -31,8 +31,8 @@ pytest.importorskip("vllm")
 # Engine starts (20-60 s each on 2 busy cores) run in fixtures/subprocesses: allow them.
 pytestmark = pytest.mark.timeout(900)
 
-from spmd_moe.demo import LOGPROB_TOL, compare, hf_generate, run_engine_subprocess  # noqa: E402
-from spmd_moe.tiny_checkpoint import NATIVE_ARCH, SPMD_ARCH, build_tiny_checkpoint  # noqa: E402
+from spmd_moe.apps.demo import LOGPROB_TOL, compare, hf_generate, run_engine_subprocess  # noqa: E402
+from spmd_moe.apps.tiny_checkpoint import NATIVE_ARCH, SPMD_ARCH, build_tiny_checkpoint  # noqa: E402
 
 RUNNER = str(Path(__file__).with_name("vllm_runner.py"))
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Subprocess script for the vLLM tests: heavy vLLM state stays out of pytest's process.
 
-    python tests/vllm_runner.py --engine SPEC.json --out OUT.json   one engine (spmd_moe.demo)
+    python tests/vllm_runner.py --engine SPEC.json --out OUT.json   one engine (spmd_moe.apps.demo)
     python tests/vllm_runner.py --load-checks HF_DIR --fused-dir SPMD_DIR --out OUT.json
         builds SpmdQwen3MoeForCausalLM in this process at TP=1 (no engine) and runs
         load_weights on good and broken weight streams.
@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
         Path(argv[argv.index("--out") + 1]).write_text(json.dumps(res))
         sys.stdout.flush()
         os._exit(0)
-    from spmd_moe.demo import engine_main
+    from spmd_moe.apps.demo import engine_main
 
     engine_main(argv)
 

@@ -15,7 +15,7 @@ by vLLM's registry (in a fresh interpreter when it inspects the class).
 
 from __future__ import annotations
 
-from spmd_moe.tiny_checkpoint import SPMD_ARCH, SPMD_FORMAT
+from spmd_moe.integrations.vllm.names import SPMD_ARCH, SPMD_FORMAT
 
 MODEL_CLASS_PATH = "spmd_moe.integrations.vllm.model:SpmdQwen3MoeForCausalLM"
 ARCHITECTURES = (SPMD_ARCH,)

@@ -21,7 +21,7 @@ from typing import Any
 from vllm.transformers_utils.config_parser_base import ConfigParserBase
 
 from spmd_moe.errors import ConfigError
-from spmd_moe.tiny_checkpoint import NATIVE_ARCH, SPMD_ARCH, SPMD_CONFIG_NAME, SPMD_FORMAT
+from spmd_moe.integrations.vllm.names import NATIVE_ARCH, SPMD_ARCH, SPMD_CONFIG_NAME, SPMD_FORMAT
 
 FORMAT_NAME = SPMD_FORMAT
 SUPPORTED_MODEL_TYPES = ("qwen3_moe",)

@@ -1,7 +1,7 @@
 """TP2EP on several GPUs of one host (NCCL), against one GPU, in one torchrun job.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-    torchrun --nproc-per-node 2 -m benchmarks.tp2ep --out tp2ep.json
+    torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.tp2ep --out tp2ep.json
 
 Measures, with the Qwen3-30B-A3B layer (bf16):
 - prefill, layout 'sequence' (each rank its own T tokens, all-to-all dispatch): forward and
@@ -173,7 +173,7 @@ def main() -> int:
             for _ in range(5):
                 mn_seq(x)
             torch.cuda.synchronize()
-    from benchmarks.gpu_profile import kernel_split
+    from spmd_moe.apps.bench.gpu_profile import kernel_split
 
     res["profile"] = kernel_split(prof, 5)
     log(json.dumps(res["profile"]))

@@ -1,6 +1,6 @@
 """What the placement annotations cost: debug off vs erased, and debug on.
 
-    python -m benchmarks.overhead [--json] [--iters 200] [--tokens 512] [--ranks 2]
+    python -m spmd_moe.apps.bench.overhead [--json] [--iters 200] [--tokens 512] [--ranks 2]
 
 Three variants of the same MoE layer (same weights, same input), timed interleaved
 (one call of each per round, order rotated), forward under torch.no_grad on CPU:
@@ -265,7 +265,7 @@ def measure_ranks(world: int = 2, tokens: int = 512, iters: int = 60, warmup: in
 
 
 def run(args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Entry for ``spmd-moe bench`` (benchmarks.run): the small CPU shape."""
+    """Entry for ``spmd-moe bench`` (spmd_moe.apps.bench.run): the small CPU shape."""
     iters = int(getattr(args, "overhead_iters", None) or 200)
     tokens = int(getattr(args, "overhead_tokens", None) or 512)
     res = measure(tokens=tokens, iters=iters)
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.overhead")
+    p = argparse.ArgumentParser(prog="python -m spmd_moe.apps.bench.overhead")
     p.add_argument("--json", action="store_true")
     p.add_argument("--iters", dest="overhead_iters", type=int, default=200)
     p.add_argument("--tokens", dest="overhead_tokens", type=int, default=512)

@@ -1,7 +1,7 @@
 """`spmd-moe demo`: the tiny Qwen3-MoE served by vLLM through the spmd_moe plugin at
 TP=2/EP=2, against vLLM's native Qwen3MoeForCausalLM (TP=1) and HF transformers.
 
-Each vLLM engine runs in its own subprocess (``python -m spmd_moe.demo --engine SPEC
+Each vLLM engine runs in its own subprocess (``python -m spmd_moe.apps.demo --engine SPEC
 --out RESULT``): vLLM spawns its workers by re-importing the main module, and one
 engine per process keeps shutdown clean. An engine spec is JSON::
 
@@ -156,8 +156,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("hf_overrides"):
         kw["hf_overrides"] = spec["hf_overrides"]
     # Functions sent to the workers must pickle by reference to an importable module,
-    # not to __main__ (this file runs as __main__ under ``python -m spmd_moe.demo``).
-    from spmd_moe import demo as mod
+    # not to __main__ (this file runs as __main__ under ``python -m spmd_moe.apps.demo``).
+    from spmd_moe.apps import demo as mod
 
     t0 = time.perf_counter()
     llm = LLM(**kw)
@@ -190,7 +190,7 @@ def rpc_set_debug(worker: Any, on: bool) -> bool:
 
 
 def engine_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="spmd_moe.demo --engine")
+    p = argparse.ArgumentParser(prog="spmd_moe.apps.demo --engine")
     p.add_argument("--engine", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -208,13 +208,13 @@ def run_engine_subprocess(
 ) -> dict[str, Any]:
     """Run :func:`run_engine` in a fresh interpreter and return its result.
 
-    script: a file to run instead of ``-m spmd_moe.demo`` (it must call engine_main).
+    script: a file to run instead of ``-m spmd_moe.apps.demo`` (it must call engine_main).
     Raises RuntimeError with the log tail when the engine fails.
     """
     with tempfile.TemporaryDirectory(prefix="spmd_moe_engine_") as d:
         spec_p, out_p = Path(d) / "spec.json", Path(d) / "out.json"
         spec_p.write_text(json.dumps(spec))
-        cmd = [sys.executable] + ([script] if script else ["-m", "spmd_moe.demo"]) + ["--engine", str(spec_p), "--out", str(out_p)]
+        cmd = [sys.executable] + ([script] if script else ["-m", "spmd_moe.apps.demo"]) + ["--engine", str(spec_p), "--out", str(out_p)]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         log_f = open(log, "w") if log is not None else tempfile.TemporaryFile("w+")
@@ -270,17 +270,40 @@ def compare(test: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str, 
     return {"equal": equal, "total": len(ref), "max_logprob_delta": delta, "min_margin": min_margin}
 
 
+def one_device_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import spmd_moe as sm
+    from spmd_moe.checking import checked_calls
+    from spmd_moe.placement import as_rep
+
+    torch.manual_seed(0)
+    cfg = sm.MoEConfig(dim=64, hidden_dim=32, num_experts=8, top_k=2, score_func="softmax",
+                       route_norm=True, shared_hidden_dim=64, load_balance_coeff=1e-3)
+    moe = sm.MoE(cfg, device="meta")
+    moe.to_empty(device="cpu")
+    moe.init_states(seed=0)
+    x_TD = torch.randn(24, cfg.dim, requires_grad=True)
+    with sm.debug(), checked_calls() as calls:
+        y_TD = moe(as_rep(x_TD, moe.pctx, "x_TD"))  # one device: trivially Replicate
+        torch.autograd.backward(y_TD.square().mean())
+    print(f"MoE forward+backward on one device, debug mode: y {tuple(y_TD.shape)} {y_TD.dtype}")
+    for name, n in sorted(calls.items()):
+        print(f"  checked {n}x  {name}")
+    grads = {k: float(p.grad.norm()) for k, p in moe.named_parameters() if p.grad is not None}
+    print(f"  gradients reached {len(grads)} parameters; tokens per expert {moe.tokens_per_expert_E.tolist()}")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import importlib.util
 
     if getattr(args, "one_device", False) or importlib.util.find_spec("vllm") is None:
-        from spmd_moe.cli import _demo_one_device
-
         if not getattr(args, "one_device", False):
             print("spmd-moe demo: vLLM is not installed (pip install -e '.[vllm]' or scripts/install.sh); "
                   "running the one-device demo instead.")
-        return _demo_one_device(args)
-    from spmd_moe.tiny_checkpoint import NATIVE_ARCH, SPMD_ARCH, build_tiny_checkpoint
+        return one_device_demo(args)
+    from spmd_moe.apps.tiny_checkpoint import NATIVE_ARCH, SPMD_ARCH, build_tiny_checkpoint
 
     tp = int(getattr(args, "tp", 0) or os.environ.get("SPMD_MOE_DEMO_TP", 2))
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 TP=2 = EP=2, layout 'replicated') serving the tiny checkpoint greedily, in
 batch-invariant mode, with every MoE layer's inputs, outputs and routes recorded.
 
-    python -m spmd_moe.integrations.parity_generator SPEC.json OUT.pt
+    python -m spmd_moe.apps.parity_generator SPEC.json OUT.pt
 
 SPEC: {"model": hf_dir, "prompts": [[ids]], "max_tokens": n, "tp": 2}. OUT (torch.save):
 {"sequences": [{"prompt", "tokens", "logprobs"}], "moe": {layer: {"x": [per call],
@@ -62,7 +62,7 @@ def _fetch(model: Any) -> dict[str, Any]:
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     tp = int(spec.get("tp", 2))
-    from spmd_moe.demo import _engine_env
+    from spmd_moe.apps.demo import _engine_env
 
     for k, v in _engine_env(tp).items():
         os.environ.setdefault(k, v)
@@ -83,7 +83,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     start_s = time.perf_counter() - t0
     # Functions sent to the workers must pickle by reference to an importable module,
     # not to __main__ (this file runs as __main__ under ``python -m``).
-    from spmd_moe.integrations import parity_generator as mod
+    from spmd_moe.apps import parity_generator as mod
 
     llm.apply_model(mod._install)
     sp = SamplingParams(temperature=0.0, max_tokens=int(spec["max_tokens"]), logprobs=1, ignore_eos=True, seed=0)

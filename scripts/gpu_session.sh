@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device-machine call: install the carried wheels, then the 1-GPU bench, its profile,
 # the CUDA parity tests and (with 2+ GPUs) TP2EP. Results under $OUT.
-#   run(kind=nvidia-h100-x2, carry=[".whl"], command="bash benchmarks/gpu_session.sh")
+#   run(kind=nvidia-h100-x2, carry=[".whl"], command="bash scripts/gpu_session.sh")
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -15,10 +15,10 @@ NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
 for s in $STEPS; do
   t0=$(date +%s)
   case $s in
-    bench) CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.run --json --full --plot $OUT/moe_gpu.png --out $OUT/moe_gpu.json > /dev/null 2> $OUT/bench.log; tail -25 $OUT/bench.log ;;
-    profile) CUDA_VISIBLE_DEVICES=0 python3 -m benchmarks.gpu_profile --out $OUT/profile_gpu.json 2> $OUT/profile.log | tail -3; tail -4 $OUT/profile.log | cut -c1-600 ;;
+    bench) CUDA_VISIBLE_DEVICES=0 python3 -m spmd_moe.apps.bench.run --json --full --plot $OUT/moe_gpu.png --out $OUT/moe_gpu.json > /dev/null 2> $OUT/bench.log; tail -25 $OUT/bench.log ;;
+    profile) CUDA_VISIBLE_DEVICES=0 python3 -m spmd_moe.apps.bench.gpu_profile --out $OUT/profile_gpu.json 2> $OUT/profile.log | tail -3; tail -4 $OUT/profile.log | cut -c1-600 ;;
     tests) CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_fused_combine.py tests/test_torchtitan_moe.py tests/test_reference.py 2>&1 | tail -4 ;;
-    tp2ep) for ng in ${TP_SIZES:-$NG}; do if [ "$NG" -ge "$ng" ] && [ "$ng" -ge 2 ]; then timeout 300 torchrun --nproc-per-node $ng -m benchmarks.tp2ep --out $OUT/tp2ep_${ng}gpu.json > /dev/null 2> $OUT/tp2ep_${ng}.log; tail -9 $OUT/tp2ep_${ng}.log | cut -c1-600; fi; done ;;
+    tp2ep) for ng in ${TP_SIZES:-$NG}; do if [ "$NG" -ge "$ng" ] && [ "$ng" -ge 2 ]; then timeout 300 torchrun --nproc-per-node $ng -m spmd_moe.apps.bench.tp2ep --out $OUT/tp2ep_${ng}gpu.json > /dev/null 2> $OUT/tp2ep_${ng}.log; tail -9 $OUT/tp2ep_${ng}.log | cut -c1-600; fi; done ;;
   esac
   echo "== step $s took $(( $(date +%s) - t0 )) s"
 done
@@ -26,7 +26,7 @@ python3 - <<'PY'
 import json, os
 out = os.environ.get("OUT", "/tmp/out")
 try:
-    from benchmarks.moe_bench import table
+    from spmd_moe.apps.bench.moe_bench import table
     r = json.load(open(f"{out}/moe_gpu.json"))
     print(table(r)); print(json.dumps(r["targets"])); print("hbm copy GB/s", r["hbm_copy_GBps"]); print("overhead", json.dumps(r.get("overhead"))[:800])
 except Exception as e:

@@ -30,10 +30,9 @@ import torch
 
 from spmd_moe.errors import CheckpointError
 
-SPMD_CONFIG_NAME = "spmd_moe.json"
-SPMD_FORMAT = "spmd_moe"
-SPMD_ARCH = "SpmdQwen3MoeForCausalLM"
-NATIVE_ARCH = "Qwen3MoeForCausalLM"
+from spmd_moe.integrations.vllm.names import NATIVE_ARCH, SPMD_ARCH, SPMD_CONFIG_NAME, SPMD_FORMAT
+
+__all__ = ["NATIVE_ARCH", "SPMD_ARCH", "SPMD_CONFIG_NAME", "SPMD_FORMAT", "TinySpec", "build_tiny_checkpoint"]
 _FORMAT_VERSION = 1
 
 

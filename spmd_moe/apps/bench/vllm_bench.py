@@ -1,8 +1,8 @@
 """vLLM on the CPU: generation tokens/s of the spmd_moe plugin against vLLM's native
 Qwen3-MoE on the embedded tiny checkpoint (fp32, eager), at TP=1, and the plugin at
-TP=2/EP=2. Each engine runs in its own process (spmd_moe.demo.run_engine_subprocess).
+TP=2/EP=2. Each engine runs in its own process (spmd_moe.apps.demo.run_engine_subprocess).
 
-    python -m benchmarks.vllm_bench --out vllm.json
+    python -m spmd_moe.apps.bench.vllm_bench --out vllm.json
 
 One timed batch: P prompts of L tokens, N new tokens each (greedy, ignore_eos), repeated
 R times in the same engine after a warm-up batch; tokens/s = P*N / median batch time.
@@ -21,7 +21,7 @@ from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.vllm_bench")
+    p = argparse.ArgumentParser(prog="python -m spmd_moe.apps.bench.vllm_bench")
     p.add_argument("--out", default=None)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=16)
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tp2", action="store_true")
     a = p.parse_args(argv)
 
-    from spmd_moe.demo import run_engine_subprocess
-    from spmd_moe.tiny_checkpoint import build_tiny_checkpoint
+    from spmd_moe.apps.demo import run_engine_subprocess
+    from spmd_moe.apps.tiny_checkpoint import build_tiny_checkpoint
 
     ckpt = build_tiny_checkpoint()
     rng = random.Random(0)

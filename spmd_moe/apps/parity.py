@@ -65,7 +65,7 @@ def _run(cmd: list[str], timeout: float, what: str) -> float:
 def run_parity(cache_dir: str | None = None, timeout: float = 600) -> dict[str, Any]:
     import torch
 
-    from spmd_moe.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from spmd_moe.apps.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     spec = TinySpec(num_hidden_layers=2, mlp_only_layers=())
     ckpt = build_tiny_checkpoint(cache_dir, spec)
@@ -74,7 +74,7 @@ def run_parity(cache_dir: str | None = None, timeout: float = 600) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="spmd_moe_parity_") as d:
         spec_p, gen_p, tr_p = Path(d) / "gen.json", Path(d) / "gen.pt", Path(d) / "trainer.pt"
         spec_p.write_text(json.dumps({"model": str(ckpt.hf_dir), "prompts": prompts, "max_tokens": MAX_TOKENS, "tp": 2}))
-        gen_s = _run([sys.executable, "-m", "spmd_moe.integrations.parity_generator", str(spec_p), str(gen_p)], timeout, "generator (vLLM)")
+        gen_s = _run([sys.executable, "-m", "spmd_moe.apps.parity_generator", str(spec_p), str(gen_p)], timeout, "generator (vLLM)")
         tr_s = _run(
             [sys.executable, "-m", "spmd_moe.integrations.torchtitan", "--parity", str(ckpt.hf_dir), str(gen_p), str(tr_p)],
             timeout, "trainer (torchtitan)",

@@ -1,7 +1,7 @@
 """Where the MoE layer's GPU time goes: kernels by kind (torch.profiler) and host syncs
 (torch.cuda sync debug mode), for spmd_moe and torchtitan at a few token counts.
 
-    python -m benchmarks.gpu_profile --out profile.json
+    python -m spmd_moe.apps.bench.gpu_profile --out profile.json
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def host_syncs(fn: Any) -> int:
 def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks import moe_bench as mb
+    from spmd_moe.apps.bench import moe_bench as mb
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)

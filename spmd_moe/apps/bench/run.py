@@ -1,7 +1,7 @@
 """Entry of ``spmd-moe bench``: the MoE layer benchmark and the debug-off overhead.
 
     spmd-moe bench --json [--plot FILE.png] [--full]
-    python -m benchmarks.run --json --full --plot docs/moe_h100.png --out result.json
+    python -m spmd_moe.apps.bench.run --json --full --plot docs/moe_h100.png --out result.json
 
 Prints a markdown table (or, with --json, one JSON object) on stdout; progress on stderr.
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 def _overhead(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        from benchmarks import overhead
+        from spmd_moe.apps.bench import overhead
     except ImportError as e:
-        return {"skipped": f"benchmarks.overhead not available: {e}"}
+        return {"skipped": f"spmd_moe.apps.bench.overhead not available: {e}"}
     try:
         out: dict[str, Any] = overhead.run(args)
         return out
@@ -30,7 +30,7 @@ def _overhead(args: argparse.Namespace) -> dict[str, Any]:
 def main(args: argparse.Namespace | None = None) -> int:
     if args is None:
         args = parse(sys.argv[1:])
-    from benchmarks import moe_bench
+    from spmd_moe.apps.bench import moe_bench
 
     t0 = time.perf_counter()
     res = moe_bench.run(args)
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace | None = None) -> int:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run")
+    p = argparse.ArgumentParser(prog="python -m spmd_moe.apps.bench.run")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None)
     p.add_argument("--full", action="store_true")

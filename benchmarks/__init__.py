@@ -1,1 +1,0 @@
-"""Benchmarks (outside the package; run from the repository root)."""

@@ -1,0 +1,39 @@
+"""`spmd-moe` command line: demo, bench, parity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="spmd-moe")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="the main job: the MoE on the embedded tiny model")
+    d.add_argument("--one-device", action="store_true", help="only the one-device debug-mode demo")
+    b = sub.add_parser("bench", help="benchmarks (spmd_moe/apps/bench)")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--plot", default=None)
+    b.add_argument("--full", action="store_true", help="GPU shapes (Qwen3-30B-A3B layer)")
+    pa = sub.add_parser("parity", help="trainer/generator parity figures")
+    pa.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.cmd == "demo":
+        from spmd_moe.apps.demo import run_demo
+
+        return int(run_demo(args))
+    if args.cmd == "bench":
+        from spmd_moe.apps.bench.run import main as bench_main
+
+        return int(bench_main(args))
+    if args.cmd == "parity":
+        from spmd_moe.apps.parity import main as parity_main
+
+        return int(parity_main(args))
+    print(json.dumps({"error": f"unknown command {args.cmd}"}), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
