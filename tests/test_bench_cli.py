@@ -26,7 +26,12 @@ def test_bench_json_cpu(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[bench" in proc.stderr  # progress goes to stderr, JSON alone to stdout
+    # Progress (spmd_moe.apps.progress, tqdm) goes to stderr, one line per step when
+    # stderr is not a terminal, then the summary; the JSON is alone on stdout.
+    n_steps = len(json.loads(proc.stdout)["shapes"]["tokens"]) + 2  # each T, overhead, plot
+    for i in range(1, n_steps + 1):
+        assert f"] {i}/{n_steps} " in proc.stderr, (i, proc.stderr[-2000:])
+    assert "[bench] done in " in proc.stderr and f"({n_steps}/{n_steps} step)" in proc.stderr
     res = json.loads(proc.stdout)
 
     assert res["machine"]["device"] == "cpu"
@@ -44,5 +49,10 @@ def test_bench_json_cpu(tmp_path: Path) -> None:
         # which may flip near-tied expert choices).
         assert r["rel_err_vs_titan"] < 0.5
     assert "overhead" in res and "targets" in res
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert png.stat().st_size > 1000
+    if importlib.util.find_spec("matplotlib") is not None:  # in the [dev] extra
+        assert res["plot"] == str(png)
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, data[:16]
+    else:
+        assert "not written" in res["plot"]
+        assert not png.exists()

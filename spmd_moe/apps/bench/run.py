@@ -31,20 +31,35 @@ def main(args: argparse.Namespace | None = None) -> int:
     if args is None:
         args = parse(sys.argv[1:])
     from spmd_moe.apps.bench import moe_bench
+    from spmd_moe.apps.progress import progress
 
-    t0 = time.perf_counter()
-    res = moe_bench.run(args)
-    moe_bench.log("overhead (debug off vs the bare layer) ...")
-    res["overhead"] = _overhead(args)
-    res["wall_s"] = time.perf_counter() - t0
     plot_path = getattr(args, "plot", None)
-    if plot_path:
+    n_tokens = len(moe_bench.planned_tokens(args))
+    with progress("bench", total=n_tokens + 1 + bool(plot_path), unit="step") as prog:
+        moe_bench.PROGRESS = prog
         try:
-            moe_bench.plot(res, plot_path)
-            res["plot"] = plot_path
-        except ImportError as e:
-            res["plot"] = f"not written: {e} (pip install matplotlib)"
-            moe_bench.log(str(res["plot"]))
+            t0 = time.perf_counter()
+            prog.status("MoE layer vs torchtitan, per token count ...")
+            res = moe_bench.run(args)
+            prog.status("overhead (debug off vs the bare layer) ...")
+            res["overhead"] = _overhead(args)
+            prog.step("overhead done")
+            res["wall_s"] = time.perf_counter() - t0
+            if plot_path:
+                try:
+                    moe_bench.plot(res, plot_path)
+                    res["plot"] = plot_path
+                except ImportError as e:
+                    res["plot"] = f"not written: {e} (pip install matplotlib)"
+                    moe_bench.log(str(res["plot"]))
+                prog.step(f"plot: {res['plot']}")
+        finally:
+            moe_bench.PROGRESS = None
+        for r in res["rows"]:
+            sp = r.get("speedup_fwd_vs_titan")
+            prog.record(f"T={r['T']}", f"spmd fwd {r['spmd_fwd_ms']:.3f} ms"
+                        + (f", {sp:.2f}x torchtitan" if sp is not None else ""))
+        prog.record("plot", res.get("plot", "not asked (--plot FILE.png)"))
     out_path = getattr(args, "out", None)
     text = json.dumps(res, indent=1, default=str)
     if out_path:
