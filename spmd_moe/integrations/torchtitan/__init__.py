@@ -46,17 +46,25 @@ import torch
 import torch.distributed as dist
 from jaxtyping import Float
 from torch import nn
+from torchtitan.models.common.linear import Linear as TitanLinear
+from torchtitan.models.common.moe import GroupedExperts as TitanGroupedExperts
 from torchtitan.models.common.moe import MoE as TitanMoE
+from torchtitan.models.common.moe import RoutedExperts as TitanRoutedExperts
+from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher, LocalTokenDispatcher
 from torchtitan.protocols.module import Module as TitanModule
 
 from spmd_moe.checkpoint import shard_state_dict
 from spmd_moe.config import DispatchKind, MoEConfig, PaddingPolicy
 from spmd_moe.errors import ConfigError, PaddingError
-from spmd_moe.moe import AnyLayout, Invariant, Layout, MoE, Replicated, Sequence
+from spmd_moe.experts import GroupedExperts, SharedExperts
+from spmd_moe.moe import AnyLayout, Invariant, Layout, MoE, Replicated, RoutedExperts, Sequence
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, as_inv, as_rep, as_var
+from spmd_moe.router import TopKRouter
 
-__all__ = ["SpmdMoE", "moe_config_from_torchtitan", "use_spmd_moe", "choose_layout", "collect_routes", "force_routes"]
+__all__ = [
+    "SpmdMoE", "moe_config_from_torchtitan", "use_spmd_moe", "choose_layout", "collect_routes", "force_routes",
+]
 
 _DTYPES: dict[str | None, torch.dtype | None] = {
     None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -77,6 +85,7 @@ def moe_config_from_torchtitan(
 ) -> MoEConfig:
     """spmd_moe's MoEConfig with the routing semantics of a torchtitan MoE.Config.
     ``padding`` has no default: say 'pad' or 'error' (the adapter passes TITAN_PADDING)."""
+    _refuse_converted(cfg)
     router = cfg.router
     inner = cfg.routed_experts.inner_experts
     if getattr(router.gate, "bias", False):
@@ -106,6 +115,50 @@ def moe_config_from_torchtitan(
         shared_hidden_dim=shared_hidden, expert_dtype=expert_dtype,
         dispatcher=dispatcher, padding=padding,
     )
+
+
+def sequence_parallel_of(cfg: Any) -> bool:
+    """Whether torchtitan's TP splits the tokens for this MoE config: its
+    ``sequence_parallel`` if set, else what torchtitan's own sharding config says (the
+    Trainer's update_from_config calls set_moe_sharding_config(enable_sp=...) before the
+    override swaps the config, and the override keeps it: the MoE input is
+    sequence-sharded exactly when SP is on), else torchtitan's default, True."""
+    if cfg.sequence_parallel is not None:
+        return bool(cfg.sequence_parallel)
+    sc = cfg.sharding_config
+    x_layout = (sc.in_src_shardings or {}).get("x_BLD") if sc is not None else None
+    if x_layout is None:
+        return True
+    from torchtitan.models.common.decoder_sharding import dense_sequence_parallel_placement
+
+    return bool(x_layout == dense_sequence_parallel_placement())
+
+
+def _refuse_converted(cfg: Any) -> None:
+    """spmd_moe runs its own gate, grouped GEMMs and token exchange: a torchtitan config
+    whose MoE parts were converted (float8 / MXFP8 / NVFP4 Linear or GroupedExperts,
+    LoRA, a padded or DeepEP/HybridEP token dispatcher) would be silently ignored, so it
+    is refused, naming the part and its config class."""
+    parts: list[tuple[str, Any, tuple[type, ...]]] = [
+        ("router.gate", cfg.router.gate, (TitanLinear.Config,)),
+        ("routed_experts", cfg.routed_experts, (TitanRoutedExperts.Config,)),
+        ("routed_experts.inner_experts", cfg.routed_experts.inner_experts, (TitanGroupedExperts.Config,)),
+        ("routed_experts.token_dispatcher", cfg.routed_experts.token_dispatcher,
+         (LocalTokenDispatcher.Config, AllToAllTokenDispatcher.Config)),
+    ]
+    if cfg.shared_experts is not None:
+        parts += [(f"shared_experts.{w}", getattr(cfg.shared_experts, w), (TitanLinear.Config,)) for w in ("w1", "w2", "w3")]
+    for where, part, allowed in parts:
+        if type(part) not in allowed:
+            raise ConfigError(
+                f"torchtitan MoE.Config.{where}: expected {' or '.join(a.__qualname__ for a in allowed)} "
+                f"(spmd_moe runs its own gate, bf16 grouped GEMMs and token exchange), got "
+                f"{type(part).__qualname__}, from a converter (float8/MX/NVFP4/LoRA) or a "
+                "moe_comm_backend other than 'standard'. spmd_moe would ignore it. Fix: leave the "
+                "MoE out of the converter (e.g. Float8LinearConverter filter_fqns=['moe'], no "
+                "grouped-experts converter) and use moe_comm_backend='standard', or train this "
+                "model with torchtitan's own MoE."
+            )
 
 
 def choose_layout(parallel_dims: Any, sequence_parallel: bool, shared_experts: bool) -> Layout:
@@ -159,6 +212,73 @@ def reshard(moe: MoE[Any], pctx: ParallelContext[EP], layout: Layout) -> None:
         moe.load_state_dict(shard_state_dict(full, moe.cfg, pctx), strict=True)
 
 
+class _MoEPart(TitanModule):  # type: ignore[misc]
+    """torchtitan's Module protocol for the parts of an SpmdMoE (router, gate, routed and
+    shared experts): ``model.verify_module_protocol()`` (run by torchtitan's Trainer)
+    requires every submodule to be a torchtitan Module. The parts are the core's own
+    classes underneath (the core does not import torchtitan); their SpmdMoE builds,
+    initializes and parallelizes them (its init_states / parallelize do not recurse), so
+    a direct call on a part is refused rather than half-done."""
+
+    def init_states(self, *, buffer_device: torch.device | None = None) -> None:
+        raise ConfigError(
+            f"{type(self).__name__}.init_states: expected the call on the SpmdMoE that owns "
+            "this part (it initializes router, experts and buffers together, in torchtitan's "
+            "order), got a direct call. Fix: call init_states on the model or the MoE layer."
+        )
+
+    def parallelize(self, parallel_dims: Any) -> None:
+        raise ConfigError(
+            f"{type(self).__name__}.parallelize: expected the call on the SpmdMoE that owns "
+            "this part (it shards the experts and picks the layout), got a direct call. Fix: "
+            "call parallelize(parallel_dims) on the model or the MoE layer."
+        )
+
+
+class SpmdTopKRouter(TopKRouter, _MoEPart):  # type: ignore[misc]
+    """spmd_moe's TopKRouter under torchtitan's Module protocol."""
+
+
+class SpmdLinear(nn.Linear, _MoEPart):  # type: ignore[misc]
+    """nn.Linear (the router gate, the shared experts' w1/w2/w3) under torchtitan's Module protocol."""
+
+
+class SpmdRoutedExperts(RoutedExperts, _MoEPart):  # type: ignore[misc]
+    """spmd_moe's RoutedExperts (torchtitan's key path) under torchtitan's Module protocol."""
+
+
+class SpmdGroupedExperts(GroupedExperts, _MoEPart):  # type: ignore[misc]
+    """spmd_moe's GroupedExperts under torchtitan's Module protocol."""
+
+
+class SpmdSharedExperts(SharedExperts, _MoEPart):  # type: ignore[misc]
+    """spmd_moe's SharedExperts under torchtitan's Module protocol."""
+
+
+# Core class -> its protocol subclass. The subclasses add no state (only methods and
+# torchtitan's class-level defaults), so a part's class is switched in place.
+_PARTS: dict[type, type] = {
+    TopKRouter: SpmdTopKRouter, nn.Linear: SpmdLinear, RoutedExperts: SpmdRoutedExperts,
+    GroupedExperts: SpmdGroupedExperts, SharedExperts: SpmdSharedExperts,
+}
+
+
+def _conform_parts(moe: nn.Module) -> None:
+    """Switch every submodule of moe to its torchtitan-protocol subclass (_PARTS)."""
+    for fqn, m in moe.named_modules():
+        if isinstance(m, TitanModule):
+            continue
+        part = _PARTS.get(type(m))
+        if part is None:
+            raise ConfigError(
+                f"SpmdMoE part '{fqn}' ({type(m).__qualname__}): expected one of "
+                f"{sorted(c.__qualname__ for c in _PARTS)} or a torchtitan Module (torchtitan's "
+                "Trainer rejects other submodules in verify_module_protocol), got a class the "
+                "adapter does not know. Fix: add it to spmd_moe.integrations.torchtitan._PARTS."
+            )
+        m.__class__ = part
+
+
 class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
     """spmd_moe.MoE built from a torchtitan Config, with torchtitan's Module protocol."""
 
@@ -169,7 +289,10 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         # 'auto': from ParallelDims in parallelize() (choose_layout); or 'invariant' /
         # 'sequence' / 'replicated' (Partial input gradient: not torchtitan's convention).
         layout: Literal["auto", "replicated", "invariant", "sequence"] = "auto"
-        sequence_parallel: bool = True  # torchtitan's ParallelismConfig default
+        # Whether torchtitan's TP splits the tokens (parallelism.enable_sequence_parallel).
+        # None: read it from the sharding_config torchtitan's update_from_config put on
+        # this MoE config (the Trainer path); True (torchtitan's default) when there is none.
+        sequence_parallel: bool | None = None
         dispatcher: Literal["auto", "all_to_all", "all_gather"] = "auto"
         # What to do with tokens that do not split over the EP ranks: 'pad' (the
         # adapter's stated policy, TITAN_PADDING: padding changes no result) or 'error'.
@@ -193,6 +316,7 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         )
         MoE.__init__(self, mcfg, None, layout="replicated", name="moe")
         self.titan_config = config
+        _conform_parts(self)
 
     def forward(self, x_BLD: Float[torch.Tensor, "*B D"]) -> Float[torch.Tensor, "*B D"]:  # type: ignore[override]
         """[B, L, D] -> [B, L, D] (or [T, D] -> [T, D]); this rank's tokens, as torchtitan
@@ -249,11 +373,12 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         c = self.titan_config
         layout: Layout
         if c.layout == "auto":
-            layout = choose_layout(parallel_dims, c.sequence_parallel, self.shared_experts is not None)
+            layout = choose_layout(parallel_dims, sequence_parallel_of(c), self.shared_experts is not None)
         else:
             layout = c.layout
         pctx = ParallelContext.from_parallel_dims(parallel_dims)
         reshard(self, pctx, layout)
+        _conform_parts(self)  # reshard built fresh core parts
         if pctx.size > 1 and int(parallel_dims.tp) > 1:
             # The gate sees this rank's tokens only, so its gradient is a summand over the
             # TP(=EP) group, which no data-parallel reduction covers: the layer states the
@@ -590,9 +715,3 @@ def parity_trainer_main(argv: list[str]) -> None:
         port = int(s.getsockname()[1])
     mp.start_processes(_parity_rank, args=(2, port, hf_dir, gen_path, out_path), nprocs=2, start_method="spawn")  # type: ignore[attr-defined,no-untyped-call]
 
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] == ["--parity"]:
-        parity_trainer_main(sys.argv[2:])
