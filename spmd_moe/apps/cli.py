@@ -1,4 +1,4 @@
-"""`spmd-moe` command line: demo, bench, parity."""
+"""`spmd-moe` command line: demo, bench, parity, check."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--full", action="store_true", help="GPU shapes (Qwen3-30B-A3B layer)")
     pa = sub.add_parser("parity", help="trainer/generator parity figures")
     pa.add_argument("--json", action="store_true")
+    from spmd_moe.apps.check_args import add_arguments as check_arguments
+
+    check_arguments(sub.add_parser("check", help="run your model in debug mode on gloo worlds of 2 and 4 CPU ranks over adversarial token counts (docs/check.md)"))
     args = p.parse_args(argv)
     if args.cmd == "demo":
         from spmd_moe.apps.demo import run_demo
@@ -31,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         from spmd_moe.apps.parity import main as parity_main
 
         return int(parity_main(args))
+    if args.cmd == "check":
+        from spmd_moe.apps.check import main as check_main
+
+        return int(check_main(args))
     print(json.dumps({"error": f"unknown command {args.cmd}"}), file=sys.stderr)
     return 2
 

@@ -1,0 +1,130 @@
+"""`spmd-moe check` factories for the project's own models (docs/check.md).
+
+    spmd-moe check spmd_moe.apps.check_factories:moe_replicated      # and the others below
+
+* ``moe_replicated`` / ``moe_invariant`` / ``moe_sequence``: ``spmd_moe.MoE`` in each
+  layout, shared experts on, aux-loss-free expert bias on, softmax routing.
+* ``moe_sequence_grouped``: sigmoid scores, group-limited routing (DeepSeek-V3 style),
+  route scale, no shared experts, the all-to-all dispatcher forced.
+* ``vllm_qwen3_moe_block``: the MoE block the vLLM plugin builds in every MoE decoder
+  layer of ``SpmdQwen3MoeForCausalLM`` (its config function ``moe_config_from_hf``, its
+  padding policy, layout 'replicated' on a group named 'tp', the meta -> to_empty ->
+  init_states path), with the hyperparameters of the project's tiny Qwen3-MoE
+  checkpoint. Only the block: the whole model needs a vLLM engine (attention, KV
+  cache, the scheduler), which a gloo check world does not have.
+* ``torchtitan_sequence_parallel`` / ``torchtitan_tensor_parallel``: the torchtitan
+  adapter's ``SpmdMoE`` built from torchtitan's own tiny Qwen3 MoE config
+  (``use_spmd_moe``), parallelized by its own ``parallelize`` (layout chosen by
+  ``choose_layout``: 'sequence' with sequence parallel, 'invariant' without), input
+  ``[1, T, D]`` as torchtitan hands it over. The ParallelDims given to ``parallelize``
+  is a stand-in with tp = ep = the world size whose 'ep' mesh returns the check's
+  group (torchtitan's real ParallelDims would build its own process groups).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spmd_moe.apps.check import CheckTarget
+from spmd_moe.config import MoEConfig
+from spmd_moe.moe import MoE
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import EP
+
+__all__ = [
+    "moe_replicated", "moe_invariant", "moe_sequence", "moe_sequence_grouped",
+    "vllm_qwen3_moe_block", "torchtitan_sequence_parallel", "torchtitan_tensor_parallel",
+]
+
+
+def _cfg(**over: Any) -> MoEConfig:
+    base: dict[str, Any] = dict(dim=16, hidden_dim=8, num_experts=8, top_k=2, padding="pad",
+                                shared_hidden_dim=8, load_balance_coeff=1e-3)
+    base.update(over)
+    return MoEConfig(**base)
+
+
+def moe_replicated(pctx: ParallelContext[EP]) -> MoE[Any]:
+    moe = MoE(_cfg(), pctx, layout="replicated")
+    moe.init_states(seed=0)
+    return moe
+
+
+def moe_invariant(pctx: ParallelContext[EP]) -> MoE[Any]:
+    moe = MoE(_cfg(), pctx, layout="invariant")
+    moe.init_states(seed=0)
+    return moe
+
+
+def moe_sequence(pctx: ParallelContext[EP]) -> MoE[Any]:
+    moe = MoE(_cfg(), pctx, layout="sequence")
+    moe.init_states(seed=0)
+    return moe
+
+
+def moe_sequence_grouped(pctx: ParallelContext[EP]) -> MoE[Any]:
+    cfg = _cfg(score_func="sigmoid", route_norm=True, route_scale=2.5, num_expert_groups=4,
+               num_limited_groups=2, shared_hidden_dim=None, dispatcher="all_to_all")
+    moe = MoE(cfg, pctx, layout="sequence")
+    moe.init_states(seed=0)
+    return moe
+
+
+def vllm_qwen3_moe_block(pctx: ParallelContext[EP]) -> MoE[Any]:
+    from transformers import Qwen3MoeConfig
+
+    from spmd_moe.apps.tiny_checkpoint import TinySpec
+    from spmd_moe.integrations.vllm.model import INIT_SEED, moe_config_from_hf
+
+    hf = Qwen3MoeConfig(**TinySpec().hf_config_kwargs())
+    cfg = moe_config_from_hf(hf, torch.float32)
+    tp = ParallelContext.from_group(pctx.group, "tp")  # the plugin's group is vLLM's TP group
+    moe = MoE(cfg, tp, layout="replicated", device="meta", name="model.layers.0.mlp")
+    moe.to_empty(device=torch.device("cpu"))
+    moe.init_states(seed=INIT_SEED)
+    return moe
+
+
+class _Mesh:
+    def __init__(self, group: Any) -> None:
+        self._group = group
+
+    def get_group(self) -> Any:
+        return self._group
+
+
+class _Dims:
+    """What SpmdMoE.parallelize reads of torchtitan's ParallelDims: TP2EP on the check's group."""
+
+    def __init__(self, pctx: ParallelContext[EP]) -> None:
+        self.tp = self.ep = pctx.size
+        self.ep_enabled = pctx.size > 1
+        self._mesh = _Mesh(pctx.group)
+
+    def get_optional_mesh(self, name: str) -> _Mesh | None:
+        return self._mesh if name == "ep" else None
+
+
+def _titan(pctx: ParallelContext[EP], sequence_parallel: bool) -> CheckTarget:
+    from spmd_moe.integrations.torchtitan import tiny_qwen3_moe_config, use_spmd_moe
+
+    cfg = use_spmd_moe(tiny_qwen3_moe_config(n_layers=1), sequence_parallel=sequence_parallel)
+    moe = cfg.layers[0].moe.build()
+    moe.init_states(seed=0)
+    moe.parallelize(_Dims(pctx))
+    dim = int(moe.cfg.dim)
+
+    def tokens_1TD(T: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randn(1, T, dim, generator=g, dtype=torch.float64).float()
+
+    return CheckTarget(moe, moe.layout, dim, make_input=tokens_1TD)
+
+
+def torchtitan_sequence_parallel(pctx: ParallelContext[EP]) -> CheckTarget:
+    return _titan(pctx, True)
+
+
+def torchtitan_tensor_parallel(pctx: ParallelContext[EP]) -> CheckTarget:
+    return _titan(pctx, False)
