@@ -1,0 +1,147 @@
+"""Triton kernels of spmd_moe.kernels.decode (imported only when Triton is present)."""
+
+# mypy: disable-error-code="no-untyped-def, misc, untyped-decorator, unused-ignore"
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rn_bf16(v):
+    """v rounded to bf16 (nearest even), kept in fp32. By hand because Triton's
+    interpreter truncates in .to(tl.bfloat16); on the GPU this equals that cast."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+@triton.jit
+def route_kernel(
+    x_ptr, w_ptr, bias_ptr, ids_ptr, wts_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
+    T, D, E, route_scale,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+):
+    t = tl.program_id(0)
+    e_off = tl.arange(0, BLOCK_E)
+    in_e = e_off < E
+    logits = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_off = d0 + tl.arange(0, BLOCK_D)
+        in_d = d_off < D
+        xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e_off[:, None] * D + d_off[None, :], mask=in_e[:, None] & in_d[None, :], other=0.0)
+        logits += tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
+    if SIGMOID:
+        scores = tl.sigmoid(logits)
+    else:
+        mx = tl.max(tl.where(in_e, logits, float("-inf")), axis=0)
+        p = tl.where(in_e, tl.exp(logits - mx), 0.0)
+        scores = p / tl.sum(p, axis=0)
+    choice = scores
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + e_off, mask=in_e, other=0.0).to(tl.float32)
+    k_off = tl.arange(0, BLOCK_K)
+    ids = k_off + BLOCK_E  # lanes past K sort last
+    wts = tl.zeros([BLOCK_K], dtype=tl.float32)
+    taken = e_off >= E
+    for k in tl.static_range(K):
+        c = tl.where(taken, float("-inf"), choice)
+        best = tl.max(c, axis=0)
+        idx = tl.min(tl.where((c == best) & ~taken, e_off, BLOCK_E), axis=0)
+        # NaN scores match nothing: take the first free expert (distinct ids always).
+        idx = tl.where(idx < BLOCK_E, idx, tl.min(tl.where(taken, BLOCK_E, e_off), axis=0))
+        ids = tl.where(k_off == k, idx, ids)
+        wts = tl.where(k_off == k, tl.sum(tl.where(e_off == idx, scores, 0.0), axis=0), wts)
+        taken = taken | (e_off == idx)
+    if NORM:
+        wts = wts / (tl.sum(wts, axis=0) + 1e-20)
+    wts = wts * route_scale
+    # Ascending expert id inside the token: the combine's summation order.
+    rank = tl.sum((ids[None, :] < ids[:, None]).to(tl.int32), axis=1)
+    valid = k_off < K
+    tl.store(ids_ptr + t * K + rank, ids, mask=valid)
+    tl.store(wts_ptr + t * K + rank, wts, mask=valid)
+    for k in tl.static_range(K):
+        e = tl.sum(tl.where(k_off == k, ids, 0), axis=0)
+        r = tl.sum(tl.where(k_off == k, rank, 0), axis=0)
+        pos = tl.atomic_add(count_ptr + e, 1)
+        tl.store(slot_ptr + e.to(tl.int64) * T + pos, t * K + r)
+        if pos == 0:
+            u = tl.atomic_add(nuniq_ptr, 1)
+            tl.store(uniq_ptr + u, e)
+
+@triton.jit
+def up_kernel(
+    x_ptr, w1_ptr, w3_ptr, h_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
+    T, D, F,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    u = tl.program_id(0)
+    if u < tl.load(nuniq_ptr):
+        e = tl.load(uniq_ptr + u).to(tl.int64)
+        n = tl.load(count_ptr + e)
+        m_off = tl.arange(0, BLOCK_M)
+        in_m = m_off < n
+        slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+        tok = slots // K
+        f_off = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        in_f = f_off < F
+        acc1 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+        w_base = e * F * D
+        for d0 in range(0, D, BLOCK_D):
+            d_off = d0 + tl.arange(0, BLOCK_D)
+            in_d = d_off < D
+            xt = tl.load(x_ptr + tok[:, None] * D + d_off[None, :], mask=in_m[:, None] & in_d[None, :], other=0.0)
+            wmask = in_f[:, None] & in_d[None, :]
+            w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
+            w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
+            acc1 = tl.dot(xt, tl.trans(w1t), acc1)
+            acc3 = tl.dot(xt, tl.trans(w3t), acc3)
+        # As torch: bf16 GEMM outputs, silu rounded to bf16, the product rounded.
+        a = rn_bf16(acc1)
+        b = rn_bf16(acc3)
+        h = rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b)
+        tl.store(h_ptr + slots[:, None] * F + f_off[None, :], h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & in_f[None, :])
+
+@triton.jit
+def down_kernel(
+    h_ptr, w2_ptr, y_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
+    T, D, F,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    u = tl.program_id(0)
+    if u < tl.load(nuniq_ptr):
+        e = tl.load(uniq_ptr + u).to(tl.int64)
+        n = tl.load(count_ptr + e)
+        m_off = tl.arange(0, BLOCK_M)
+        in_m = m_off < n
+        slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+        n_off = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = n_off < D
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        w_base = e * D * F
+        for f0 in range(0, F, BLOCK_F):
+            f_off = f0 + tl.arange(0, BLOCK_F)
+            in_f = f_off < F
+            ht = tl.load(h_ptr + slots[:, None] * F + f_off[None, :], mask=in_m[:, None] & in_f[None, :], other=0.0)
+            w2t = tl.load(w2_ptr + w_base + n_off[:, None] * F + f_off[None, :], mask=in_n[:, None] & in_f[None, :], other=0.0)
+            acc = tl.dot(ht, tl.trans(w2t), acc)
+        y = rn_bf16(acc).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + slots[:, None] * D + n_off[None, :], y, mask=in_m[:, None] & in_n[None, :])
+
+@triton.jit
+def combine_kernel(
+    out_ptr, y_ptr, wts_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # spmd_moe.moe's _weighted_sum: each weighted term and each add rounded to bf16,
+    # ascending k (= ascending expert id).
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_d = offs < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(K):
+        w = tl.load(wts_ptr + t * K + k)
+        term = rn_bf16(tl.load(y_ptr + (t * K + k) * D + offs, mask=in_d, other=0.0).to(tl.float32) * w)
+        acc = rn_bf16(acc + term)  # k = 0: 0 + term = term, already rounded
+    tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=in_d)

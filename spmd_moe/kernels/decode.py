@@ -1,0 +1,141 @@
+"""Fused decode path for one GPU: router, expert SwiGLU and combine in five kernels.
+
+For T <= MAX_T tokens on CUDA (inference, bf16 experts, one rank) the routed part of
+the layer is
+
+    zero the plan     count_E, n_uniq            (one memset)
+    route + plan      gate GEMV (fp32), score function, top-k, renorm and scale, the K
+                      ids of each token sorted ascending (the combine order of
+                      spmd_moe.moe), and a plan: for each touched expert the slots it
+                      serves (atomics: slot order inside an expert is arbitrary, which
+                      does not change any row's arithmetic)
+    up                per (touched expert, F block): x rows @ w1/w3 blocks, SwiGLU
+    down              per (touched expert, D block): h rows @ w2 block
+    combine           weights and the ordered sum (as spmd_moe._fused_combine)
+
+Each weight byte of a touched expert is read once per call (the GEMV split over F and D
+blocks across all SMs), no [T, K, D] fp32 temporaries, no host sync, so the whole thing
+is capturable in a CUDA graph. Rounding follows the torch path (bf16 GEMM outputs, bf16
+SwiGLU, bf16 combine), but the GEMMs' K order differs from cuBLAS: results agree with the
+reference path to bf16 tolerance, not bitwise (tests/test_decode_kernels.py).
+
+Not used for: autograd, debug mode, batch-invariant mode, more than one rank, forced or
+recorded routes, group-limited routing, MoEConfig.kernels == "torchtitan".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MAX_T = 64  # one M tile covers an expert's rows: a token picks an expert at most once
+
+# Tile sizes: F block of the up kernel and its D step; D block of the down kernel and its
+# F step. Small output blocks spread one expert's weights over many SMs (the GEMV
+# regime); measured on one H200 by spmd_moe.apps.bench.decode --sweep.
+TILES = {"up_f": 32, "up_d": 128, "down_n": 32, "down_f": 128, "warps": 4, "stages": 3}
+
+_kernels: dict[str, Any] | None = None
+_tried = False
+
+
+def _build() -> dict[str, Any] | None:
+    global _kernels, _tried
+    if _tried:
+        return _kernels
+    _tried = True
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+
+    from spmd_moe.kernels import _decode_triton as k
+
+    _kernels = {"route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel, "combine": k.combine_kernel}
+    return _kernels
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def usable(x_TD: torch.Tensor, w1_EFD: torch.Tensor) -> bool:
+    """CUDA (or Triton's interpreter), bf16 input and experts, T <= MAX_T, no autograd."""
+    if x_TD.device.type == "cuda":
+        if x_TD.dtype != torch.bfloat16 or w1_EFD.dtype != torch.bfloat16:
+            return False
+    elif not (_interpreting() and x_TD.dtype == w1_EFD.dtype == torch.float32):
+        return False
+    if not 0 < x_TD.shape[0] <= MAX_T or x_TD.shape[-1] % 16 or w1_EFD.shape[1] % 16:
+        return False
+    if torch.is_grad_enabled() and (x_TD.requires_grad or w1_EFD.requires_grad):
+        return False
+    return _build() is not None
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter (tests): it cannot load bf16, so the tests feed fp32
+    tensors holding bf16 values; the kernels round to bf16 where the GPU path does."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def routed_decode(
+    x_TD: torch.Tensor,
+    gate_w_ED: torch.Tensor,
+    expert_bias_E: torch.Tensor | None,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    *,
+    top_k: int,
+    score_func: str,
+    route_norm: bool,
+    route_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_TD, counts_E): the routed experts' weighted sum for every token, and the
+    number of tokens each expert received (for the load-balance counter)."""
+    ks = _build()
+    assert ks is not None, "call usable() first"
+    T, D = x_TD.shape
+    E, F, _ = w1_EFD.shape
+    K = top_k
+    dev = x_TD.device
+    x_TD = x_TD.contiguous()
+    plan_i32 = torch.zeros(E + 1, dtype=torch.int32, device=dev)  # count_E, then n_uniq
+    count_E, nuniq = plan_i32[:E], plan_i32[E:]
+    uniq_U = torch.empty(E, dtype=torch.int32, device=dev)
+    slot_ET = torch.empty(E, T, dtype=torch.int32, device=dev)
+    ids_TK = torch.empty(T, K, dtype=torch.int32, device=dev)
+    wts_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
+    h_NF = torch.empty(T * K, F, dtype=x_TD.dtype, device=dev)
+    y_ND = torch.empty(T * K, D, dtype=x_TD.dtype, device=dev)
+    bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
+    ks["route"][(T,)](
+        x_TD, gate_w_ED.contiguous(), bias, ids_TK, wts_TK, count_E, nuniq, uniq_U, slot_ET,
+        T, D, E, float(route_scale),
+        K=K, BLOCK_K=_pow2(K), BLOCK_E=max(16, _pow2(E)), BLOCK_D=max(16, min(64, 8192 // max(16, _pow2(E)))),
+        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm,
+    )
+    bm = max(16, _pow2(T))
+    u_max = min(T * K, E)
+    tl_ = TILES
+    launch = {"num_warps": tl_["warps"], "num_stages": tl_["stages"]}
+    ks["up"][(u_max, triton_cdiv(F, tl_["up_f"]))](
+        x_TD, w1_EFD, w3_EFD, h_NF, count_E, nuniq, uniq_U, slot_ET, T, D, F,
+        K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], **launch,
+    )
+    ks["down"][(u_max, triton_cdiv(D, tl_["down_n"]))](
+        h_NF, w2_EDF, y_ND, count_E, nuniq, uniq_U, slot_ET, T, D, F,
+        BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], **launch,
+    )
+    out_TD = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
+    block = 1024 if D >= 1024 else max(16, _pow2(D))
+    ks["combine"][(T, triton_cdiv(D, block))](out_TD, y_ND, wts_TK, D, K=K, BLOCK_D=block)
+    return out_TD, count_E
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
