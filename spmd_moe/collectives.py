@@ -2,9 +2,11 @@
 
 Each function's signature is its placement transition (``all_gather: Placed[Var[A]] -> Placed[Rep[A]]``), so a
 missing or wrong collective is a mypy error. With autograd on they go through
-spmd_types' differentiable collectives (which also track placements in debug mode);
-with autograd off (torch.no_grad / inference_mode, as vLLM runs) they call
-torch.distributed directly. On an axis of size 1 each is the identity.
+spmd_types' differentiable collectives on ``pctx.group`` (which also track placements in
+debug mode); with autograd off (torch.no_grad / inference_mode, as vLLM runs) and debug
+off they call the context's communicator ``pctx.comm`` (spmd_moe.comm: torch.distributed
+by default, vLLM's device communicator inside vLLM, functional collectives on a
+DeviceMesh), which only moves bytes. On an axis of size 1 each is the identity.
 
 Tokens are split over the axis in equal contiguous chunks (S(0)), so all_gather
 concatenates and reduce_scatter splits along dim 0.
@@ -16,9 +18,9 @@ from typing import Any
 
 import spmd_types as spmd
 import torch
-import torch.distributed as dist
 import typing_rules
 
+from spmd_moe.comm import Comm
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import A, Inv, Par, Placed, Rep, Var
 from spmd_moe.checking import check_placement
@@ -59,9 +61,7 @@ def all_gather(x_TD: Placed[Var[A]], pctx: ParallelContext[A]) -> Placed[Rep[A]]
         _check_in("all_gather", x_TD, pctx)
         out: Placed[Rep[A]] = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R)
         return out
-    buf = x_TD.new_empty((pctx.size * x_TD.shape[0], *x_TD.shape[1:]))
-    dist.all_gather_into_tensor(buf, x_TD.contiguous(), group=pctx.group)
-    return buf  # type: ignore[return-value]
+    return pctx.backend.all_gather(x_TD.contiguous())  # type: ignore[return-value]
 
 
 def reduce_scatter(x_TD: Placed[Par[A]], pctx: ParallelContext[A]) -> Placed[Var[A]]:
@@ -72,22 +72,20 @@ def reduce_scatter(x_TD: Placed[Par[A]], pctx: ParallelContext[A]) -> Placed[Var
         _check_in("reduce_scatter", x_TD, pctx)
         out: Placed[Var[A]] = spmd.reduce_scatter(x_TD, pctx.group, src=spmd.P, dst=S0)
         return out
-    buf = x_TD.new_empty((x_TD.shape[0] // pctx.size, *x_TD.shape[1:]))
-    dist.reduce_scatter_tensor(buf, x_TD.contiguous(), group=pctx.group)
-    return buf  # type: ignore[return-value]
+    return pctx.backend.reduce_scatter(x_TD.contiguous())  # type: ignore[return-value]
 
 
-def all_reduce(x: Placed[Par[A]], pctx: ParallelContext[A]) -> Placed[Rep[A]]:
-    """P -> R: sum over ranks."""
+def all_reduce(x: Placed[Par[A]], pctx: ParallelContext[A], *, donate: bool = False) -> Placed[Rep[A]]:
+    """P -> R: sum over ranks. ``donate``: the caller gives up ``x`` (a buffer it made),
+    so the communicator may reduce in place instead of on a copy."""
     if pctx.size == 1:
         return x  # type: ignore[return-value]
     if _autograd(x) or spmd.is_type_checking():
         _check_in("all_reduce", x, pctx)
         out: Placed[Rep[A]] = spmd.all_reduce(x, pctx.group, src=spmd.P, dst=spmd.R)
         return out
-    y = x.clone()
-    dist.all_reduce(y, group=pctx.group)
-    return y  # type: ignore[return-value]
+    own = x if donate and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+    return pctx.backend.all_reduce(own)  # type: ignore[return-value]
 
 
 class _AllToAllSingle(torch.autograd.Function):
@@ -95,19 +93,13 @@ class _AllToAllSingle(torch.autograd.Function):
     the backward is the mirror exchange."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
-        ctx.group, ctx.in_splits, ctx.out_splits = group, in_splits, out_splits
-        return _a2a_raw(x, group, in_splits, out_splits)
+    def forward(ctx: Any, x: torch.Tensor, comm: Comm, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+        ctx.comm, ctx.in_splits, ctx.out_splits = comm, in_splits, out_splits
+        return comm.all_to_all(x.contiguous(), in_splits, out_splits)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return _a2a_raw(grad, ctx.group, ctx.out_splits, ctx.in_splits), None, None, None
-
-
-def _a2a_raw(x: torch.Tensor, group: Any, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
-    buf = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(buf, x.contiguous(), out_splits, in_splits, group=group)
-    return buf
+        return ctx.comm.all_to_all(grad.contiguous(), ctx.out_splits, ctx.in_splits), None, None, None
 
 
 def all_to_all(x_ND: Placed[Var[A]], pctx: ParallelContext[A], in_splits: list[int], out_splits: list[int]) -> Placed[Var[A]]:
@@ -115,14 +107,14 @@ def all_to_all(x_ND: Placed[Var[A]], pctx: ParallelContext[A], in_splits: list[i
     if pctx.size == 1:
         return x_ND
     if not _autograd(x_ND):
-        return _a2a_raw(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[return-value]
+        return pctx.backend.all_to_all(x_ND.contiguous(), in_splits, out_splits)  # type: ignore[return-value]
     if spmd.is_type_checking():
         _check_in("all_to_all", x_ND, pctx)
         with spmd.no_typecheck():
-            out = _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-untyped-call]
+            out = _AllToAllSingle.apply(x_ND, pctx.backend, in_splits, out_splits)  # type: ignore[no-untyped-call]
         spmd.assert_type(out, {pctx.group: spmd.V})
         return out  # type: ignore[no-any-return]
-    return _AllToAllSingle.apply(x_ND, pctx.group, in_splits, out_splits)  # type: ignore[no-any-return, no-untyped-call]
+    return _AllToAllSingle.apply(x_ND, pctx.backend, in_splits, out_splits)  # type: ignore[no-any-return, no-untyped-call]
 
 
 def partial_from_shards(x: Placed[Var[A]], pctx: ParallelContext[A]) -> Placed[Par[A]]:

@@ -38,6 +38,7 @@ from spmd_moe import _debug
 from spmd_moe import _fused_combine as _fc
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
+from spmd_moe import replicated_decode as _rd
 from spmd_moe.checking import checked, kernels_agree, tracked_region, untracked
 from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, Dispatcher, LocalDispatcher
@@ -289,6 +290,8 @@ class MoE(nn.Module, Generic[L]):
 
     @checked
     def forward_replicated(self, x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Rep[EP]], "T D"]:
+        if _rd.applies(self, x_TD.shape[0]):  # inference decode: one all-reduce (bitwise the same)
+            return _rd.forward(self, x_TD)
         split = self.tokens.split(x_TD)
         y_TD = self._routed(split.x_TD, split.num_pad, decode=split.decode)
         if self.shared_experts is not None:

@@ -7,12 +7,13 @@ every collective is the identity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, overload
 
 import torch
 import torch.distributed as dist
 
+from spmd_moe.comm import Comm, MeshComm, TorchComm
 from spmd_moe.errors import ConfigError, DistributedError
 from spmd_moe.placement import EP, A, Axis
 
@@ -21,19 +22,49 @@ from spmd_moe.placement import EP, A, Axis
 class ParallelContext(Generic[A]):
     """A process group playing the role of mesh axis ``A`` (``ParallelContext[EP]`` is
     the layer's expert axis). ``name`` is the group's name in messages ('tp' in vLLM);
-    ``axis`` is the role the static types name (``EP``, ``DP`` or your own ``Axis``)."""
+    ``axis`` is the role the static types name (``EP``, ``DP`` or your own ``Axis``).
+
+    ``comm`` moves the collectives' bytes (see spmd_moe.comm): torch.distributed on
+    ``group`` unless told otherwise (vLLM's communicator, a DeviceMesh). ``group`` is
+    still what spmd_types tracks placements on (debug mode, autograd collectives) and
+    what metadata checks use, so placements and checks do not depend on the backend."""
 
     group: dist.ProcessGroup | None = None
     name: str = "ep"
     axis: type[Axis] = field(default=EP)
+    comm: Comm | None = None
+    _size: int = field(default=1, init=False, repr=False)
+    _rank: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Size and rank of a group never change: read once (a forward reads them often).
+        if self.group is not None:
+            object.__setattr__(self, "_size", dist.get_world_size(self.group))
+            object.__setattr__(self, "_rank", dist.get_rank(self.group))
+            if self.comm is None:
+                object.__setattr__(self, "comm", TorchComm(self.group))
 
     @property
     def size(self) -> int:
-        return 1 if self.group is None else dist.get_world_size(self.group)
+        return self._size
 
     @property
     def rank(self) -> int:
-        return 0 if self.group is None else dist.get_rank(self.group)
+        return self._rank
+
+    @property
+    def backend(self) -> Comm:
+        """The communicator (only meaningful on an axis of size > 1)."""
+        if self.comm is None:
+            raise DistributedError(
+                f"axis '{self.name}': expected a process group for a collective, got none "
+                "(one device). Fix: build the context with ParallelContext.from_group(group)."
+            )
+        return self.comm
+
+    def with_comm(self, comm: Comm) -> ParallelContext[A]:
+        """The same axis, its collectives moved by ``comm`` (whose group must be this one's)."""
+        return replace(self, comm=comm)
 
     # ------------------------------------------------------------ constructors
     @staticmethod
@@ -43,28 +74,36 @@ class ParallelContext(Generic[A]):
 
     @overload
     @staticmethod
-    def from_group(group: dist.ProcessGroup | None, name: str = "tp") -> ParallelContext[EP]: ...
+    def from_group(group: dist.ProcessGroup | None, name: str = "tp", *, comm: Comm | None = None) -> ParallelContext[EP]: ...
 
     @overload
     @staticmethod
-    def from_group(group: dist.ProcessGroup | None, name: str = "tp", *, axis: type[A]) -> ParallelContext[A]: ...
+    def from_group(
+        group: dist.ProcessGroup | None, name: str = "tp", *, axis: type[A], comm: Comm | None = None
+    ) -> ParallelContext[A]: ...
 
     @staticmethod
-    def from_group(group: dist.ProcessGroup | None, name: str = "tp", *, axis: type[Axis] = EP) -> ParallelContext[Any]:
+    def from_group(
+        group: dist.ProcessGroup | None, name: str = "tp", *, axis: type[Axis] = EP, comm: Comm | None = None
+    ) -> ParallelContext[Any]:
         """From a ProcessGroup (vLLM's TP group is one: ``get_tp_group().device_group``);
-        ``axis`` is the role it plays (default: the expert axis)."""
-        return ParallelContext[Any](group, name, axis)
+        ``axis`` is the role it plays (default: the expert axis); ``comm`` the backend
+        that moves the bytes (default: torch.distributed on ``group``)."""
+        return ParallelContext[Any](group, name, axis, comm)
 
     @staticmethod
-    def from_mesh(mesh: Any, dim: str) -> ParallelContext[EP]:
-        """From a torch DeviceMesh and the name of its expert-axis dim."""
+    def from_mesh(mesh: Any, dim: str, *, functional: bool = True) -> ParallelContext[EP]:
+        """From a torch DeviceMesh and the name of its expert-axis dim. ``functional``:
+        collectives through torch's functional collectives on the mesh (MeshComm);
+        False: plain torch.distributed on the dim's group."""
         names = getattr(mesh, "mesh_dim_names", None) or ()
         if dim not in names:
             raise ConfigError(
                 f"DeviceMesh: expected a dim named '{dim}', got dims {tuple(names)}. "
                 f"Fix: build the mesh with mesh_dim_names containing '{dim}'."
             )
-        return ParallelContext[EP](mesh.get_group(dim), dim, EP)
+        group = mesh.get_group(dim)
+        return ParallelContext[EP](group, dim, EP, MeshComm(mesh, dim) if functional else None)
 
     @staticmethod
     def from_parallel_dims(parallel_dims: Any) -> ParallelContext[EP]:
@@ -76,7 +115,9 @@ class ParallelContext(Generic[A]):
                     "ParallelDims: ep_enabled but no 'ep' mesh was built. "
                     "Fix: call parallel_dims.build_mesh() before parallelize()."
                 )
-            return ParallelContext[EP](mesh.get_group(), "ep", EP)
+            names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+            comm = MeshComm(mesh, names[0]) if len(names) == 1 else None
+            return ParallelContext[EP](mesh.get_group(), "ep", EP, comm)
         return ParallelContext.single()
 
     # ------------------------------------------------------------ expert sharding

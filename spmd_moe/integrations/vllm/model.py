@@ -43,6 +43,7 @@ from spmd_moe import _debug
 from spmd_moe.config import MoEConfig, PaddingPolicy
 from spmd_moe.errors import CheckpointError, ConfigError
 from spmd_moe.integrations.vllm import weights as W
+from spmd_moe.integrations.vllm.comm import vllm_tp_context
 from spmd_moe.moe import MoE, Replicated
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, as_rep
@@ -227,7 +228,8 @@ class SpmdQwen3MoeForCausalLM(nn.Module):
                 "(fp32/bf16/fp16) checkpoint; spmd_moe experts run plain grouped GEMMs."
             )
         self.config = hf
-        self.pctx = ParallelContext.from_group(get_tp_group().device_group, name="tp")
+        # EP = TP on vLLM's TP group; the bytes ride vLLM's own communicator (VllmComm).
+        self.pctx = vllm_tp_context(get_tp_group())
         device = torch.device(vllm_config.device_config.device)
         mp = f"{prefix}.model" if prefix else "model"
         self.model = _Qwen3MoeModel(hf, vllm_config, mp, self.pctx, device)

@@ -1,0 +1,142 @@
+"""Layout 'replicated' without autograd (vLLM's decode): one all-reduce per layer.
+
+Every rank already holds every token (Rep). Instead of splitting them (R -> V),
+all-gathering the rows and expert ids back (V -> R), reduce-scattering the per-slot
+outputs (P -> V) and all-gathering the layer's output (V -> R) -- four collectives --
+every rank routes every token, runs its own experts on the slots that chose them,
+weights each slot, and one all-reduce (P -> R) sums the weighted slots (each has exactly
+one owner; the others add exact zeros) together with the shared experts' partial sums.
+Each rank then adds up the K terms of every token in ascending expert order.
+
+Bits: the router runs once per rank chunk (the GEMM shapes of the split path), the
+expert GEMMs see the rows of the all-gather dispatcher in its order, each term is the
+same fp32-weighted product rounded the same way, and the sum over k runs in the same
+order: the output equals the split path's (AllGatherDispatcher) bit for bit. The shared
+experts' partial sums are added by the all-reduce rather than a reduce-scatter: the
+same two-term sum at n = 2; at n > 2 the backend's all-reduce order (tested at 4 gloo
+ranks).
+
+No host sync: the sizes are host integers known from T and n, the counts are a
+scatter_add, and the only collective is the communicator's all-reduce (vLLM's
+shared-memory one on CPU, its capturable pynccl / custom all-reduce on CUDA).
+
+Used when MoEConfig.dispatcher is 'auto', layout 'replicated'/'invariant', n > 1,
+autograd off, debug off (debug mode runs the checked split path, which this equals),
+no forced routes, and T/n within decode_max_tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+
+from spmd_moe import _debug
+from spmd_moe import batch_invariant as _bi
+from spmd_moe import collectives as C
+from spmd_moe.dispatch.base import count_ids
+from spmd_moe.placement import EP, Par, Placed, Rep, Var
+
+if TYPE_CHECKING:
+    from spmd_moe.moe import MoE
+
+
+def applies(moe: MoE[Any], T: int) -> bool:
+    """Whether the replicated all-reduce path runs for a [T, D] replicated input."""
+    n = moe.pctx.size
+    if n == 1 or T == 0 or moe.cfg.dispatcher != "auto" or _debug._enabled:
+        return False
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return False
+    if moe.forced_routes_TK is not None:
+        return False
+    if _bi._enabled and n > 2 and moe.shared_experts is not None:
+        return False  # the shared experts' sum must be rank-ordered there
+    return -(-T // n) <= moe.cfg.decode_max_tokens
+
+
+def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Rep[EP]], "T D"]:
+    """The layer on replicated tokens, one all-reduce (see the module docstring)."""
+    pctx, cfg, tok = moe.pctx, moe.cfg, moe.tokens
+    n, r = pctx.size, pctx.rank
+    T, D = x_TD.shape
+    K, E = cfg.top_k, cfg.num_experts
+    T_pad = -(-T // n) * n
+    T_loc = T_pad // n
+    if not tok.peers_checked:
+        tok.check_peers(T)  # first call only, as the decode path (one host sync)
+    x_all_TD = x_TD
+    if T_pad > T:
+        tok.require_padding(f"token count T={T}", f"remainder {T % n}", T_pad)
+        x_all_TD = F.pad(x_TD, (0, 0, 0, T_pad - T))  # zero rows appended: still Rep
+    # Every rank routes every token; it keeps the rows of its own experts (R -> V).
+    xv_TD: Placed[Var[EP]] = C.rank_view(x_all_TD, pctx)
+    bias_E = moe._expert_bias()
+    if _bi._enabled:  # the router is row-wise there: one call gives the chunks' bits
+        weights_TK, ids_TK, _ = moe.router(xv_TD, bias_E)
+    else:  # one call per rank chunk: the split path's GEMM shapes, so its bits
+        parts = [moe.router(xv_TD[q * T_loc : (q + 1) * T_loc], bias_E) for q in range(n)]
+        weights_TK = torch.cat([p[0] for p in parts]) if n > 1 else parts[0][0]
+        ids_TK = torch.cat([p[1] for p in parts]) if n > 1 else parts[0][1]
+    if T_pad > T:  # pad tokens get expert id E: never local, never counted
+        pad_TK = torch.arange(T_pad, device=x_TD.device).unsqueeze(1) >= T
+        ids_TK = torch.where(pad_TK, E, ids_TK)
+    ids_TK, k_order_TK = ids_TK.sort(dim=-1)  # ascending expert id: the sum's order
+    weights_TK = weights_TK.gather(-1, k_order_TK)
+    mine = slice(r * T_loc, (r + 1) * T_loc)  # this rank's chunk: what the split path counts
+    if moe.record_routes:
+        moe.recorded_routes.append(ids_TK[mine][: max(0, min(T_loc, T - r * T_loc))].detach().clone())
+    # The all-gather dispatcher's rows in its order: local experts' slots first.
+    ex = moe.experts
+    e, start = ex.num_local_experts, ex.expert_start
+    local_TK = ids_TK - start
+    key_N = torch.where((local_TK >= 0) & (local_TK < e), local_TK, e).reshape(-1)
+    order_N = torch.argsort(key_N, stable=True)
+    counts_e = count_ids(key_N, e + 1)[:e]
+    out_RD = ex(xv_TD[order_N // K], counts_e, rows_exact=False)  # rows past the counts: zeros
+    slots_TKD = torch.empty_like(out_RD).index_copy_(0, order_N, out_RD).view(T_pad, K, D)
+    terms_TKD = weighted_terms(slots_TKD, weights_TK)  # other ranks' slots: exact zeros
+    moe._count(ids_TK[mine])
+    y_TD: Placed[Rep[EP]]
+    if moe.shared_experts is not None:
+        shared_TD: Placed[Par[EP]] = moe.shared_experts(x_all_TD)
+        if shared_TD.dtype == terms_TKD.dtype:
+            # One all-reduce for both: the K weighted slots and the shared partial sum.
+            both_TKD = torch.cat([C.partial_from_shards(terms_TKD, pctx), shared_TD.unsqueeze(1)], dim=1)
+            summed_TKD = C.all_reduce(both_TKD, pctx, donate=True)
+            y_TD = sum_terms(summed_TKD[:, :K]) + summed_TKD[:, K]
+        else:
+            summed_TKD = C.all_reduce(C.partial_from_shards(terms_TKD, pctx), pctx, donate=True)
+            y_TD = sum_terms(summed_TKD) + C.all_reduce(shared_TD, pctx, donate=True)
+    else:
+        y_TD = sum_terms(C.all_reduce(C.partial_from_shards(terms_TKD, pctx), pctx, donate=True))
+    return y_TD[:T] if T_pad > T else y_TD
+
+
+def weighted_terms(
+    slots_TKD: Float[Placed[Var[EP]], "T K D"], weights_TK: Float[Placed[Var[EP]], "T K"]
+) -> Float[Placed[Var[EP]], "T K D"]:
+    """w[t,k] * slot[t,k] weighted in fp32 and rounded to the slot dtype per term: the
+    terms of spmd_moe.moe._weighted_sum (elementwise, so the bits do not depend on the
+    batch; a test holds the two paths bitwise equal)."""
+    w_TK1 = weights_TK.float().unsqueeze(-1)
+    if slots_TKD.dtype in (torch.bfloat16, torch.float16):
+        # bf16 * fp32 promotes to fp32: the same fp32 products, with no fp32 copy of the
+        # slots; without autograd, one kernel that also rounds on store.
+        if torch.is_grad_enabled() and (slots_TKD.requires_grad or w_TK1.requires_grad):
+            return (slots_TKD * w_TK1).to(slots_TKD.dtype)
+        return torch.mul(slots_TKD, w_TK1, out=torch.empty_like(slots_TKD))
+    return (slots_TKD.float() * w_TK1).to(slots_TKD.dtype)
+
+
+def sum_terms(terms_TKD: Float[Placed[Rep[EP]], "T K D"]) -> Float[Placed[Rep[EP]], "T D"]:
+    """The sum over k in ascending k (= ascending expert id), one add at a time: the
+    order of spmd_moe.moe._weighted_sum."""
+    terms = terms_TKD.unbind(1)
+    acc_TD = terms[0]
+    for term_TD in terms[1:]:
+        acc_TD = acc_TD + term_TD
+    return acc_TD
+
