@@ -34,8 +34,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from spmd_moe.apps.progress import Progress, progress
 from spmd_moe.moe import LAYOUTS, Layout, MoE
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP
@@ -461,6 +462,8 @@ def _rank_main(
             t0 = time.monotonic()
             rec = _run_case(factory, spec, pctx, case, layout, world)
             secs = time.monotonic() - t0
+            # This rank's own verdict first: it survives a peer that never comes back.
+            emit({"event": "ran", "spec": spec, "case": case.id, "rank": rank, "seconds": secs, "errors": rec["errors"]})
             public = {k: rec.get(k) for k in ("errors", "findings", "out_fp", "xgrad_fp", "moe_calls")}
             everyone = gather(public)
             failed = [r for r, e in enumerate(everyone) if e["errors"]]
@@ -488,7 +491,7 @@ def _rank_main(
                         findings += _accounting(rec, everyone, layout)
                     except BaseException as e:  # noqa: BLE001
                         findings.append(_error_record("post", e))
-            emit({"event": "case", "spec": spec, "case": case.id, "rank": rank, "seconds": secs,
+            emit({"event": "case", "spec": spec, "case": case.id, "kind": case.kind, "rank": rank, "seconds": secs,
                   "errors": rec["errors"], "findings": findings, "failed_ranks": failed})
             if failed:
                 # Some rank raised: collectives of this case may be half-done on the
@@ -511,28 +514,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def _progress(desc: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr: update(done, total)."""
-    if quiet:
-        yield lambda done, total: None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, desc=desc, file=sys.stderr, unit="case", leave=True, dynamic_ncols=True)
-    try:
-        def update(done: int, total: int) -> None:
-            if total and bar.total != total:
-                bar.total = total
-                bar.refresh()
-            if done > bar.n:
-                bar.update(done - bar.n)
-
-        yield update
-    finally:
-        bar.close()
-
-
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
@@ -547,32 +528,49 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def _run_world(specs: list[str], world: int, timeout: float, coll_timeout: float, quiet: bool) -> tuple[list[list[dict[str, Any]]], list[int], float]:
-    """Spawn the world; return every rank's events, the ranks killed, the wall time."""
+def _run_world(specs: list[str], world: int, timeout: float, coll_timeout: float, p: Progress) -> tuple[list[list[dict[str, Any]]], list[int], float]:
+    """Spawn the world; return every rank's events, the ranks killed, the wall time.
+    Progress: one step per case rank 0 finished (its verdict as rank 0 saw it)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     port = _free_port()
     t0 = time.monotonic()
+    p.status(f"world {world}: starting {world} ranks (gloo, CPU)")
     with tempfile.TemporaryDirectory(prefix="spmd_check_") as outdir:
         procs = [ctx.Process(target=_rank_main, args=(r, world, port, outdir, specs, coll_timeout, list(sys.path)))
                  for r in range(world)]
-        for p in procs:
-            p.start()
+        for proc in procs:
+            proc.start()
         deadline = t0 + timeout
-        with _progress(f"check world {world}", quiet) as update:
-            while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-                time.sleep(0.25)
-                ev = _read_jsonl(os.path.join(outdir, "rank0.jsonl"))
-                total = sum(len(e.get("cases", [])) for e in ev if e.get("event") == "target")
-                update(sum(1 for e in ev if e.get("event") == "case"), total)
+        seen = 0
+
+        def report_progress() -> None:
+            nonlocal seen
             ev = _read_jsonl(os.path.join(outdir, "rank0.jsonl"))
-            update(sum(1 for e in ev if e.get("event") == "case"), sum(len(e.get("cases", [])) for e in ev if e.get("event") == "target"))
-        killed = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
+            for e in ev[seen:]:
+                if e.get("event") == "target":
+                    what = f"layout {e['layout']}, {len(e['cases'])} cases" if "error" not in e else f"ERROR {e['error']['type']}"
+                    p.status(f"world {world}: {_short_spec(e['spec'])} built ({what})")
+                elif e.get("event") == "case":
+                    verdict = "ok" if not (e["errors"] or e["findings"]) else ",".join(
+                        sorted({x["type"] for x in e["errors"] + e["findings"]}))
+                    if e.get("kind") == "probe":
+                        verdict = f"misuse caught ({verdict})" if e["errors"] else "misuse NOT caught"
+                    p.step(f"world {world}: {_short_spec(e['spec'])} {e['case']}: {verdict}")
+            seen = len(ev)
+
+        while any(proc.is_alive() for proc in procs) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            report_progress()
+        report_progress()
+        killed = [r for r, proc in enumerate(procs) if proc.is_alive()]
+        if killed:
+            p.log(f"world {world}: ranks {killed} still running after {timeout:g} s: killed")
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
         events = [_read_jsonl(os.path.join(outdir, f"rank{r}.jsonl")) for r in range(world)]
     return events, killed, time.monotonic() - t0
 
@@ -615,16 +613,21 @@ def _world_report(specs: list[str], world: int, events: list[list[dict[str, Any]
         tgt["moe_layers"] = head.get("moe_layers")
         for c in head["cases"]:
             row: dict[str, Any] = {"case": c["id"], "label": c["label"], "counts": c["counts"], "kind": c["kind"]}
-            done = [next((e for e in ev if e.get("event") == "case" and e["case"] == c["id"]), None) for ev in t_ev]
-            started = [any(e.get("event") == "start" and e["case"] == c["id"] for e in ev) for ev in t_ev]
+            def first(kind: str, ev: list[dict[str, Any]]) -> dict[str, Any] | None:
+                return next((e for e in ev if e.get("event") == kind and e["case"] == c["id"]), None)
+
+            # 'case': the verdict after the ranks' exchange; 'ran': the rank's own, written
+            # before it (all a rank leaves when a peer never returns); 'start' only: hung.
+            done = [first("case", ev) or first("ran", ev) for ev in t_ev]
+            started = [first("start", ev) is not None for ev in t_ev]
             errs = [(r, e) for r, d in enumerate(done) if d for e in d["errors"]]
-            finds = [(r, e) for r, d in enumerate(done) if d for e in d["findings"]]
+            finds = [(r, e) for r, d in enumerate(done) if d for e in d.get("findings", [])]
             hung = [r for r in range(world) if started[r] and done[r] is None]
             if hung:
                 errs += [(r, {"phase": "run", "type": "Hang", "message": f"rank {r} did not finish this case within the "
                               f"check's timeout ({timeout:g} s) and was killed", "fix": "a rank stuck outside any collective "
-                              "(a loop, a wait on something else); the collectives of the model end after --collective-timeout",
-                              "spmd_moe": False, "where": None}) for r in hung]
+                              "(a loop, a wait on something else, a deadlock); the collectives of the model end after "
+                              "--collective-timeout", "spmd_moe": False, "where": None}) for r in hung]
             row["errors"] = _merge_errors(errs)
             row["findings"] = _merge_errors(finds)
             row["seconds"] = max((d["seconds"] for d in done if d), default=None)
@@ -654,12 +657,19 @@ def run_check(specs: list[str], worlds: list[int], *, timeout: float = 300.0, co
     """Run every target on every world size; the report (see docs/check.md)."""
     report: dict[str, Any] = {"targets": specs, "worlds": worlds, "runs": [],
                               "settings": {"timeout_s": timeout, "collective_timeout_s": coll_timeout, "debug": True}}
-    for world in worlds:
-        events, killed, wall = _run_world(specs, world, timeout, coll_timeout, quiet)
-        for t in _world_report(specs, world, events, killed, timeout):
-            t["wall_s"] = round(wall, 2)
-            t["killed_ranks"] = killed
-            report["runs"].append(t)
+    with contextlib.ExitStack() as stack:
+        stream = stack.enter_context(open(os.devnull, "w")) if quiet else None
+        p = stack.enter_context(progress("check", unit="case", stream=stream))
+        for world in worlds:
+            events, killed, wall = _run_world(specs, world, timeout, coll_timeout, p)
+            for t in _world_report(specs, world, events, killed, timeout):
+                t["wall_s"] = round(wall, 2)
+                t["killed_ranks"] = killed
+                report["runs"].append(t)
+                n_ok = sum(c["status"] == "ok" for c in t["cases"])
+                p.record(f"world {world} {_short_spec(t['target'])}",
+                         f"{n_ok}/{len(t['cases'])} ok" + (f", {len(t['errors'])} target errors" if t["errors"] else "")
+                         + f" ({wall:.1f} s for the world)")
     cases = [c for t in report["runs"] for c in t["cases"]]
     target_errors = sum(1 for t in report["runs"] if t["errors"])
     fixes: dict[tuple[str, str, str | None], dict[str, Any]] = {}

@@ -6,12 +6,14 @@
   layout, shared experts on, aux-loss-free expert bias on, softmax routing.
 * ``moe_sequence_grouped``: sigmoid scores, group-limited routing (DeepSeek-V3 style),
   route scale, no shared experts, the all-to-all dispatcher forced.
-* ``vllm_qwen3_moe_block``: the MoE block the vLLM plugin builds in every MoE decoder
-  layer of ``SpmdQwen3MoeForCausalLM`` (its config function ``moe_config_from_hf``, its
+* ``vllm_qwen3_moe_block`` / ``vllm_qwen2_moe_block`` / ``vllm_mixtral_block``: the
+  plugin's ``SpmdMoEBlock`` (the module vLLM's own decoder layers get in place of
+  their sparse-MoE block: its forward, the family's MoEConfig with the plugin's
   padding policy, layout 'replicated' on a group named 'tp', the meta -> to_empty ->
-  init_states path), with the hyperparameters of the project's tiny Qwen3-MoE
-  checkpoint. Only the block: the whole model needs a vLLM engine (attention, KV
-  cache, the scheduler), which a gloo check world does not have.
+  init_states path) for tiny configs of each family (Qwen3-MoE: the project's tiny
+  checkpoint's). Only the block, and on a plain gloo group: the whole model needs a
+  vLLM engine (attention, KV cache, scheduler, vLLM's TP group and communicator),
+  which a gloo check world does not have.
 * ``torchtitan_sequence_parallel`` / ``torchtitan_tensor_parallel``: the torchtitan
   adapter's ``SpmdMoE`` built from torchtitan's own tiny Qwen3 MoE config
   (``use_spmd_moe``), parallelized by its own ``parallelize`` (layout chosen by
@@ -35,7 +37,7 @@ from spmd_moe.placement import EP
 
 __all__ = [
     "moe_replicated", "moe_invariant", "moe_sequence", "moe_sequence_grouped",
-    "vllm_qwen3_moe_block", "torchtitan_sequence_parallel", "torchtitan_tensor_parallel",
+    "vllm_qwen3_moe_block", "vllm_qwen2_moe_block", "vllm_mixtral_block", "torchtitan_sequence_parallel", "torchtitan_tensor_parallel",
 ]
 
 
@@ -72,19 +74,50 @@ def moe_sequence_grouped(pctx: ParallelContext[EP]) -> MoE[Any]:
     return moe
 
 
+def _vllm_block(pctx: ParallelContext[EP], hf: Any) -> MoE[Any]:
+    """The plugin's SpmdMoEBlock for the HF config ``hf``, built as the plugin builds
+    it (the family's MoEConfig, layout 'replicated', meta -> to_empty -> init_states)
+    but on the check's group: SpmdMoEBlock.__init__ itself reads vLLM's current config
+    and TP group, which only a vLLM engine sets up."""
+    from spmd_moe.integrations.vllm.families import family_of
+    from spmd_moe.integrations.vllm.model import INIT_SEED, SpmdMoEBlock
+
+    fam = family_of(hf)
+    cfg = fam.moe_config(hf, torch.float32)
+    tp = ParallelContext.from_group(pctx.group, "tp")  # the plugin's axis is vLLM's TP group
+    block = SpmdMoEBlock.__new__(SpmdMoEBlock)
+    MoE.__init__(block, cfg, tp, layout="replicated", device="meta", name=f"model.layers.0.{fam.block_attr}")
+    block.to_empty(device=torch.device("cpu"))
+    block.init_states(seed=INIT_SEED)
+    return block
+
+
 def vllm_qwen3_moe_block(pctx: ParallelContext[EP]) -> MoE[Any]:
+    """Qwen3-MoE, the hyperparameters of the project's tiny checkpoint (TinySpec)."""
     from transformers import Qwen3MoeConfig
 
     from spmd_moe.apps.tiny_checkpoint import TinySpec
-    from spmd_moe.integrations.vllm.model import INIT_SEED, moe_config_from_hf
 
-    hf = Qwen3MoeConfig(**TinySpec().hf_config_kwargs())
-    cfg = moe_config_from_hf(hf, torch.float32)
-    tp = ParallelContext.from_group(pctx.group, "tp")  # the plugin's group is vLLM's TP group
-    moe = MoE(cfg, tp, layout="replicated", device="meta", name="model.layers.0.mlp")
-    moe.to_empty(device=torch.device("cpu"))
-    moe.init_states(seed=INIT_SEED)
-    return moe
+    return _vllm_block(pctx, Qwen3MoeConfig(**TinySpec().hf_config_kwargs()))
+
+
+def vllm_qwen2_moe_block(pctx: ParallelContext[EP]) -> MoE[Any]:
+    """Qwen2-MoE: shared expert scaled by its sigmoid gate, no top-k renormalization."""
+    from transformers import Qwen2MoeConfig
+
+    return _vllm_block(pctx, Qwen2MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu"))
+
+
+def vllm_mixtral_block(pctx: ParallelContext[EP]) -> MoE[Any]:
+    """Mixtral: 'block_sparse_moe', top-k always renormalized."""
+    from transformers import MixtralConfig
+
+    return _vllm_block(pctx, MixtralConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu"))
 
 
 class _Mesh:
