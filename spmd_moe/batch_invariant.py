@@ -2,31 +2,49 @@
 
 Why a mode is needed. A GEMM kernel picks its blocking (and so the order in which it
 adds the products of one dot product) from the matrix shapes; on CPU (torch 2.13,
-MKL/oneDNN) ``x[:M] @ W`` gives a different first row for M >= 7 than for M = 1, and
-F.linear already differs at M = 2. Elementwise transcendental ops (exp in softmax,
-sigmoid, SiLU) are vectorized over the flattened tensor with a scalar tail and split
-over threads by element count, so where a token's elements fall also depends on the
-batch. In an MoE the rows an expert sees are whatever tokens chose it, so without a
-fix the output of a token depends on its batch neighbours, on the EP degree and on
-the dispatcher.
+MKL/oneDNN) ``x[:M] @ W`` gives a different first row for some M than for others, and
+cuBLAS picks split-K and tile shapes from M. Elementwise transcendental ops on CPU
+(sigmoid, SiLU) are vectorized over the flattened tensor with a scalar tail (std::exp
+vs the vector exp: measured, 4% of fp32 inputs differ in the last bit), so where a
+token's elements fall also matters. In an MoE the rows an expert sees are whatever
+tokens chose it, so without a fix a token's output depends on its batch neighbours,
+on the EP degree and on the dispatcher.
 
-What the mode does (fixed shapes, fixed order):
+What the mode does: every op that reduces over a token's features, or whose result
+depends on where the token's elements sit, runs in a form whose per-token result
+cannot depend on the other rows.
 
-* the router runs one token at a time (the gate GEMM, softmax/sigmoid, top-k and the
-  route normalisation all see a [1, ...] tensor);
-* every routed row runs its expert's whole SwiGLU (three GEMMs, SiLU, product) as a
-  [1, D] row, and so does every row of the shared experts;
-* the shared experts' Partial sums are added in rank order (all_gather + an ordered
-  sum) instead of the collective's own reduction order;
-* everything else was already exact: moving rows (gather, index_copy, all_to_all,
-  all_gather), adding the exact zeros of the all-gather dispatcher, the combine's
-  fp32 products and its sum in ascending expert id.
+CPU (any device but CUDA): fixed-shape blocks at a content-addressed slot.
+Tokens (or routed rows) are laid out in blocks of ``BLOCK_ROWS`` rows; a row always
+sits at slot ``bucket(row) = hash(row's bits) mod BLOCK_ROWS`` of a block, and a
+block holds at most one row per slot (rows whose slot is taken go to the next block of
+the same expert; empty slots are zeros). The per-token function (the router, one
+expert's SwiGLU, the shared experts) is applied to each block as one call on a fresh
+[BLOCK_ROWS, D] view with the same shape, strides, 64-byte alignment and thread count
+every time. So every op a row meets (GEMM, SiLU/sigmoid with its vector/scalar split,
+softmax, top-k, their backward) is the same call with the row at the same position,
+whatever else is in the batch. What this rests on: a kernel run twice on the same
+shapes, strides, alignment and thread count computes each output element with the
+same sequence of floating-point operations on that element's inputs (no data-dependent
+control flow, no cross-row dependence). It does NOT rest on a BLAS kernel choice such
+as "row position inside a tile does not matter" or "M does not change the blocking"
+(both vary between BLAS builds and between Intel and AMD code paths). Bitwise claims
+hold on one machine, library build and thread count; not across machines.
 
-So a token's output is a function of that token, the weights and the EP degree only.
-It costs speed (one small GEMM per row, a host sync for the per-expert row counts):
-it is meant for RL parity checks (trainer vs generator) and tests, not for
-throughput. Backward stays correct (autograd runs through the per-row ops); only the
-forward values are guaranteed batch-invariant.
+CUDA: Triton kernels (spmd_moe.kernels.invariant_gemm) with fixed tiles, no split-K
+and a fixed-order K loop: a row's accumulation never involves other rows, so the
+grouped expert GEMMs, the router GEMM and the shared experts' GEMMs are invariant by
+construction; elementwise ops on CUDA run the same instructions for every element.
+
+Everything else was exact already: moving rows (gather, index_copy, all_to_all,
+all_gather), adding the exact zeros of the all-gather dispatcher, the combine's fp32
+products and its sum in ascending expert id (tests/test_batch_invariance.py checks
+them through the layer). The shared experts' Partial sums are added in rank order
+(all_gather + an ordered sum) with more than 2 ranks.
+
+So a token's output (and its input gradient) is a function of that token, the
+weights and the EP degree only. Cost: see docs/parity.md (CPU: one small GEMM per
+block of 16 rows and expert; CUDA: the Triton kernels instead of cuBLAS/CUTLASS).
 
 Turn it on with ``with spmd_moe.batch_invariant():``, ``set_batch_invariant(True)``
 or the environment variable ``SPMD_MOE_BATCH_INVARIANT=1`` (read at import; handy for
@@ -37,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -75,55 +94,193 @@ def batch_invariant(on: bool = True) -> Iterator[None]:
 _X = TypeVar("_X", bound=torch.Tensor)
 _Y = TypeVar("_Y")
 
+#: Rows per block on CPU for the grouped experts (per expert) and for per-token
+#: functions (router, shared experts). Every block call has this many rows; multiples
+#: of 16 keep every block view 64-byte aligned for 4-byte dtypes (2-byte: even D).
+#: Token blocks are bigger: the router and shared experts see every token, and a
+#: block's cost there is mostly per-call overhead, not its row count.
+BLOCK_ROWS = 16
+TOKEN_BLOCK_ROWS = 64
+_ALIGN = 64
+_mults: dict[tuple[int, str], torch.Tensor] = {}
 
-def _row(x: _X, i: int) -> _X:
-    # A fresh [1, D] tensor: same shape, contiguity and allocator alignment for every
-    # row, wherever the row sat in its batch. clone() is differentiable.
-    return cast(_X, x[i : i + 1].clone())  # a row keeps x's placement
+
+def _multipliers(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, str(device))
+    m = _mults.get(key)
+    if m is None:
+        g = torch.Generator().manual_seed(0x5EED)
+        m = torch.randint(1, 1 << 20, (n,), generator=g, dtype=torch.int64).to(device)
+        _mults[key] = m
+    return m
+
+
+def row_bucket(x_RD: torch.Tensor, nbuckets: int = BLOCK_ROWS) -> torch.Tensor:
+    """[R] int64 slot of each row in [0, nbuckets) (a power of 2): a hash of the row's
+    bits in integer arithmetic (exact in any order; int64 wrap-around is exact modulo
+    2**64). Equal rows get equal slots; the slot depends on nothing but the row."""
+    x = x_RD.detach().contiguous()
+    if x.shape[0] == 0 or x.numel() == 0:
+        return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    es = x.element_size()
+    word = {2: torch.int16, 4: torch.int32, 8: torch.int32}.get(es, torch.uint8)
+    bits = x.view(word).reshape(x.shape[0], -1).to(torch.int64)
+    h = (bits * _multipliers(bits.shape[1], x.device)).sum(dim=-1)
+    # Multiply-shift: the top bits mix every bit of h (low mantissa bits may all be 0).
+    return torch.bitwise_right_shift(h * -7046029254386353131, 40) & (nbuckets - 1)
+
+
+def token_slots(bucket_T: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
+    """block_slots for one group: (flat position of each row, number of blocks)."""
+    T = bucket_T.shape[0]
+    if T == 0:
+        return bucket_T, 0
+    slot_T1 = bucket_T.unsqueeze(1)
+    run_TB = torch.zeros(T, B, dtype=torch.int64, device=bucket_T.device).scatter_(1, slot_T1, 1).cumsum(0)
+    occ_T = run_TB.gather(1, slot_T1).squeeze(1) - 1
+    return occ_T * B + bucket_T, int(run_TB[-1].max())
+
+
+def block_slots(ends_g: torch.Tensor, bucket_R: torch.Tensor, B: int = BLOCK_ROWS) -> tuple[torch.Tensor, list[int]]:
+    """Place rows into blocks of B rows. Rows come grouped (group g: rows up to
+    ends_g[g], cumulative); row i of group g goes to slot bucket_R[i] of one of group
+    g's blocks (the n-th row of g with that slot in g's n-th block). Returns the flat
+    position of each row in the block buffer (groups' blocks in group order) and the
+    number of blocks per group (one host sync)."""
+    R = bucket_R.shape[0]
+    G = ends_g.shape[0]
+    dev = bucket_R.device
+    if R == 0:
+        return torch.zeros(0, dtype=torch.int64, device=dev), [0] * G
+    # Running count of each slot over the rows, with a zero row in front.
+    slot_R1 = bucket_R.unsqueeze(1)
+    run_RB = torch.zeros(R + 1, B, dtype=torch.int64, device=dev)
+    run_RB[1:].scatter_(1, slot_R1, 1)
+    run_RB = run_RB.cumsum(0)
+    ends_g = ends_g.to(torch.int64)
+    start_gB = run_RB[torch.cat([ends_g.new_zeros(1), ends_g[:-1]])]
+    nblk_g = (run_RB[ends_g] - start_gB).amax(dim=1)
+    group_R = torch.bucketize(torch.arange(R, device=dev), ends_g, right=True)
+    occ_R = (run_RB[1:].gather(1, slot_R1) - start_gB[group_R].gather(1, slot_R1)).squeeze(1) - 1
+    first_blk_g = torch.cumsum(nblk_g, 0) - nblk_g
+    pos_R = (first_blk_g[group_R] + occ_R) * B + bucket_R
+    return pos_R, [int(v) for v in nblk_g.tolist()]
+
+
+def _blocks(x_RD: torch.Tensor, pos_R: torch.Tensor, nblk: int, B: int) -> tuple[torch.Tensor, ...]:
+    """The rows scattered to their slots of nblk zero blocks, as nblk [B, D] views (the
+    scatter and the split are exact and differentiable: index_copy / split backward)."""
+    D = x_RD.shape[1]
+    buf = x_RD.new_zeros(nblk * B, D).index_copy(0, pos_R, x_RD)
+    blocks = buf.split(B)
+    if (B * D * x_RD.element_size()) % _ALIGN:
+        # Not every block view would start 64-byte aligned: fresh allocations do.
+        blocks = tuple(b.clone() for b in blocks)
+    return blocks
+
+
+def _aligned(w: torch.Tensor) -> torch.Tensor:
+    """w itself when contiguous and 64-byte aligned (one expert's slice of the stacked
+    weights usually is); else a fresh copy, so the kernel sees the same alignment
+    whatever the expert's index (EP degree) is."""
+    if w.is_contiguous() and w.data_ptr() % _ALIGN == 0:
+        return w
+    return w.contiguous().clone()
+
+
+def _cat_rows(outs: list[Any]) -> Any:
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat([o[j] for o in outs]) for j in range(len(outs[0])))
+    return torch.cat(outs)
+
+
+def _take(out: Any, pos_R: torch.Tensor) -> Any:
+    if isinstance(out, tuple):
+        return tuple(o.index_select(0, pos_R) for o in out)
+    return out.index_select(0, pos_R)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if x.device.type != "cuda":
+        if x.device.type != "cpu" or "spmd_moe.kernels.invariant_gemm" not in sys.modules:
+            return False
+    from spmd_moe.kernels import invariant_gemm
+
+    return invariant_gemm.wants(x) and invariant_gemm.available()
 
 
 def rowwise(fn: Callable[[_X], _Y], x_TD: _X) -> _Y:
-    """Apply fn to each row of x_TD as a [1, D] tensor and concatenate the results
-    (fn returns a tensor or a tuple of tensors, each with a leading dim of 1). Rows
-    keep x_TD's placement and concatenating rows keeps fn's: the types pass through."""
-    T = x_TD.shape[0]
-    outs: list[Any] = [fn(_row(x_TD, i)) for i in range(T)]
-    if not outs:
-        # No rows: run one zero row that is still attached to x_TD's graph, keep 0 rows.
-        probe: Any = fn(cast(_X, torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])))
+    """fn applied per token, batch-invariantly: fn's result for a row depends on that
+    row only (fn returns a tensor or a tuple of tensors with one row per input row).
+
+    CPU: fn runs on fixed [BLOCK_ROWS, D] blocks, each row at its content-addressed
+    slot (see the module docstring). CUDA: fn runs once on all rows with F.linear
+    replaced by the invariant Triton GEMM (elementwise ops are per element on CUDA).
+    Rows keep x_TD's placement and fn's placement passes through."""
+    if _use_triton(x_TD):
+        from spmd_moe.kernels import invariant_gemm
+
+        with invariant_gemm.InvariantLinearMode():
+            return fn(x_TD)
+    B = TOKEN_BLOCK_ROWS
+    pos_T, nblk = token_slots(row_bucket(x_TD, B), B)
+    if nblk == 0:
+        # No rows: one zero block that is still attached to x_TD's graph, keep 0 rows.
+        probe: Any = fn(cast(_X, torch.cat([x_TD, x_TD.new_zeros(B, x_TD.shape[1])])))
         if isinstance(probe, tuple):
             return cast(_Y, tuple(p[:0] for p in probe))
         return cast(_Y, probe[:0])
-    if isinstance(outs[0], tuple):
-        return cast(_Y, tuple(torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))))
-    return cast(_Y, torch.cat(outs))
+    outs: list[Any] = [fn(cast(_X, blk)) for blk in _blocks(x_TD, pos_T, nblk, B)]
+    return cast(_Y, _take(_cat_rows(outs), pos_T))
 
 
-def swiglu_row(x_1D: torch.Tensor, w1_FD: torch.Tensor, w2_DF: torch.Tensor, w3_FD: torch.Tensor) -> torch.Tensor:
-    """One token through one SwiGLU expert: w2 @ (silu(w1 @ x) * (w3 @ x)), as [1, D]."""
-    return F.linear(F.silu(F.linear(x_1D, w1_FD)) * F.linear(x_1D, w3_FD), w2_DF)
+def swiglu_block(x_BD: torch.Tensor, w1_FD: torch.Tensor, w2_DF: torch.Tensor, w3_FD: torch.Tensor) -> torch.Tensor:
+    """One block through one SwiGLU expert: w2 @ (silu(w1 @ x) * (w3 @ x))."""
+    return F.linear(F.silu(F.linear(x_BD, w1_FD)) * F.linear(x_BD, w3_FD), w2_DF)
+
+
+# Kept for callers of the per-row era.
+swiglu_row = swiglu_block
 
 
 def grouped_swiglu_rows(
     x_RD: Float[Placed[Var[EP]], "R D"], w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
     counts_e: Int[Placed[Var[EP]], " e"],
 ) -> Float[Placed[Var[EP]], "R D"]:
-    """The grouped experts, one row at a time. Rows are grouped by expert (counts_e
-    rows each); rows past sum(counts_e) belong to no local expert and come out zero."""
-    sizes = [int(c) for c in counts_e.tolist()]  # host sync: this mode trades speed for invariance
+    """The grouped experts, batch-invariantly. Rows are grouped by expert (counts_e
+    rows each); rows past sum(counts_e) belong to no local expert and come out zero.
+
+    CUDA: the Triton grouped GEMM (fixed tiles, fixed K order). CPU: per expert, blocks
+    of BLOCK_ROWS rows at content-addressed slots, one SwiGLU call per block."""
+    if _use_triton(x_RD):
+        from spmd_moe.kernels import invariant_gemm
+
+        y = invariant_gemm.grouped_swiglu(x_RD, w1_EFD, w2_EDF, w3_EFD, counts_e)
+        return unchecked_cast(Placed[Var[EP]], y, reason="this rank's experts on the rows it holds")
     R = x_RD.shape[0]
+    e = counts_e.shape[0]
+    B = BLOCK_ROWS
+    ends_e = torch.cumsum(counts_e.to(torch.int64), 0)
+    n_local = int(ends_e[-1]) if e else 0  # host sync: the block layout needs it
+    x_loc = x_RD[:n_local]
+    pos_R, nblk_e = block_slots(ends_e, row_bucket(x_loc), B)
     outs: list[torch.Tensor] = []
-    start = 0
-    for e, n in enumerate(sizes):
-        w1, w2, w3 = w1_EFD[e], w2_EDF[e], w3_EFD[e]
-        for i in range(start, start + n):
-            outs.append(swiglu_row(_row(x_RD, i), w1, w2, w3))
-        start += n
-    if R > start or not outs:
+    if n_local:
+        blocks = _blocks(x_loc, pos_R, sum(nblk_e), B)
+        b = 0
+        for ex, nb in enumerate(nblk_e):
+            if nb == 0:
+                continue
+            w1, w2, w3 = _aligned(w1_EFD[ex]), _aligned(w2_EDF[ex]), _aligned(w3_EFD[ex])
+            for _ in range(nb):
+                outs.append(swiglu_block(blocks[b], w1, w2, w3))
+                b += 1
+        outs = [torch.cat(outs).index_select(0, pos_R)]
+    if R > n_local or not outs:
         # Zeros that stay in the autograd graph of x (the dimension in equals the one
         # out): a rank with no local rows must still send gradients through the
         # dispatcher's collectives in backward, or the ranks' backward passes diverge.
-        outs.append(x_RD[start:] * 0)
+        outs.append(x_RD[n_local:] * 0)
     return unchecked_cast(Placed[Var[EP]], torch.cat(outs), reason="this rank's experts on the rows it holds")
 
 

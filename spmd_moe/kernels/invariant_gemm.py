@@ -1,0 +1,220 @@
+"""Batch-invariant grouped GEMM in Triton (CUDA; Triton's interpreter for tests on CPU).
+
+    y[r, n] = sum_k a[r, k] * w[g(r), n, k]        rows r grouped by g (ends_g cumulative)
+
+Why a row's result cannot depend on the batch: one program computes a [BM, BN] tile of
+one group's rows; it walks K in BK steps, always from k = 0 upwards, adding each step's
+tl.dot into the same fp32 accumulator; there is no split-K and the tile shapes and
+instruction choice are compile-time constants that depend on the dtype only (never on
+the row count, no autotuning; the row count is not specialised on). In a tl.dot every
+output element is the dot product of its own row of a with a column of w, so the other
+rows of the tile (other tokens, or masked zeros) never enter a row's accumulation.
+Masked K tails load zeros: adding +0 products is exact.
+
+Used by spmd_moe.batch_invariant on CUDA for the grouped experts, the router GEMM and
+the shared experts (G = 1), forward and input-gradient (the same kernel with w's strides
+swapped). Weight gradients are sums over rows and use torch's grouped GEMM.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_kernel: Any = None
+_tried = False
+#: Tests only: run the Triton path on CPU tensors (with TRITON_INTERPRET=1).
+ON_CPU = False
+
+
+def wants(x: torch.Tensor) -> bool:
+    """Whether x's device takes the Triton path."""
+    return x.is_cuda or (ON_CPU and x.device.type == "cpu")
+
+
+def available() -> bool:
+    """Triton importable (CUDA, or the interpreter with TRITON_INTERPRET=1)."""
+    return _build() is not None
+
+
+def _build() -> Any:
+    global _kernel, _tried
+    if _tried:
+        return _kernel
+    _tried = True
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit(do_not_specialize=["R"])  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def grouped_gemm_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+        a_ptr, w_ptr, y_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
+        R, N, K,
+        s_ar, s_ak, s_wg, s_wn, s_wk, s_yr, s_yn,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g = tl.load(tile_group_ptr + pid_m)
+        if g >= 0:
+            row0 = tl.load(tile_row_ptr + pid_m)
+            end = tl.load(ends_ptr + g)
+            rows = (row0 + tl.arange(0, BM)).to(tl.int64)
+            cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+            row_ok = rows < end
+            col_ok = cols < N
+            w_base = w_ptr + g.to(tl.int64) * s_wg
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):  # fixed order, fixed step: the same for every M
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < K
+                a = tl.load(a_ptr + rows[:, None] * s_ar + ks[None, :] * s_ak,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn,
+                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+            tl.store(y_ptr + rows[:, None] * s_yr + cols[None, :] * s_yn,
+                     acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    _kernel = grouped_gemm_kernel
+    return _kernel
+
+
+def _config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_warps, num_stages): a function of the dtype only."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 32, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 3
+    return 64, 128, 64, 4, 4
+
+
+def _tiles(ends_g: torch.Tensor, R: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile -> (group or -1, first row), on the device, no host sync: the grid is the
+    upper bound ceil(R / BM) + G; programs past the real tile count exit at once."""
+    G = ends_g.shape[0]
+    ends = ends_g.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    ntiles_g = (ends - starts + BM - 1) // BM
+    tile_end_g = torch.cumsum(ntiles_g, 0)
+    U = (R + BM - 1) // BM + G
+    t = torch.arange(U, device=ends.device)
+    g = torch.searchsorted(tile_end_g, t, right=True)
+    valid = g < G
+    gc = g.clamp(max=G - 1)
+    first_tile = tile_end_g[gc] - ntiles_g[gc]
+    row0 = starts[gc] + (t - first_tile) * BM
+    return torch.where(valid, g, -1).to(torch.int32), row0.to(torch.int64)
+
+
+def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], N: int,
+            ends_g: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    kern = _build()
+    assert kern is not None, "Triton is not installed"
+    R, K = a_RK.shape
+    y = torch.zeros(R, N, dtype=out_dtype, device=a_RK.device)  # rows of no group: 0
+    if R == 0 or N == 0 or ends_g.numel() == 0:
+        return y
+    BM, BN, BK, warps, stages = _config(a_RK.dtype)
+    tg, tr = _tiles(ends_g, R, BM)
+    ends32 = ends_g.to(torch.int64)
+    grid = (tg.shape[0], (N + BN - 1) // BN)
+    kern[grid](
+        a_RK, w, y, tg, tr, ends32, R, N, K,
+        a_RK.stride(0), a_RK.stride(1), w_strides[0], w_strides[1], w_strides[2], y.stride(0), y.stride(1),
+        BM=BM, BN=BN, BK=BK, IEEE=a_RK.dtype == torch.float32, num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def _grad_w(g_RN: torch.Tensor, x_RK: torch.Tensor, ends_g: torch.Tensor, w_GNK: torch.Tensor) -> torch.Tensor:
+    """Per-group g.T @ x (a sum over the group's rows: not part of the invariance claim)."""
+    if w_GNK.shape[0] == 1:
+        return (g_RN[: int(ends_g[0])].t() @ x_RK[: int(ends_g[0])]).unsqueeze(0).to(w_GNK.dtype)
+    from spmd_moe.experts import _per_expert_grad_w
+
+    return _per_expert_grad_w(g_RN, x_RK, ends_g.to(torch.int32), w_GNK)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_RK, w_GNK, ends_g)
+        w = w_GNK
+        return _launch(x_RK, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[1], ends_g, x_RK.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g_RN: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x_RK, w_GNK, ends_g = ctx.saved_tensors
+        g_RN = g_RN.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            # gx[r, k] = sum_n g[r, n] * w[g, n, k]: the same kernel, w read as [G, K, N].
+            w = w_GNK
+            gx = _launch(g_RN, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[2], ends_g, x_RK.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = _grad_w(g_RN, x_RK, ends_g, w_GNK)
+        return gx, gw, None
+
+
+def grouped_linear(x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor) -> torch.Tensor:
+    """[R, K] rows grouped by ends_g (cumulative row counts) times w[g].T -> [R, N];
+    rows past ends_g[-1] come out zero. Differentiable in x and w."""
+    out: torch.Tensor = _GroupedLinear.apply(x_RK, w_GNK, ends_g)  # type: ignore[no-untyped-call]
+    return out
+
+
+def linear(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """F.linear without bias, batch-invariant (G = 1); any leading dims."""
+    lead = x_TK.shape[:-1]
+    x2 = x_TK.reshape(-1, x_TK.shape[-1])
+    ends = torch.full((1,), x2.shape[0], dtype=torch.int64, device=x2.device)
+    return grouped_linear(x2, w_NK.unsqueeze(0), ends).reshape(*lead, w_NK.shape[0])
+
+
+def grouped_swiglu(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
+                   counts_e: torch.Tensor) -> torch.Tensor:
+    """w2 @ (silu(w1 @ x) * (w3 @ x)) per expert group; rows of no expert come out zero."""
+    ends = torch.cumsum(counts_e.to(torch.int64), 0)
+    h = F.silu(grouped_linear(x_RD, w1_EFD, ends)) * grouped_linear(x_RD, w3_EFD, ends)
+    return grouped_linear(h, w2_EDF, ends)
+
+
+def ordered_sum_last(x: torch.Tensor, keepdim: bool) -> torch.Tensor:
+    """Sum over the last dim as explicit adds in index order (elementwise, exact order)."""
+    parts = x.unbind(-1)
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = acc + p
+    return acc.unsqueeze(-1) if keepdim else acc
+
+
+class InvariantLinearMode(TorchFunctionMode):
+    """Inside: F.linear without bias runs the invariant Triton GEMM, and a sum over the
+    last dim (the router's top-k normalisation) is an ordered chain of adds. Used by
+    spmd_moe.batch_invariant.rowwise on CUDA for per-token functions."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if b is None and wants(x) and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+                return linear(x, w)
+        if func in (torch.Tensor.sum, torch.sum):
+            x = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+            if isinstance(x, torch.Tensor) and wants(x) and dim in (-1, x.ndim - 1) and 0 < x.shape[-1] <= 64 \
+                    and "dtype" not in kwargs:
+                return ordered_sum_last(x, keepdim)
+        return func(*args, **kwargs)
