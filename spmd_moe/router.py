@@ -75,9 +75,10 @@ class TopKRouter(nn.Module):
         dtype; weights_TK stays fp32 so the combine can weight in fp32.
         """
         w_ED = self.gate_weight()  # once per call, also in batch-invariant mode
-        if _bi._enabled and x_TD.shape[0] != 1:
-            # Batch-invariant mode: every token routed alone (fixed [1, D] shapes).
-            return _bi.rowwise(lambda r_1D: self._route(r_1D, expert_bias_E, w_ED), x_TD)
+        if _bi._enabled:
+            # Batch-invariant mode: a token's route depends on that token only (fixed-shape
+            # blocks on CPU, invariant kernels on CUDA; see spmd_moe.batch_invariant).
+            return _bi.rowwise(lambda r_BD: self._route(r_BD, expert_bias_E, w_ED), x_TD)
         return self._route(x_TD, expert_bias_E, w_ED)
 
     def _route(
