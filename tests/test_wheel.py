@@ -76,7 +76,7 @@ def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> WheelEnv:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "SPMD_MOE_"))}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", SPMD_MOE_PROGRESS="0")
     return env
 
