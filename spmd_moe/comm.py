@@ -108,17 +108,22 @@ class MeshComm:
         self.size = dist.get_world_size(self.group)
         self.capturable = dist.get_backend(self.group) == "nccl"
 
+    def _wait(self, t: torch.Tensor) -> torch.Tensor:
+        """The functional collective's result, waited on (stream order on CUDA)."""
+        out: torch.Tensor = self._funcol.wait_tensor(t)  # type: ignore[no-untyped-call]
+        return out
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        return self._funcol.wait_tensor(self._funcol.all_gather_tensor(x, 0, self.group))
+        return self._wait(self._funcol.all_gather_tensor(x, 0, self.group))
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
-        return self._funcol.wait_tensor(self._funcol.reduce_scatter_tensor(x, "sum", 0, self.group))
+        return self._wait(self._funcol.reduce_scatter_tensor(x, "sum", 0, self.group))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self._funcol.wait_tensor(self._funcol.all_reduce(x, "sum", self.group))
+        return self._wait(self._funcol.all_reduce(x, "sum", self.group))
 
     def all_to_all(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
-        return self._funcol.wait_tensor(self._funcol.all_to_all_single(x, out_splits, in_splits, self.group))
+        return self._wait(self._funcol.all_to_all_single(x, out_splits, in_splits, self.group))
 
     def __repr__(self) -> str:
         return f"MeshComm(dim={self.dim!r}, size={self.size})"

@@ -37,7 +37,7 @@ from spmd_moe import _debug
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe.dispatch.base import count_ids
-from spmd_moe.placement import EP, Par, Placed, Rep, Var
+from spmd_moe.placement import EP, Par, Placed, Rep, Var, unchecked_cast
 
 if TYPE_CHECKING:
     from spmd_moe.moe import MoE
@@ -96,7 +96,10 @@ def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[
     order_N = torch.argsort(key_N, stable=True)
     counts_e = count_ids(key_N, e + 1)[:e]
     out_RD = ex(xv_TD[order_N // K], counts_e, rows_exact=False)  # rows past the counts: zeros
-    slots_TKD = torch.empty_like(out_RD).index_copy_(0, order_N, out_RD).view(T_pad, K, D)
+    slots_TKD = unchecked_cast(
+        Placed[Var[EP]], torch.empty_like(out_RD).index_copy_(0, order_N, out_RD).view(T_pad, K, D),
+        reason="this rank's expert outputs, moved to their slots within the rank",
+    )
     terms_TKD = weighted_terms(slots_TKD, weights_TK)  # other ranks' slots: exact zeros
     moe._count(ids_TK[mine])
     y_TD: Placed[Rep[EP]]

@@ -112,6 +112,12 @@ def _collective_digests(pctx: ParallelContext[EP]) -> dict[str, str]:
             recv = [(j + r) % 3 for j in range(n)]  # what rank j sends to r: (j + r) % 3
             rows = torch.randn(sum(splits), 3, generator=g).to(dt)
             out[f"all_to_all_{dt}"] = _digest(C.all_to_all(as_var(rows, pctx, "rows"), pctx, splits, recv))
+        # Integers (expert ids, counts): vLLM's CPU shared-memory kernels have none.
+        for it in (torch.int64, torch.int32):
+            ids = torch.randint(-5, 50, (3, 2), generator=g).to(it)
+            out[f"all_gather_{it}"] = _digest(C.all_gather(as_var(ids, pctx, "ids"), pctx))
+            out[f"all_reduce_{it}"] = _digest(C.all_reduce(as_par(ids, pctx, "ids"), pctx))
+            out[f"reduce_scatter_{it}"] = _digest(C.reduce_scatter(as_par(ids.repeat(n, 1), pctx, "ids"), pctx))
     return out
 
 
@@ -121,6 +127,9 @@ def _moe_digests(pctx: ParallelContext[EP]) -> dict[str, str]:
     for shared in (False, True):
         cfg = _cfg(shared_hidden_dim=S_HID if shared else None, score_func="sigmoid" if shared else "softmax")
         rep = _layer(cfg, pctx)
+        gathered = _layer(_cfg(dispatcher="all_gather", shared_hidden_dim=cfg.shared_hidden_dim), pctx)
+        with torch.inference_mode():  # the all_gather dispatcher: ids (int64) gathered too
+            out[f"all_gather_dispatcher_sh{shared}"] = _digest(gathered(_x(7, 2)))
         seq = _layer(cfg, pctx, "sequence")
         with torch.inference_mode():
             for T in (1, 3, 8, 16, 33, 70):  # decode (all-reduce path) and prefill (all_to_all)
@@ -132,7 +141,7 @@ def _moe_digests(pctx: ParallelContext[EP]) -> dict[str, str]:
         # Autograd: spmd_types' collectives on the group, all_to_all through the backend.
         x = _x(40, 9).requires_grad_(True)
         y = rep(x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()  # type: ignore[no-untyped-call]
         assert x.grad is not None
         out[f"grad_sh{shared}"] = _digest(y, x.grad, *(p.grad for p in rep.parameters() if p.grad is not None))
     return out

@@ -25,6 +25,11 @@ from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP
 
 
+# The dtypes vLLM's device communicators reduce and gather (its CPU shared-memory kernels
+# have no integer ones); other dtypes move through torch.distributed on device_group.
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class VllmComm:
     """The spmd_moe.comm.Comm protocol over a vLLM GroupCoordinator (``get_tp_group()``)."""
 
@@ -51,16 +56,35 @@ class VllmComm:
         return f"{type(dc).__name__}:{inner}" if inner else type(dc).__name__
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _FLOAT_DTYPES and x.ndim >= 1 and x.element_size() % 4 == 0 and x.numel() > 0:
+            # vLLM's CPU shared-memory all-gather has no integer kernels: move the same
+            # bytes as float32 words (a copy, no arithmetic: bit-exact), view them back.
+            out_words: torch.Tensor = self.coordinator.all_gather(x.view(torch.float32), 0)
+            return out_words.view(x.dtype)
+        if x.dtype not in _FLOAT_DTYPES:
+            return self._torch_all_gather(x)
         out: torch.Tensor = self.coordinator.all_gather(x, 0)
         return out
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _FLOAT_DTYPES:  # integer sums: torch.distributed on the group
+            buf = x.new_empty((x.shape[0] // self.size, *x.shape[1:]))
+            dist.reduce_scatter_tensor(buf, x, group=self.group)
+            return buf
         out: torch.Tensor = self.coordinator.reduce_scatter(x, 0)
         return out
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _FLOAT_DTYPES:  # integer sums: torch.distributed on the group
+            dist.all_reduce(x, group=self.group)
+            return x
         out: torch.Tensor = self.coordinator.all_reduce(x)
         return out
+
+    def _torch_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        buf = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(buf, x, group=self.group)
+        return buf
 
     def all_to_all(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
