@@ -423,7 +423,11 @@ def test_padding_policy_is_stated_and_error_offers_both_choices() -> None:
         want = one(x)
     res = run_distributed(_padding_worker, 2, full_sd, x, timeout=300, pg_timeout=240)
     for r in res:
-        assert torch.equal(r["pad"], want), float((r["pad"] - want).abs().max())
+        # Not bitwise: each rank routes its own 2 rows (one a pad) where one device routes
+        # all 3, and a CPU GEMM's row result may depend on M (measured here: F.linear rows
+        # differ for M <= 3 vs M = 64). The same experts, weights and combine order leave
+        # fp32 rounding only: 1e-6 relative is ~10 ulps of headroom.
+        torch.testing.assert_close(r["pad"], want, rtol=1e-6, atol=1e-7)
         msg = r["error"]
         assert isinstance(msg, str) and "T=3" in msg, msg
         assert "padding='pad'" in msg and "pad the batch to T=4 rows yourself" in msg, msg
