@@ -12,6 +12,7 @@ from spmd_moe.errors import ConfigError
 ScoreFunc = Literal["softmax", "sigmoid"]
 PaddingPolicy = Literal["pad", "error"]
 DispatchKind = Literal["auto", "all_to_all", "all_gather"]
+KernelChoice = Literal["fast", "torchtitan"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -26,6 +27,8 @@ class MoEConfig:
     load_balance_coeff: not None turns on the aux-loss-free expert bias (it changes
         selection only, never the gate weights).
     shared_hidden_dim: hidden dim of the shared-expert SwiGLU MLP; None = no shared experts.
+    shared_gate: scale the shared experts' output per token by sigmoid(x_TD @ g_D), a
+        learned [1, D] gate (Qwen2-MoE's shared_expert_gate); needs shared_hidden_dim.
     expert_dtype: dtype the expert GEMMs run in; None = the input dtype (fp32 stays fp32).
         torch.bfloat16 reproduces torchtitan, whose experts always run in bf16.
     padding: what to do when the tokens do not split evenly over the expert axis (T not
@@ -36,6 +39,11 @@ class MoEConfig:
         PaddingError offering both choices.
     dispatcher: 'all_to_all' (prefill; one host sync for split sizes), 'all_gather'
         (decode; no host sync) or 'auto' (all_gather when T <= decode_max_tokens).
+    ep_chunks: pieces the all_to_all dispatcher splits each rank's tokens into, so that
+        the exchanges of one piece overlap the expert GEMMs of another (1: no split).
+    kernels: 'fast' (default: on CUDA, the fused Triton kernels where they apply, e.g.
+        spmd_moe.kernels.decode for inference at T <= 64 on one rank) or 'torchtitan'
+        (torch ops only, the kernel choice that is bitwise equal to torchtitan 0.3.0).
     """
 
     dim: int
@@ -49,14 +57,17 @@ class MoEConfig:
     num_limited_groups: int | None = None
     load_balance_coeff: float | None = None
     shared_hidden_dim: int | None = None
+    shared_gate: bool = False
     param_dtype: torch.dtype = torch.float32
     expert_dtype: torch.dtype | None = None
     padding: PaddingPolicy | None = None
     dispatcher: DispatchKind = "auto"
     decode_max_tokens: int = 16
+    ep_chunks: int = 1
+    kernels: KernelChoice = "fast"
 
     def __post_init__(self) -> None:
-        for name in ("dim", "hidden_dim", "num_experts", "top_k", "decode_max_tokens"):
+        for name in ("dim", "hidden_dim", "num_experts", "top_k", "decode_max_tokens", "ep_chunks"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(
@@ -68,10 +79,21 @@ class MoEConfig:
                 f"MoEConfig.shared_hidden_dim: expected a positive int or None, got "
                 f"{self.shared_hidden_dim!r}. Fix: pass None to turn shared experts off."
             )
+        if self.shared_gate and self.shared_hidden_dim is None:
+            raise ConfigError(
+                "MoEConfig.shared_gate: expected shared_hidden_dim set (the gate scales the "
+                "shared experts' output), got shared_hidden_dim=None. Fix: set shared_hidden_dim "
+                "or shared_gate=False."
+            )
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"MoEConfig.top_k: expected top_k <= num_experts={self.num_experts}, got "
                 f"{self.top_k}. Fix: lower top_k or add experts."
+            )
+        if self.kernels not in ("fast", "torchtitan"):
+            raise ConfigError(
+                f"MoEConfig.kernels: expected 'fast' or 'torchtitan', got {self.kernels!r}. "
+                "Fix: 'torchtitan' for torch kernels bitwise equal to torchtitan, else 'fast'."
             )
         if self.score_func not in ("softmax", "sigmoid"):
             raise ConfigError(

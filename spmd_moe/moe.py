@@ -36,13 +36,14 @@ from torch import nn
 
 from spmd_moe import _debug
 from spmd_moe import _fused_combine as _fc
+from spmd_moe.kernels import decode as _dk
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe import replicated_decode as _rd
 from spmd_moe.checking import checked, kernels_agree, tracked_region, untracked
 from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch import AllGatherDispatcher, AllToAllDispatcher, Dispatcher, LocalDispatcher
-from spmd_moe.dispatch.base import count_ids, scatter_to_slots
+from spmd_moe.dispatch.base import SentRows, count_ids, scatter_to_slots
 from spmd_moe.errors import (
     CheckpointError,
     ConfigError,
@@ -55,7 +56,7 @@ from spmd_moe.errors import (
 )
 from spmd_moe.experts import GroupedExperts, SharedExperts
 from spmd_moe.parallel import ParallelContext
-from spmd_moe.placement import EP, Inv, Par, Placed, Rep, Var, as_inv, as_par, as_rep, as_var
+from spmd_moe.placement import EP, Inv, Par, Placed, Rep, Var, as_inv, as_par, as_rep, as_var, unchecked_cast
 from spmd_moe.router import TopKRouter
 from spmd_moe.tokens import TokenLayout
 
@@ -173,7 +174,7 @@ class MoE(nn.Module, Generic[L]):
         if pctx.size == 1:
             self.prefill_dispatcher = self.decode_dispatcher = LocalDispatcher(cfg.num_experts, pctx)
         else:
-            self.prefill_dispatcher = AllToAllDispatcher(cfg.num_experts, pctx)
+            self.prefill_dispatcher = AllToAllDispatcher(cfg.num_experts, pctx, chunks=cfg.ep_chunks)
             self.decode_dispatcher = AllGatherDispatcher(cfg.num_experts, pctx)
         # Routing replay: record each call's expert ids, or force them.
         self.record_routes = False
@@ -327,6 +328,8 @@ class MoE(nn.Module, Generic[L]):
         """Route this rank's rows (the last num_pad are padding), run the experts on
         them and combine: Var -> Var."""
         T = x_TD.shape[0]
+        if num_pad == 0 and self._decode_kernel_applies(x_TD):
+            return self._routed_decode_kernel(x_TD)
         weights_TK, expert_ids_TK, _ = self.router(x_TD, self._expert_bias())
         if self.forced_routes_TK is not None:
             weights_TK, expert_ids_TK = self._forced(x_TD, expert_ids_TK)
@@ -344,6 +347,25 @@ class MoE(nn.Module, Generic[L]):
         self._count(expert_ids_TK)
         return y_TD
 
+    def _decode_kernel_applies(self, x_TD: torch.Tensor) -> bool:
+        """spmd_moe.kernels.decode: one GPU, inference, plain top-k routing, debug off."""
+        if self.cfg.kernels != "fast" or self.pctx.size != 1 or _debug._enabled or _bi._enabled:
+            return False
+        if self.forced_routes_TK is not None or self.record_routes or self.cfg.num_expert_groups is not None:
+            return False
+        if self.cfg.expert_dtype not in (None, x_TD.dtype):
+            return False
+        return _dk.usable(x_TD, self.experts.w1_EFD)
+
+    def _routed_decode_kernel(self, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]:
+        ex = self.experts
+        y_TD = _dk.routed_decode(
+            x_TD, self.router.gate.weight, self._expert_bias(), ex.w1_EFD, ex.w2_EDF, ex.w3_EFD,
+            top_k=self.cfg.top_k, score_func=self.cfg.score_func, route_norm=self.cfg.route_norm,
+            route_scale=self.cfg.route_scale, tokens_per_expert_E=self.tokens_per_expert_E,
+        )
+        return unchecked_cast(Placed[Var[EP]], y_TD, reason="one rank: router, experts and combine of its own tokens")
+
     def _experts_via(
         self,
         dispatcher: Dispatcher[_S],
@@ -353,24 +375,35 @@ class MoE(nn.Module, Generic[L]):
         num_pad: int,
     ) -> Float[Placed[Var[EP]], "T D"]:
         """dispatch -> experts -> combine -> weighted sum over k."""
+        # A dispatcher that interleaves its exchanges with the expert GEMMs (all_to_all
+        # with chunks > 1) runs the experts itself; the others return None here.
+        piped = dispatcher.pipelined(x_TD, expert_ids_TK, num_pad, self.experts)
+        if piped is not None:
+            return self._combine_rows(piped, weights_TK)
         routed_RD, counts_e, state = dispatcher.dispatch(x_TD, expert_ids_TK, num_pad)
         out_RD = self.experts(routed_RD, counts_e, rows_exact=dispatcher.rows_exact)
         if _fc.usable(out_RD, weights_TK):
             back = dispatcher.returned_rows(out_RD, state)
             if back is not None:
-                # Inference on CUDA: scatter back, weighting and the ordered sum in one
-                # kernel, bitwise equal to combine + _weighted_sum.
-                if not _debug._enabled:
-                    return _fc.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
-                # Debug mode: the tracked reference path, compared with the kernel.
-                T, K = weights_TK.shape
-                slots_TKD = scatter_to_slots(back.rows_SD, back.slots_S, T * K).view(T, K, -1)
-                y_TD = _weighted_sum(slots_TKD, weights_TK)
-                with untracked():
-                    fast_TD = _fc.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
-                kernels_agree(f"{self.name}: fused combine", fast_TD, y_TD, self.pctx)
-                return y_TD
+                return self._combine_rows(back, weights_TK)
         return _weighted_sum(dispatcher.combine(out_RD, state), weights_TK)
+
+    def _combine_rows(self, back: SentRows, weights_TK: Float[Placed[Var[EP]], "T K"]) -> Float[Placed[Var[EP]], "T D"]:
+        """Returned rows -> each slot -> weighted sum over k (fused on CUDA inference)."""
+        T, K = weights_TK.shape
+        if _fc.usable(back.rows_SD, weights_TK):
+            # Inference on CUDA: scatter back, weighting and the ordered sum in one
+            # kernel, bitwise equal to combine + _weighted_sum.
+            if not _debug._enabled:
+                return _fc.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
+            # Debug mode: the tracked reference path, compared with the kernel.
+            slots_TKD = scatter_to_slots(back.rows_SD, back.slots_S, T * K).view(T, K, back.rows_SD.shape[-1])
+            y_TD = _weighted_sum(slots_TKD, weights_TK)
+            with untracked():
+                fast_TD = _fc.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
+            kernels_agree(f"{self.name}: fused combine", fast_TD, y_TD, self.pctx)
+            return y_TD
+        return _weighted_sum(scatter_to_slots(back.rows_SD, back.slots_S, T * K).view(T, K, back.rows_SD.shape[-1]), weights_TK)
 
     def _expert_bias(self) -> Float[Placed[Rep[EP]], "E"] | None:
         if self.expert_bias_E is None:
@@ -492,7 +525,11 @@ class MoE(nn.Module, Generic[L]):
             out.append(("expert_bias_E", self.expert_bias_E, "R"))
         out += [(f"experts.{k}", p, "V") for k, p in self.experts.named_parameters()]
         if self.shared_experts is not None:
-            out += [(f"shared_experts.{k}", p, "V") for k, p in self.shared_experts.named_parameters()]
+            # The hidden-dim shards are Varying; the optional [1, D] gate is Replicate.
+            out += [
+                (f"shared_experts.{k}", p, "R" if k == "gate.weight" else "V")
+                for k, p in self.shared_experts.named_parameters()
+            ]
         return out
 
     # ------------------------------------------------------------------ init
@@ -516,6 +553,9 @@ class MoE(nn.Module, Generic[L]):
                 full_shape = (w.shape[0] * n, w.shape[1]) if pname != "w2" else (w.shape[0], w.shape[1] * n)
                 full = _seeded_normal(full_shape, (seed, self.name, "shared", pname), std, w.dtype)
                 w.copy_(full.chunk(n, dim=0 if pname != "w2" else 1)[r])
+            if se.gate is not None:
+                g = se.gate.weight
+                g.copy_(_seeded_normal(g.shape, (seed, self.name, "shared", "gate"), std, g.dtype))
         if self.expert_bias_E is not None:
             self.expert_bias_E.zero_()
         self.tokens_per_expert_E.zero_()

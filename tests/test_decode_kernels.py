@@ -156,3 +156,20 @@ def test_not_used_where_it_does_not_apply() -> None:
         with sm.debug():
             assert not fast._decode_kernel_applies(_x(4))  # debug mode checks the torch path
     assert not fast._decode_kernel_applies(_x(4))  # training: autograd needs the torch path
+
+
+@kernel_test
+def test_nan_token_still_routes_to_k_distinct_experts() -> None:
+    """A NaN input (debug mode off) must not break the plan: its token goes to K distinct
+    experts (its output is NaN), the other tokens are unaffected."""
+    fast, ref = _pair("softmax", True, False, False)
+    x = _x(6, seed=9)
+    x[2] = float("nan")
+    with torch.no_grad():
+        y = fast(x)
+    assert float(fast.tokens_per_expert_E.sum()) == 6 * K
+    assert int(fast.tokens_per_expert_E.max()) <= 6
+    assert bool(torch.isnan(y[2]).all())
+    keep = [0, 1, 3, 4, 5]
+    _, y_ref = _run(fast, ref, x[keep])
+    assert _ulps(y[keep], y_ref) <= 3.0

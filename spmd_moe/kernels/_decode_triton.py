@@ -15,22 +15,40 @@ def rn_bf16(v):
     return bits.to(tl.float32, bitcast=True)
 
 @triton.jit
-def route_kernel(
-    x_ptr, w_ptr, bias_ptr, ids_ptr, wts_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
-    T, D, E, route_scale,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+def gate_kernel(
+    x_ptr, w_ptr, logits_ptr, plan_ptr, D, E, PLAN_N,
+    BLOCK_EC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PLAN: tl.constexpr,
 ):
+    """fp32 logits of a block of BLOCK_EC experts for one token (the gate GEMV spread
+    over T * E/BLOCK_EC programs); program (0, 0) also zeroes the plan counters."""
     t = tl.program_id(0)
-    e_off = tl.arange(0, BLOCK_E)
+    e_off = tl.program_id(1) * BLOCK_EC + tl.arange(0, BLOCK_EC)
     in_e = e_off < E
-    logits = tl.zeros([BLOCK_E], dtype=tl.float32)
+    if (t == 0) & (tl.program_id(1) == 0):
+        p_off = tl.arange(0, BLOCK_PLAN)
+        tl.store(plan_ptr + p_off, tl.zeros([BLOCK_PLAN], dtype=tl.int32), mask=p_off < PLAN_N)
+    acc = tl.zeros([BLOCK_EC, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_off = d0 + tl.arange(0, BLOCK_D)
         in_d = d_off < D
         xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + e_off[:, None] * D + d_off[None, :], mask=in_e[:, None] & in_d[None, :], other=0.0)
-        logits += tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
+        acc += wv.to(tl.float32) * xv[None, :]
+    tl.store(logits_ptr + t * E + e_off, tl.sum(acc, axis=1), mask=in_e)
+
+
+@triton.jit
+def route_kernel(
+    logits_ptr, bias_ptr, ids_ptr, wts_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr, tpe_ptr,
+    T, E, route_scale,
+    K: tl.constexpr, BLOCK_E: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+):
+    """One token: scores, top-k by rank (no serial K loop), weights, and the plan."""
+    t = tl.program_id(0)
+    e_off = tl.arange(0, BLOCK_E)
+    in_e = e_off < E
+    logits = tl.load(logits_ptr + t * E + e_off, mask=in_e, other=0.0)
     if SIGMOID:
         scores = tl.sigmoid(logits)
     else:
@@ -40,35 +58,27 @@ def route_kernel(
     choice = scores
     if HAS_BIAS:
         choice = choice + tl.load(bias_ptr + e_off, mask=in_e, other=0.0).to(tl.float32)
-    k_off = tl.arange(0, BLOCK_K)
-    ids = k_off + BLOCK_E  # lanes past K sort last
-    wts = tl.zeros([BLOCK_K], dtype=tl.float32)
-    taken = e_off >= E
-    for k in tl.static_range(K):
-        c = tl.where(taken, float("-inf"), choice)
-        best = tl.max(c, axis=0)
-        idx = tl.min(tl.where((c == best) & ~taken, e_off, BLOCK_E), axis=0)
-        # NaN scores match nothing: take the first free expert (distinct ids always).
-        idx = tl.where(idx < BLOCK_E, idx, tl.min(tl.where(taken, BLOCK_E, e_off), axis=0))
-        ids = tl.where(k_off == k, idx, ids)
-        wts = tl.where(k_off == k, tl.sum(tl.where(e_off == idx, scores, 0.0), axis=0), wts)
-        taken = taken | (e_off == idx)
+    # NaN (a broken input) ranks as -inf: K distinct experts are always chosen.
+    choice = tl.where(in_e & (choice == choice), choice, float("-inf"))
+    # An expert's rank: how many beat it (a tie goes to the lower id). Top-k = rank < K.
+    beats = (choice[None, :] > choice[:, None]) | ((choice[None, :] == choice[:, None]) & (e_off[None, :] < e_off[:, None]))
+    rank = tl.sum(beats.to(tl.int32), axis=1)
+    sel = (rank < K) & in_e
+    w = tl.where(sel, scores, 0.0)
     if NORM:
-        wts = wts / (tl.sum(wts, axis=0) + 1e-20)
-    wts = wts * route_scale
-    # Ascending expert id inside the token: the combine's summation order.
-    rank = tl.sum((ids[None, :] < ids[:, None]).to(tl.int32), axis=1)
-    valid = k_off < K
-    tl.store(ids_ptr + t * K + rank, ids, mask=valid)
-    tl.store(wts_ptr + t * K + rank, wts, mask=valid)
-    for k in tl.static_range(K):
-        e = tl.sum(tl.where(k_off == k, ids, 0), axis=0)
-        r = tl.sum(tl.where(k_off == k, rank, 0), axis=0)
-        pos = tl.atomic_add(count_ptr + e, 1)
-        tl.store(slot_ptr + e.to(tl.int64) * T + pos, t * K + r)
-        if pos == 0:
-            u = tl.atomic_add(nuniq_ptr, 1)
-            tl.store(uniq_ptr + u, e)
+        w = w / (tl.sum(w, axis=0) + 1e-20)
+    w = w * route_scale
+    # Slot k of the token = the k-th chosen expert in ascending id (the combine order).
+    k_pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(ids_ptr + t * K + k_pos, e_off, mask=sel)
+    tl.store(wts_ptr + t * K + k_pos, w, mask=sel)
+    row = tl.atomic_add(count_ptr + e_off, 1, mask=sel)
+    tl.atomic_add(tpe_ptr + e_off, 1.0, mask=sel)  # the layer's load-balance counter (float)
+    tl.store(slot_ptr + e_off.to(tl.int64) * T + row, t * K + k_pos, mask=sel)
+    first = sel & (row == 0)
+    u = tl.atomic_add(nuniq_ptr + e_off * 0, 1, mask=first)
+    tl.store(uniq_ptr + u, e_off, mask=first)
+
 
 @triton.jit
 def up_kernel(

@@ -3,12 +3,14 @@
 For T <= MAX_T tokens on CUDA (inference, bf16 experts, one rank) the routed part of
 the layer is
 
-    zero the plan     count_E, n_uniq            (one memset)
-    route + plan      gate GEMV (fp32), score function, top-k, renorm and scale, the K
-                      ids of each token sorted ascending (the combine order of
-                      spmd_moe.moe), and a plan: for each touched expert the slots it
-                      serves (atomics: slot order inside an expert is arbitrary, which
-                      does not change any row's arithmetic)
+    gate              the gate GEMV in fp32, per (token, block of 16 experts), spread over
+                      the SMs (one program per token would read the gate alone);
+                      zeroes the plan counters
+    route + plan      score function, top-k, renorm and scale, the K ids of each token
+                      sorted ascending (the combine order of spmd_moe.moe), the
+                      load-balance counter, and a plan: for each touched expert the
+                      slots it serves (atomics: slot order inside an expert is
+                      arbitrary, which does not change any row's arithmetic)
     up                per (touched expert, F block): x rows @ w1/w3 blocks, SwiGLU
     down              per (touched expert, D block): h rows @ w2 block
     combine           weights and the ordered sum (as spmd_moe._fused_combine)
@@ -34,7 +36,8 @@ MAX_T = 64  # one M tile covers an expert's rows: a token picks an expert at mos
 # Tile sizes: F block of the up kernel and its D step; D block of the down kernel and its
 # F step. Small output blocks spread one expert's weights over many SMs (the GEMV
 # regime); measured on one H200 by spmd_moe.apps.bench.decode --sweep.
-TILES = {"up_f": 32, "up_d": 128, "down_n": 32, "down_f": 128, "warps": 4, "stages": 3}
+TILES = {"up_f": 32, "up_d": 128, "down_n": 64, "down_f": 128, "warps": 4, "stages": 3}  # T <= 16
+TILES_LARGE_T = {"up_f": 64, "up_d": 64, "down_n": 64, "down_f": 64, "warps": 4, "stages": 3}
 
 _kernels: dict[str, Any] | None = None
 _tried = False
@@ -52,7 +55,7 @@ def _build() -> dict[str, Any] | None:
 
     from spmd_moe.kernels import _decode_triton as k
 
-    _kernels = {"route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel, "combine": k.combine_kernel}
+    _kernels = {"gate": k.gate_kernel, "route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel, "combine": k.combine_kernel}
     return _kernels
 
 
@@ -94,9 +97,10 @@ def routed_decode(
     score_func: str,
     route_norm: bool,
     route_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y_TD, counts_E): the routed experts' weighted sum for every token, and the
-    number of tokens each expert received (for the load-balance counter)."""
+    tokens_per_expert_E: torch.Tensor,
+) -> torch.Tensor:
+    """y_TD: the routed experts' weighted sum for every token. Adds the tokens each
+    expert received to tokens_per_expert_E (float32, the layer's load-balance counter)."""
     ks = _build()
     assert ks is not None, "call usable() first"
     T, D = x_TD.shape
@@ -104,24 +108,30 @@ def routed_decode(
     K = top_k
     dev = x_TD.device
     x_TD = x_TD.contiguous()
-    plan_i32 = torch.zeros(E + 1, dtype=torch.int32, device=dev)  # count_E, then n_uniq
+    plan_i32 = torch.empty(E + 1, dtype=torch.int32, device=dev)  # count_E, then n_uniq (zeroed by gate)
     count_E, nuniq = plan_i32[:E], plan_i32[E:]
     uniq_U = torch.empty(E, dtype=torch.int32, device=dev)
     slot_ET = torch.empty(E, T, dtype=torch.int32, device=dev)
+    logits_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
     ids_TK = torch.empty(T, K, dtype=torch.int32, device=dev)
     wts_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
     h_NF = torch.empty(T * K, F, dtype=x_TD.dtype, device=dev)
     y_ND = torch.empty(T * K, D, dtype=x_TD.dtype, device=dev)
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
+    bec = 4
+    ks["gate"][(T, triton_cdiv(E, bec))](
+        x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, E + 1,
+        BLOCK_EC=bec, BLOCK_D=min(1024, _pow2(D)), BLOCK_PLAN=_pow2(E + 1), num_warps=4,
+    )
     ks["route"][(T,)](
-        x_TD, gate_w_ED.contiguous(), bias, ids_TK, wts_TK, count_E, nuniq, uniq_U, slot_ET,
-        T, D, E, float(route_scale),
-        K=K, BLOCK_K=_pow2(K), BLOCK_E=max(16, _pow2(E)), BLOCK_D=max(16, min(64, 8192 // max(16, _pow2(E)))),
-        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm,
+        logits_TE, bias, ids_TK, wts_TK, count_E, nuniq, uniq_U, slot_ET, tokens_per_expert_E,
+        T, E, float(route_scale),
+        K=K, BLOCK_E=max(16, _pow2(E)),
+        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, num_warps=8,
     )
     bm = max(16, _pow2(T))
     u_max = min(T * K, E)
-    tl_ = TILES
+    tl_ = TILES if T <= 16 else TILES_LARGE_T
     launch = {"num_warps": tl_["warps"], "num_stages": tl_["stages"]}
     ks["up"][(u_max, triton_cdiv(F, tl_["up_f"]))](
         x_TD, w1_EFD, w3_EFD, h_NF, count_E, nuniq, uniq_U, slot_ET, T, D, F,
@@ -134,7 +144,7 @@ def routed_decode(
     out_TD = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
     block = 1024 if D >= 1024 else max(16, _pow2(D))
     ks["combine"][(T, triton_cdiv(D, block))](out_TD, y_ND, wts_TK, D, K=K, BLOCK_D=block)
-    return out_TD, count_E
+    return out_TD
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -33,7 +33,7 @@ def _layer(kernels: str, device: torch.device) -> Any:
     return m
 
 
-def _kernels_of(model: Any, x: torch.Tensor) -> tuple[int, float]:
+def _kernels_of(model: Any, x: torch.Tensor) -> tuple[int, float, dict[str, float]]:
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
@@ -43,7 +43,10 @@ def _kernels_of(model: Any, x: torch.Tensor) -> tuple[int, float]:
             model(x)
             torch.cuda.synchronize()
     evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    return len(evs), sum(e.device_time for e in evs) / 1e3  # ms
+    by_name: dict[str, float] = {}
+    for e in evs:
+        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.device_time / 1e3
+    return len(evs), sum(e.device_time for e in evs) / 1e3, by_name  # ms
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fast, ref = _layer("fast", device), _layer("torchtitan", device)
     ref.load_state_dict(fast.state_dict())
     bps = nominal_hbm_bps(torch.cuda.get_device_name(device))
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "hbm_Bps": bps, "rows": [], "tiles": dict(dk.TILES)}
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "hbm_Bps": bps, "rows": [],
+                           "tiles": dict(dk.TILES), "tiles_large_t": dict(dk.TILES_LARGE_T)}
     g = torch.Generator(device=device).manual_seed(1)
     for T in args.tokens:
         xs = [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(8)]
@@ -69,8 +73,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rep = try_graph(device, m, xs)
             if rep is not None:
                 row[f"{name}_graph_ms"] = timer(device, rep, args.reps, warmup=10)
-            n, ms = _kernels_of(m, xs[0])
+            n, ms, by_name = _kernels_of(m, xs[0])
             row[f"{name}_kernels"], row[f"{name}_kernel_ms"] = n, ms
+            if name == "fast":
+                row["fast_by_kernel_ms"] = by_name
         if "fast_graph_ms" in row:
             row["fast_over_floor"] = row["fast_graph_ms"] / floor_ms
         if "torch_graph_ms" in row:
@@ -86,12 +92,14 @@ def sweep(fast: Any, device: torch.device, args: argparse.Namespace) -> list[dic
     """Graph time per tile choice at T=1, 8, 64 (pick TILES from this)."""
     from spmd_moe.kernels import decode as dk
 
-    base = dict(dk.TILES)
+    base, base_large = dict(dk.TILES), dict(dk.TILES_LARGE_T)
     out = []
     g = torch.Generator(device=device).manual_seed(2)
-    choices = [dict(base, up_f=f, down_n=n, warps=w) for f in (16, 32, 64) for n in (16, 32, 64) for w in (4, 8)]
+    choices = [dict(base, up_f=f, up_d=d, down_n=n, down_f=d, stages=st)
+               for f in (32, 64) for n in (32, 64) for d in (64, 128, 256) for st in (3, 4)]
     for ch in choices:
         dk.TILES.update(ch)
+        dk.TILES_LARGE_T.update(ch)
         row: dict[str, Any] = {"tiles": ch}
         for T in (1, 8, 64):
             xs = [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4)]
@@ -99,8 +107,8 @@ def sweep(fast: Any, device: torch.device, args: argparse.Namespace) -> list[dic
             row[f"T{T}_ms"] = timer(device, rep, 100, warmup=5) if rep else None
         print(json.dumps(row), file=sys.stderr, flush=True)
         out.append(row)
-    dk.TILES.clear()
     dk.TILES.update(base)
+    dk.TILES_LARGE_T.update(base_large)
     return out
 
 
