@@ -92,7 +92,9 @@ def tt_config(cfg: MoEConfig) -> Any:
 
 
 def build_pair(case: str, seed: int = 0, device: str = "cpu") -> tuple[MoEConfig, MoE, nn.Module]:
-    cfg = MoEConfig(dim=D, hidden_dim=F, num_experts=E, expert_dtype=torch.bfloat16, **CASES[case])
+    # kernels="torchtitan": the kernel choice that promises bitwise equality with torchtitan
+    # (the default "fast" may take fused CUDA kernels in bf16 inference).
+    cfg = MoEConfig(dim=D, hidden_dim=F, num_experts=E, expert_dtype=torch.bfloat16, kernels="torchtitan", **CASES[case])
     ours = MoE(cfg, device=device)
     ours.init_states(seed=seed, std=0.5)
     if ours.expert_bias_E is not None:
