@@ -249,6 +249,18 @@ def test_rank_that_never_returns_is_killed() -> None:
     assert rep["summary"]["not_run"] == len(cases) - 1
 
 
+@pytest.mark.timeout(300)
+def test_rank_that_dies_stops_the_world_at_once() -> None:
+    rc, rep, wall = run_json("tests.test_check_cli:exits_on_rank1", "--worlds", "2", "--timeout", "200", timeout=250)
+    assert rc == 1 and not rep["ok"]
+    assert wall < 120  # not the world's 200 s timeout: the parent saw the exit code
+    (t,) = rep["runs"]
+    cases = {c["case"]: c for c in t["cases"]}
+    died = [e for e in cases["empty"]["errors"] if e["type"] == "RankDied"]
+    assert died and died[0]["ranks"] == [1] and "code 3" in died[0]["message"], cases["empty"]
+    assert all(c["status"] == "not run" for cid, c in cases.items() if cid != "empty")
+
+
 # ----------------------------------------------------------------------------- targets for the tests above
 def _moe(pctx: Any, layout: str) -> Any:
     import spmd_moe as sm
@@ -314,3 +326,21 @@ def hangs_on_rank1(pctx: Any) -> Any:
     from spmd_moe.apps.check import CheckTarget
 
     return CheckTarget(_HangsOnRank1(pctx), layout="replicated", dim=16)
+
+
+class _ExitsOnRank1(nn.Module):
+    def __init__(self, pctx: Any) -> None:
+        super().__init__()
+        self.moe, self.pctx = _moe(pctx, "replicated"), pctx
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.pctx.rank == 1:
+            os._exit(3)  # planted: the process dies mid-forward
+        out: torch.Tensor = self.moe(x_TD)
+        return out
+
+
+def exits_on_rank1(pctx: Any) -> Any:
+    from spmd_moe.apps.check import CheckTarget
+
+    return CheckTarget(_ExitsOnRank1(pctx), layout="replicated", dim=16)

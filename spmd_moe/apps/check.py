@@ -364,8 +364,8 @@ def _accounting(rec: dict[str, Any], everyone: list[dict[str, Any]], layout: Lay
         if not isinstance(m, MoE) or name not in rec["moe_calls"]:
             continue
         calls = [e["moe_calls"].get(name, []) for e in everyone]
-        if len({len(c) for c in calls}) != 1 or any(r is None for c in calls for r in c):
-            continue  # call pattern unknown or different per rank: nothing to compare
+        if len({len(c) for c in calls}) != 1 or not calls[0] or any(r is None for c in calls for r in c):
+            continue  # called around __call__, or differently per rank: nothing to compare
         delta_E = (m.tokens_per_expert_E.detach().double() - rec["moe_before"][name].double()).contiguous()
         if m.pctx.group is not None and m.pctx.size > 1:
             dist.all_reduce(delta_E, group=m.pctx.group)
@@ -426,10 +426,17 @@ def _rank_main(
 
     def gather(obj: Any) -> list[Any]:
         got: list[Any] = [None] * world
-        dist.all_gather_object(got, obj, group=ctrl)
+        try:
+            dist.all_gather_object(got, obj, group=ctrl)
+        except BaseException as e:  # noqa: BLE001 - a peer died: nothing more can run
+            emit({"event": "fatal", "rank": rank, "spec": current[0], "error": _error_record("exchange", e)})
+            log.close()
+            os._exit(0)
         return got
 
+    current: list[str | None] = [None]
     for spec in specs:
+        current[0] = spec
         # The first build: the layout and the case list (the same on every rank).
         info: dict[str, Any] = {}
         try:
@@ -560,18 +567,28 @@ def _run_world(specs: list[str], world: int, timeout: float, coll_timeout: float
                     p.step(f"world {world}: {_short_spec(e['spec'])} {e['case']}: {verdict}")
             seen = len(ev)
 
+        died: dict[int, int] = {}
         while any(proc.is_alive() for proc in procs) and time.monotonic() < deadline:
             time.sleep(0.25)
             report_progress()
+            # A rank that exits abnormally (a crash, os._exit, a signal) leaves its peers
+            # waiting: stop the world now rather than after the timeouts.
+            died = {r: int(proc.exitcode) for r, proc in enumerate(procs) if proc.exitcode not in (None, 0)}
+            if died:
+                p.log(f"world {world}: rank(s) {sorted(died)} exited with code(s) {sorted(set(died.values()))}: "
+                      "stopping the others")
+                break
         report_progress()
         killed = [r for r, proc in enumerate(procs) if proc.is_alive()]
-        if killed:
+        if killed and not died:
             p.log(f"world {world}: ranks {killed} still running after {timeout:g} s: killed")
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
             proc.join(5)
         events = [_read_jsonl(os.path.join(outdir, f"rank{r}.jsonl")) for r in range(world)]
+        for r, code in died.items():
+            events[r].append({"event": "died", "rank": r, "exitcode": code})
     return events, killed, time.monotonic() - t0
 
 
@@ -594,7 +611,8 @@ def _world_report(specs: list[str], world: int, events: list[list[dict[str, Any]
         t_ev = [[e for e in ev if e.get("spec") == spec] for ev in events]
         heads = [next((e for e in ev if e.get("event") == "target"), None) for ev in t_ev]
         tgt: dict[str, Any] = {"target": spec, "world": world, "layout": None, "cases": [], "errors": []}
-        fatal = [(r, e["error"]) for r, ev in enumerate(events) for e in ev if e.get("event") == "fatal"]
+        fatal = [(r, e["error"]) for r, ev in enumerate(events) for e in ev
+                 if e.get("event") == "fatal" and e.get("spec") in (None, spec)]
         if fatal:
             tgt["errors"] = _merge_errors(fatal)
         head = next((h for h in heads if h is not None), None)
@@ -623,11 +641,21 @@ def _world_report(specs: list[str], world: int, events: list[list[dict[str, Any]
             errs = [(r, e) for r, d in enumerate(done) if d for e in d["errors"]]
             finds = [(r, e) for r, d in enumerate(done) if d for e in d.get("findings", [])]
             hung = [r for r in range(world) if started[r] and done[r] is None]
-            if hung:
-                errs += [(r, {"phase": "run", "type": "Hang", "message": f"rank {r} did not finish this case within the "
-                              f"check's timeout ({timeout:g} s) and was killed", "fix": "a rank stuck outside any collective "
-                              "(a loop, a wait on something else, a deadlock); the collectives of the model end after "
-                              "--collective-timeout", "spmd_moe": False, "where": None}) for r in hung]
+            died = {e["rank"]: e["exitcode"] for ev in events for e in ev if e.get("event") == "died"}
+            for r in hung:
+                if r in died:
+                    errs.append((r, {"phase": "run", "type": "RankDied", "message": f"rank {r} exited with code "
+                                     f"{died[r]} during this case", "fix": "see the rank's output above (a crash, "
+                                     "a signal, sys.exit/os._exit in the model)", "spmd_moe": False, "where": None}))
+                elif died:
+                    errs.append((r, {"phase": "run", "type": "Aborted", "message": f"rank {r} was stopped after rank(s) "
+                                     f"{sorted(died)} exited", "fix": None, "spmd_moe": False, "where": None}))
+                else:
+                    errs.append((r, {"phase": "run", "type": "Hang", "message": f"rank {r} did not finish this case "
+                                     f"within the check's timeout ({timeout:g} s) and was killed", "fix": "a rank stuck "
+                                     "outside any collective (a loop, a wait on something else, a deadlock); the "
+                                     "collectives of the model end after --collective-timeout", "spmd_moe": False,
+                                     "where": None}))
             row["errors"] = _merge_errors(errs)
             row["findings"] = _merge_errors(finds)
             row["seconds"] = max((d["seconds"] for d in done if d), default=None)
