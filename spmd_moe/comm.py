@@ -22,6 +22,12 @@ split dim. Calls are synchronous in stream order: the returned tensor can be use
 the next op on the current stream (CPU: the exchange is done; CUDA: it is enqueued on
 the current stream, with no host sync). ``all_reduce`` may reuse its input's storage
 (vLLM's CPU shared-memory all-reduce works in place): callers pass a buffer they own.
+
+Optional hint a backend may carry: ``replicated_max_tokens`` (int): up to how many
+tokens per rank the layout-'replicated' inference path with one all-reduce
+(spmd_moe.replicated_decode) should be used instead of the all-to-all path; absent or
+None: MoEConfig.decode_max_tokens. A performance choice only: both paths give the same
+bits.
 """
 
 from __future__ import annotations

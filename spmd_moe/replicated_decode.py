@@ -16,13 +16,17 @@ experts' partial sums are added by the all-reduce rather than a reduce-scatter: 
 same two-term sum at n = 2; at n > 2 the backend's all-reduce order (tested at 4 gloo
 ranks).
 
-No host sync: the sizes are host integers known from T and n, the counts are a
-scatter_add, and the only collective is the communicator's all-reduce (vLLM's
+No host sync at decode sizes: the sizes are host integers known from T and n, the
+counts are a scatter_add, and the only collective is the communicator's all-reduce (vLLM's
 shared-memory one on CPU, its capturable pynccl / custom all-reduce on CUDA).
 
 Used when MoEConfig.dispatcher is 'auto', layout 'replicated'/'invariant', n > 1,
 autograd off, debug off (debug mode runs the checked split path, which this equals),
-no forced routes, and T/n within decode_max_tokens.
+no forced routes, and T/n within decode_max_tokens (or the communicator's
+``replicated_max_tokens`` hint: VllmComm on CPU takes this path at every T). Past
+decode_max_tokens it runs the experts on exactly their rows (one host sync, as the
+all_to_all path) and equals the all_to_all (prefill) path bit for bit: the same rows
+reach each expert in the same order, the router sees the same chunks.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ def applies(moe: MoE[Any], T: int) -> bool:
         return False
     if _bi._enabled and n > 2 and moe.shared_experts is not None:
         return False  # the shared experts' sum must be rank-ordered there
-    return -(-T // n) <= moe.cfg.decode_max_tokens
+    # The communicator may say up to which size the all-reduce beats the all-to-all path
+    # (vLLM's CPU shared-memory all-reduce: always, its all-to-all runs on gloo).
+    limit = getattr(moe.pctx.comm, "replicated_max_tokens", None)
+    return -(-T // n) <= (moe.cfg.decode_max_tokens if limit is None else int(limit))
 
 
 def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Rep[EP]], "T D"]:
@@ -95,9 +102,20 @@ def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[
     key_N = torch.where((local_TK >= 0) & (local_TK < e), local_TK, e).reshape(-1)
     order_N = torch.argsort(key_N, stable=True)
     counts_e = count_ids(key_N, e + 1)[:e]
-    out_RD = ex(xv_TD[order_N // K], counts_e, rows_exact=False)  # rows past the counts: zeros
+    if T_loc <= cfg.decode_max_tokens:
+        # Decode sizes: the all-gather dispatcher's GEMM (every slot, zeros past the
+        # counts), no host sync.
+        out_RD = ex(xv_TD[order_N // K], counts_e, rows_exact=False)
+        slots_ND = torch.empty_like(out_RD).index_copy_(0, order_N, out_RD)
+    else:
+        # Prefill sizes (a communicator's hint): exactly the local rows, the all-to-all
+        # path's GEMM shapes (CPU grouped GEMMs round differently with a zero tail), at
+        # the price of that path's one host sync.
+        mine_R = order_N[: int(counts_e.sum())]
+        out_RD = ex(xv_TD[mine_R // K], counts_e, rows_exact=True)
+        slots_ND = out_RD.new_zeros(T_pad * K, D).index_copy_(0, mine_R, out_RD)
     slots_TKD = unchecked_cast(
-        Placed[Var[EP]], torch.empty_like(out_RD).index_copy_(0, order_N, out_RD).view(T_pad, K, D),
+        Placed[Var[EP]], slots_ND.view(T_pad, K, D),
         reason="this rank's expert outputs, moved to their slots within the rank",
     )
     terms_TKD = weighted_terms(slots_TKD, weights_TK)  # other ranks' slots: exact zeros

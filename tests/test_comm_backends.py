@@ -216,6 +216,24 @@ def paths_worker(rank: int, world: int) -> list[str]:
                 torch.equal(a, b) for a, b in zip(fast.recorded_routes, ref.recorded_routes)
             ):
                 bad.append(f"{dt} shared={shared}: recorded routes differ")
+    # Past decode_max_tokens (a communicator's replicated_max_tokens hint): equal to the
+    # all_to_all (prefill) path.
+    hinted = CountingComm(pctx.backend)
+    hinted.replicated_max_tokens = 1 << 30
+    for shared in (False, True):
+        kw = dict(shared_hidden_dim=S_HID if shared else None)
+        fast = _layer(_cfg(**kw), pctx.with_comm(hinted))
+        ref = _layer(_cfg(dispatcher="all_to_all", **kw), pctx)
+        for T in (16 * world + 1, 70, 257):
+            x = _x(T, T)
+            with torch.inference_mode():
+                if not rd.applies(fast, T):
+                    bad.append(f"T={T}: the hint is ignored")
+                y_fast, y_ref = fast(x), ref(x)
+            if not torch.equal(y_fast, y_ref):
+                bad.append(f"shared={shared} T={T}: all-reduce path != all_to_all path")
+        if hinted.calls.get("all_to_all"):
+            bad.append(f"the hinted layer ran all_to_all: {hinted.calls}")
     # Not taken with autograd on (the split path's gradients) or past decode_max_tokens.
     m = _layer(_cfg(), pctx)
     if rd.applies(m, 4):
@@ -244,6 +262,7 @@ class CountingComm:
         self.name = "counting"
         self.capturable = inner.capturable
         self.calls: dict[str, int] = {}
+        self.replicated_max_tokens: int | None = getattr(inner, "replicated_max_tokens", None)
 
     def _n(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1

@@ -42,7 +42,12 @@ class VllmComm:
         dc = getattr(coordinator, "device_communicator", None)
         # CUDA: every device communicator vLLM builds is capturable (vLLM captures its
         # own TP all-reduce); CPU has no graphs.
-        self.capturable = str(getattr(coordinator, "device", "cpu")).startswith("cuda") and dc is not None
+        on_cuda = str(getattr(coordinator, "device", "cpu")).startswith("cuda")
+        self.capturable = on_cuda and dc is not None
+        # On CPU the shared-memory all-reduce is a memcpy-speed exchange while the
+        # all-to-all runs on gloo (plus a host sync for its sizes): replicated tokens take
+        # the one-all-reduce path at every T. On CUDA: MoEConfig.decode_max_tokens.
+        self.replicated_max_tokens: int | None = None if on_cuda else 1 << 30
 
     @property
     def transport(self) -> str:
