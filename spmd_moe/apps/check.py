@@ -315,7 +315,7 @@ def _run_case(
                         w = torch.randn(t.shape, generator=gg, dtype=torch.float64)
                         loss = loss + (t.double() * w).sum()
                 if loss.requires_grad:
-                    loss.backward()
+                    torch.autograd.backward(loss)
         for h in hooks:
             h.remove()
         hooks.clear()
