@@ -90,12 +90,18 @@ def _build() -> Any:
 
 
 def _config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, num_warps, num_stages): a function of the dtype only."""
+    """(BM, BN, BK, num_warps, num_stages): a function of the dtype only (never of the
+    row count). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides the 16-bit
+    one (benchmark sweeps; both sides of a parity check must use the same)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 32, 16, 4, 1
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
-    return 64, 128, 64, 4, 4
+    env = os.environ.get("SPMD_MOE_INVARIANT_TILES")
+    if env:
+        bm, bn, bk, w, st = (int(v) for v in env.split(","))
+        return bm, bn, bk, w, st
+    return 128, 128, 64, 8, 3
 
 
 def _tiles(ends_g: torch.Tensor, R: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:

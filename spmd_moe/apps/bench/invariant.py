@@ -1,0 +1,177 @@
+"""Cost of batch-invariant mode: the same MoE layer, normal vs invariant, same process.
+
+    python -m spmd_moe.apps.bench.invariant [--device cuda|cpu] [--out cost.json]
+
+CUDA: Qwen3-30B-A3B's MoE layer (D=2048, F=768, E=128, top-8, softmax + route_norm,
+bf16), EP=1, forward (inference, no autograd) and forward+backward (sum of squares,
+input requires grad) at T = 1 .. 32768; median of CUDA-event timings, the two modes
+interleaved per T. Targets (issue 16): invariant/normal <= 1.5 forward, <= 2 fwd+bwd.
+
+CPU: the CI shapes (tests/test_batch_invariance.py's layer: D=32, F=48, E=8, top-2,
+shared experts 64, expert bias; and the parity model's MoE: D=128, F=48, E=8, top-2)
+at the token counts the tests and `spmd-moe parity` run, plus two larger T. Time is
+the thread's CPU time (time.thread_time; one thread), best of several repetitions, so
+other processes on a shared machine do not inflate it. Target: <= 3x.
+
+The table goes to stdout (markdown) and --out (JSON); progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _layer(cfg_kw: dict[str, Any], device: str, seed: int = 0) -> Any:
+    import spmd_moe as sm
+
+    m = sm.MoE(sm.MoEConfig(**cfg_kw), device=device)
+    m.init_states(seed=seed)
+    return m
+
+
+def _step(moe: Any, x: torch.Tensor, bwd: bool) -> None:
+    if bwd:
+        xg = x.detach().requires_grad_(True)
+        moe(xg).float().square().sum().backward()
+    else:
+        with torch.no_grad():
+            moe(x)
+
+
+def _cuda_ms(fn: Any, reps: int) -> float:
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return float(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)))
+
+
+def _cpu_ms(fn: Any, inner: int) -> float:
+    t0 = time.thread_time()
+    for _ in range(inner):
+        fn()
+    return (time.thread_time() - t0) / inner * 1e3
+
+
+def measure(moe: Any, x: torch.Tensor, bwd: bool, device: str, rounds: int) -> tuple[float, float]:
+    """(normal ms, invariant ms): interleaved rounds; CUDA median of medians, CPU best."""
+    from spmd_moe.batch_invariant import batch_invariant
+
+    res: dict[bool, list[float]] = {False: [], True: []}
+    T = x.shape[0]
+    for mode in (False, True):  # warm-up (Triton compile, allocator)
+        with batch_invariant(mode):
+            for _ in range(2):
+                _step(moe, x, bwd)
+    for _ in range(rounds):
+        for mode in (False, True):
+            with batch_invariant(mode):
+                if device == "cuda":
+                    res[mode].append(_cuda_ms(lambda: _step(moe, x, bwd), 5 if T >= 8192 else 10))
+                else:
+                    res[mode].append(_cpu_ms(lambda: _step(moe, x, bwd), max(1, 64 // max(T, 1))))
+    pick = statistics.median if device == "cuda" else min
+    return float(pick(res[False])), float(pick(res[True]))
+
+
+GPU_LAYER: dict[str, Any] = dict(dim=2048, hidden_dim=768, num_experts=128, top_k=8, score_func="softmax",
+                                 route_norm=True, param_dtype=torch.bfloat16)
+CPU_LAYERS: dict[str, dict[str, Any]] = {
+    "tests (D=32 F=48 E=8 k=2 shared=64)": dict(dim=32, hidden_dim=48, num_experts=8, top_k=2, score_func="softmax",
+                                                route_norm=True, load_balance_coeff=1e-3, shared_hidden_dim=64),
+    "parity (D=128 F=48 E=8 k=2)": dict(dim=128, hidden_dim=48, num_experts=8, top_k=2, score_func="softmax",
+                                        route_norm=True),
+}
+
+
+def run(device: str, gpu_ts: list[int], cpu_ts: list[int], bwd_max_t: int) -> dict[str, Any]:
+    from spmd_moe.apps.progress import progress
+
+    rows: list[dict[str, Any]] = []
+    if device == "cuda":
+        plan = [("Qwen3-30B-A3B MoE (D=2048 F=768 E=128 k=8 bf16)", GPU_LAYER, t, bwd)
+                for t in gpu_ts for bwd in (False, True) if not bwd or t <= bwd_max_t]
+    else:
+        plan = [(name, kw, t, bwd) for name, kw in CPU_LAYERS.items() for t in cpu_ts for bwd in (False, True)]
+    layers: dict[str, Any] = {}
+    with progress("invariant-bench", total=len(plan), unit="case") as p:
+        for name, kw, T, bwd in plan:
+            p.status(f"{name} T={T} {'fwd+bwd' if bwd else 'fwd'}")
+            moe = layers.get(name)
+            if moe is None:
+                moe = layers[name] = _layer(kw, device)
+            dtype = kw.get("param_dtype", torch.float32)
+            x = torch.randn(T, kw["dim"], device=device, generator=torch.Generator(device=device).manual_seed(T)).to(dtype)
+            n, i = measure(moe, x, bwd, device, rounds=3 if device == "cuda" else 5)
+            rows.append({"layer": name, "T": T, "pass": "fwd+bwd" if bwd else "fwd", "normal_ms": round(n, 4),
+                         "invariant_ms": round(i, 4), "ratio": round(i / n, 2)})
+            p.step(f"T={T} {'fwd+bwd' if bwd else 'fwd'}: {n:.3f} -> {i:.3f} ms ({i / n:.2f}x)")
+    machine: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version()}
+    if device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name()
+        try:
+            import triton
+
+            machine["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        machine.update(cpu=_cpu_name(), threads=torch.get_num_threads(), cores=os.cpu_count())
+    targets = {"fwd": 1.5, "fwd+bwd": 2.0} if device == "cuda" else {"fwd": 3.0, "fwd+bwd": 3.0}
+    worst = {k: max((r["ratio"] for r in rows if r["pass"] == k), default=None) for k in targets}
+    return {"device": device, "machine": machine, "rows": rows, "targets": targets, "worst_ratio": worst,
+            "met": all(w is not None and w <= targets[k] for k, w in worst.items())}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    out = ["| layer | T | pass | normal ms | invariant ms | cost |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        out.append(f"| {r['layer']} | {r['T']} | {r['pass']} | {r['normal_ms']:.3f} | {r['invariant_ms']:.3f} | {r['ratio']:.2f}x |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--gpu-t", default="1,8,64,512,4096,32768")
+    ap.add_argument("--cpu-t", default="1,3,6,21,29,128,512")
+    ap.add_argument("--bwd-max-t", type=int, default=32768)
+    a = ap.parse_args(argv)
+    if a.device == "cpu":
+        torch.set_num_threads(1)
+    res = run(a.device, [int(t) for t in a.gpu_t.split(",")], [int(t) for t in a.cpu_t.split(",")], a.bwd_max_t)
+    print(markdown(res))
+    print(f"worst ratio: {res['worst_ratio']} (targets {res['targets']}): {'met' if res['met'] else 'NOT met'}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
