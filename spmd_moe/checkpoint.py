@@ -13,6 +13,7 @@ from spmd_moe.parallel import ParallelContext
 EXPERT_KEYS = ("routed_experts.inner_experts.w1_EFD", "routed_experts.inner_experts.w2_EDF", "routed_experts.inner_experts.w3_EFD")
 SHARED_ROW = ("shared_experts.w1.weight", "shared_experts.w3.weight")  # column-parallel: split dim 0
 SHARED_COL = ("shared_experts.w2.weight",)  # row-parallel: split dim 1
+SHARED_GATE = "shared_experts.gate.weight"  # [1, D], replicated (MoEConfig.shared_gate)
 
 
 def full_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
@@ -26,6 +27,8 @@ def full_shapes(cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
     if cfg.shared_hidden_dim is not None:
         S = cfg.shared_hidden_dim
         shapes.update({SHARED_ROW[0]: (S, D), SHARED_ROW[1]: (S, D), SHARED_COL[0]: (D, S)})
+        if cfg.shared_gate:
+            shapes[SHARED_GATE] = (1, D)
     if cfg.load_balance_coeff is not None:
         shapes["expert_bias_E"] = (E,)
     return shapes

@@ -19,7 +19,7 @@ from spmd_moe.config import MoEConfig
 from spmd_moe.parallel import ParallelContext
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
-from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_var, unchecked_cast
+from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_rep, as_var, unchecked_cast
 from spmd_moe.checking import checked
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -159,7 +159,9 @@ class GroupedExperts(nn.Module):
 
 class SharedExperts(nn.Module):
     """Dense SwiGLU MLP on every token, hidden dim sharded over the expert axis (TP):
-    w1/w3 column-parallel, w2 row-parallel, so the output is Partial."""
+    w1/w3 column-parallel, w2 row-parallel, so the output is Partial. With
+    cfg.shared_gate, each token's output is scaled by sigmoid(x_TD @ gate.weight[0])
+    (Qwen2-MoE's shared_expert_gate; the [1, D] gate is Replicate)."""
 
     def __init__(self, cfg: MoEConfig, pctx: ParallelContext[EP], device: torch.device | None = None):
         super().__init__()
@@ -170,6 +172,7 @@ class SharedExperts(nn.Module):
         self.w1 = nn.Linear(cfg.dim, f, **kw)
         self.w2 = nn.Linear(f, cfg.dim, **kw)
         self.w3 = nn.Linear(cfg.dim, f, **kw)
+        self.gate = nn.Linear(cfg.dim, 1, **kw) if cfg.shared_gate else None
 
     def _shards(self) -> tuple[Placed[Var[EP]], Placed[Var[EP]], Placed[Var[EP]]]:
         """(w1_FD, w2_DF, w3_FD): this rank's slice of the hidden dim (Varying)."""
@@ -183,6 +186,20 @@ class SharedExperts(nn.Module):
     @checked
     def forward(self, x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Par[EP]], "T D"]:
         w1_FD, w2_DF, w3_FD = self._shards()
+        if self.gate is not None:
+            g_1D = as_rep(self.gate.weight, self.pctx, "SharedExperts.gate.weight")
+            if _bi._enabled:  # one [1, D] row at a time: see spmd_moe.batch_invariant
+                y_TD = _bi.rowwise(
+                    lambda r_1D: F.linear(F.silu(F.linear(r_1D, w1_FD)) * F.linear(r_1D, w3_FD), w2_DF)
+                    * torch.sigmoid(F.linear(r_1D, g_1D)),
+                    x_TD,
+                )
+                return C.partial_from_shards(y_TD, self.pctx)
+            # This rank's share of the output times the per-token gate: the scale is the
+            # same on every rank, so the sum over ranks is the gated full output.
+            h_TF = F.silu(F.linear(x_TD, w1_FD)) * F.linear(x_TD, w3_FD)
+            gated_TD = F.linear(h_TF, w2_DF) * torch.sigmoid(F.linear(x_TD, g_1D))
+            return C.partial_from_shards(gated_TD, self.pctx)
         if _bi._enabled:  # one [1, D] row at a time: see spmd_moe.batch_invariant
             y_TD = _bi.rowwise(lambda r_1D: F.linear(F.silu(F.linear(r_1D, w1_FD)) * F.linear(r_1D, w3_FD), w2_DF), x_TD)
             return C.partial_from_shards(y_TD, self.pctx)
