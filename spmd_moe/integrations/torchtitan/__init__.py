@@ -323,7 +323,28 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         hands them over: plain tensors, whose placement on the EP axis the layout chosen
         in parallelize() says (stated in _run_layout, verified in debug mode). Like
         torchtitan's MoE, tokens are counted for the expert bias in training mode only
-        (an eval-mode scoring pass must not move the next bias update)."""
+        (an eval-mode scoring pass must not move the next bias update).
+
+        torchtitan's DTensor backends (spmd_backend 'partial_dtensor' / 'full_dtensor')
+        hand over a DTensor on the TP mesh: Shard(1) under sequence parallel (this rank's
+        slice: layout 'sequence'), Replicate without it (layout 'invariant'). The layer
+        runs on its local tensor and returns a DTensor with the same placements (as
+        torchtitan's MoE does through its sharding config's local_map); to_local's backward
+        takes the output gradient as those placements say, i.e. complete for Replicate."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(x_BLD, DTensor):
+            if any(p.is_partial() for p in x_BLD.placements):
+                raise ConfigError(
+                    f"{self.name}: x_BLD (from torchtitan): expected a DTensor sharded or "
+                    f"replicated on its mesh, got placements {tuple(x_BLD.placements)}. Fix: "
+                    "reduce the partial sum before the MoE (torchtitan's block does)."
+                )
+            y_BLD = self._forward_plain(x_BLD.to_local())
+            return DTensor.from_local(y_BLD, x_BLD.device_mesh, x_BLD.placements, run_check=False)
+        return self._forward_plain(x_BLD)
+
+    def _forward_plain(self, x_BLD: Float[torch.Tensor, "*B D"]) -> Float[torch.Tensor, "*B D"]:
         if self.training:
             return self._forward_counted(x_BLD)
         kept_E = self.tokens_per_expert_E.clone()
