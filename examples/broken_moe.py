@@ -1,7 +1,9 @@
-"""Deliberately broken: two bugs of the torchtitan #3622 family that `spmd-moe check`
-finds (tests/test_check_cli.py asserts it). The correct block is examples/working_moe.py.
+"""Deliberately broken: two bugs of the torchtitan #3622 family and a padding policy
+never stated, each found by `spmd-moe check` (tests/test_check_cli.py asserts it). The
+correct block is examples/working_moe.py.
 
-    spmd-moe check examples/broken_moe.py:slices_into_replicated examples/broken_moe.py:local_counts_as_global
+    spmd-moe check examples/broken_moe.py:slices_into_replicated examples/broken_moe.py:local_counts_as_global \
+        examples/broken_moe.py:padding_policy_missing
 
 * ``slices_into_replicated``: a sequence-parallel block (each rank holds its own slice
   of the tokens) whose MoE layer was built with layout 'replicated' (every rank the
@@ -12,6 +14,10 @@ finds (tests/test_check_cli.py asserts it). The correct block is examples/workin
   this rank's expert counts (``moe.tokens_per_expert_E``, Partial: a summand of the
   global counts) as Replicate -- a local count used as the global one. Without debug
   mode every rank reports a different "global" figure.
+* ``padding_policy_missing``: a replicated-layout layer (vLLM style) whose MoEConfig
+  never says what to do with a token count that does not split over the ranks
+  (``padding=None``): the first decode step of one token on two ranks raises
+  ``PaddingError``. Not a wrong result, a crash waiting for production.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 
 import spmd_moe as sm
 from spmd_moe.apps.check import CheckTarget
+from spmd_moe.moe import Replicated
 from spmd_moe.placement import EP, as_rep
 
 D = 32
@@ -57,3 +64,11 @@ def slices_into_replicated(pctx: sm.ParallelContext[EP]) -> CheckTarget:
 
 def local_counts_as_global(pctx: sm.ParallelContext[EP]) -> CheckTarget:
     return CheckTarget(Block(pctx, layout="sequence", counts="local"), layout="sequence", dim=D)
+
+
+def padding_policy_missing(pctx: sm.ParallelContext[EP]) -> sm.MoE[Replicated]:
+    # BUG: no padding policy (MoEConfig.padding=None): T=1 on 2 ranks cannot be split.
+    cfg = sm.MoEConfig(dim=D, hidden_dim=16, num_experts=8, top_k=2)
+    moe = sm.MoE(cfg, pctx, layout="replicated")
+    moe.init_states(seed=0)
+    return moe

@@ -121,7 +121,8 @@ def test_examples_working_passes_broken_is_found() -> None:
     working = "examples/working_moe.py:build"
     slices = "examples.broken_moe:slices_into_replicated"
     counts = "examples/broken_moe.py:local_counts_as_global"
-    rc, rep, wall = run_json(working, slices, counts, "--worlds", "2,4", "--collective-timeout", "20")
+    padding = "examples/broken_moe.py:padding_policy_missing"
+    rc, rep, wall = run_json(working, slices, counts, padding, "--worlds", "2,4", "--collective-timeout", "20")
     print(f"examples: {rep['summary']} in {wall:.0f} s")
     assert rc == 1 and not rep["ok"]
     src = (REPO / "examples" / "broken_moe.py").read_text().splitlines()
@@ -167,6 +168,17 @@ def test_examples_working_passes_broken_is_found() -> None:
             assert e["fix"] and "all_gather" in e["fix"], e
             assert e["where"].startswith(f"examples/broken_moe.py:{counts_line} "), e["where"]
         assert k["probe"]["status"] == "ok"  # a sequence layer: the misuse is caught
+
+        # Bug 3: no padding policy. T a multiple of n passes; every other T raises on
+        # every rank, before any data moves, offering both choices.
+        p = {c["case"]: c for c in runs_of(rep, padding)[n]["cases"]}
+        assert p["empty"]["status"] == "ok" and p["even"]["status"] == "ok"
+        for cid in ("one", "odd", "prefill"):
+            (e,) = errors_of(p[cid])
+            assert e["type"] == "PaddingError" and e["ranks"] == list(range(n)), e
+            T = p[cid]["counts"][0]
+            assert f"T={T}" in e["message"] and f"size {n}" in e["message"] and "padding is not set" in e["message"], e
+            assert "MoEConfig(padding='pad')" in e["fix"] and "padding='error'" in e["fix"], e
     # The distinct fixes, with the user's lines.
     wheres = {f["where"].split(" ")[0] for f in rep["fixes"]}
     assert {f"examples/broken_moe.py:{moe_line}", f"examples/broken_moe.py:{counts_line}"} <= wheres

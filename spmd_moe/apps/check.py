@@ -29,6 +29,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -705,7 +706,8 @@ def run_check(specs: list[str], worlds: list[int], *, timeout: float = 300.0, co
         for c in [{"case": "(build)", "errors": t["errors"], "findings": []}] + t["cases"]:
             for e in c["errors"] + c["findings"]:
                 if e.get("fix"):
-                    k = (e["type"], e["fix"], e.get("where"))
+                    # One entry per fix up to its numbers (T=5 and T=9 get the same advice).
+                    k = (e["type"], re.sub(r"\d+", "#", e["fix"]), e.get("where"))
                     fixes.setdefault(k, {"type": e["type"], "fix": e["fix"], "where": e.get("where"), "cases": []})
                     fixes[k]["cases"].append(f"{t['target']} world {t['world']} {c['case']}")
     report["fixes"] = list(fixes.values())
@@ -754,7 +756,7 @@ def render(report: dict[str, Any]) -> str:
                 w(f"    {c['note']}")
     # The summary table: one row per (target, case), one column per world.
     w("")
-    w("summary (debug mode on; forward + backward; tokens per rank at the largest world):")
+    w("summary (debug mode on; forward + backward):")
     worlds = report["worlds"]
     rows: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for t in report["runs"]:
@@ -762,12 +764,15 @@ def render(report: dict[str, Any]) -> str:
             rows.setdefault((t["target"], "(build)"), {})[t["world"]] = {"status": "fail", "errors": t["errors"], "findings": [], "label": "", "counts": []}
         for c in t["cases"]:
             rows.setdefault((t["target"], c["case"]), {})[t["world"]] = c
-    hdr = ["target", "case", "layout"] + [f"world {n}" for n in worlds]
+    hdr = ["target", "case", "layout", f"tokens per rank (world {worlds[-1]})"] + [f"world {n}" for n in worlds]
     table: list[list[str]] = []
     layouts = {(t["target"], t["world"]): t["layout"] or "?" for t in report["runs"]}
     for (spec, cid), per in rows.items():
+        last = per.get(worlds[-1]) or next(iter(per.values()))
+        counts = last.get("counts") or []
+        shown = "" if not counts else str(counts[0]) + " each" if len(set(counts)) == 1 else ",".join(map(str, counts))
         cells = [_short_spec(spec), cid,
-                 layouts.get((spec, worlds[-1]), layouts.get((spec, worlds[0]), "?"))]
+                 layouts.get((spec, worlds[-1]), layouts.get((spec, worlds[0]), "?")), shown]
         for n in worlds:
             c = per.get(n)
             if c is None:
@@ -791,7 +796,7 @@ def render(report: dict[str, Any]) -> str:
     w(f"{s['cases']} cases: {s['ok']} ok, {s['failed']} failed, {s['warnings']} warnings, {s['not_run']} not run; "
       f"{s['target_errors']} target errors; {s['distinct_fixes']} distinct fixes")
     for f in report["fixes"]:
-        w(f"  fix [{f['type']}, {len(f['cases'])} cases]: {f['fix']}" + (f"  (at {f['where']})" if f.get("where") else ""))
+        w(f"  fix [{f['type']}, {len(f['cases'])} cases, e.g.]: {f['fix']}" + (f"  (at {f['where']})" if f.get("where") else ""))
     w("RESULT: " + ("PASS" if report["ok"] else "FAIL"))
     return "\n".join(lines)
 
