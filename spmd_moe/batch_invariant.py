@@ -169,10 +169,10 @@ def block_slots(ends_g: torch.Tensor, bucket_R: torch.Tensor, B: int = BLOCK_ROW
 
 def _blocks(x_RD: torch.Tensor, pos_R: torch.Tensor, nblk: int, B: int) -> tuple[torch.Tensor, ...]:
     """The rows scattered to their slots of nblk zero blocks, as nblk [B, D] views (the
-    scatter and the split are exact and differentiable: index_copy / split backward)."""
+    scatter and the unbind are exact and differentiable: index_copy / stack backward)."""
     D = x_RD.shape[1]
     buf = x_RD.new_zeros(nblk * B, D).index_copy(0, pos_R, x_RD)
-    blocks = buf.split(B)
+    blocks: tuple[torch.Tensor, ...] = buf.view(nblk, B, D).unbind(0)
     if (B * D * x_RD.element_size()) % _ALIGN:
         # Not every block view would start 64-byte aligned: fresh allocations do.
         blocks = tuple(b.clone() for b in blocks)
@@ -241,6 +241,8 @@ _layout_cache: list[Any] = [None, -1, 0, None, 0]
 
 
 def _token_layout(x_TD: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
+    if x_TD.is_inference():  # no version counter to validate a cached entry with
+        return token_slots(row_bucket(x_TD, B), B)
     c = _layout_cache
     if c[0] is x_TD and c[1] == x_TD._version and c[2] == B:
         return cast(torch.Tensor, c[3]), int(c[4])
