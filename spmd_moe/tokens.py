@@ -13,13 +13,24 @@ a layer that would need it raises PaddingError on every rank (every rank sees th
 sizes, so all take the same branch).
 
 The peer header (spmd_moe.dispatch.validate) is exchanged here, before any data: ranks
-that disagree on config, layout or T fail together instead of hanging.
+that disagree on config, layout or T fail together instead of hanging. It is exchanged
+once per layer and token count, not every call (debug mode: every call):
+
+* replicated / invariant: on the first call with each T (all ranks hold the same T, so
+  all of them meet a new T together); never inside a CUDA graph capture (it reads the
+  result on the host; the eager warm-up before a capture has checked that T).
+* sequence: on the first call, and on every call whose path needs the other ranks' token
+  counts (the all-gather paths pad to the largest slice, and dispatcher 'auto' picks by
+  it); with dispatcher 'all_to_all' and no shared experts, only the first call. The
+  all-to-all dispatcher's count exchange then carries a small header (E, top_k, D,
+  chunks) compared on every call at no extra host sync.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
@@ -32,6 +43,14 @@ from spmd_moe.errors import PaddingError
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Rep, Var
 
+
+
+_MAX_CHECKED = 4096  # distinct token counts remembered per layer (then checked afresh)
+
+
+def _capturing() -> bool:
+    """Inside a CUDA graph capture, where a host read of a device value is illegal."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class ReplicatedSplit(NamedTuple):
@@ -61,6 +80,7 @@ class TokenLayout:
         self.layout = layout
         self.name = name
         self.peers_checked = False
+        self._checked_T: set[int] = set()  # replicated: token counts already checked
 
     def use_decode(self, tokens_per_rank: int) -> bool:
         """The all-gather dispatcher (decode: no host sync) or the all-to-all one."""
@@ -77,10 +97,12 @@ class TokenLayout:
         T_pad = -(-T // n) * n
         T_loc = T_pad // n
         decode = self.use_decode(T_loc)
-        if n > 1 and (not decode or not self.peers_checked or _debug._enabled):
-            # Before any raise or data exchange. The decode path checks once (and
-            # always in debug mode): it has no host sync to spare.
+        if n > 1 and (_debug._enabled or (T not in self._checked_T and not _capturing())):
+            # Before any raise or data exchange: once per T (every call in debug mode).
             self.check_peers(T)
+            if len(self._checked_T) >= _MAX_CHECKED:
+                self._checked_T.clear()
+            self._checked_T.add(T)
         x_all_TD = x_TD
         if T_pad > T:
             self.require_padding(f"token count T={T}", f"remainder {T % n}", T_pad)
@@ -99,6 +121,9 @@ class TokenLayout:
         need equal slices (decode dispatch, or ``needs_equal``: the shared experts)."""
         T = x_TD.shape[0]
         if self.pctx.size == 1:
+            return SequenceSlice(x_TD, 0, False)
+        if self.peers_checked and not _debug._enabled and not needs_equal and self.cfg.dispatcher == "all_to_all":
+            # Config agreed on the first call; nothing here depends on the others' counts.
             return SequenceSlice(x_TD, 0, False)
         counts = self.check_peers(-1, local_tokens=T)
         decode = self.use_decode(max(counts))

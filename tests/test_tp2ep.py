@@ -102,7 +102,11 @@ def _expected_dispatcher(c: dict[str, Any], n: int) -> str:
         return str(c["dispatcher"])
     T = c["T"]
     per_rank = -(-T // n)  # replicated: ceil(T/n) after padding; sequence: the largest slice
-    return "all_gather" if per_rank <= make_cfg().decode_max_tokens else "all_to_all"
+    if per_rank > make_cfg().decode_max_tokens:
+        return "all_to_all"
+    if c["layout"] == "replicated" and c["mode"] != "grad" and T > 0 and not c.get("debug"):
+        return "none"  # spmd_moe.replicated_decode: one all-reduce, no dispatcher (H-D)
+    return "all_gather"
 
 
 def _gather_cat(t: torch.Tensor, dim: int, group: Any = None) -> torch.Tensor:

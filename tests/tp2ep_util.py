@@ -103,6 +103,16 @@ class DispatchSpy:
                 return _orig(*a, **kw)
 
             d.dispatch = wrapped
+            # The chunked all-to-all runs dispatch, experts and return in pipelined().
+            orig_p = d.pipelined
+
+            def wrapped_p(*a: Any, _orig: Any = orig_p, _name: str = name, **kw: Any) -> Any:
+                out = _orig(*a, **kw)
+                if out is not None:
+                    self.calls[_name] += 1
+                return out
+
+            d.pipelined = wrapped_p
 
     def used(self) -> str:
         ran = [k for k, v in self.calls.items() if v]

@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 
 from spmd_moe import collectives as C
 from spmd_moe.checking import checked
-from spmd_moe.dispatch.base import count_ids
+from spmd_moe.dispatch.base import ExpertsFn, count_ids
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
 
@@ -71,4 +71,14 @@ class AllGatherDispatcher:
 
     def returned_rows(self, out_RD: Float[Placed[Var[EP]], "R D"], state: AllGatherState) -> None:
         """No fused form: every slot is summed over ranks by reduce_scatter."""
+        return None
+
+    def pipelined(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        num_pad_tokens: int,
+        experts: ExpertsFn,
+    ) -> None:
+        """No interleaved form: the caller runs dispatch -> experts -> combine."""
         return None

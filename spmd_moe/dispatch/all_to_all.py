@@ -1,43 +1,256 @@
 """AllToAllDispatcher: the prefill path of TP2EP.
 
-Each rank sends every sent row to the rank owning its expert (all_to_all), runs its
-e = E/n local experts, and sends the results back (the mirror all_to_all). The split
-sizes need one host sync (the count exchange). Received rows arrive source-major
-(rank 0's rows for my experts, then rank 1's, ...) and are regrouped expert-major
-for the grouped GEMM; combine undoes both steps.
+Tokens travel, not rows: each rank sends every token once to each rank that owns at
+least one of its K experts, together with its K expert ids (a small int64 exchange).
+The receiver expands the tokens into expert-major rows with ONE gather (the source-major
+-> expert-major regroup is folded into it), runs its e = E/n local experts, puts the
+results back in (source, token, k) order with one index_copy, and sends them back
+(the mirror exchange); the sender scatters each row into its slot. With K = 8 and
+n = 2 a token has about 4 rows on the other rank but travels there once.
+
+Split sizes: one count exchange per forward (an all_to_all of int64 counts whose size
+depends only on n and E, carrying a small header: magic, E, K, D, chunks, compared on
+every rank: ranks that disagree raise DistributedError together) and ONE host read of
+every split size of the forward.
+
+Rows per expert arrive in the same order as before (source rank, then token order), so
+the expert GEMMs see the same rows in the same order and the forward is bitwise the
+unchunked row-sending path. The input gradient sums a token's row gradients per rank
+first (on the receiver), then over ranks: the same values, another fp summation order.
+
+``chunks`` > 1 (every rank the same): the tokens are split into that many contiguous
+pieces; all pieces' dispatch exchanges are issued first, then for each piece its expert
+GEMMs and its return exchange. On CUDA the exchanges run on a side stream ordered by
+events, so the exchange of piece c+1 (and the return of piece c-1) overlaps the GEMMs
+of piece c, in the forward and (autograd runs each backward op on its forward op's
+stream) in the backward. On CPU the same code runs in order.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
 import torch
 from jaxtyping import Float, Int
 
 from spmd_moe import collectives as C
 from spmd_moe.checking import checked
-from spmd_moe.dispatch.base import SentRows, count_per_expert, scatter_to_slots, sort_slots
+from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_per_expert, scatter_to_slots
+from spmd_moe.errors import ConfigError, DistributedError
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
+
+_MAGIC = 0xA2A_0E
+_HEAD = ("magic", "num_experts", "top_k", "dim", "chunks")
+MAX_CHUNKS = 16  # the count message has room for this many pieces: its size never depends on chunks
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Host-side split sizes and device-side indices of one piece of the tokens."""
+
+    t0: int
+    t1: int
+    send_tok: list[int]  # tokens sent to each rank
+    recv_tok: list[int]  # tokens received from each rank
+    send_rows: list[int]  # rows (slots) this rank has on each rank's experts (come back from it)
+    recv_rows: list[int]  # rows for my experts from each rank (go back to it)
+    tok_idx_S: Int[Placed[Var[EP]], " s"]  # tokens sent, destination-major, token order
+    slots_S: Int[Placed[Var[EP]], " S"]  # slot (index into N) of each row sent, same order as they come back
+    counts_e: Int[Placed[Var[EP]], " e"]  # rows per local expert received in this piece
 
 
 @dataclass(frozen=True)
 class AllToAllState:
     num_tokens: int
     top_k: int
-    sent_slots_S: Int[Placed[Var[EP]], " S"]  # slot index (into N) of each sent row, expert-sorted
-    in_splits: list[int]  # rows sent to each rank
-    out_splits: list[int]  # rows received from each rank
-    regroup_R: Int[Placed[Var[EP]], " R"]  # source-major -> expert-major permutation
+    sent_slots_S: Int[Placed[Var[EP]], " S"]  # slot index (into N) of each row, in returned order
+    in_splits: list[int]  # rows this rank has on each rank (returned by it)
+    out_splits: list[int]  # rows received from each rank (returned to it)
+    back_R: Int[Placed[Var[EP]], " R"]  # expert-major row -> its position in (source, token, k) order
+
+
+class _Streams:
+    """CUDA: a side stream for the exchanges, ordered against the compute stream by
+    events; the caching allocator is told about every cross-stream use. CPU: no-ops."""
+
+    _side: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __init__(self, device: torch.device, overlap: bool) -> None:
+        self.on = overlap and device.type == "cuda"
+        if self.on:
+            self.main = torch.cuda.current_stream(device)
+            if device not in _Streams._side:
+                _Streams._side[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            self.comm = _Streams._side[device]
+
+    def to_comm(self, *ts: torch.Tensor) -> None:
+        """The side stream waits for everything issued so far; ``ts`` are read there."""
+        if self.on:
+            self.comm.wait_stream(self.main)
+            for t in ts:
+                t.record_stream(self.comm)
+
+    @contextlib.contextmanager
+    def comm_ctx(self) -> Iterator[None]:
+        if self.on:
+            with torch.cuda.stream(self.comm):
+                yield
+        else:
+            yield
+
+    def mark(self) -> torch.cuda.Event | None:
+        """An event after the side stream's work so far."""
+        if not self.on:
+            return None
+        ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ev.record(self.comm)
+        return ev
+
+    def main_mark(self) -> torch.cuda.Event | None:
+        """An event after the compute stream's work so far."""
+        if not self.on:
+            return None
+        ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ev.record(self.main)
+        return ev
+
+    def comm_wait(self, ev: torch.cuda.Event | None, *ts: torch.Tensor) -> None:
+        """The side stream waits for the compute stream's work up to ``ev``; ``ts`` are read there."""
+        if self.on and ev is not None:
+            self.comm.wait_event(ev)
+            for t in ts:
+                t.record_stream(self.comm)
+
+    def use(self, ev: torch.cuda.Event | None, *ts: torch.Tensor) -> None:
+        """The compute stream waits for the side stream's work up to ``ev``; ``ts``
+        (made there) are used on the compute stream."""
+        if self.on and ev is not None:
+            self.main.wait_event(ev)
+            for t in ts:
+                t.record_stream(self.main)
 
 
 class AllToAllDispatcher:
     rows_exact = True
 
-    def __init__(self, num_experts: int, pctx: ParallelContext[EP]):
+    def __init__(self, num_experts: int, pctx: ParallelContext[EP], chunks: int = 1):
         self.num_experts = num_experts
         self.pctx = pctx
         self.num_local = num_experts // pctx.size
+        self.start = pctx.rank * self.num_local
+        if not 1 <= chunks <= MAX_CHUNKS:
+            raise ConfigError(
+                f"MoEConfig.ep_chunks: expected 1..{MAX_CHUNKS}, got {chunks}. "
+                "Fix: pass ep_chunks within that range (4 is plenty to overlap)."
+            )
+        self.chunks = chunks
+        self.host_reads = 0  # host syncs issued (one per forward); tests read it
 
+    # ------------------------------------------------------------ planning
+    def plan(self, x_TD: Float[Placed[Var[EP]], "T D"], expert_ids_TK: Int[Placed[Var[EP]], "T K"], chunks: int) -> list[ChunkPlan]:
+        """Count exchange and the one host read: every piece's split sizes and indices."""
+        n, e, E = self.pctx.size, self.num_local, self.num_experts
+        T, K = expert_ids_TK.shape
+        dev = expert_ids_TK.device
+        # Destination rank of every slot; pads (id E) get n: never sent.
+        dest_TK = torch.div(expert_ids_TK, e, rounding_mode="floor")
+        hit_Tn = (dest_TK.unsqueeze(-1) == torch.arange(n, device=dev)).any(dim=1)
+        if not 1 <= chunks <= MAX_CHUNKS:
+            raise ConfigError(
+                f"AllToAllDispatcher.chunks: expected 1..{MAX_CHUNKS}, got {chunks}. "
+                "Fix: MoEConfig(ep_chunks=...) within that range (4 is plenty to overlap)."
+            )
+        L = len(_HEAD) + MAX_CHUNKS * (1 + e)
+        bounds = [T * c // chunks for c in range(chunks + 1)]
+        head = torch.tensor([_MAGIC, E, K, x_TD.shape[-1], chunks], dtype=torch.int64, device=dev)
+        parts = [head.expand(n, len(_HEAD))]
+        for c in range(chunks):
+            t0, t1 = bounds[c], bounds[c + 1]
+            tok_n1 = hit_Tn[t0:t1].sum(dim=0, dtype=torch.int64).unsqueeze(1)
+            rows_ne = count_per_expert(expert_ids_TK[t0:t1], E).view(n, e)
+            parts += [tok_n1, rows_ne]
+        parts.append(torch.zeros(n, (MAX_CHUNKS - chunks) * (1 + e), dtype=torch.int64, device=dev))
+        msg_nL = unchecked_cast(Placed[Var[EP]], torch.cat(parts, dim=1), reason="this rank's counts per destination")
+        recv_nL = C.all_to_all(msg_nL, self.pctx, [1] * n, [1] * n)
+        both = torch.stack([msg_nL, recv_nL]).tolist()  # the one host sync of the forward
+        self.host_reads += 1
+        mine, theirs = both[0], both[1]
+        self._check_heads(mine[0][: len(_HEAD)], theirs)
+        plans = []
+        for c in range(chunks):
+            t0, t1 = bounds[c], bounds[c + 1]
+            o = len(_HEAD) + c * (1 + e)
+            send_tok = [mine[j][o] for j in range(n)]
+            recv_tok = [theirs[j][o] for j in range(n)]
+            send_rows = [sum(mine[j][o + 1 : o + 1 + e]) for j in range(n)]
+            recv_rows = [sum(theirs[j][o + 1 : o + 1 + e]) for j in range(n)]
+            Tc = t1 - t0
+            # Tokens hit per destination, destination-major then token order: a stable
+            # sort of the misses (1) after the hits (0) of the [n, Tc] layout.
+            miss_nT = (~hit_Tn[t0:t1]).t().reshape(-1).to(torch.int8)
+            sel = torch.argsort(miss_nT, stable=True)[: sum(send_tok)]
+            tok_idx = unchecked_cast(Placed[Var[EP]], sel % max(Tc, 1) + t0, reason="indices of this rank's tokens")
+            slots = torch.argsort(dest_TK[t0:t1].reshape(-1), stable=True)[: sum(send_rows)] + t0 * K
+            counts_e = recv_nL[:, o + 1 : o + 1 + e].sum(dim=0)
+            plans.append(ChunkPlan(
+                t0, t1, send_tok, recv_tok, send_rows, recv_rows, tok_idx,
+                unchecked_cast(Placed[Var[EP]], slots, reason="slot indices of this rank's rows"),
+                unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"),
+            ))
+        return plans
+
+    def _check_heads(self, mine: list[int], theirs: list[list[int]]) -> None:
+        for r, row in enumerate(theirs):
+            for i, name in enumerate(_HEAD):
+                if row[i] != mine[i]:
+                    raise DistributedError(
+                        f"AllToAllDispatcher: ranks disagree on '{name}' on axis '{self.pctx.name}': "
+                        f"expected this rank's ({self.pctx.rank}) {mine[i]!r}, got {row[i]!r} from rank {r}. "
+                        "Fix: build every rank's layer from the same MoEConfig and set the same "
+                        "dispatcher chunks on every rank."
+                    )
+
+    # ------------------------------------------------------------ per piece
+    def _send(
+        self, x_TD: Float[Placed[Var[EP]], "T D"], expert_ids_TK: Int[Placed[Var[EP]], "T K"], p: ChunkPlan
+    ) -> tuple[Float[Placed[Var[EP]], "s D"], Int[Placed[Var[EP]], "s K"]]:
+        return x_TD[p.tok_idx_S], expert_ids_TK[p.tok_idx_S]
+
+    def _exchange_tokens(
+        self, send_sD: Float[Placed[Var[EP]], "s D"], ids_sK: Int[Placed[Var[EP]], "s K"], p: ChunkPlan
+    ) -> tuple[Float[Placed[Var[EP]], "r D"], Int[Placed[Var[EP]], "r K"]]:
+        recv_rD = C.all_to_all(send_sD, self.pctx, p.send_tok, p.recv_tok)
+        recv_ids_rK = C.all_to_all(ids_sK, self.pctx, p.send_tok, p.recv_tok)
+        return recv_rD, recv_ids_rK
+
+    def _expand(
+        self, recv_rD: Float[Placed[Var[EP]], "r D"], recv_ids_rK: Int[Placed[Var[EP]], "r K"], p: ChunkPlan
+    ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " R"]]:
+        """Received tokens -> expert-major rows (one gather), and each row's position in
+        (source, token, k) order for the way back."""
+        K = recv_ids_rK.shape[-1]
+        R = sum(p.recv_rows)
+        local_rK = recv_ids_rK - self.start
+        valid_N = ((local_rK >= 0) & (local_rK < self.num_local)).reshape(-1)
+        key_N = torch.where(valid_N, local_rK.reshape(-1), self.num_local)
+        # Stable: within an expert, source rank then token order (as the rows arrived).
+        order_R = torch.argsort(key_N, stable=True)[:R]
+        pos_N = torch.cumsum(valid_N, dim=0) - 1
+        back_R = unchecked_cast(Placed[Var[EP]], pos_N[order_R], reason="a permutation of the rows this rank received")
+        return recv_rD[order_R // K], back_R
+
+    @staticmethod
+    def _source_major(out_RD: Float[Placed[Var[EP]], "R D"], back_R: Int[Placed[Var[EP]], " R"]) -> Float[Placed[Var[EP]], "R D"]:
+        """Expert-major outputs -> (source, token, k) order: what each source expects back."""
+        return unchecked_cast(
+            Placed[Var[EP]], out_RD.new_empty(out_RD.shape).index_copy_(0, back_R, out_RD),
+            reason="this rank's expert outputs, reordered within the rank",
+        )
+
+    # ------------------------------------------------------------ Dispatcher protocol
     @checked(tokens=("x_TD",))
     def dispatch(
         self,
@@ -45,35 +258,18 @@ class AllToAllDispatcher:
         expert_ids_TK: Int[Placed[Var[EP]], "T K"],
         num_pad_tokens: int,
     ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " e"], AllToAllState]:
-        n, e = self.pctx.size, self.num_local
+        del num_pad_tokens  # pads carry id E: owned by no rank, never sent
         T, K = expert_ids_TK.shape
-        order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
-        sent_slots_S = order_N[:num_sent]
-        # counts_ne[j] = my rows for rank j's experts; recv_ne[j] = rank j's rows for mine.
-        counts_ne = count_per_expert(expert_ids_TK, self.num_experts).view(n, e)
-        recv_ne = C.all_to_all(counts_ne, self.pctx, [1] * n, [1] * n)
-        in_splits = counts_ne.sum(dim=1).tolist()  # host sync (prefill only)
-        out_splits = recv_ne.sum(dim=1).tolist()
-        recv_RD = C.all_to_all(x_TD[sent_slots_S // K], self.pctx, in_splits, out_splits)
-        # Regroup source-major -> expert-major (stable: source order kept per expert).
-        row_expert_R = torch.repeat_interleave(
-            torch.arange(e, device=x_TD.device).repeat(n), recv_ne.reshape(-1),
-            output_size=recv_RD.shape[0],
-        )
-        regroup_R = unchecked_cast(
-            Placed[Var[EP]], torch.argsort(row_expert_R, stable=True),
-            reason="a permutation of the rows this rank received",
-        )
-        state = AllToAllState(T, K, sent_slots_S, in_splits, out_splits, regroup_R)
-        return recv_RD[regroup_R], recv_ne.sum(dim=0), state
+        (p,) = self.plan(x_TD, expert_ids_TK, 1)
+        recv_rD, recv_ids_rK = self._exchange_tokens(*self._send(x_TD, expert_ids_TK, p), p)
+        routed_RD, back_R = self._expand(recv_rD, recv_ids_rK, p)
+        state = AllToAllState(T, K, p.slots_S, p.send_rows, p.recv_rows, back_R)
+        return routed_RD, p.counts_e, state
 
     @checked
     def returned_rows(self, out_RD: Float[Placed[Var[EP]], "R D"], state: AllToAllState) -> SentRows:
-        """The expert outputs back on their source rank, in sent order."""
-        source_major_RD = unchecked_cast(
-            Placed[Var[EP]], torch.empty_like(out_RD).index_copy_(0, state.regroup_R, out_RD),
-            reason="this rank's expert outputs, reordered within the rank",
-        )
+        """The expert outputs back on their source rank, with the slot of each."""
+        source_major_RD = self._source_major(out_RD, state.back_R)
         back_SD = C.all_to_all(source_major_RD, self.pctx, state.out_splits, state.in_splits)
         return SentRows(back_SD, state.sent_slots_S)
 
@@ -82,3 +278,113 @@ class AllToAllDispatcher:
         back = self.returned_rows(out_RD, state)
         slots_ND = scatter_to_slots(back.rows_SD, back.slots_S, state.num_tokens * state.top_k)
         return slots_ND.view(state.num_tokens, state.top_k, slots_ND.shape[-1])
+
+    def pipelined(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        num_pad_tokens: int,
+        experts: ExpertsFn,
+    ) -> SentRows | None:
+        """Dispatch, experts and return in ``chunks`` overlapped pieces; None when
+        chunks == 1 (the caller runs dispatch -> experts -> returned_rows)."""
+        del num_pad_tokens
+        if self.chunks <= 1:
+            return None
+        import spmd_types as spmd
+
+        plans = self.plan(x_TD, expert_ids_TK, self.chunks)
+        # Debug mode tracks placements through every op: typed collectives in order there.
+        tracked = spmd.is_type_checking()
+        st = _Streams(x_TD.device, overlap=not tracked)
+        sends = [self._send(x_TD, expert_ids_TK, p) for p in plans]
+        st.to_comm(*(t for s in sends for t in s))
+        # Every piece's dispatch first: on the side stream they run back to back while
+        # the GEMMs of the earlier pieces run on the compute stream.
+        recvs = []
+        with st.comm_ctx():
+            for p, (send_sD, ids_sK) in zip(plans, sends):
+                recv = self._exchange_tokens(send_sD, ids_sK, p)
+                recvs.append((recv, st.mark()))
+        link = _Link(st, len(plans))
+        outs: list[torch.Tensor] = []
+        for c, (p, ((recv_rD, recv_ids_rK), ev)) in enumerate(zip(plans, recvs)):
+            st.use(ev, recv_rD, recv_ids_rK)
+            routed_RD, back_R = self._expand(recv_rD, recv_ids_rK, p)
+            out_RD = experts(routed_RD, p.counts_e, True)
+            source_major_RD = self._source_major(out_RD, back_R)
+            if tracked:
+                outs.append(C.all_to_all(source_major_RD, self.pctx, p.recv_rows, p.send_rows))
+            else:
+                link.ready[c] = st.main_mark()
+                outs.append(_GradWait.apply(source_major_RD, link, c))  # type: ignore[no-untyped-call]
+        if tracked:
+            rows = torch.cat(outs)
+        else:
+            splits = [(p.recv_rows, p.send_rows) for p in plans]
+            rows = _ReturnAll.apply(self.pctx.backend, link, splits, *outs)  # type: ignore[no-untyped-call]
+        rows_SD = unchecked_cast(Placed[Var[EP]], rows, reason="this rank's returned rows")
+        slots_S = unchecked_cast(Placed[Var[EP]], torch.cat([p.slots_S for p in plans]), reason="their slots")
+        return SentRows(rows_SD, slots_S)
+
+
+class _Link:
+    """What the return exchange and its per-piece gradient waits share: the compute
+    stream's mark after each piece's outputs (forward) and the side stream's mark after
+    each piece's gradient exchange (backward)."""
+
+    def __init__(self, st: _Streams, chunks: int) -> None:
+        self.st = st
+        self.ready: list[torch.cuda.Event | None] = [None] * chunks
+        self.grad_ready: list[torch.cuda.Event | None] = [None] * chunks
+
+
+class _GradWait(torch.autograd.Function):
+    """Identity forward; backward makes the compute stream wait for this piece's
+    gradient exchange only (not the later pieces'), so the backward GEMMs of one piece
+    overlap the exchanges of the next."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, link: _Link, c: int) -> torch.Tensor:
+        ctx.link, ctx.c = link, c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        link: _Link = ctx.link
+        link.st.use(link.grad_ready[ctx.c], g)
+        return g, None, None
+
+
+class _ReturnAll(torch.autograd.Function):
+    """The return exchanges of every piece, issued on the side stream, each after its
+    piece's outputs are ready; backward issues every piece's mirror exchange at once
+    (the gradients of all pieces are ready together) and marks each."""
+
+    @staticmethod
+    def forward(ctx: Any, comm: Any, link: _Link, splits: list[tuple[list[int], list[int]]], *outs: torch.Tensor) -> torch.Tensor:
+        ctx.comm, ctx.link, ctx.splits = comm, link, splits
+        st = link.st
+        backs = []
+        for c, (x, (send, recv)) in enumerate(zip(outs, splits)):
+            st.comm_wait(link.ready[c], x)
+            with st.comm_ctx():
+                backs.append(comm.all_to_all(x.contiguous(), send, recv))
+        st.use(st.mark(), *backs)
+        return torch.cat(backs)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        link: _Link = ctx.link
+        st = link.st
+        g = g.contiguous()
+        st.to_comm(g)
+        grads = []
+        off = 0
+        with st.comm_ctx():
+            for c, (send, recv) in enumerate(ctx.splits):
+                gc = g.narrow(0, off, sum(recv))
+                off += sum(recv)
+                grads.append(ctx.comm.all_to_all(gc.contiguous(), recv, send))
+                link.grad_ready[c] = st.mark()
+        return (None, None, None, *grads)

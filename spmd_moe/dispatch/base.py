@@ -8,6 +8,7 @@ last and are never sent. Everything here is Varying on the expert axis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol, TypeVar
 
 import torch
@@ -16,6 +17,10 @@ from jaxtyping import Float, Int
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
 
 S = TypeVar("S")
+
+# The expert GEMMs as a dispatcher's pipelined form calls them:
+# experts(routed_RD, counts_e, rows_exact) -> out_RD.
+ExpertsFn = Callable[[Placed[Var[EP]], Placed[Var[EP]], bool], Placed[Var[EP]]]
 
 
 class SentRows(NamedTuple):
@@ -53,6 +58,18 @@ class Dispatcher(Protocol[S]):
     def returned_rows(self, out_RD: Float[Placed[Var[EP]], "R D"], state: S) -> SentRows | None:
         """The fused-combine hook: the outputs back in sent order, or None where the
         dispatcher has no such form (its combine sums over ranks)."""
+        ...
+
+    def pipelined(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        num_pad_tokens: int,
+        experts: ExpertsFn,
+    ) -> SentRows | None:
+        """Dispatch, ``experts`` and the way back interleaved (exchanges overlapping the
+        GEMMs), or None where the dispatcher does not (the caller then runs dispatch ->
+        experts -> returned_rows/combine)."""
         ...
 
 

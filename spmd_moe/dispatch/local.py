@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from jaxtyping import Float, Int
 
 from spmd_moe.checking import checked
-from spmd_moe.dispatch.base import SentRows, count_ids, count_per_expert, scatter_to_slots, sort_slots
+from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_ids, count_per_expert, scatter_to_slots, sort_slots
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Var
 
@@ -50,3 +50,13 @@ class LocalDispatcher:
 
     def returned_rows(self, out_RD: Float[Placed[Var[EP]], "R D"], state: LocalState) -> SentRows:
         return SentRows(out_RD, state.sent_slots_R)
+
+    def pipelined(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        num_pad_tokens: int,
+        experts: ExpertsFn,
+    ) -> None:
+        """No interleaved form: the caller runs dispatch -> experts -> combine."""
+        return None

@@ -1,16 +1,22 @@
 """TP2EP on several GPUs of one host (NCCL), against one GPU, in one torchrun job.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-    torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.tp2ep --out tp2ep.json
+    torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.tp2ep --out tp2ep_2gpu.json
 
-Measures, with the Qwen3-30B-A3B layer (bf16):
-- prefill, layout 'sequence' (each rank its own T tokens, all-to-all dispatch): forward and
-  forward+backward time on n GPUs against the same per-GPU tokens on one GPU (EP=1,
-  run on every GPU at once), so per-GPU throughput = t(1 GPU) / t(n GPUs);
-- decode, layout 'replicated' (every rank the same T tokens, all-gather dispatch);
-- NCCL in the same job: all_to_all_single with the layer's dispatch payload (per-rank
-  outgoing bandwidth) and all_reduce bus bandwidth at the same sizes;
-- a profile of the n-GPU prefill forward: where the time goes (NCCL, GEMMs, the rest).
+Measures, with the Qwen3-30B-A3B layer (D=2048, F=768, E=128, top-8, bf16):
+- prefill, layout 'sequence' (each rank its own T tokens, all-to-all dispatcher): forward
+  and forward+backward on n GPUs against the same per-GPU tokens on one GPU (EP=1, run
+  on every GPU at once, same job), for each ep_chunks in --chunks (1 = no overlap);
+  per_gpu_throughput = t(1 GPU) / t(n GPUs) at the best chunk count, and per chunk count;
+- that the n-GPU outputs equal the 1-GPU outputs on the same tokens (bitwise flag and
+  max abs difference; chunked against unchunked too), forward and input gradient;
+- decode, layout 'replicated' (all-gather dispatcher): eager and as a CUDA graph captured
+  around the whole layer, on one GPU and on n GPUs; the ratio n-GPU / 1-GPU graph time;
+- host syncs: the decode forward at EP=n under torch.cuda.set_sync_debug_mode('error')
+  (and CUDA graph capture), and the prefill forward under the same mode (it has one host
+  read for the split sizes: reported, not hidden);
+- a torch.profiler trace of the n-GPU prefill forward (and forward+backward) at the best
+  chunk count: device time by kind and how much NCCL time overlaps compute kernels.
 """
 
 from __future__ import annotations
@@ -20,44 +26,57 @@ import json
 import os
 import statistics
 import sys
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 D, F_, E, K = 2048, 768, 128, 8
+CUDA = True  # False: --smoke (gloo on the CPU, small layer): checks the script, times nothing real
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 def log(msg: str) -> None:
     if dist.get_rank() == 0:
-        print(f"[tp2ep] {msg}", file=sys.stderr, flush=True)
+        print(f"[tp2ep {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def timed(fn: Any, reps: int, warmup: int = 3) -> float:
     """Median ms on this rank; the slowest rank's median is what counts (max over ranks)."""
     for i in range(warmup):
         fn(i)
-    torch.cuda.synchronize()
+    _sync()
     dist.barrier()
     ts = []
     for i in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(i)
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    med = torch.tensor([statistics.median(ts)], device="cuda")
+        if CUDA:
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(i)
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    med = torch.tensor([statistics.median(ts)], device="cuda" if CUDA else "cpu")
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
     return float(med.item())
 
 
 def full_weights(dev: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator(device=dev).manual_seed(0)
+    dt = torch.bfloat16 if CUDA else torch.float32
 
     def rnd(*s: int) -> torch.Tensor:
-        return (torch.randn(*s, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+        return (torch.randn(*s, generator=g, device=dev) * 0.02).to(dt)
 
     return {
         "router.gate.weight": rnd(E, D),
@@ -67,14 +86,18 @@ def full_weights(dev: torch.device) -> dict[str, torch.Tensor]:
     }
 
 
-def build(pctx: Any, layout: str, sd: dict[str, torch.Tensor], dev: torch.device) -> torch.nn.Module:
+def build(pctx: Any, layout: str, sd: dict[str, torch.Tensor], dev: torch.device, **kw: Any) -> Any:
+    import dataclasses
+
     import spmd_moe as sm
     from spmd_moe.checkpoint import shard_state_dict
 
+    names = {f.name for f in dataclasses.fields(sm.MoEConfig)}
+    kw = {k: v for k, v in kw.items() if k in names}
     cfg = sm.MoEConfig(dim=D, hidden_dim=F_, num_experts=E, top_k=K, score_func="softmax",
-                       route_norm=True, param_dtype=torch.bfloat16,
-                       padding="pad")  # decode T is not always a multiple of the GPU count
-    m = sm.MoE(cfg, pctx, layout=layout, device=dev)  # type: ignore[arg-type]
+                       route_norm=True, param_dtype=torch.bfloat16 if CUDA else torch.float32,
+                       padding="pad", **kw)  # decode T is not always a multiple of the GPU count
+    m = sm.MoE(cfg, pctx, layout=layout, device=dev)
     shard = shard_state_dict(sd, cfg, pctx)
     with torch.no_grad():
         for k, v in m.state_dict().items():
@@ -83,100 +106,265 @@ def build(pctx: Any, layout: str, sd: dict[str, torch.Tensor], dev: torch.device
     return m
 
 
+def graph_of(fn: Any, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Capture fn(x) as a CUDA graph (after eager warm-up on a side stream)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = fn(x)
+    torch.cuda.synchronize()
+    return g, y
+
+
+def sync_check(fn: Any) -> dict[str, Any]:
+    """Run fn() under sync debug mode 'error': ok, or the first synchronizing call."""
+    if not CUDA:
+        fn()
+        return {"host_syncs": "not measured (CPU smoke run)"}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        res: dict[str, Any] = {"host_syncs": 0}
+    except RuntimeError as e:
+        res = {"host_syncs": ">=1", "first": str(e).splitlines()[0][:200]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return res
+
+
+def overlap_summary(prof: Any, iters: int) -> dict[str, Any]:
+    """Device time by kind, and the share of NCCL kernel time during which a compute
+    kernel ran too (union of intervals on the device timeline)."""
+    from torch.autograd import DeviceType
+
+    from spmd_moe.apps.bench.gpu_profile import kernel_split
+
+    comm: list[tuple[float, float]] = []
+    comp: list[tuple[float, float]] = []
+    for ev in prof.events():
+        if ev.device_type != DeviceType.CUDA or ev.name.startswith("nccl:"):
+            continue
+        iv = (float(ev.time_range.start), float(ev.time_range.end))
+        (comm if "nccl" in ev.name.lower() else comp).append(iv)
+
+    def union(ivs: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = []
+        for a, b in sorted(ivs):
+            if out and a <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], b))
+            else:
+                out.append((a, b))
+        return out
+
+    cu, pu = union(comm), union(comp)
+    inter, i, j = 0.0, 0, 0
+    while i < len(cu) and j < len(pu):
+        a, b = max(cu[i][0], pu[j][0]), min(cu[i][1], pu[j][1])
+        inter += max(0.0, b - a)
+        if cu[i][1] < pu[j][1]:
+            i += 1
+        else:
+            j += 1
+    comm_us = sum(b - a for a, b in cu)
+    comp_us = sum(b - a for a, b in pu)
+    span = (max(b for _, b in cu + pu) - min(a for a, _ in cu + pu)) if cu + pu else 0.0
+    res = kernel_split(prof, iters)
+    res.update({
+        "nccl_busy_ms_per_call": round(comm_us / 1e3 / iters, 4),
+        "compute_busy_ms_per_call": round(comp_us / 1e3 / iters, 4),
+        "nccl_overlapped_with_compute_ms_per_call": round(inter / 1e3 / iters, 4),
+        "overlap_share_of_nccl": round(inter / comm_us, 3) if comm_us else None,
+        "device_span_ms_per_call": round(span / 1e3 / iters, 4),
+    })
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
+    p.add_argument("--trace", default=None, help="chrome trace of the profiled prefill forward (rank 0)")
     p.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
+    p.add_argument("--chunks", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument("--decode", type=int, nargs="*", default=[8, 64])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="gloo on the CPU, a small layer: checks the script only")
     args = p.parse_args()
-    dist.init_process_group("nccl")
+    global CUDA, D, F_, E, K
+    if args.smoke:
+        CUDA = False
+        D, F_, E, K = 64, 32, 16, 4
+        args.prefill, args.decode, args.reps = [s // 64 for s in args.prefill], [8], 2
+    dist.init_process_group("nccl" if CUDA else "gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    dev = torch.device("cuda", torch.cuda.current_device())
+    if CUDA:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    dtype = torch.bfloat16 if CUDA else torch.float32
     import spmd_moe as sm
 
     sd = full_weights(dev)
     ep = sm.ParallelContext.from_group(dist.group.WORLD, "tp")
     one = sm.ParallelContext.single()
-    res: dict[str, Any] = {"gpus": n, "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-                           "nccl": ".".join(map(str, torch.cuda.nccl.version())), "prefill": [], "decode": [], "nccl_bw": []}
+    res: dict[str, Any] = {"gpus": n, "device": torch.cuda.get_device_name(dev) if CUDA else "cpu (smoke)",
+                           "torch": torch.__version__, "layer": {"D": D, "F": F_, "E": E, "K": K},
+                           "nccl": ".".join(map(str, torch.cuda.nccl.version())) if CUDA else None, "prefill": [], "decode": [],
+                           "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")}}
     log(f"{n} x {res['device']}, torch {torch.__version__}")
 
-    m1_seq = build(one, "sequence", sd, dev)
-    mn_seq = build(ep, "sequence", sd, dev)
+    # ------------------------------------------------------------ prefill, layout 'sequence'
+    m1 = build(one, "sequence", sd, dev)
+    mn = build(ep, "sequence", sd, dev, dispatcher="all_to_all")
+    best_chunks: dict[int, int] = {}
     for T in args.prefill:
-        xs = [torch.randn(T, D, device=dev, dtype=torch.bfloat16) for _ in range(4)]
-        g = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
-        reps = 10
-        row: dict[str, Any] = {"T_per_gpu": T}
-        with torch.no_grad():
-            row["fwd_1gpu_ms"] = timed(lambda i: m1_seq(xs[i % 4]), reps)
-            row["fwd_ngpu_ms"] = timed(lambda i: mn_seq(xs[i % 4]), reps)
+        gen = torch.Generator(device=dev).manual_seed(1000 + rank)
+        xs = [torch.randn(T, D, device=dev, generator=gen).to(dtype) for _ in range(4)]
+        gy = torch.randn(T, D, device=dev, generator=gen).to(dtype)
+        row: dict[str, Any] = {"T_per_gpu": T, "chunks": {}}
 
-        def fb(m: torch.nn.Module) -> Any:
+        def fwd(m: Any) -> Any:
+            def step(i: int) -> None:
+                with torch.no_grad():
+                    m(xs[i % 4])
+            return step
+
+        def fb(m: Any) -> Any:
             xg = [x.clone().requires_grad_(True) for x in xs]
 
             def step(i: int) -> None:
                 for q in m.parameters():
                     q.grad = None
-                m(xg[i % 4]).backward(g)
+                m(xg[i % 4]).backward(gy)
             return step
 
-        row["fwdbwd_1gpu_ms"] = timed(fb(m1_seq), reps)
-        row["fwdbwd_ngpu_ms"] = timed(fb(mn_seq), reps)
-        row["per_gpu_throughput_fwd"] = row["fwd_1gpu_ms"] / row["fwd_ngpu_ms"]
-        row["per_gpu_throughput_fwdbwd"] = row["fwdbwd_1gpu_ms"] / row["fwdbwd_ngpu_ms"]
-        row["tokens_per_s_per_gpu_fwd_ngpu"] = T / (row["fwd_ngpu_ms"] * 1e-3)
+        row["fwd_1gpu_ms"] = timed(fwd(m1), args.reps)
+        row["fwdbwd_1gpu_ms"] = timed(fb(m1), args.reps)
+        # Reference outputs on this rank's tokens: one GPU, then n GPUs per chunk count.
+        x0 = xs[0].clone().requires_grad_(True)
+        y1 = m1(x0)
+        y1.backward(gy)
+        g1 = x0.grad.clone() if x0.grad is not None else None
+        y_c1 = None
+        for c in args.chunks:
+            mn.prefill_dispatcher.chunks = c
+            r: dict[str, Any] = {}
+            r["fwd_ngpu_ms"] = timed(fwd(mn), args.reps)
+            r["fwdbwd_ngpu_ms"] = timed(fb(mn), args.reps)
+            r["per_gpu_throughput_fwd"] = row["fwd_1gpu_ms"] / r["fwd_ngpu_ms"]
+            r["per_gpu_throughput_fwdbwd"] = row["fwdbwd_1gpu_ms"] / r["fwdbwd_ngpu_ms"]
+            xc = xs[0].clone().requires_grad_(True)
+            yc = mn(xc)
+            yc.backward(gy)
+            r["fwd_bitwise_vs_1gpu"] = bool(torch.equal(yc, y1))
+            r["fwd_max_abs_diff_vs_1gpu"] = float((yc.float() - y1.float()).abs().max())
+            if g1 is not None and xc.grad is not None:
+                r["grad_x_max_abs_diff_vs_1gpu"] = float((xc.grad.float() - g1.float()).abs().max())
+                r["grad_x_max_abs_1gpu"] = float(g1.float().abs().max())
+            if y_c1 is None:
+                y_c1 = yc.detach()
+            else:
+                r["fwd_bitwise_vs_chunks1"] = bool(torch.equal(yc.detach(), y_c1))
+            row["chunks"][str(c)] = r
+            log(f"T={T} chunks={c}: {json.dumps(r)}")
+        best = max(row["chunks"], key=lambda c: row["chunks"][c]["per_gpu_throughput_fwd"])
+        best_fb = max(row["chunks"], key=lambda c: row["chunks"][c]["per_gpu_throughput_fwdbwd"])
+        best_chunks[T] = int(best)
+        row.update({
+            "best_chunks_fwd": int(best), "best_chunks_fwdbwd": int(best_fb),
+            "fwd_ngpu_ms": row["chunks"][best]["fwd_ngpu_ms"],
+            "fwdbwd_ngpu_ms": row["chunks"][best_fb]["fwdbwd_ngpu_ms"],
+            "per_gpu_throughput_fwd": row["chunks"][best]["per_gpu_throughput_fwd"],
+            "per_gpu_throughput_fwdbwd": row["chunks"][best_fb]["per_gpu_throughput_fwdbwd"],
+        })
         res["prefill"].append(row)
-        log(json.dumps(row))
+        log(f"T={T}: fwd 1 GPU {row['fwd_1gpu_ms']:.3f} ms, n GPUs {row['fwd_ngpu_ms']:.3f} ms "
+            f"(chunks {best}) -> {row['per_gpu_throughput_fwd']:.2f}; fwd+bwd {row['per_gpu_throughput_fwdbwd']:.2f}")
+        del xs
 
-    m1_rep = build(one, "replicated", sd, dev)
-    mn_rep = build(ep, "replicated", sd, dev)
-    for T in args.decode:
-        xs = [torch.randn(T, D, device=dev, dtype=torch.bfloat16) for _ in range(8)]
-        for x in xs:
-            dist.broadcast(x, 0)  # replicated: the same tokens on every rank
-        with torch.no_grad():
-            row = {"T": T, "fwd_1gpu_ms": timed(lambda i: m1_rep(xs[i % 8]), 30),
-                   "fwd_ngpu_ms": timed(lambda i: mn_rep(xs[i % 8]), 30)}
-        row["speedup"] = row["fwd_1gpu_ms"] / row["fwd_ngpu_ms"]
-        res["decode"].append(row)
-        log(json.dumps(row))
-
-    # NCCL in the same job: the dispatch payload (T*K rows of D bf16 per rank).
-    for T in args.prefill + [65536]:
-        rows = T * K
-        x = torch.randn(rows, D, device=dev, dtype=torch.bfloat16)
-        y = torch.empty_like(x)
-        ms = timed(lambda i: dist.all_to_all_single(y, x), 10)
-        out_bytes = x.numel() * 2 * (n - 1) / n
-        ar = torch.randn(rows, D, device=dev, dtype=torch.bfloat16)
-        ms_ar = timed(lambda i: dist.all_reduce(ar), 10)
-        busbw = ar.numel() * 2 * 2 * (n - 1) / n / (ms_ar * 1e-3)
-        row = {"T_per_rank": T, "msg_MB": x.numel() * 2 / 1e6, "a2a_ms": ms, "a2a_out_GBps": out_bytes / (ms * 1e-3) / 1e9,
-               "allreduce_ms": ms_ar, "allreduce_busbw_GBps": busbw / 1e9}
-        row["a2a_over_allreduce_busbw"] = row["a2a_out_GBps"] / row["allreduce_busbw_GBps"]
-        res["nccl_bw"].append(row)
-        log(json.dumps(row))
-        del x, y, ar
-
-    # Where the n-GPU prefill forward spends its time.
+    # ------------------------------------------------------------ host syncs of the prefill forward
     T = args.prefill[-1]
-    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(T, D, device=dev).to(dtype)
+    mn.prefill_dispatcher.chunks = best_chunks[T]
+    with torch.no_grad():
+        mn(x)
+        res["prefill_sync_debug"] = sync_check(lambda: mn(x))
+    log(f"prefill sync check: {res['prefill_sync_debug']}")
+
+    # ------------------------------------------------------------ profile: overlap
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad():
-        for _ in range(3):
-            mn_seq(x)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                mn_seq(x)
-            torch.cuda.synchronize()
-    from spmd_moe.apps.bench.gpu_profile import kernel_split
+    iters = 3
+    for mode in ("fwd", "fwdbwd"):
+        xg = x.clone().requires_grad_(mode == "fwdbwd")
 
-    res["profile"] = kernel_split(prof, 5)
-    log(json.dumps(res["profile"]))
+        def call() -> None:
+            if mode == "fwd":
+                with torch.no_grad():
+                    mn(xg)
+            else:
+                mn(xg).backward(x)
+
+        for _ in range(2):
+            call()
+        _sync()
+        dist.barrier()
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
+            for _ in range(iters):
+                call()
+            _sync()
+        res[f"profile_prefill_{mode}"] = dict(overlap_summary(prof, iters), T=T, chunks=best_chunks[T])
+        log(f"profile {mode}: {json.dumps(res[f'profile_prefill_{mode}'])[:600]}")
+        if args.trace and rank == 0 and mode == "fwd":
+            prof.export_chrome_trace(args.trace)
+
+    # ------------------------------------------------------------ decode, layout 'replicated'
+    m1r = build(one, "replicated", sd, dev)
+    mnr = build(ep, "replicated", sd, dev)
+    for T in args.decode:
+        xs = [torch.randn(T, D, device=dev).to(dtype) for _ in range(8)]
+        for xx in xs:
+            dist.broadcast(xx, 0)  # replicated: the same tokens on every rank
+        row = {"T": T}
+        with torch.no_grad():
+            row["eager_1gpu_ms"] = timed(lambda i: m1r(xs[i % 8]), 30)
+            row["eager_ngpu_ms"] = timed(lambda i: mnr(xs[i % 8]), 30)
+            row["sync_debug_ngpu"] = sync_check(lambda: mnr(xs[0]))
+            xin = xs[0].clone()
+            try:
+                if not CUDA:
+                    raise RuntimeError("no CUDA graphs in the CPU smoke run")
+                g1, y1g = graph_of(m1r, xin)
+                row["graph_1gpu_ms"] = timed(lambda i: g1.replay(), 50)
+            except Exception as e:  # noqa: BLE001 - reported
+                row["graph_1gpu_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            try:
+                if not CUDA:
+                    raise RuntimeError("no CUDA graphs in the CPU smoke run")
+                gn, yng = graph_of(mnr, xin)
+                row["graph_ngpu_ms"] = timed(lambda i: gn.replay(), 50)
+                # The graph computes what eager computes.
+                gn.replay()
+                torch.cuda.synchronize()
+                row["graph_ngpu_equals_eager"] = bool(torch.equal(yng, mnr(xin)))
+                row["graph_ngpu_equals_1gpu_eager"] = bool(torch.equal(yng, m1r(xin)))
+            except Exception as e:  # noqa: BLE001 - reported
+                row["graph_ngpu_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["eager_ratio_ngpu_over_1gpu"] = row["eager_ngpu_ms"] / row["eager_1gpu_ms"]
+        if "graph_1gpu_ms" in row and "graph_ngpu_ms" in row:
+            row["graph_ratio_ngpu_over_1gpu"] = row["graph_ngpu_ms"] / row["graph_1gpu_ms"]
+        res["decode"].append(row)
+        log(f"decode {json.dumps(row)}")
+
     if rank == 0:
         text = json.dumps(res, indent=1)
         if args.out:

@@ -1,0 +1,384 @@
+"""The all-to-all dispatcher's token exchange, its chunked (overlapped) form, the header
+checked once, and the host reads per forward: real gloo groups of 2 and 4 ranks.
+
+Checked, each through the library's own MoE layer:
+
+* bits: with chunks = 1 the forward is bitwise the previous row-sending dispatcher
+  (``RowSendingDispatcher`` below, the pre-issue-13 algorithm: rows sent, regrouped
+  source-major -> expert-major on the receiver) and so are the expert weight gradients
+  (every expert sees the same rows in the same order); the input gradient sums a
+  token's row gradients per rank first, so it is compared with a tolerance (1e-6
+  relative, fp32: a different order of a handful of fp32 adds).
+* chunks 2 and 3 (and 5 > T for small T: empty pieces): forward and every gradient
+  against the single-device layer (1e-6 / 1e-5 relative, the grid's tolerances: the
+  per-piece GEMMs may block differently on the CPU), counters exactly.
+* the pipelined order: every piece's dispatch exchange is issued before the first
+  piece's GEMMs, the return exchanges after, and in backward every return mirror
+  before the first dispatch mirror (what lets them overlap on CUDA streams).
+* host reads (every .tolist/.item/bool/int/float/nonzero of a tensor, counted by
+  patching torch.Tensor) per forward after the first: 1 for the all-to-all paths
+  (chunked or not), 0 for the replicated all-gather decode path (autograd on and off);
+  the header exchange runs once per layer and T (replicated), once per layer
+  (sequence + all_to_all, no shared experts), every call in debug mode.
+* ranks that disagree on chunks after the first call: DistributedError naming
+  'chunks' on every rank, in bounded time, and the group usable afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import spmd_moe
+from dist_utils import run_distributed
+from spmd_moe import collectives as C
+from spmd_moe.dispatch.base import SentRows, count_per_expert, scatter_to_slots, sort_slots
+from tp2ep_util import D, E, K, build_pair, make_cfg, rel_err, token_slice, world_pctx
+
+FWD_TOL, GRAD_TOL = 1e-6, 1e-5
+
+
+class RowSendingDispatcher:
+    """The all-to-all dispatcher as it was before issue 13 (reference for the bits):
+    every row is sent, then regrouped source-major -> expert-major on the receiver."""
+
+    rows_exact = True
+
+    def __init__(self, num_experts: int, pctx: Any) -> None:
+        self.num_experts, self.pctx = num_experts, pctx
+        self.num_local = num_experts // pctx.size
+
+    def pipelined(self, *a: Any) -> None:
+        return None
+
+    def dispatch(self, x_TD: Any, expert_ids_TK: Any, num_pad_tokens: int) -> Any:
+        n, e = self.pctx.size, self.num_local
+        T, Kk = expert_ids_TK.shape
+        order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
+        sent_slots_S = order_N[:num_sent]
+        counts_ne = count_per_expert(expert_ids_TK, self.num_experts).view(n, e)
+        recv_ne = C.all_to_all(counts_ne, self.pctx, [1] * n, [1] * n)
+        in_splits = counts_ne.sum(dim=1).tolist()
+        out_splits = recv_ne.sum(dim=1).tolist()
+        recv_RD = C.all_to_all(x_TD[sent_slots_S // Kk], self.pctx, in_splits, out_splits)
+        row_expert_R = torch.repeat_interleave(torch.arange(e).repeat(n), recv_ne.reshape(-1), output_size=recv_RD.shape[0])
+        regroup_R = torch.argsort(row_expert_R, stable=True)
+        return recv_RD[regroup_R], recv_ne.sum(dim=0), (T, Kk, sent_slots_S, in_splits, out_splits, regroup_R)
+
+    def returned_rows(self, out_RD: Any, state: Any) -> SentRows:
+        T, Kk, sent, ins, outs, regroup = state
+        src = torch.empty_like(out_RD).index_copy_(0, regroup, out_RD)
+        return SentRows(C.all_to_all(src, self.pctx, outs, ins), sent)
+
+    def combine(self, out_RD: Any, state: Any) -> Any:
+        back = self.returned_rows(out_RD, state)
+        T, Kk = state[0], state[1]
+        return scatter_to_slots(back.rows_SD, back.slots_S, T * Kk).view(T, Kk, out_RD.shape[-1])
+
+
+_HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy")
+
+
+@contextmanager
+def count_host_reads() -> Iterator[dict[str, int]]:
+    """Count every method of torch.Tensor that brings a value to the host."""
+    counts: dict[str, int] = {}
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def wrap(name: str, orig: Any) -> Any:
+        def f(self: torch.Tensor, *a: Any, **kw: Any) -> Any:
+            counts[name] = counts.get(name, 0) + 1
+            return orig(self, *a, **kw)
+        return f
+
+    for name, orig in saved.items():
+        setattr(torch.Tensor, name, wrap(name, orig))
+    try:
+        yield counts
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def _grads(moe: Any) -> dict[str, torch.Tensor]:
+    return {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for k, p in moe.named_parameters()}
+
+
+def _gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+# ----------------------------------------------------------------- worker (one group per world)
+def _bits_vs_row_sending(rank: int, n: int) -> list[dict[str, Any]]:
+    out = []
+    for layout in ("sequence", "replicated"):
+        for T in (0, 5, 64, 257):
+            cfg = make_cfg(dispatcher="all_to_all", padding="pad")
+            _, new = build_pair(cfg, world_pctx(), layout, 11)
+            _, old = build_pair(cfg, world_pctx(), layout, 11)
+            old.prefill_dispatcher = RowSendingDispatcher(cfg.num_experts, world_pctx())  # type: ignore[assignment]
+            x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+            sl = slice(0, T) if layout == "replicated" else token_slice(T, n, rank)
+            gy = torch.randn(T, D, generator=torch.Generator().manual_seed(T + 1))[sl]
+            res: dict[str, Any] = {"layout": layout, "T": T}
+            ys, gxs, gws = [], [], []
+            for m in (new, old):
+                xi = x[sl].clone().requires_grad_(True)
+                y = m(xi)
+                (y * gy).sum().backward()
+                ys.append(y.detach())
+                gxs.append(xi.grad if xi.grad is not None else torch.zeros_like(xi))
+                gws.append(_grads(m.experts))
+            with torch.no_grad():
+                res["fwd_bitwise_inference"] = bool(torch.equal(new(x[sl]), old(x[sl])))
+            res["fwd_bitwise"] = bool(torch.equal(ys[0], ys[1]))
+            res["expert_grads_bitwise"] = all(torch.equal(gws[0][k], gws[1][k]) for k in gws[0])
+            res["grad_x_rel"] = rel_err(gxs[0], gxs[1])
+            out.append(res)
+    return out
+
+
+def _chunked_parity(rank: int, n: int) -> list[dict[str, Any]]:
+    out = []
+    for layout in ("sequence", "replicated"):
+        for T in (0, 1, 7, 64, 257):
+            for chunks in (2, 3, 5):
+                for shared in (False, True):
+                    cfg = make_cfg(dispatcher="all_to_all", padding="pad", ep_chunks=chunks,
+                                   shared_hidden_dim=16 if shared else None, score_func="sigmoid" if shared else "softmax",
+                                   route_norm=shared)
+                    full, moe = build_pair(cfg, world_pctx(), layout, 100 + T + chunks)
+                    x = torch.randn(T, D, generator=torch.Generator().manual_seed(7 * T + chunks))
+                    gy = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+                    xr = x.clone().requires_grad_(True)
+                    yr = full(xr)
+                    (yr * gy).sum().backward()
+                    sl = slice(0, T) if layout == "replicated" else token_slice(T, n, rank)
+                    xi = x[sl].clone().requires_grad_(True)
+                    y = moe(xi)
+                    scale = n if layout == "replicated" else 1
+                    ((y * gy[sl]).sum() / scale).backward()
+                    gx = xi.grad.clone() if xi.grad is not None else torch.zeros_like(xi)
+                    if layout == "replicated":
+                        dist.all_reduce(gx)
+                    gate = moe.router.gate.weight.grad
+                    gate = gate.clone() if gate is not None else torch.zeros_like(moe.router.gate.weight)
+                    dist.all_reduce(gate)
+                    errs = {"fwd": rel_err(y.detach(), yr.detach()[sl]), "grad_x": rel_err(gx, xr.grad[sl]),
+                            "grad_gate": rel_err(gate, full.router.gate.weight.grad)}
+                    for pname in ("w1_EFD", "w2_EDF", "w3_EFD"):
+                        g = getattr(moe.experts, pname).grad
+                        g = g if g is not None else torch.zeros_like(getattr(moe.experts, pname))
+                        errs[pname] = rel_err(_gather_cat(g, 0), getattr(full.experts, pname).grad)
+                    with torch.no_grad():
+                        y_inf = moe(x[sl])
+                    errs["fwd_inference"] = rel_err(y_inf, yr.detach()[sl])
+                    counts = moe.global_tokens_per_expert()
+                    out.append({"layout": layout, "T": T, "chunks": chunks, "shared": shared, "errs": errs,
+                                "counts_equal": bool(torch.equal(counts, 2 * full.tokens_per_expert_E))})
+    return out
+
+
+def _issue_order(rank: int, n: int) -> dict[str, Any]:
+    """Which exchanges the chunked path issues, in order (sizes tell them apart)."""
+    cfg = make_cfg(dispatcher="all_to_all", ep_chunks=3)
+    _, moe = build_pair(cfg, world_pctx(), "sequence", 5)
+    log: list[str] = []
+    phase = ["fwd"]
+    comm = moe.pctx.backend
+    orig = comm.all_to_all
+
+    def spy(x: torch.Tensor, ins: list[int], outs: list[int]) -> torch.Tensor:
+        kind = "ids" if x.dtype == torch.int64 and x.dim() == 2 and x.shape[-1] == K else (
+            "counts" if x.dtype == torch.int64 else "rows")
+        log.append(f"{kind}:{phase[0]}")
+        return orig(x, ins, outs)
+
+    comm.all_to_all = spy  # type: ignore[method-assign]
+    x = torch.randn(48, D, requires_grad=True)
+    y = moe(x)
+    phase[0] = "grad"
+    y.sum().backward()
+    comm.all_to_all = orig  # type: ignore[method-assign]
+    return {"log": log}
+
+
+def _host_reads(rank: int, n: int) -> dict[str, Any]:
+    import spmd_moe.tokens as tokmod
+
+    res: dict[str, Any] = {}
+    headers = {"n": 0}
+    orig_header = tokmod.exchange_header
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        headers["n"] += 1
+        return orig_header(*a, **kw)
+
+    tokmod.exchange_header = counted  # type: ignore[assignment]
+    try:
+        for name, layout, kw, Ts in (
+            ("seq_a2a", "sequence", dict(dispatcher="all_to_all"), [40 + rank] * 3 + [50 + 2 * rank] * 2),
+            ("seq_a2a_chunks3", "sequence", dict(dispatcher="all_to_all", ep_chunks=3), [40 + rank] * 3 + [50] * 2),
+            ("seq_auto", "sequence", dict(dispatcher="auto"), [40 + rank] * 5),
+            ("rep_a2a", "replicated", dict(dispatcher="all_to_all"), [40, 40, 40, 24, 24]),
+            ("rep_all_gather", "replicated", dict(dispatcher="all_gather"), [8, 8, 8, 6, 6]),
+        ):
+            for mode in ("grad", "no_grad"):
+                _, moe = build_pair(make_cfg(padding="pad", **kw), world_pctx(), layout, 3)
+                per_call = []
+                hdr = []
+                for T in Ts:
+                    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+                    h0 = headers["n"]
+                    ctx = torch.no_grad() if mode == "no_grad" else torch.enable_grad()
+                    with ctx, count_host_reads() as cnt:
+                        y = moe(x)
+                    per_call.append(sum(cnt.values()))
+                    hdr.append(headers["n"] - h0)
+                    if mode == "grad":
+                        y.sum().backward()  # backward may read (grouped-mm CPU path): not counted
+                res[f"{name}:{mode}"] = {"reads": per_call, "headers": hdr}
+        _, moe = build_pair(make_cfg(padding="pad", dispatcher="all_to_all"), world_pctx(), "sequence", 3)
+        with spmd_moe.debug():
+            hdr = []
+            for _ in range(3):
+                h0 = headers["n"]
+                moe(torch.randn(10, D))
+                hdr.append(headers["n"] - h0)
+        res["seq_a2a_debug"] = {"headers": hdr}
+    finally:
+        tokmod.exchange_header = orig_header  # type: ignore[assignment]
+    return res
+
+
+def _chunks_disagree(rank: int, n: int) -> dict[str, Any]:
+    _, moe = build_pair(make_cfg(dispatcher="all_to_all", ep_chunks=2), world_pctx(), "sequence", 3)
+    moe(torch.randn(12, D))  # first call: header agreed
+    if rank == n - 1:
+        moe.prefill_dispatcher.chunks = 3  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    try:
+        moe(torch.randn(12, D))
+        rec = {"type": "ok", "msg": ""}
+    except Exception as e:  # noqa: BLE001 - asserted
+        rec = {"type": type(e).__name__, "msg": str(e)}
+    rec["seconds"] = time.perf_counter() - t0
+    moe.prefill_dispatcher.chunks = 2  # type: ignore[attr-defined]
+    rec["after"] = tuple(moe(torch.randn(12, D)).shape)
+    return rec
+
+
+def worker(rank: int, n: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = {
+        "bits": _bits_vs_row_sending(rank, n),
+        "chunked": _chunked_parity(rank, n),
+        "order": _issue_order(rank, n),
+        "reads": _host_reads(rank, n),
+        "disagree": _chunks_disagree(rank, n),
+    }
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+_CACHE: dict[int, list[dict[str, Any]]] = {}
+
+
+def _results(n: int) -> list[dict[str, Any]]:
+    if n not in _CACHE:
+        _CACHE[n] = run_distributed(worker, n, timeout=400, pg_timeout=30)
+        print(f"world {n}: {[round(r['seconds'], 1) for r in _CACHE[n]]} s per rank")
+    return _CACHE[n]
+
+
+WORLDS = [2, 4]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_token_exchange_is_bitwise_the_row_sending_path(n: int) -> None:
+    for rank, r in enumerate(_results(n)):
+        for c in r["bits"]:
+            where = f"world {n} rank {rank} {c['layout']} T={c['T']}"
+            assert c["fwd_bitwise"] and c["fwd_bitwise_inference"], f"{where}: forward differs"
+            assert c["expert_grads_bitwise"], f"{where}: expert weight gradients differ"
+            assert c["grad_x_rel"] <= FWD_TOL, f"{where}: input gradient rel err {c['grad_x_rel']:.3g}"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_chunked_matches_single_device(n: int) -> None:
+    bad = []
+    for rank, r in enumerate(_results(n)):
+        for c in r["chunked"]:
+            e = c["errs"]
+            lim = {k: (FWD_TOL if k.startswith("fwd") else GRAD_TOL) for k in e}
+            over = {k: v for k, v in e.items() if v > lim[k]}
+            if over or not c["counts_equal"]:
+                bad.append(f"rank {rank} {c['layout']} T={c['T']} chunks={c['chunks']} shared={c['shared']}: {over} counts_equal={c['counts_equal']}")
+    assert not bad, "\n".join(bad[:20])
+    assert len(_results(n)[0]["chunked"]) == 2 * 5 * 3 * 2
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_chunked_issue_order_lets_exchanges_overlap(n: int) -> None:
+    log = _results(n)[0]["order"]["log"]
+    # Forward: counts, then every piece's tokens and ids, then the 3 returns.
+    assert log[:7] == ["counts:fwd"] + ["rows:fwd", "ids:fwd"] * 3, log
+    assert log[7:10] == ["rows:fwd"] * 3, log
+    # Backward (autograd off inside a backward): the 3 return mirrors first, together,
+    # then the 3 dispatch mirrors.
+    assert log[10:] == ["rows:grad"] * 6, log
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_host_reads_per_forward_and_header_once(n: int) -> None:
+    for rank, r in enumerate(_results(n)):
+        reads = r["reads"]
+        for mode in ("grad", "no_grad"):
+            s = reads[f"seq_a2a:{mode}"]
+            # First call: the header (1 read) + the count exchange (1); then 1 per call,
+            # also when this rank's T changes (the header is not exchanged again).
+            assert s["headers"] == [1, 0, 0, 0, 0], (rank, mode, s)
+            assert s["reads"] == [2, 1, 1, 1, 1], (rank, mode, s)
+            assert reads[f"seq_a2a_chunks3:{mode}"]["reads"] == [2, 1, 1, 1, 1], (rank, mode, reads)
+            # 'auto' picks the dispatcher by the largest slice: the header carries the
+            # counts every call.
+            assert reads[f"seq_auto:{mode}"]["headers"] == [1] * 5
+            assert reads[f"seq_auto:{mode}"]["reads"] == [2] * 5
+            ra = reads[f"rep_a2a:{mode}"]
+            assert ra["headers"] == [1, 0, 0, 1, 0], (rank, mode, ra)
+            assert ra["reads"] == [2, 1, 1, 2, 1], (rank, mode, ra)
+            ag = reads[f"rep_all_gather:{mode}"]
+            assert ag["headers"] == [1, 0, 0, 1, 0], (rank, mode, ag)
+            assert ag["reads"] == [1, 0, 0, 1, 0], (rank, mode, ag)
+        # Debug mode checks on entry and again in the token layout: every call.
+        assert all(h >= 1 for h in reads["seq_a2a_debug"]["headers"]), reads["seq_a2a_debug"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_ranks_disagreeing_on_chunks_fail_together(n: int) -> None:
+    for rank, r in enumerate(_results(n)):
+        rec = r["disagree"]
+        assert rec["type"] == "DistributedError", (rank, rec)
+        assert "'chunks'" in rec["msg"] and "Fix:" in rec["msg"], rec["msg"]
+        assert rec["seconds"] < 30
+        assert rec["after"] == (12, D)
+
+
+def test_chunks_out_of_range_is_a_config_error() -> None:
+    from spmd_moe.dispatch import AllToAllDispatcher
+    from spmd_moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ep_chunks"):
+        AllToAllDispatcher(E, spmd_moe.ParallelContext.single(), chunks=17)
