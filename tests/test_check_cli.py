@@ -207,6 +207,8 @@ def test_target_that_cannot_be_imported() -> None:
     assert rc == 2 and "expected a callable 'nope'" in err and "Fix:" in err, err
     rc, out, err, _ = run_check("examples/working_moe.py", "--json")
     assert rc == 2 and "expected MODULE:FACTORY" in json.loads(out)["error"]
+    rc, out, err, _ = run_check("examples/working_moe.py:build", "--cases", "odd,nope")
+    assert rc == 2 and "--cases: expected some of" in err and "'uneven'" in err, err
 
 
 @pytest.mark.timeout(900)
@@ -263,7 +265,8 @@ def test_rank_that_never_returns_is_killed() -> None:
 
 @pytest.mark.timeout(300)
 def test_rank_that_dies_stops_the_world_at_once() -> None:
-    rc, rep, wall = run_json("tests.test_check_cli:exits_on_rank1", "--worlds", "2", "--timeout", "200", timeout=250)
+    rc, rep, wall = run_json("tests.test_check_cli:exits_on_rank1", "--worlds", "2", "--timeout", "200",
+                             "--cases", "empty,one,even", timeout=250)
     assert rc == 1 and not rep["ok"]
     assert wall < 120  # not the world's 200 s timeout: the parent saw the exit code
     (t,) = rep["runs"]
@@ -271,6 +274,7 @@ def test_rank_that_dies_stops_the_world_at_once() -> None:
     died = [e for e in cases["empty"]["errors"] if e["type"] == "RankDied"]
     assert died and died[0]["ranks"] == [1] and "code 3" in died[0]["message"], cases["empty"]
     assert all(c["status"] == "not run" for cid, c in cases.items() if cid != "empty")
+    assert sorted(cases) == ["empty", "even", "one"]  # --cases
 
 
 # ----------------------------------------------------------------------------- targets for the tests above
@@ -288,6 +292,7 @@ class _RaisesOnRank0(nn.Module):
         self.moe, self.pctx = _moe(pctx, "replicated"), pctx
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        print(f"a model that prints (rank {self.pctx.rank}): stdout stays the report's")  # --json still parses
         if self.pctx.rank == 0 and x_TD.shape[0] == 2 * self.pctx.size + 1:  # the 'odd' case only
             raise ValueError("planted: rank 0 fails before the layer; the other ranks wait in its collective")
         out: torch.Tensor = self.moe(x_TD)

@@ -394,6 +394,7 @@ def _accounting(rec: dict[str, Any], everyone: list[dict[str, Any]], layout: Lay
 
 def _rank_main(
     rank: int, world: int, port: int, outdir: str, specs: list[str], coll_timeout: float, sys_path: list[str],
+    only: list[str] | None = None,
 ) -> None:
     import torch.distributed as dist
 
@@ -402,6 +403,9 @@ def _rank_main(
             sys.path.insert(0, p)
     import warnings
 
+    # Whatever the model prints goes to stderr: stdout is the report's (--json).
+    sys.stdout.flush()
+    os.dup2(2, 1)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -462,7 +466,7 @@ def _rank_main(
             pctx = ParallelContext.from_group(model_group(), "ep")
             continue
         layout: Layout = infos[0]["layout"]
-        cases = cases_for(layout, world, int(infos[0]["dmax"]))
+        cases = [c for c in cases_for(layout, world, int(infos[0]["dmax"])) if only is None or c.id in only]
         emit({"event": "target", "spec": spec, "rank": rank, "layout": layout, "moe_layers": info["moe_layers"],
               "cases": [dataclasses.asdict(c) for c in cases], "build_s": info["build_s"]})
         for case in cases:
@@ -536,7 +540,8 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def _run_world(specs: list[str], world: int, timeout: float, coll_timeout: float, p: Progress) -> tuple[list[list[dict[str, Any]]], list[int], float]:
+def _run_world(specs: list[str], world: int, timeout: float, coll_timeout: float, p: Progress,
+               only: list[str] | None = None) -> tuple[list[list[dict[str, Any]]], list[int], float]:
     """Spawn the world; return every rank's events, the ranks killed, the wall time.
     Progress: one step per case rank 0 finished (its verdict as rank 0 saw it)."""
     import torch.multiprocessing as mp
@@ -546,7 +551,7 @@ def _run_world(specs: list[str], world: int, timeout: float, coll_timeout: float
     t0 = time.monotonic()
     p.status(f"world {world}: starting {world} ranks (gloo, CPU)")
     with tempfile.TemporaryDirectory(prefix="spmd_check_") as outdir:
-        procs = [ctx.Process(target=_rank_main, args=(r, world, port, outdir, specs, coll_timeout, list(sys.path)))
+        procs = [ctx.Process(target=_rank_main, args=(r, world, port, outdir, specs, coll_timeout, list(sys.path), only))
                  for r in range(world)]
         for proc in procs:
             proc.start()
@@ -682,15 +687,17 @@ def _world_report(specs: list[str], world: int, events: list[list[dict[str, Any]
 
 
 def run_check(specs: list[str], worlds: list[int], *, timeout: float = 300.0, coll_timeout: float = 30.0,
-              quiet: bool = False) -> dict[str, Any]:
-    """Run every target on every world size; the report (see docs/check.md)."""
+              quiet: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+    """Run every target on every world size (``only``: these case ids); the report
+    (see docs/check.md)."""
     report: dict[str, Any] = {"targets": specs, "worlds": worlds, "runs": [],
-                              "settings": {"timeout_s": timeout, "collective_timeout_s": coll_timeout, "debug": True}}
+                              "settings": {"timeout_s": timeout, "collective_timeout_s": coll_timeout, "debug": True,
+                                           "cases": only}}
     with contextlib.ExitStack() as stack:
         stream = stack.enter_context(open(os.devnull, "w")) if quiet else None
         p = stack.enter_context(progress("check", unit="case", stream=stream))
         for world in worlds:
-            events, killed, wall = _run_world(specs, world, timeout, coll_timeout, p)
+            events, killed, wall = _run_world(specs, world, timeout, coll_timeout, p, only)
             for t in _world_report(specs, world, events, killed, timeout):
                 t["wall_s"] = round(wall, 2)
                 t["killed_ranks"] = killed
@@ -818,6 +825,10 @@ def main(args: argparse.Namespace) -> int:
         cwd = os.getcwd()
         if cwd not in sys.path and "" not in sys.path:
             sys.path.insert(0, cwd)  # MODULE importable from where the command runs, as with python -m
+        only = [c.strip() for c in args.cases.split(",") if c.strip()] if getattr(args, "cases", None) else None
+        known = {c.id for lay in LAYOUTS for c in cases_for(lay, 4)}
+        if only is not None and (not only or set(only) - known):
+            raise ValueError(f"--cases: expected some of {sorted(known)}, got {args.cases!r}. Fix: name known case ids.")
         for spec in args.targets:
             load_factory(spec)  # fail fast, in this process, on a target that cannot be imported
     except Exception as e:  # noqa: BLE001
@@ -828,7 +839,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"spmd-moe check: {msg}", file=sys.stderr)
         return 2
     report = run_check(list(args.targets), worlds, timeout=args.timeout, coll_timeout=args.collective_timeout,
-                       quiet=args.quiet)
+                       quiet=args.quiet, only=only)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     else:

@@ -15,4 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds per world before ranks that never finish are killed (default 300)")
     p.add_argument("--collective-timeout", type=float, default=30.0,
                    help="seconds a collective of the model waits for a rank that does not join (default 30)")
+    p.add_argument("--cases", default=None,
+                   help="only these case ids, comma-separated (empty, one, fewer, odd, even, prefill, one_last, ones, "
+                        "uneven, uneven_empty, probe); e.g. drop the uneven ones for a layer built with padding='error'")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
