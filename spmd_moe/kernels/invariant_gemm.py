@@ -19,7 +19,7 @@ swapped). Weight gradients are sums over rows and use torch's grouped GEMM.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +57,21 @@ def _build() -> Any:
         a_ptr, w_ptr, y_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
         R, N, K,
         s_ar, s_ak, s_wg, s_wn, s_wk, s_yr, s_yn,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        g = tl.load(tile_group_ptr + pid_m)
+        if DENSE:  # one group, all R rows: tile m holds rows [m*BM, m*BM + BM)
+            g = pid_m * 0
+        else:
+            g = tl.load(tile_group_ptr + pid_m)
         if g >= 0:
-            row0 = tl.load(tile_row_ptr + pid_m)
-            end = tl.load(ends_ptr + g)
+            if DENSE:
+                row0 = pid_m * BM
+                end = R
+            else:
+                row0 = tl.load(tile_row_ptr + pid_m)
+                end = tl.load(ends_ptr + g)
             rows = (row0 + tl.arange(0, BM)).to(tl.int64)
             cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
             row_ok = rows < end
@@ -122,30 +129,51 @@ def _tiles(ends_g: torch.Tensor, R: int, BM: int) -> tuple[torch.Tensor, torch.T
     return torch.where(valid, g, -1).to(torch.int32), row0.to(torch.int64)
 
 
+_tile_cache: list[Any] = [None, 0, 0, None]
+
+
+def _tiles_for(ends_g: torch.Tensor, R: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_tiles, computed once for the GEMMs that share ends_g (the SwiGLU's three, and
+    their backward): the entry holds ends_g itself, so its address is not reused."""
+    c = _tile_cache
+    if c[0] is ends_g and c[1] == R and c[2] == BM:
+        return cast(tuple[torch.Tensor, torch.Tensor], c[3])
+    t = _tiles(ends_g, R, BM)
+    c[:] = [ends_g, R, BM, t]
+    return t
+
+
 def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], N: int,
-            ends_g: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+            ends_g: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """ends_g None: one group of all rows (dense GEMM; no tile map)."""
     kern = _build()
     assert kern is not None, "Triton is not installed"
     R, K = a_RK.shape
-    y = torch.zeros(R, N, dtype=out_dtype, device=a_RK.device)  # rows of no group: 0
-    if R == 0 or N == 0 or ends_g.numel() == 0:
-        return y
+    dense = ends_g is None
+    alloc = torch.empty if dense else torch.zeros  # rows of no group: 0
+    y = alloc(R, N, dtype=out_dtype, device=a_RK.device)
+    if R == 0 or N == 0 or (ends_g is not None and ends_g.numel() == 0):
+        return y.zero_()
     BM, BN, BK, warps, stages = _config(a_RK.dtype)
-    tg, tr = _tiles(ends_g, R, BM)
-    ends32 = ends_g.to(torch.int64)
-    grid = (tg.shape[0], (N + BN - 1) // BN)
+    if ends_g is None:
+        tg = tr = ends = y  # unused
+        grid = ((R + BM - 1) // BM, (N + BN - 1) // BN)
+    else:
+        tg, tr = _tiles_for(ends_g, R, BM)
+        ends = ends_g if ends_g.dtype == torch.int64 else ends_g.to(torch.int64)
+        grid = (tg.shape[0], (N + BN - 1) // BN)
     kern[grid](
-        a_RK, w, y, tg, tr, ends32, R, N, K,
+        a_RK, w, y, tg, tr, ends, R, N, K,
         a_RK.stride(0), a_RK.stride(1), w_strides[0], w_strides[1], w_strides[2], y.stride(0), y.stride(1),
-        BM=BM, BN=BN, BK=BK, IEEE=a_RK.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        BM=BM, BN=BN, BK=BK, IEEE=a_RK.dtype == torch.float32, DENSE=dense, num_warps=warps, num_stages=stages,
     )
     return y
 
 
-def _grad_w(g_RN: torch.Tensor, x_RK: torch.Tensor, ends_g: torch.Tensor, w_GNK: torch.Tensor) -> torch.Tensor:
+def _grad_w(g_RN: torch.Tensor, x_RK: torch.Tensor, ends_g: torch.Tensor | None, w_GNK: torch.Tensor) -> torch.Tensor:
     """Per-group g.T @ x (a sum over the group's rows: not part of the invariance claim)."""
-    if w_GNK.shape[0] == 1:
-        return (g_RN[: int(ends_g[0])].t() @ x_RK[: int(ends_g[0])]).unsqueeze(0).to(w_GNK.dtype)
+    if ends_g is None:
+        return (g_RN.t() @ x_RK).unsqueeze(0).to(w_GNK.dtype)
     from spmd_moe.experts import _per_expert_grad_w
 
     return _per_expert_grad_w(g_RN, x_RK, ends_g.to(torch.int32), w_GNK)
@@ -153,14 +181,16 @@ def _grad_w(g_RN: torch.Tensor, x_RK: torch.Tensor, ends_g: torch.Tensor, w_GNK:
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x_RK, w_GNK, ends_g)
+    def forward(ctx: Any, x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x_RK, w_GNK)
+        ctx.ends_g = ends_g
         w = w_GNK
         return _launch(x_RK, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[1], ends_g, x_RK.dtype)
 
     @staticmethod
     def backward(ctx: Any, g_RN: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x_RK, w_GNK, ends_g = ctx.saved_tensors
+        x_RK, w_GNK = ctx.saved_tensors
+        ends_g = ctx.ends_g
         g_RN = g_RN.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
@@ -172,9 +202,10 @@ class _GroupedLinear(torch.autograd.Function):
         return gx, gw, None
 
 
-def grouped_linear(x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor) -> torch.Tensor:
+def grouped_linear(x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor | None) -> torch.Tensor:
     """[R, K] rows grouped by ends_g (cumulative row counts) times w[g].T -> [R, N];
-    rows past ends_g[-1] come out zero. Differentiable in x and w."""
+    rows past ends_g[-1] come out zero; ends_g None: one group of all rows (G = 1).
+    Differentiable in x and w."""
     out: torch.Tensor = _GroupedLinear.apply(x_RK, w_GNK, ends_g)  # type: ignore[no-untyped-call]
     return out
 
@@ -183,8 +214,7 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """F.linear without bias, batch-invariant (G = 1); any leading dims."""
     lead = x_TK.shape[:-1]
     x2 = x_TK.reshape(-1, x_TK.shape[-1])
-    ends = torch.full((1,), x2.shape[0], dtype=torch.int64, device=x2.device)
-    return grouped_linear(x2, w_NK.unsqueeze(0), ends).reshape(*lead, w_NK.shape[0])
+    return grouped_linear(x2, w_NK.unsqueeze(0), None).reshape(*lead, w_NK.shape[0])
 
 
 def grouped_swiglu(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
@@ -220,7 +250,7 @@ class InvariantLinearMode(TorchFunctionMode):
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
-            if isinstance(x, torch.Tensor) and wants(x) and dim in (-1, x.ndim - 1) and 0 < x.shape[-1] <= 64 \
+            if isinstance(x, torch.Tensor) and wants(x) and x.is_floating_point() and dim in (-1, x.ndim - 1) and 0 < x.shape[-1] <= 64 \
                     and "dtype" not in kwargs:
                 return ordered_sum_last(x, keepdim)
         return func(*args, **kwargs)

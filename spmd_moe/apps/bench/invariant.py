@@ -77,18 +77,21 @@ def _cpu_ms(fn: Any, inner: int) -> float:
     return (time.thread_time() - t0) / inner * 1e3
 
 
-def measure(moe: Any, x: torch.Tensor, bwd: bool, device: str, rounds: int) -> tuple[float, float]:
+def measure(moe: Any, x: torch.Tensor, bwd: bool, device: str, rounds: int,
+            modes: tuple[bool, ...] = (False, True)) -> tuple[float, float]:
     """(normal ms, invariant ms): interleaved rounds; CUDA median of medians, CPU best."""
     from spmd_moe.batch_invariant import batch_invariant
 
-    res: dict[bool, list[float]] = {False: [], True: []}
+    res: dict[bool, list[float]] = {False: [0.0], True: [0.0]}
+    for m in modes:
+        res[m] = []
     T = x.shape[0]
-    for mode in (False, True):  # warm-up (Triton compile, allocator)
+    for mode in modes:  # warm-up (Triton compile, allocator)
         with batch_invariant(mode):
             for _ in range(2):
                 _step(moe, x, bwd)
     for _ in range(rounds):
-        for mode in (False, True):
+        for mode in modes:
             with batch_invariant(mode):
                 if device == "cuda":
                     res[mode].append(_cuda_ms(lambda: _step(moe, x, bwd), 5 if T >= 8192 else 10))
@@ -127,8 +130,17 @@ def run(device: str, gpu_ts: list[int], cpu_ts: list[int], bwd_max_t: int) -> di
             dtype = kw.get("param_dtype", torch.float32)
             x = torch.randn(T, kw["dim"], device=device, generator=torch.Generator(device=device).manual_seed(T)).to(dtype)
             n, i = measure(moe, x, bwd, device, rounds=3 if device == "cuda" else 5)
-            rows.append({"layer": name, "T": T, "pass": "fwd+bwd" if bwd else "fwd", "normal_ms": round(n, 4),
-                         "invariant_ms": round(i, 4), "ratio": round(i / n, 2)})
+            row = {"layer": name, "T": T, "pass": "fwd+bwd" if bwd else "fwd", "normal_ms": round(n, 4),
+                   "invariant_ms": round(i, 4), "ratio": round(i / n, 2)}
+            if device == "cuda":
+                # Second baseline: the same layer with kernels='torchtitan' (no fused decode
+                # kernels): the generic path the invariant mode replaces GEMM for GEMM.
+                gkey = name + " generic"
+                if gkey not in layers:
+                    layers[gkey] = _layer({**kw, "kernels": "torchtitan"}, device)
+                ng, _ = measure(layers[gkey], x, bwd, device, rounds=2, modes=(False,))
+                row.update(normal_generic_ms=round(ng, 4), ratio_vs_generic=round(i / ng, 2))
+            rows.append(row)
             p.step(f"T={T} {'fwd+bwd' if bwd else 'fwd'}: {n:.3f} -> {i:.3f} ms ({i / n:.2f}x)")
     machine: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version()}
     if device == "cuda":
@@ -148,9 +160,14 @@ def run(device: str, gpu_ts: list[int], cpu_ts: list[int], bwd_max_t: int) -> di
 
 
 def markdown(res: dict[str, Any]) -> str:
-    out = ["| layer | T | pass | normal ms | invariant ms | cost |", "|---|---|---|---|---|---|"]
+    gen = any("normal_generic_ms" in r for r in res["rows"])
+    out = ["| layer | T | pass | normal ms | invariant ms | cost |" + (" normal (generic kernels) ms | cost vs generic |" if gen else ""),
+           "|---|---|---|---|---|---|" + ("---|---|" if gen else "")]
     for r in res["rows"]:
-        out.append(f"| {r['layer']} | {r['T']} | {r['pass']} | {r['normal_ms']:.3f} | {r['invariant_ms']:.3f} | {r['ratio']:.2f}x |")
+        line = f"| {r['layer']} | {r['T']} | {r['pass']} | {r['normal_ms']:.3f} | {r['invariant_ms']:.3f} | {r['ratio']:.2f}x |"
+        if gen:
+            line += f" {r.get('normal_generic_ms', 0):.3f} | {r.get('ratio_vs_generic', 0):.2f}x |"
+        out.append(line)
     return "\n".join(out)
 
 
