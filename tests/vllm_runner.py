@@ -1,6 +1,8 @@
 """Subprocess script for the vLLM tests: heavy vLLM state stays out of pytest's process.
 
     python tests/vllm_runner.py --engine SPEC.json --out OUT.json   one engine (spmd_moe.apps.demo)
+    python tests/vllm_runner.py --expect-error SPEC.json --out OUT.json
+        starts an engine that must fail and records the exception LLM(...) raised
     python tests/vllm_runner.py --load-checks HF_DIR --fused-dir SPMD_DIR --out OUT.json
         builds SpmdQwen3MoeForCausalLM in this process at TP=1 (no engine) and runs
         load_weights on good and broken weight streams.
@@ -50,6 +52,52 @@ def _build_model(hf_dir: str) -> Any:
 
 
 _STATE: dict[str, Any] = {}
+
+# Tiny checkpoints of the other families, made with transformers (config class +
+# save_pretrained): head_dim 64 (the CPU attention supports it), fp32, 2 layers, 8 experts.
+FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "mixtral": dict(
+        vocab_size=512, hidden_size=128, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, sliding_window=None,
+    ),
+    "qwen2_moe": dict(
+        vocab_size=512, hidden_size=128, intermediate_size=96, moe_intermediate_size=48,
+        shared_expert_intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1,
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+    ),
+}
+FAMILY_SEED = 0
+FAMILY_STD = 0.02
+
+
+def build_family_checkpoint(family: str, dest: str | Path) -> Path:
+    """A tiny HF checkpoint of ``family`` ('mixtral' | 'qwen2_moe') in ``dest`` (built
+    once; every tensor from its own generator seeded by its name, norms ~1)."""
+    import hashlib
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(dest)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    cfg = AutoConfig.for_model(family, dtype="float32", hidden_act="silu", **FAMILY_CONFIGS[family])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    sd: dict[str, Any] = {}
+    for name, p in sorted(model.state_dict().items()):
+        seed = int.from_bytes(hashlib.sha256(f"{FAMILY_SEED}:{family}:{name}".encode()).digest()[:7], "little")
+        g = torch.Generator().manual_seed(seed)
+        r = torch.randn(tuple(p.shape), generator=g, dtype=torch.float64)
+        # Norm weights not all ones: a swapped or skipped norm must change the output.
+        sd[name] = (1.0 + 0.1 * r if name.endswith("norm.weight") else FAMILY_STD * r).to(torch.float32)
+    model.load_state_dict(sd, assign=True, strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)
+    return out
 
 
 def load_checks(hf_dir: str, fused_dir: str) -> dict[str, Any]:
@@ -128,7 +176,44 @@ def load_checks(hf_dir: str, fused_dir: str) -> dict[str, Any]:
     return out
 
 
+def expect_error(spec: dict[str, Any]) -> dict[str, Any]:
+    """Start an engine that must fail; return the exception LLM(...) raised and the time.
+
+    spec: {"model", "tp", "hf_overrides", "engine": {extra LLM kwargs}, "env": {...}}."""
+    import time
+
+    from spmd_moe.apps.demo import _engine_env
+
+    tp = int(spec.get("tp", 1))
+    for k, v in {**_engine_env(tp), **spec.get("env", {})}.items():
+        os.environ[k] = str(v)
+    from vllm import LLM
+
+    kw: dict[str, Any] = {
+        "model": spec["model"], "tensor_parallel_size": tp, "dtype": "float32", "enforce_eager": True,
+        "skip_tokenizer_init": True, "max_model_len": 256, "max_num_batched_tokens": 256, "max_num_seqs": 4,
+        "kv_cache_memory_bytes": 64 << 20, "seed": 0, **spec.get("engine", {}),
+    }
+    if tp > 1 or int(kw.get("pipeline_parallel_size", 1)) > 1:
+        kw["distributed_executor_backend"] = "mp"
+    if spec.get("hf_overrides"):
+        kw["hf_overrides"] = spec["hf_overrides"]
+    t0 = time.perf_counter()
+    try:
+        LLM(**kw)
+    except BaseException as e:  # noqa: BLE001 - the test inspects what the user would see
+        return {"raised": True, "type": f"{type(e).__module__}.{type(e).__name__}", "msg": str(e), "s": time.perf_counter() - t0}
+    return {"raised": False, "s": time.perf_counter() - t0}
+
+
 def main(argv: list[str]) -> None:
+    if "--expect-error" in argv:
+        spec = json.loads(Path(argv[argv.index("--expect-error") + 1]).read_text())
+        res = expect_error(spec)
+        Path(argv[argv.index("--out") + 1]).write_text(json.dumps(res))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if "--load-checks" in argv:
         i = argv.index("--load-checks")
         hf_dir, fused_dir = argv[i + 1], argv[argv.index("--fused-dir") + 1]

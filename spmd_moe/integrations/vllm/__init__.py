@@ -1,13 +1,19 @@
-"""vLLM plugin: registers SpmdQwen3MoeForCausalLM and the ``spmd_moe`` config format.
+"""vLLM plugin: registers the Spmd* architectures and the ``spmd_moe`` config format.
 
 vLLM calls :func:`register` in every process (entry point group
 ``vllm.general_plugins``, declared in pyproject.toml), so installing spmd_moe is all a
-user does; nothing in vLLM is edited. Then either
+user does; nothing in vLLM is edited. One architecture per family, each vLLM's own model
+class with spmd_moe's MoE blocks (``families.py``): ``SpmdQwen3MoeForCausalLM``,
+``SpmdQwen2MoeForCausalLM``, ``SpmdMixtralForCausalLM``. Then either
 
-* an HF Qwen3-MoE folder: ``LLM(model=folder, hf_overrides={"architectures":
-  ["SpmdQwen3MoeForCausalLM"]})``, or
+* an HF folder (config.json + safetensors): ``LLM(model=folder, hf_overrides={"architectures":
+  ["SpmdMixtralForCausalLM"]})`` (the family's ``Spmd`` + native architecture name), or
 * a folder with ``spmd_moe.json`` + safetensors: ``LLM(model=folder,
   config_format="spmd_moe")``.
+
+register() also adds each architecture's front-end check (``checks.SpmdVerifyConfig``)
+to vLLM's per-architecture config hooks: unsupported engine arguments and a checkpoint
+whose MoE tensors do not fit are refused before any worker starts.
 
 This module imports nothing heavy at import time; the model module is imported lazily
 by vLLM's registry (in a fresh interpreter when it inspects the class).
@@ -74,19 +80,32 @@ def check_vllm_version() -> str:
         )
     return ver
 
-MODEL_CLASS_PATH = "spmd_moe.integrations.vllm.model:SpmdQwen3MoeForCausalLM"
-ARCHITECTURES = (SPMD_ARCH,)
+MODEL_MODULE = "spmd_moe.integrations.vllm.model"
+MODEL_CLASS_PATH = f"{MODEL_MODULE}:{SPMD_ARCH}"
+# One per family: vLLM's own model class with spmd_moe's MoE blocks (families.py).
+ARCHITECTURES = ("SpmdQwen3MoeForCausalLM", "SpmdQwen2MoeForCausalLM", "SpmdMixtralForCausalLM")
 CONFIG_FORMAT = SPMD_FORMAT
 
 
 def register() -> None:
-    """Register the architecture and the config parser with vLLM (idempotent).
-    Refuses a vLLM outside SUPPORTED_VLLM (UnsupportedVllmVersion)."""
+    """Register the architectures, their front-end config checks and the config parser
+    with vLLM (idempotent). Refuses a vLLM outside SUPPORTED_VLLM (UnsupportedVllmVersion)."""
     check_vllm_version()
     from vllm import ModelRegistry
 
-    if SPMD_ARCH not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(SPMD_ARCH, MODEL_CLASS_PATH)
+    supported = ModelRegistry.get_supported_archs()
+    for arch in ARCHITECTURES:
+        if arch not in supported:
+            ModelRegistry.register_model(arch, f"{MODEL_MODULE}:{arch}")
+
+    # Engine arguments and the checkpoint's MoE tensors are checked in the engine front
+    # end, before vLLM starts a worker (checks.SpmdVerifyConfig).
+    from vllm.model_executor.models import config as vllm_models_config
+
+    from spmd_moe.integrations.vllm.checks import SpmdVerifyConfig
+
+    for arch in ARCHITECTURES:
+        vllm_models_config.MODELS_CONFIG_MAP[arch] = SpmdVerifyConfig
 
     from vllm.transformers_utils import config as vllm_config_mod
 
@@ -98,6 +117,6 @@ def register() -> None:
 
 
 __all__ = [
-    "ARCHITECTURES", "CONFIG_FORMAT", "MODEL_CLASS_PATH", "SUPPORTED_VLLM", "UnsupportedVllmVersion",
+    "ARCHITECTURES", "CONFIG_FORMAT", "MODEL_CLASS_PATH", "MODEL_MODULE", "SUPPORTED_VLLM", "UnsupportedVllmVersion",
     "check_vllm_version", "installed_vllm", "register",
 ]

@@ -5,11 +5,12 @@ safetensors, no HF ``config.json``.
 
     {"format": "spmd_moe", "format_version": 1,
      "architecture": "SpmdQwen3MoeForCausalLM",   # the class vLLM builds
-     "model_type": "qwen3_moe",
-     "model": {...Qwen3-MoE hyperparameters, HF field names...}}
+     "model_type": "qwen3_moe",                   # or "qwen2_moe", "mixtral"
+     "model": {...hyperparameters, the HF config's field names...}}
 
 Select it with ``LLM(model=folder, config_format="spmd_moe")`` (or ``--config-format
-spmd_moe``). The parser turns the file into a ``transformers.Qwen3MoeConfig``.
+spmd_moe``). The parser turns the file into the transformers config of ``model_type``
+(``Qwen3MoeConfig``, ``Qwen2MoeConfig``, ``MixtralConfig``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 from vllm.transformers_utils.config_parser_base import ConfigParserBase
 
 from spmd_moe.errors import ConfigError
-from spmd_moe.integrations.vllm.names import NATIVE_ARCH, SPMD_ARCH, SPMD_CONFIG_NAME, SPMD_FORMAT
+from spmd_moe.integrations.vllm.families import BY_MODEL_TYPE
+from spmd_moe.integrations.vllm.names import SPMD_CONFIG_NAME, SPMD_FORMAT
 
 FORMAT_NAME = SPMD_FORMAT
-SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
-SUPPORTED_ARCHS = (SPMD_ARCH, NATIVE_ARCH)
+SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
 
 
 def read_spmd_config(model: str | Path) -> tuple[dict[str, Any], Any]:
@@ -48,19 +49,21 @@ def read_spmd_config(model: str | Path) -> tuple[dict[str, Any], Any]:
         raise ConfigError(f"{path}: expected \"format\": \"{FORMAT_NAME}\", got {got!r}. Fix: write the spmd_moe config format.")
     mtype = d.get("model_type", "qwen3_moe")
     if mtype not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{path}: model_type: expected one of {SUPPORTED_MODEL_TYPES}, got {mtype!r}. Fix: only Qwen3-MoE models are mapped.")
-    arch = d.get("architecture", SPMD_ARCH)
-    if arch not in SUPPORTED_ARCHS:
-        raise ConfigError(f"{path}: architecture: expected one of {SUPPORTED_ARCHS}, got {arch!r}. Fix: use {SPMD_ARCH!r}.")
+        raise ConfigError(f"{path}: model_type: expected one of {SUPPORTED_MODEL_TYPES}, got {mtype!r}. Fix: use a family the plugin maps.")
+    fam = BY_MODEL_TYPE[mtype]
+    archs = (fam.spmd_arch, fam.native_arch)
+    arch = d.get("architecture", fam.spmd_arch)
+    if arch not in archs:
+        raise ConfigError(f"{path}: architecture: expected one of {archs} for model_type {mtype!r}, got {arch!r}. Fix: use {fam.spmd_arch!r}.")
     fields = d.get("model")
     if not isinstance(fields, dict):
         raise ConfigError(f"{path}: expected a \"model\" object of hyperparameters, got {type(fields).__name__}. Fix: add it.")
-    from transformers import Qwen3MoeConfig
+    from transformers import AutoConfig
 
     try:
-        cfg = Qwen3MoeConfig(**fields)
+        cfg = AutoConfig.for_model(mtype, **fields)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: \"model\": expected Qwen3MoeConfig fields, got an error: {e}. Fix: correct the fields.") from e
+        raise ConfigError(f"{path}: \"model\": expected {mtype} config fields, got an error: {e}. Fix: correct the fields.") from e
     cfg.architectures = [arch]
     return d, cfg
 
