@@ -117,17 +117,22 @@ def _gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------- worker (one group per world)
 def _bits_vs_row_sending(rank: int, n: int) -> list[dict[str, Any]]:
+    import spmd_moe.dispatch.all_to_all as a2a
+
     out = []
-    for layout in ("sequence", "replicated"):
-        for T in (0, 5, 64, 257):
-            cfg = make_cfg(dispatcher="all_to_all", padding="pad")
+    for layout, T, chunks, pad_rows in [(lo, T, 1, False) for lo in ("sequence", "replicated") for T in (0, 5, 64, 257)] + [
+        ("sequence", 37, 1, True), ("sequence", 37, 3, True), ("replicated", 21, 2, True)
+    ]:
+        a2a.PAD_ROWS_ON_CPU = pad_rows  # the CUDA autograd path: rows padded to a multiple of 8
+        try:
+            cfg = make_cfg(dispatcher="all_to_all", padding="pad", ep_chunks=chunks)
             _, new = build_pair(cfg, world_pctx(), layout, 11)
             _, old = build_pair(cfg, world_pctx(), layout, 11)
             old.prefill_dispatcher = RowSendingDispatcher(cfg.num_experts, world_pctx())  # type: ignore[assignment]
             x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
             sl = slice(0, T) if layout == "replicated" else token_slice(T, n, rank)
             gy = torch.randn(T, D, generator=torch.Generator().manual_seed(T + 1))[sl]
-            res: dict[str, Any] = {"layout": layout, "T": T}
+            res: dict[str, Any] = {"layout": layout, "T": T, "chunks": chunks, "pad_rows": pad_rows}
             ys, gxs, gws = [], [], []
             for m in (new, old):
                 xi = x[sl].clone().requires_grad_(True)
@@ -137,11 +142,16 @@ def _bits_vs_row_sending(rank: int, n: int) -> list[dict[str, Any]]:
                 gxs.append(xi.grad if xi.grad is not None else torch.zeros_like(xi))
                 gws.append(_grads(m.experts))
             with torch.no_grad():
-                res["fwd_bitwise_inference"] = bool(torch.equal(new(x[sl]), old(x[sl])))
+                y_new, y_old = new(x[sl]), old(x[sl])
+                res["fwd_bitwise_inference"] = bool(torch.equal(y_new, y_old))
+                res["fwd_rel"] = max(rel_err(y_new, y_old), rel_err(ys[0], ys[1]) if ys else 0.0)
             res["fwd_bitwise"] = bool(torch.equal(ys[0], ys[1]))
             res["expert_grads_bitwise"] = all(torch.equal(gws[0][k], gws[1][k]) for k in gws[0])
+            res["expert_grads_rel"] = max(rel_err(gws[0][k], gws[1][k]) for k in gws[0])
             res["grad_x_rel"] = rel_err(gxs[0], gxs[1])
             out.append(res)
+        finally:
+            a2a.PAD_ROWS_ON_CPU = False
     return out
 
 
@@ -306,9 +316,18 @@ WORLDS = [2, 4]
 def test_token_exchange_is_bitwise_the_row_sending_path(n: int) -> None:
     for rank, r in enumerate(_results(n)):
         for c in r["bits"]:
-            where = f"world {n} rank {rank} {c['layout']} T={c['T']}"
-            assert c["fwd_bitwise"] and c["fwd_bitwise_inference"], f"{where}: forward differs"
-            assert c["expert_grads_bitwise"], f"{where}: expert weight gradients differ"
+            where = f"world {n} rank {rank} {c['layout']} T={c['T']} chunks={c['chunks']} padded={c['pad_rows']}"
+            if c["chunks"] == 1:
+                # The same rows reach the same GEMMs in the same order: the same bits.
+                assert c["fwd_bitwise_inference"], f"{where}: inference forward differs"
+            if c["chunks"] == 1 and not c["pad_rows"]:
+                assert c["fwd_bitwise"], f"{where}: forward differs"
+                assert c["expert_grads_bitwise"], f"{where}: expert weight gradients differ"
+            else:
+                # Pieces / zero rows change the GEMMs' M (the CPU BLAS may block
+                # differently): the grid's tolerances.
+                assert c["fwd_rel"] <= FWD_TOL, f"{where}: forward rel err {c['fwd_rel']:.3g}"
+                assert c["expert_grads_rel"] <= GRAD_TOL, f"{where}: expert grads rel err {c['expert_grads_rel']:.3g}"
             assert c["grad_x_rel"] <= FWD_TOL, f"{where}: input gradient rel err {c['grad_x_rel']:.3g}"
 
 

@@ -18,6 +18,10 @@ the expert GEMMs see the same rows in the same order and the forward is bitwise 
 unchunked row-sending path. The input gradient sums a token's row gradients per rank
 first (on the receiver), then over ranks: the same values, another fp summation order.
 
+On CUDA with autograd each piece's rows are padded to a multiple of 8 with zero rows
+(zeroed GEMM tails): the weight-gradient grouped GEMM needs 16-byte rows and would
+otherwise fall back to a per-expert loop with a host sync in the backward.
+
 ``chunks`` > 1 (every rank the same): the tokens are split into that many contiguous
 pieces; all pieces' dispatch exchanges are issued first, then for each piece its expert
 GEMMs and its return exchange. On CUDA the exchanges run on a side stream ordered by
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 
 from spmd_moe import collectives as C
@@ -289,7 +294,7 @@ class AllToAllDispatcher:
         """Dispatch, experts and return in ``chunks`` overlapped pieces; None when
         chunks == 1 (the caller runs dispatch -> experts -> returned_rows)."""
         del num_pad_tokens
-        if self.chunks <= 1:
+        if self.chunks <= 1 and not _pad_for_backward(x_TD):
             return None
         import spmd_types as spmd
 
@@ -311,7 +316,15 @@ class AllToAllDispatcher:
         for c, (p, ((recv_rD, recv_ids_rK), ev)) in enumerate(zip(plans, recvs)):
             st.use(ev, recv_rD, recv_ids_rK)
             routed_RD, back_R = self._expand(recv_rD, recv_ids_rK, p)
-            out_RD = experts(routed_RD, p.counts_e, True)
+            R = routed_RD.shape[0]
+            pad = -R % 8 if _pad_for_backward(x_TD) else 0
+            if pad:
+                # The CUDA weight-gradient GEMM needs 16-byte rows (else a per-expert
+                # loop with a host sync): zero rows past the last expert, zeroed in and out.
+                routed_RD = unchecked_cast(Placed[Var[EP]], F.pad(routed_RD, (0, 0, 0, pad)), reason="this rank's rows, zero rows appended")
+            out_RD = experts(routed_RD, p.counts_e, pad == 0)
+            if pad:
+                out_RD = out_RD[:R]
             source_major_RD = self._source_major(out_RD, back_R)
             if tracked:
                 outs.append(C.all_to_all(source_major_RD, self.pctx, p.recv_rows, p.send_rows))
@@ -326,6 +339,15 @@ class AllToAllDispatcher:
         rows_SD = unchecked_cast(Placed[Var[EP]], rows, reason="this rank's returned rows")
         slots_S = unchecked_cast(Placed[Var[EP]], torch.cat([p.slots_S for p in plans]), reason="their slots")
         return SentRows(rows_SD, slots_S)
+
+
+PAD_ROWS_ON_CPU = False  # tests: run the CUDA row padding on the CPU too
+
+
+def _pad_for_backward(x_TD: torch.Tensor) -> bool:
+    """CUDA with autograd: the expert rows are padded to a multiple of 8 (see pipelined)."""
+    on = x_TD.device.type == "cuda" or PAD_ROWS_ON_CPU
+    return on and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
 class _Link:

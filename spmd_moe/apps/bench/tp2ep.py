@@ -329,7 +329,8 @@ def main() -> int:
 
     # ------------------------------------------------------------ decode, layout 'replicated'
     m1r = build(one, "replicated", sd, dev)
-    mnr = build(ep, "replicated", sd, dev)
+    mnr = build(ep, "replicated", sd, dev)  # 'auto': the one-all-reduce decode path (spmd_moe.replicated_decode)
+    mnr_ag = build(ep, "replicated", sd, dev, dispatcher="all_gather")  # the all-gather dispatcher
     for T in args.decode:
         xs = [torch.randn(T, D, device=dev).to(dtype) for _ in range(8)]
         for xx in xs:
@@ -359,7 +360,21 @@ def main() -> int:
                 row["graph_ngpu_equals_1gpu_eager"] = bool(torch.equal(yng, m1r(xin)))
             except Exception as e:  # noqa: BLE001 - reported
                 row["graph_ngpu_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row["eager_ngpu_all_gather_ms"] = timed(lambda i: mnr_ag(xs[i % 8]), 30)
+            row["sync_debug_ngpu_all_gather"] = sync_check(lambda: mnr_ag(xs[0]))
+            try:
+                if not CUDA:
+                    raise RuntimeError("no CUDA graphs in the CPU smoke run")
+                ga, yag = graph_of(mnr_ag, xin)
+                row["graph_ngpu_all_gather_ms"] = timed(lambda i: ga.replay(), 50)
+                ga.replay()
+                torch.cuda.synchronize()
+                row["graph_ngpu_all_gather_equals_eager"] = bool(torch.equal(yag, mnr_ag(xin)))
+            except Exception as e:  # noqa: BLE001 - reported
+                row["graph_ngpu_all_gather_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         row["eager_ratio_ngpu_over_1gpu"] = row["eager_ngpu_ms"] / row["eager_1gpu_ms"]
+        if "graph_1gpu_ms" in row and "graph_ngpu_all_gather_ms" in row:
+            row["graph_ratio_ngpu_all_gather_over_1gpu"] = row["graph_ngpu_all_gather_ms"] / row["graph_1gpu_ms"]
         if "graph_1gpu_ms" in row and "graph_ngpu_ms" in row:
             row["graph_ratio_ngpu_over_1gpu"] = row["graph_ngpu_ms"] / row["graph_1gpu_ms"]
         res["decode"].append(row)
