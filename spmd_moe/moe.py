@@ -333,6 +333,10 @@ class MoE(nn.Module, Generic[L]):
         weights_TK, expert_ids_TK, _ = self.router(x_TD, self._expert_bias())
         if self.forced_routes_TK is not None:
             weights_TK, expert_ids_TK = self._forced(x_TD, expert_ids_TK)
+        if self.record_routes:
+            # In the router's own k order: replaying them (forced_routes_TK) normalizes the
+            # gate values in that order too, so the replay is bitwise for any top_k.
+            self.recorded_routes.append(expert_ids_TK[: T - num_pad].detach().clone())
         if num_pad:
             # Pad tokens get expert id E: sorted last, never sent, never counted.
             pad_mark_TK = torch.arange(T, device=x_TD.device).unsqueeze(1) >= T - num_pad
@@ -340,8 +344,6 @@ class MoE(nn.Module, Generic[L]):
         # Ascending expert id within each token: a fixed summation order for combine.
         expert_ids_TK, k_order_TK = expert_ids_TK.sort(dim=-1)
         weights_TK = weights_TK.gather(-1, k_order_TK)
-        if self.record_routes:
-            self.recorded_routes.append(expert_ids_TK[: T - num_pad].detach().clone())
         dispatcher = self.decode_dispatcher if decode else self.prefill_dispatcher
         y_TD = self._experts_via(dispatcher, x_TD, expert_ids_TK, weights_TK, num_pad)
         self._count(expert_ids_TK)

@@ -90,11 +90,11 @@ def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[
     if T_pad > T:  # pad tokens get expert id E: never local, never counted
         pad_TK = torch.arange(T_pad, device=x_TD.device).unsqueeze(1) >= T
         ids_TK = torch.where(pad_TK, E, ids_TK)
+    mine = slice(r * T_loc, (r + 1) * T_loc)  # this rank's chunk: what the split path counts
+    if moe.record_routes:  # the router's k order, as MoE._routed records
+        moe.recorded_routes.append(ids_TK[mine][: max(0, min(T_loc, T - r * T_loc))].detach().clone())
     ids_TK, k_order_TK = ids_TK.sort(dim=-1)  # ascending expert id: the sum's order
     weights_TK = weights_TK.gather(-1, k_order_TK)
-    mine = slice(r * T_loc, (r + 1) * T_loc)  # this rank's chunk: what the split path counts
-    if moe.record_routes:
-        moe.recorded_routes.append(ids_TK[mine][: max(0, min(T_loc, T - r * T_loc))].detach().clone())
     # The all-gather dispatcher's rows in its order: local experts' slots first.
     ex = moe.experts
     e, start = ex.num_local_experts, ex.expert_start

@@ -38,7 +38,7 @@ def _interp_ok() -> bool:
 
 # Triton reads TRITON_INTERPRET when it is first imported, which in a pytest process has
 # long happened: on CPU this file re-runs itself in a fresh interpreter with it set.
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_DECODE_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not ON_CUDA and not _interp_ok(), reason="needs CUDA or Triton's interpreter")
 kernel_test = pytest.mark.skipif(not ON_CUDA and not IN_INTERPRETER, reason="runs in the subprocess below")
 
@@ -47,7 +47,7 @@ D, F, E, K = 64, 32, 16, 4
 
 @pytest.mark.skipif(ON_CUDA or IN_INTERPRETER, reason="CPU only, once")
 def test_kernels_in_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -173,3 +173,11 @@ def test_nan_token_still_routes_to_k_distinct_experts() -> None:
     keep = [0, 1, 3, 4, 5]
     _, y_ref = _run(fast, ref, x[keep])
     assert _ulps(y[keep], y_ref) <= 3.0
+
+
+def test_fp32_layer_never_takes_the_bf16_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the tests' opt-in lets the interpreter run fp32 tensors as bf16 stand-ins."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("SPMD_MOE_DECODE_INTERPRET", raising=False)
+    with torch.no_grad():
+        assert not dk.usable(torch.randn(4, 64), torch.randn(8, 32, 64))

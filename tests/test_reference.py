@@ -78,7 +78,7 @@ def run_ours(moe: MoE, x_TD: torch.Tensor) -> tuple[torch.Tensor, list[list[int]
 
 
 def assert_same_routes(ours: list[list[int]], ref: list[list[int]]) -> None:
-    bad = [t for t in range(len(ref)) if ours[t] != ref[t]]
+    bad = [t for t in range(len(ref)) if sorted(ours[t]) != ref[t]]  # recorded in the router's k order
     assert not bad, (
         f"tokens {bad[:5]} routed differently: spmd_moe {[ours[t] for t in bad[:5]]}, "
         f"reference {[ref[t] for t in bad[:5]]} (a near-tie? change the seed)"

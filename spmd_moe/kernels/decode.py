@@ -78,11 +78,12 @@ def usable(x_TD: torch.Tensor, w1_EFD: torch.Tensor) -> bool:
 
 
 def _interpreting() -> bool:
-    """Triton's CPU interpreter (tests): it cannot load bf16, so the tests feed fp32
-    tensors holding bf16 values; the kernels round to bf16 where the GPU path does."""
+    """Triton's CPU interpreter, for tests that opt in (SPMD_MOE_DECODE_INTERPRET=1): it
+    cannot load bf16, so they feed fp32 tensors holding bf16 values, and the kernels round
+    to bf16 where the GPU path does. A plain fp32 layer never takes this path."""
     import os
 
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_DECODE_INTERPRET") == "1"
 
 
 def routed_decode(
