@@ -42,14 +42,54 @@ def _install(model: Any) -> int:
         mod._parity_tokens.append((ids.detach().cpu().clone(), pos.detach().cpu().clone()))
 
     model.register_forward_pre_hook(pre, with_kwargs=True)
+    # Op-by-op trace (the trainer compares each stage): outputs of every stage per
+    # call, inputs of the stages the trainer can rerun alone. Clones at hook time:
+    # vLLM's fused add+RMSNorm works in place on its inputs.
+    model._parity_trace = {}
+    for name, mod in model.named_modules():
+        key = _stage_key(name)
+        if key is None:
+            continue
+        rec = model._parity_trace.setdefault(key, {"out": [], "in": [], "in_res": []})
+
+        def out_hook(m: Any, a: Any, o: Any, rec: Any = rec) -> None:
+            rec["out"].append((o[0] if isinstance(o, tuple) else o).detach().clone())
+
+        def in_hook(m: Any, a: Any, rec: Any = rec, key: str = key) -> None:
+            # Flat lists of tensors only: vLLM's result transport restores tensors in a
+            # list but not inside nested tuples.
+            if key.endswith(("attn_norm", "ffn_norm", "moe")) or key == "final_norm":
+                ts = [t for t in a if isinstance(t, torch.Tensor)]
+                rec["in"].append(ts[0].detach().clone())
+                if len(ts) > 1:  # fused add + RMSNorm: (hidden, residual)
+                    rec["in_res"].append(ts[1].detach().clone())
+
+        mod.register_forward_hook(out_hook)
+        mod.register_forward_pre_hook(in_hook)
     from spmd_moe.batch_invariant import is_batch_invariant
 
     assert is_batch_invariant(), "SPMD_MOE_BATCH_INVARIANT=1 did not reach the vLLM worker"
     return len(layers)
 
 
+_STAGES = {"input_layernorm": "attn_norm", "self_attn": "attn", "post_attention_layernorm": "ffn_norm", "mlp": "moe"}
+
+
+def _stage_key(name: str) -> str | None:
+    """vLLM module name -> trace stage (the trainer's names: spmd_moe.apps.parity_trainer)."""
+    if name == "model.embed_tokens":
+        return "embed"
+    if name == "model.norm":
+        return "final_norm"
+    parts = name.split(".")
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _STAGES:
+        return f"L{parts[2]}.{_STAGES[parts[3]]}"
+    return None
+
+
 def _fetch(model: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"__tokens__": [(ids.tolist(), pos.tolist()) for ids, pos in model._parity_tokens]}
+    out["__trace__"] = model._parity_trace
     for name, moe in model.moe_layers().items():
         out[name] = {
             "x": [x for x, _ in moe._parity_calls],
@@ -100,7 +140,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     by_rank = {r["model.layers.0.mlp"]["rank"]: r for r in per_rank}
     moe: dict[str, Any] = {}
     for name in by_rank[0]:
-        if name == "__tokens__":
+        if name in ("__tokens__", "__trace__"):
             continue
         moe[name] = {
             "x": by_rank[0][name]["x"],
@@ -109,7 +149,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         }
     # Per model call: the [T] token ids and positions vLLM scheduled (same on every rank).
     calls = [([int(t) for t in ids], [int(p) for p in pos]) for ids, pos in by_rank[0]["__tokens__"]]
-    return {"sequences": seqs, "moe": moe, "calls": calls, "start_s": start_s, "generate_s": gen_s, "tp": tp}
+    return {"sequences": seqs, "moe": moe, "calls": calls, "trace": by_rank[0]["__trace__"],
+            "start_s": start_s, "generate_s": gen_s, "tp": tp}
 
 
 def main(argv: list[str]) -> None:
