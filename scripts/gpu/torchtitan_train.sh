@@ -209,7 +209,8 @@ for mode in ("graphs", "eager"):
             "step1_bitwise_equal": runs[n]["loss"][0] == runs[s]["loss"][0],
             "max_abs_loss_delta_spmd_vs_native": max_delta(n, s),
             "tokens_per_s_ratio_spmd_over_native": runs[s]["tokens_per_s_median_after_step10"] / runs[n]["tokens_per_s_median_after_step10"],
-            "peak_reserved_ratio_spmd_over_native": runs[s]["peak_reserved_gib"] / max(runs[n]["peak_reserved_gib"], 1e-9),
+            "peak_reserved_ratio_spmd_over_native": (runs[s]["peak_reserved_gib"] / runs[n]["peak_reserved_gib"]
+                                                     if runs[n]["peak_reserved_gib"] > 0 else None),  # no stats on CPU
         }
 for r in runs:
     if r.endswith("_repeat") and r[: -len("_repeat")] in runs:

@@ -38,7 +38,9 @@ Experts run in bf16 by default, as torchtitan's do (``expert_dtype="bfloat16"``)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -235,23 +237,23 @@ class _MoEPart(TitanModule):  # type: ignore[misc]
         )
 
 
-class SpmdTopKRouter(TopKRouter, _MoEPart):  # type: ignore[misc]
+class SpmdTopKRouter(TopKRouter, _MoEPart):
     """spmd_moe's TopKRouter under torchtitan's Module protocol."""
 
 
-class SpmdLinear(nn.Linear, _MoEPart):  # type: ignore[misc]
+class SpmdLinear(nn.Linear, _MoEPart):
     """nn.Linear (the router gate, the shared experts' w1/w2/w3) under torchtitan's Module protocol."""
 
 
-class SpmdRoutedExperts(RoutedExperts, _MoEPart):  # type: ignore[misc]
+class SpmdRoutedExperts(RoutedExperts, _MoEPart):
     """spmd_moe's RoutedExperts (torchtitan's key path) under torchtitan's Module protocol."""
 
 
-class SpmdGroupedExperts(GroupedExperts, _MoEPart):  # type: ignore[misc]
+class SpmdGroupedExperts(GroupedExperts, _MoEPart):
     """spmd_moe's GroupedExperts under torchtitan's Module protocol."""
 
 
-class SpmdSharedExperts(SharedExperts, _MoEPart):  # type: ignore[misc]
+class SpmdSharedExperts(SharedExperts, _MoEPart):
     """spmd_moe's SharedExperts under torchtitan's Module protocol."""
 
 
@@ -340,9 +342,11 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
                     f"replicated on its mesh, got placements {tuple(x_BLD.placements)}. Fix: "
                     "reduce the partial sum before the MoE (torchtitan's block does)."
                 )
-            y_BLD = self._forward_plain(x_BLD.to_local())
+            with self._local_params():
+                y_BLD = self._forward_plain(x_BLD.to_local())
             return DTensor.from_local(y_BLD, x_BLD.device_mesh, x_BLD.placements, run_check=False)
-        return self._forward_plain(x_BLD)
+        with self._local_params():
+            return self._forward_plain(x_BLD)
 
     def _forward_plain(self, x_BLD: Float[torch.Tensor, "*B D"]) -> Float[torch.Tensor, "*B D"]:
         if self.training:
@@ -405,6 +409,76 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
             # TP(=EP) group, which no data-parallel reduction covers: the layer states the
             # gate weight Invariant there (invariant_to_replicate's backward sums it).
             self.router.gate_grad = "complete"
+        if getattr(parallel_dims, "spmd_backend", "spmd_types") != "spmd_types":
+            self._distribute_params(parallel_dims)
+
+    def param_layouts(self, parallel_dims: Any) -> dict[str, Any]:
+        """Parameter name -> the torchtitan SpmdLayout of this rank's tensor: the gate
+        replicated; the experts E/n over 'ep' (torchtitan's sparse expert layout) or, with
+        ep == 1, replicated (spmd_moe does not TP-shard experts); the shared experts split
+        over the EP(=TP) group like torchtitan's colwise (w1, w3) / rowwise (w2) TP, or
+        replicated with ep == 1."""
+        import spmd_types as spmd
+        from torchtitan.models.common.decoder_sharding import dense_param_placement
+        from torchtitan.models.common.moe_sharding import expert_param_placement_dense, expert_param_placement_sparse
+
+        ep = int(parallel_dims.ep)
+        rep = dense_param_placement(tp=spmd.R)
+        experts = expert_param_placement_sparse() if ep > 1 else expert_param_placement_dense(tp_placement=spmd.R)
+        out: dict[str, Any] = {"router.gate.weight": rep}
+        out.update({f"routed_experts.inner_experts.{w}": experts for w in ("w1_EFD", "w2_EDF", "w3_EFD")})
+        if self.shared_experts is not None:
+            for w, dim in (("w1", 0), ("w2", 1), ("w3", 0)):
+                out[f"shared_experts.{w}.weight"] = dense_param_placement(tp=spmd.S(dim)) if ep > 1 else rep
+        return out
+
+    def _distribute_params(self, parallel_dims: Any) -> None:
+        """torchtitan's DTensor backends ('partial_dtensor', 'full_dtensor'): make each
+        parameter a DTensor on the mesh torchtitan resolves for its layout (param_layouts),
+        from this rank's shard (DTensor.from_local: the tensors are already sliced by
+        reshard), as torchtitan's Module._distribute_states does for its own modules.
+        FSDP then shards them like torchtitan's, and torchtitan's EP gradient clipping
+        finds the experts on a mesh with 'ep'. The forward runs on the local tensors
+        (_local_params)."""
+        from torch.distributed.tensor import DTensor
+        from torchtitan.protocols.sharding import resolve_placements
+
+        layouts = self.param_layouts(parallel_dims)
+        names = {n for n, _ in self.named_parameters()}
+        if names != set(layouts):
+            raise ConfigError(
+                f"{self.name}: parameters {sorted(names)}, placements for {sorted(layouts)}: expected "
+                "the same names. Fix: add the new parameter to SpmdMoE.param_layouts."
+            )
+        for fqn, layout in layouts.items():
+            mesh = parallel_dims.resolve_mesh(layout.axes())
+            if mesh is None:  # no model-parallel axis of this layout is on
+                continue
+            owner, _, pname = fqn.rpartition(".")
+            mod = self.get_submodule(owner)
+            p = getattr(mod, pname)
+            local = DTensor.from_local(p.detach(), mesh, resolve_placements(layout, mesh), run_check=False)
+            mod.register_parameter(pname, nn.Parameter(local, requires_grad=p.requires_grad))
+
+    @contextlib.contextmanager
+    def _local_params(self) -> Iterator[None]:
+        """For one call: every DTensor parameter replaced by its local tensor (to_local,
+        so gradients flow back to the DTensor), then put back. The core works on this
+        rank's tensors; FSDP's unsharded parameters are in place by now (its pre-forward
+        hook ran on the block) and are restored before its post-forward reshard."""
+        from torch.distributed.tensor import DTensor
+
+        swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+        for mod in self.modules():
+            for name, p in list(mod._parameters.items()):
+                if isinstance(p, DTensor):
+                    swapped.append((mod, name, p))
+                    mod._parameters[name] = p.to_local()  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            for mod, name, p in swapped:
+                mod._parameters[name] = p  # type: ignore[assignment]
 
     def init_states(self, seed: int | None = None, std: float = 0.02, *, buffer_device: torch.device | None = None) -> None:
         """torchtitan protocol: initialize with the Config's param_init functions (or,

@@ -31,7 +31,7 @@ __all__ = ["spmd_moe", "TARGET"]
 TARGET = f"{__name__}.spmd_moe"
 
 
-@override(target=TitanMoE.Config, description="spmd_moe MoE layers (spmd_moe.integrations.torchtitan.SpmdMoE)")
+@override(target=TitanMoE.Config, description="spmd_moe MoE layers (spmd_moe.integrations.torchtitan.SpmdMoE)")  # type: ignore[untyped-decorator]
 def spmd_moe(cfg: Any, **options: Any) -> Any:
     """torchtitan MoE.Config -> SpmdMoE.Config with the same fields plus ``options``
     (expert_dtype, layout, sequence_parallel, dispatcher, padding)."""
