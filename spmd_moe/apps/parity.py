@@ -77,6 +77,13 @@ PLANS = {
             "QKV/O GEMMs (the blocks of spmd_moe.batch_invariant) and one attention kernel with a fixed "
             "reduction order over KV positions per query on both sides (vLLM attention backend + "
             "torchtitan inner_attention), as in the MoE.",
+    "qkv": "the QKV projection GEMM: vLLM runs it on the scheduled batch (M = this step's tokens, "
+           "column-parallel over TP), torchtitan on whole sequences (another M): the row's result depends "
+           "on M on this CPU. Plan: the QKV/O (and LM head) GEMMs through spmd_moe.batch_invariant's blocks "
+           "on both sides (vLLM linear method + torchtitan linear modules), then re-measure.",
+    "attn_core": "the attention kernel (RoPE, q/k norm, softmax(QK^T)V): vLLM's CPU attention over its paged "
+                 "KV cache vs torch SDPA. Plan: one attention with a fixed reduction order over KV positions "
+                 "per query on both sides.",
     "ffn_norm": "as attn_norm (post-attention RMSNorm).",
     "moe": "the MoE layer itself (should be bitwise in batch-invariant mode: see moe_rows_not_bitwise).",
     "final_norm": "as attn_norm (final RMSNorm); then the LM head GEMM (same plan as the QKV/O GEMMs).",

@@ -52,10 +52,14 @@ def _install(model: Any) -> int:
             continue
         rec = model._parity_trace.setdefault(key, {"out": [], "in": [], "in_res": []})
 
-        def out_hook(m: Any, a: Any, o: Any, rec: Any = rec) -> None:
-            rec["out"].append((o[0] if isinstance(o, tuple) else o).detach().clone())
+        def out_hook(m: Any, a: Any, o: Any, rec: Any = rec, key: str = key) -> None:
+            if not key.endswith("attn_core"):
+                rec["out"].append((o[0] if isinstance(o, tuple) else o).detach().clone())
 
         def in_hook(m: Any, a: Any, rec: Any = rec, key: str = key) -> None:
+            if key.endswith("attn_core"):  # the attention kernel's output = o_proj's input
+                rec["out"].append(a[0].detach().clone())
+                return
             # Flat lists of tensors only: vLLM's result transport restores tensors in a
             # list but not inside nested tuples.
             if key.endswith(("attn_norm", "ffn_norm", "moe")) or key == "final_norm":
@@ -84,6 +88,9 @@ def _stage_key(name: str) -> str | None:
     parts = name.split(".")
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _STAGES:
         return f"L{parts[2]}.{_STAGES[parts[3]]}"
+    if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[3] == "self_attn":
+        # Inside attention (this rank's heads): the QKV GEMM's output, o_proj's input.
+        return {"qkv_proj": f"L{parts[2]}.qkv", "o_proj": f"L{parts[2]}.attn_core"}.get(parts[4])
     return None
 
 

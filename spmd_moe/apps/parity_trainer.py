@@ -84,7 +84,7 @@ def _compare(gen_rows: torch.Tensor, tr_BLD: torch.Tensor, rows: list[tuple[int,
     return {"rows": len(keep), "rows_not_bitwise": int(ne.sum()), "max_abs_delta": float((g - t).abs().max()) if keep else 0.0}
 
 
-STAGES = ("attn_norm", "attn", "ffn_norm", "moe")
+STAGES = ("attn_norm", "qkv", "attn_core", "attn", "ffn_norm", "moe")
 
 
 def trainer(rank: int, world: int, hf_dir: str, gen_path: str) -> dict[str, Any]:
@@ -146,6 +146,23 @@ def trainer(rank: int, world: int, hf_dir: str, gen_path: str) -> dict[str, Any]
                 trace[key] = (o[0] if isinstance(o, tuple) else o).detach().clone()
 
             hooks.append(mod.register_forward_hook(hook))
+        # Inside attention, as the generator's rank 0 (TP = gen["tp"]) holds it: its heads'
+        # slice of q, k, v (concatenated like vLLM's qkv_proj) and of the kernel's output.
+        tp_gen = int(gen["tp"])
+        for i, blk in model.layers.items():
+            att = blk.attention
+            hd = att.head_dim
+            nq, nkv = att.n_heads // tp_gen * hd, max(att.n_kv_heads // tp_gen, 1) * hd
+            def qkv(m: nn.Module, a: Any, o: Any, key: str = f"L{i}.qkv", nq: int = nq, nkv: int = nkv) -> None:
+                q, k, v = (t.flatten(-2) for t in o)  # [B, L, heads, hd] each -> this rank's heads
+                trace[key] = torch.cat([q[..., :nq], k[..., :nkv], v[..., :nkv]], dim=-1).detach().clone()
+
+            hooks.append(att.qkv_linear.register_forward_hook(qkv))
+
+            def core(m: nn.Module, a: Any, key: str = f"L{i}.attn_core", width: int = nq) -> None:
+                trace[key] = a[0][..., :width].detach().clone()
+
+            hooks.append(att.wo.register_forward_pre_hook(core))
 
     with torch.no_grad(), ctx(), batch_invariant():
         for m in layers.values():
