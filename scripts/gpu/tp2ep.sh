@@ -6,7 +6,8 @@
 # Writes $OUT/tp2ep_<n>gpu.json (per_gpu_throughput_fwd / _fwdbwd per T and per ep_chunks,
 # decode eager and CUDA-graph ratios, sync-debug results, profile with the NCCL/compute
 # overlap), $OUT/tp2ep_<n>gpu.log, and $OUT/trace_<n>gpu.json (chrome trace, rank 0,
-# prefill forward). Each job is capped at 170 s; about 4 to 6 minutes per machine in all.
+# prefill forward), $OUT/symm_probe_2gpu.json (NVSHMEM all_to_all_vdev probe, capped at 60 s;
+# PROBE=0 skips it). Each job is capped at 170 s; about 4 to 7 minutes per machine in all.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
@@ -34,4 +35,16 @@ for ng in $SIZES; do
   grep -E "^\[tp2ep" "$OUT/tp2ep_${ng}gpu.log" | grep -vE "chunks=[0-9]+: " | cut -c1-400
   [ $rc -ne 0 ] && tail -30 "$OUT/tp2ep_${ng}gpu.log" | cut -c1-300
 done
+# Probe (60 s cap): torch's NVSHMEM all-to-all-v with device-side splits, multicast off
+# (the transport a prefill all-to-all without a host read would need). Reported, never fatal.
+if [ "${PROBE:-1}" = 1 ]; then
+  timeout 60 torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.symm_probe --out "$OUT/symm_probe_2gpu.json" \
+      > /dev/null 2> "$OUT/symm_probe.log"
+  echo "== symm probe rc=$?"; python3 -c "
+import json,sys
+try:
+    r=json.load(open('$OUT/symm_probe_2gpu.json'))
+    for s in r['steps']: print(s['step'], s['ok'], s.get('value', s.get('error','')))
+except Exception as e: print('no probe result:', e)" 2>&1 | cut -c1-300
+fi
 ls -la "$OUT"
