@@ -174,9 +174,17 @@ def _grad_w(g_RN: torch.Tensor, x_RK: torch.Tensor, ends_g: torch.Tensor | None,
     """Per-group g.T @ x (a sum over the group's rows: not part of the invariance claim)."""
     if ends_g is None:
         return (g_RN.t() @ x_RK).unsqueeze(0).to(w_GNK.dtype)
-    from spmd_moe.experts import _per_expert_grad_w
+    if g_RN.dtype == torch.bfloat16 and g_RN.is_cuda:
+        from spmd_moe.experts import _per_expert_grad_w  # torch's grouped GEMM (bf16 on CUDA)
 
-    return _per_expert_grad_w(g_RN, x_RK, ends_g.to(torch.int32), w_GNK)
+        return _per_expert_grad_w(g_RN, x_RK, ends_g.to(torch.int32), w_GNK)
+    gw = torch.zeros_like(w_GNK)
+    start = 0
+    for e, end in enumerate(ends_g.tolist()):  # host sync: backward only
+        if end > start:
+            gw[e] = (g_RN[start:end].t() @ x_RK[start:end]).to(gw.dtype)
+        start = end
+    return gw
 
 
 class _GroupedLinear(torch.autograd.Function):
