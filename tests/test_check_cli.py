@@ -215,6 +215,7 @@ def test_target_that_cannot_be_imported() -> None:
 def test_rank_raising_alone_wrong_return_and_miscounts_are_reported() -> None:
     me = "tests.test_check_cli"
     rc, rep, wall = run_json(f"{me}:raises_on_rank0", f"{me}:returns_a_linear", f"{me}:counts_twice",
+                             f"{me}:output_not_gathered", f"{me}:replicated_where_invariant",
                              "--worlds", "2,4", "--collective-timeout", "5", timeout=800)
     print(f"machinery: {rep['summary']} in {wall:.0f} s")
     assert rc == 1
@@ -241,15 +242,27 @@ def test_rank_raising_alone_wrong_return_and_miscounts_are_reported() -> None:
         T = 2 * n + 1
         assert f"expected top_k x tokens = 2 x {T} = {2 * T}, got {4 * T:g} (2 x)" in f["message"], f
         assert "#3622" in f["fix"]
+
+        # Checks debug mode cannot make (the tensors are never stated): a replicated
+        # output that differs per rank, an invariant input gradient that is Partial.
+        o = {x["case"]: x for x in runs_of(rep, f"{me}:output_not_gathered")[n]["cases"]}
+        for cid in ("one", "odd", "even", "prefill"):
+            (f,) = o[cid]["findings"]
+            assert f["type"] == "OutputDiffers" and f"over {n} ranks" in f["message"], f
+        g = {x["case"]: x for x in runs_of(rep, f"{me}:replicated_where_invariant")[n]["cases"]}
+        assert g["empty"]["status"] == "ok"
+        for cid in ("one", "odd", "even", "prefill"):
+            (f,) = g[cid]["findings"]
+            assert f["type"] == "GradientDiffers" and "invariant_to_replicate" in f["fix"], f
     assert wall < 800
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_rank_that_never_returns_is_killed() -> None:
-    rc, rep, wall = run_json("tests.test_check_cli:hangs_on_rank1", "--worlds", "2", "--timeout", "60",
-                             "--collective-timeout", "10", timeout=200)
+    rc, rep, wall = run_json("tests.test_check_cli:hangs_on_rank1", "--worlds", "2", "--timeout", "90",
+                             "--collective-timeout", "10", timeout=250)
     assert rc == 1 and not rep["ok"]
-    assert wall < 60 + 60  # the world's timeout plus start-up and the kill
+    assert wall < 90 + 90  # the world's timeout plus start-up and the kill
     (t,) = rep["runs"]
     assert t["killed_ranks"] == [0, 1]  # rank 0 waited for rank 1 in the check's own exchange
     cases = {c["case"]: c for c in t["cases"]}
@@ -361,3 +374,27 @@ def exits_on_rank1(pctx: Any) -> Any:
     from spmd_moe.apps.check import CheckTarget
 
     return CheckTarget(_ExitsOnRank1(pctx), layout="replicated", dim=16)
+
+
+class _OutputNotGathered(nn.Module):
+    def __init__(self, pctx: Any) -> None:
+        super().__init__()
+        self.moe, self.pctx = _moe(pctx, "replicated"), pctx
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.moe(x_TD)
+        return out + 0.01 * self.pctx.rank  # planted: a per-rank term after the replicated layer
+
+
+def output_not_gathered(pctx: Any) -> Any:
+    from spmd_moe.apps.check import CheckTarget
+
+    return CheckTarget(_OutputNotGathered(pctx), layout="replicated", dim=16)
+
+
+def replicated_where_invariant(pctx: Any) -> Any:
+    """Planted: a Megatron-style TP model (complete input gradients on every rank:
+    'invariant') that built its MoE with layout 'replicated' (Partial input gradient)."""
+    from spmd_moe.apps.check import CheckTarget
+
+    return CheckTarget(_moe(pctx, "replicated"), layout="invariant", dim=16)
