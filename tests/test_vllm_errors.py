@@ -123,6 +123,7 @@ def test_engine_argument_refused_before_workers(ckpt: Any, tmp_path: Path, case:
     assert res["raised"] and res["type"] == "spmd_moe.integrations.vllm.checks.EngineArgumentError", (res, log[-3000:])
     assert needle in res["msg"] and "Fix:" in res["msg"], res["msg"]
     assert res["s"] < FRONT_END_S, res
+    print(f"{case}: {res['type']} raised by LLM(...) after {res['s']:.1f} s")
     # No engine core or worker was started.
     assert "EngineCore" not in log and "Worker" not in log, log[-3000:]
 
@@ -134,6 +135,7 @@ def test_missing_expert_refused_in_front_end_by_checkpoint_name(broken_dir: Path
     assert f"'{DROPPED}'" in res["msg"] and "got none for expert(s) [3]" in res["msg"] and "Fix:" in res["msg"]
     assert "inner_experts" not in res["msg"]  # the checkpoint's name, not the internal parameter
     assert res["s"] < FRONT_END_S, res
+    print(f"missing expert: {res['type']} raised by LLM(...) after {res['s']:.1f} s")
     assert "EngineCore" not in log and "Worker" not in log, log[-3000:]
 
 
@@ -150,6 +152,7 @@ def test_missing_expert_fails_every_rank_promptly_with_the_same_message(broken_d
     assert by_rank["Worker_TP0"][0] == by_rank["Worker_TP1"][0], by_rank  # the same message on both ranks
     assert f"'{DROPPED}'" in by_rank["Worker_TP1"][0]  # rank 1 does not own expert 3, yet it names it
     assert first is not None and total - first < PROMPT_EXIT_S, (first, total)
+    print(f"workers: both ranks raised the same CheckpointError; engine exited {total - first:.1f} s after the first (total {total:.0f} s)")
 
 
 # ------------------------------------------------------------------ the checks, no engine

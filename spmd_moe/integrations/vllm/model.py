@@ -99,12 +99,16 @@ class SpmdMoEBlock(MoE[Replicated]):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """[T, D] (or [D]) hidden states, the same on every TP rank -> the same shape."""
-        shape = hidden_states.shape
-        x_TD = hidden_states.reshape(-1, shape[-1])
+        if hidden_states.dim() != 2:
+            return self.forward(hidden_states.reshape(-1, hidden_states.shape[-1])).reshape(hidden_states.shape)
+        if self.pctx.size > 1 and _debug._enabled:
+            # As MoE.forward does: ranks that disagree on T fail on the header, before the
+            # stated placement below is verified from the values (a checksum exchange).
+            self.tokens.check_entry(hidden_states.shape[0])
         # vLLM hands every TP rank the same hidden states (o_proj's all-reduce, then a
         # replicated norm): Replicate on the TP(=EP) axis, verified in debug mode.
-        y_TD: torch.Tensor = MoE.forward(self, as_rep(x_TD, self.pctx, f"{self.name}: x_TD (from vLLM)"))
-        return y_TD.reshape(shape)
+        y_TD: torch.Tensor = MoE.forward(self, as_rep(hidden_states, self.pctx, f"{self.name}: x_TD (from vLLM)"))
+        return y_TD
 
 
 _SWAP_LOCK = threading.RLock()
