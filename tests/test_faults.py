@@ -94,13 +94,23 @@ def _fails_in_exchange(rank: int, world: int, flag: str, how: str, phase: str) -
     from spmd_moe import ParallelContext
 
     m = _layer(ParallelContext.from_group(dist.group.WORLD))
-    m(torch.randn(64, 8)).sum().backward()  # the group works
+    real = dist.all_to_all_single
+    seen = [0]
+
+    def counting(*a: Any, **k: Any) -> Any:
+        seen[0] += 1
+        return real(*a, **k)
+
+    dist.all_to_all_single = counting  # type: ignore[assignment]
+    y0 = m(torch.randn(64, 8))  # the group works; how many exchanges a forward makes
+    per_forward = seen[0]
+    y0.sum().backward()
+    dist.all_to_all_single = real  # type: ignore[assignment]
     if rank == 1:
-        real = dist.all_to_all_single
         calls = [0]
-        # forward: call 1 exchanges counts, call 2 the rows; backward: call 1 is the
-        # mirror of the combine exchange.
-        fatal = {"forward": 2, "backward": 4}[phase]
+        # forward: call 1 exchanges counts, call 2 data (the tokens); backward: its
+        # first call is the mirror of the forward's last (the combine's return).
+        fatal = {"forward": 2, "backward": per_forward + 1}[phase]
 
         def failing(*a: Any, **k: Any) -> Any:
             calls[0] += 1
@@ -115,7 +125,7 @@ def _fails_in_exchange(rank: int, world: int, flag: str, how: str, phase: str) -
     x = torch.randn(64, 8, requires_grad=True)
     if phase == "forward":
         return _timed(lambda: m(x), flag)
-    y = m(x)  # counts + rows + combine = 3 all_to_all calls
+    y = m(x)  # counts, tokens, ids, return: per_forward all_to_all calls
     return _timed(lambda: y.sum().backward(), flag)
 
 
