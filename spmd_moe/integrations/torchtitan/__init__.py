@@ -468,17 +468,18 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         hook ran on the block) and are restored before its post-forward reshard."""
         from torch.distributed.tensor import DTensor
 
-        swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+        swapped: list[tuple[dict[str, Any], str, Any]] = []
         for mod in self.modules():
-            for name, p in list(mod._parameters.items()):
+            params: dict[str, Any] = mod._parameters
+            for name, p in list(params.items()):
                 if isinstance(p, DTensor):
-                    swapped.append((mod, name, p))
-                    mod._parameters[name] = p.to_local()  # type: ignore[assignment]
+                    swapped.append((params, name, p))
+                    params[name] = p.to_local()
         try:
             yield
         finally:
-            for mod, name, p in swapped:
-                mod._parameters[name] = p  # type: ignore[assignment]
+            for params, name, p in swapped:
+                params[name] = p
 
     def init_states(self, seed: int | None = None, std: float = 0.02, *, buffer_device: torch.device | None = None) -> None:
         """torchtitan protocol: initialize with the Config's param_init functions (or,
