@@ -19,7 +19,7 @@ swapped). Weight gradients are sums over rows and use torch's grouped GEMM.
 from __future__ import annotations
 
 import os
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,51 +47,9 @@ def _build() -> Any:
         return _kernel
     _tried = True
     try:
-        import triton
-        import triton.language as tl
+        from spmd_moe.kernels.invariant_triton import grouped_gemm_kernel
     except ImportError:
         return None
-
-    @triton.jit(do_not_specialize=["R"])  # type: ignore[misc, untyped-decorator, unused-ignore]
-    def grouped_gemm_kernel(  # type: ignore[no-untyped-def, unused-ignore]
-        a_ptr, w_ptr, y_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
-        R, N, K,
-        s_ar, s_ak, s_wg, s_wn, s_wk, s_yr, s_yn,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        if DENSE:  # one group, all R rows: tile m holds rows [m*BM, m*BM + BM)
-            g = pid_m * 0
-        else:
-            g = tl.load(tile_group_ptr + pid_m)
-        if g >= 0:
-            if DENSE:
-                row0 = pid_m * BM
-                end = R
-            else:
-                row0 = tl.load(tile_row_ptr + pid_m)
-                end = tl.load(ends_ptr + g)
-            rows = (row0 + tl.arange(0, BM)).to(tl.int64)
-            cols = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-            row_ok = rows < end
-            col_ok = cols < N
-            w_base = w_ptr + g.to(tl.int64) * s_wg
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, K, BK):  # fixed order, fixed step: the same for every M
-                ks = k0 + tl.arange(0, BK)
-                k_ok = ks < K
-                a = tl.load(a_ptr + rows[:, None] * s_ar + ks[None, :] * s_ak,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_base + ks[:, None] * s_wk + cols[None, :] * s_wn,
-                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
-            tl.store(y_ptr + rows[:, None] * s_yr + cols[None, :] * s_yn,
-                     acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
     _kernel = grouped_gemm_kernel
     return _kernel
 
@@ -111,61 +69,30 @@ def _config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
-def _tiles(ends_g: torch.Tensor, R: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile -> (group or -1, first row), on the device, no host sync: the grid is the
-    upper bound ceil(R / BM) + G; programs past the real tile count exit at once."""
-    G = ends_g.shape[0]
-    ends = ends_g.to(torch.int64)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    ntiles_g = (ends - starts + BM - 1) // BM
-    tile_end_g = torch.cumsum(ntiles_g, 0)
-    U = (R + BM - 1) // BM + G
-    t = torch.arange(U, device=ends.device)
-    g = torch.searchsorted(tile_end_g, t, right=True)
-    valid = g < G
-    gc = g.clamp(max=G - 1)
-    first_tile = tile_end_g[gc] - ntiles_g[gc]
-    row0 = starts[gc] + (t - first_tile) * BM
-    return torch.where(valid, g, -1).to(torch.int32), row0.to(torch.int64)
-
-
-_tile_cache: list[Any] = [None, 0, 0, None]
-
-
-def _tiles_for(ends_g: torch.Tensor, R: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """_tiles, computed once for the GEMMs that share ends_g (the SwiGLU's three, and
-    their backward): the entry holds ends_g itself, so its address is not reused."""
-    c = _tile_cache
-    if c[0] is ends_g and c[1] == R and c[2] == BM:
-        return cast(tuple[torch.Tensor, torch.Tensor], c[3])
-    t = _tiles(ends_g, R, BM)
-    c[:] = [ends_g, R, BM, t]
-    return t
-
-
 def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], N: int,
             ends_g: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """ends_g None: one group of all rows (dense GEMM; no tile map)."""
+    """ends_g None: one group of all rows (dense GEMM)."""
     kern = _build()
     assert kern is not None, "Triton is not installed"
     R, K = a_RK.shape
-    dense = ends_g is None
-    alloc = torch.empty if dense else torch.zeros  # rows of no group: 0
-    y = alloc(R, N, dtype=out_dtype, device=a_RK.device)
-    if R == 0 or N == 0 or (ends_g is not None and ends_g.numel() == 0):
+    y = torch.empty(R, N, dtype=out_dtype, device=a_RK.device)
+    if R == 0 or N == 0:
+        return y
+    if ends_g is not None and ends_g.numel() == 0:
         return y.zero_()
     BM, BN, BK, warps, stages = _config(a_RK.dtype)
+    mt = (R + BM - 1) // BM
     if ends_g is None:
-        tg = tr = ends = y  # unused
-        grid = ((R + BM - 1) // BM, (N + BN - 1) // BN)
+        ends, G, grid = y, 1, (mt, (N + BN - 1) // BN)
     else:
-        tg, tr = _tiles_for(ends_g, R, BM)
         ends = ends_g if ends_g.dtype == torch.int64 else ends_g.to(torch.int64)
-        grid = (tg.shape[0], (N + BN - 1) // BN)
+        # Upper bound of group tiles (mt + G) plus tail tiles (<= mt).
+        G, grid = ends.shape[0], (2 * mt + ends.shape[0], (N + BN - 1) // BN)
     kern[grid](
-        a_RK, w, y, tg, tr, ends, R, N, K,
+        a_RK, w, y, ends, R, N, K, G,
         a_RK.stride(0), a_RK.stride(1), w_strides[0], w_strides[1], w_strides[2], y.stride(0), y.stride(1),
-        BM=BM, BN=BN, BK=BK, IEEE=a_RK.dtype == torch.float32, DENSE=dense, num_warps=warps, num_stages=stages,
+        BM=BM, BN=BN, BK=BK, GP=max(16, 1 << (G - 1).bit_length()), IEEE=a_RK.dtype == torch.float32,
+        DENSE=ends_g is None, num_warps=warps, num_stages=stages,
     )
     return y
 
@@ -234,12 +161,14 @@ def grouped_swiglu(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tenso
 
 
 def ordered_sum_last(x: torch.Tensor, keepdim: bool) -> torch.Tensor:
-    """Sum over the last dim as explicit adds in index order (elementwise, exact order)."""
-    parts = x.unbind(-1)
-    acc = parts[0]
-    for p in parts[1:]:
-        acc = acc + p
-    return acc.unsqueeze(-1) if keepdim else acc
+    """Sum over the last dim as a fixed tree of elementwise adds (halves, then the odd
+    element): the pairing depends on the dim's length only; log2 launches."""
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        h = n // 2
+        s = x[..., :h] + x[..., h : 2 * h]
+        x = torch.cat([s, x[..., 2 * h :]], dim=-1) if n % 2 else s
+    return x if keepdim else x.squeeze(-1)
 
 
 class InvariantLinearMode(TorchFunctionMode):
