@@ -215,7 +215,7 @@ def test_target_that_cannot_be_imported() -> None:
 def test_rank_raising_alone_wrong_return_and_miscounts_are_reported() -> None:
     me = "tests.test_check_cli"
     rc, rep, wall = run_json(f"{me}:raises_on_rank0", f"{me}:returns_a_linear", f"{me}:counts_twice",
-                             f"{me}:output_not_gathered", f"{me}:replicated_where_invariant",
+                             f"{me}:output_not_gathered", f"{me}:replicated_where_invariant", f"{me}:per_rank_seed",
                              "--worlds", "2,4", "--collective-timeout", "5", timeout=800)
     print(f"machinery: {rep['summary']} in {wall:.0f} s")
     assert rc == 1
@@ -254,6 +254,14 @@ def test_rank_raising_alone_wrong_return_and_miscounts_are_reported() -> None:
         for cid in ("one", "odd", "even", "prefill"):
             (f,) = g[cid]["findings"]
             assert f["type"] == "GradientDiffers" and "invariant_to_replicate" in f["fix"], f
+
+        # Weights initialized from a per-rank seed: the layer's replicated gate is
+        # verified from its values in debug mode.
+        ps = {x["case"]: x for x in runs_of(rep, f"{me}:per_rank_seed")[n]["cases"]}
+        for cid in ("one", "odd", "even"):
+            (e,) = ps[cid]["errors"]
+            assert e["type"] == "PlacementError" and "router.gate.weight on axis 'ep'" in e["message"], e
+            assert "per-rank seed" in e["fix"] and e["where"].startswith("spmd_moe/moe.py:"), e
     assert wall < 800
 
 
@@ -398,3 +406,14 @@ def replicated_where_invariant(pctx: Any) -> Any:
     from spmd_moe.apps.check import CheckTarget
 
     return CheckTarget(_moe(pctx, "replicated"), layout="invariant", dim=16)
+
+
+def per_rank_seed(pctx: Any) -> Any:
+    """Planted: the gate initialized from a per-rank seed (the layer's init_states skipped)."""
+    import spmd_moe as sm
+
+    torch.manual_seed(1234 + pctx.rank)
+    moe = sm.MoE(sm.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, padding="pad"), pctx, layout="replicated")
+    with torch.no_grad():
+        moe.router.gate.weight.normal_()
+    return moe

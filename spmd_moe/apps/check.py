@@ -203,7 +203,8 @@ _LIB_DIRS = (
 
 def _where(tb: Any) -> str | None:
     """file:line of the innermost frame in the user's code (not torch, spmd_moe, the
-    standard library or site-packages); else the innermost spmd_moe frame."""
+    standard library or site-packages); else where the call entered spmd_moe (the
+    outermost spmd_moe frame below the check itself)."""
     frames = traceback.extract_tb(tb)
     for fr in reversed(frames):
         f = os.path.abspath(fr.filename)
@@ -211,7 +212,7 @@ def _where(tb: Any) -> str | None:
             continue
         return f"{os.path.relpath(f) if not os.path.relpath(f).startswith('..') else f}:{fr.lineno} ({fr.name})"
     lib = str(Path(__file__).resolve().parents[1])
-    for fr in reversed(frames):
+    for fr in frames:
         if os.path.abspath(fr.filename).startswith(lib) and not fr.filename.endswith("apps/check.py"):
             return f"spmd_moe/{os.path.relpath(fr.filename, lib)}:{fr.lineno} ({fr.name})"
     return None
