@@ -84,6 +84,8 @@ def test_cases_cover_the_adversarial_counts() -> None:
         assert any(all(t % 2 == 1 for t in c) for c in counts)  # odd counts
         assert any(max(c) > 16 for c in counts)
         assert len(counts) == len(set(counts))
+    # One rank: every placement is the same thing, so there is no misuse to probe.
+    assert all(c.kind == "run" for lay in ("replicated", "sequence") for c in cases_for(lay, 1))
 
 
 # ----------------------------------------------------------------------------- the project's models

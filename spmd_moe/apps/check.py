@@ -129,7 +129,8 @@ def cases_for(layout: Layout, n: int, decode_max_tokens: int = 16) -> list[Case]
             ("prefill", f"T={prefill * n + 1}: prefill size, not a multiple of {n}", prefill * n + 1),
         ):
             add(cid, label, [t] * n)
-        out.append(Case("probe", "misuse probe: different tokens on each rank", (4,) * n, "probe"))
+        if n > 1:  # on one rank every placement is the same thing: nothing to misuse
+            out.append(Case("probe", "misuse probe: different tokens on each rank", (4,) * n, "probe"))
     else:
         for cid, label, counts in (
             ("empty", "every rank empty", [0] * n),
@@ -143,7 +144,8 @@ def cases_for(layout: Layout, n: int, decode_max_tokens: int = 16) -> list[Case]
             ("prefill", f"prefill size, uneven: {prefill}+5r tokens on rank r", [prefill + 5 * r for r in range(n)]),
         ):
             add(cid, label, counts)
-        out.append(Case("probe", "misuse probe: the same tokens on every rank", (3,) * n, "probe"))
+        if n > 1:
+            out.append(Case("probe", "misuse probe: the same tokens on every rank", (3,) * n, "probe"))
     return out
 
 
