@@ -283,27 +283,87 @@ def grouped_swiglu_rows(
     pos_R, nblk_e = block_slots(ends_e, row_bucket(x_loc), B)
     outs: list[torch.Tensor] = []
     if n_local:
-        blocks = _blocks(x_loc, pos_R, sum(nblk_e), B)
-        # w1 and w3 stacked: one [B, 2F] GEMM per block instead of two (fewer calls;
-        # the block shape is as fixed as before).
-        Fh = w1_EFD.shape[1]
-        w13_EKD = torch.cat([w1_EFD, w3_EFD], dim=1)
-        b = 0
-        for ex, nb in enumerate(nblk_e):
-            if nb == 0:
-                continue
-            w13, w2 = _aligned(w13_EKD[ex]), _aligned(w2_EDF[ex])
-            for _ in range(nb):
-                a_BK = F.linear(blocks[b], w13)
-                outs.append(F.linear(F.silu(a_BK[:, :Fh]) * a_BK[:, Fh:], w2))
-                b += 1
-        outs = [torch.cat(outs).index_select(0, pos_R)]
+        nblk = sum(nblk_e)
+        xb_ND = x_loc.new_zeros(nblk * B, x_loc.shape[1]).index_copy(0, pos_R, x_loc)
+        w13_EKD = torch.cat([w1_EFD, w3_EFD], dim=1)  # w1 | w3: one [B, 2F] GEMM per block
+        block_expert = [ex for ex, nb in enumerate(nblk_e) for _ in range(nb)]
+        yb: torch.Tensor = _ExpertBlocks.apply(xb_ND, w13_EKD, w2_EDF, block_expert, B)  # type: ignore[no-untyped-call]
+        outs = [yb.index_select(0, pos_R)]
     if R > n_local or not outs:
         # Zeros that stay in the autograd graph of x (the dimension in equals the one
         # out): a rank with no local rows must still send gradients through the
         # dispatcher's collectives in backward, or the ranks' backward passes diverge.
         outs.append(x_RD[n_local:] * 0)
     return unchecked_cast(Placed[Var[EP]], torch.cat(outs), reason="this rank's experts on the rows it holds")
+
+
+def _block_views(t: torch.Tensor, B: int) -> tuple[torch.Tensor, ...]:
+    """[nblk*B, n] -> nblk [B, n] views; each is a fixed-shape, 64-byte aligned operand
+    when B*n*itemsize is a multiple of 64 (else each view is a fresh copy)."""
+    views: tuple[torch.Tensor, ...] = t.view(-1, B, t.shape[-1]).unbind(0)
+    if (B * t.shape[-1] * t.element_size()) % _ALIGN:
+        return tuple(v.clone() for v in views)
+    return views
+
+
+class _ExpertBlocks(torch.autograd.Function):
+    """SwiGLU of every expert block: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T, block by block.
+
+    What depends on the rows' position runs once per block with the same shapes,
+    strides and alignment: the GEMMs (forward and input gradient) and the sigmoid (a
+    transcendental op: vector body vs scalar tail). What is exact anywhere (IEEE mul,
+    add, sub: correctly rounded in the vector and the scalar paths alike) runs once on
+    the whole buffer: silu(a) = a * sigmoid(a), the products, silu's derivative. Weight
+    gradients are sums over rows (one GEMM per expert; not part of the claim)."""
+
+    @staticmethod
+    def forward(ctx: Any, xb_ND: torch.Tensor, w13_EKD: torch.Tensor, w2_EDF: torch.Tensor,
+                block_expert: list[int], B: int) -> torch.Tensor:
+        Fh = w2_EDF.shape[2]
+        xs = _block_views(xb_ND, B)
+        w13s = {e: _aligned(w13_EKD[e]) for e in set(block_expert)}
+        w2s = {e: _aligned(w2_EDF[e]) for e in set(block_expert)}
+        a_list, s_list = [], []
+        for b, e in enumerate(block_expert):
+            a = torch.mm(xs[b], w13s[e].t())
+            a_list.append(a)
+            s_list.append(torch.sigmoid(a[:, :Fh]))
+        a13, sig = torch.cat(a_list), torch.cat(s_list)
+        a1, a3 = a13[:, :Fh], a13[:, Fh:]
+        h = a1 * sig * a3
+        hs = _block_views(h, B)
+        y = torch.cat([torch.mm(hs[b], w2s[e].t()) for b, e in enumerate(block_expert)])
+        ctx.save_for_backward(xb_ND, w13_EKD, w2_EDF, a13, sig, h)
+        ctx.block_expert, ctx.B = block_expert, B
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy_ND: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xb, w13_EKD, w2_EDF, a13, sig, h = ctx.saved_tensors
+        be, B = ctx.block_expert, ctx.B
+        Fh = w2_EDF.shape[2]
+        gy_ND = gy_ND.contiguous()
+        gys = _block_views(gy_ND, B)
+        w13s = {e: _aligned(w13_EKD[e]) for e in set(be)}
+        w2s = {e: _aligned(w2_EDF[e]) for e in set(be)}
+        gh = torch.cat([torch.mm(gys[b], w2s[e]) for b, e in enumerate(be)])
+        a1, a3 = a13[:, :Fh], a13[:, Fh:]
+        silu = a1 * sig
+        # d silu(a)/da = s * (1 + a * (1 - s)), each op exact elementwise.
+        ga13 = torch.cat([gh * a3 * (sig * (1 + a1 * (1 - sig))), gh * silu], dim=1)
+        gas = _block_views(ga13, B)
+        gx = torch.cat([torch.mm(gas[b], w13s[e]) for b, e in enumerate(be)]) if ctx.needs_input_grad[0] else None
+        gw13 = gw2 = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gw13, gw2 = torch.zeros_like(w13_EKD), torch.zeros_like(w2_EDF)
+            start = 0
+            for e in sorted(set(be)):
+                nb = be.count(e)
+                rows = slice(start * B, (start + nb) * B)
+                gw13[e] = ga13[rows].t() @ xb[rows]
+                gw2[e] = gy_ND[rows].t() @ h[rows]
+                start += nb
+        return gx, gw13, gw2, None, None
 
 
 class _OrderedReduceScatter(torch.autograd.Function):
