@@ -14,10 +14,11 @@
 
 Plus fast unit tests of the checks (no engine) on the tiny checkpoints' real headers.
 
-Time bounds: the front-end refusal is timed from the ``LLM(...)`` call to its exception
-(vLLM resolves the architecture first, which imports the model class in a subprocess:
-20-30 s on 2 busy cores); 90 s leaves room for a loaded machine while any worker start
-would add the engine start (40-120 s measured here) plus a failure. The worker case
+Time bounds: the front-end refusal is timed from the ``LLM(...)`` call to its exception:
+0.2-0.3 s measured, up to ~30 s on 2 busy cores when vLLM's cached inspection of the model
+class is stale (it then imports the class in a subprocess); 90 s leaves room for a loaded
+machine, while a worker start would add the engine start (40-120 s measured here). The
+"no EngineCore/Worker in the log" assertion is the stronger check. The worker case
 bounds the time from the first CheckpointError in the log to the engine's exit.
 """
 
