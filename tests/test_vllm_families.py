@@ -216,3 +216,22 @@ def test_shared_gate_needs_shared_experts() -> None:
 
     with pytest.raises(sm.ConfigError, match="shared_gate: expected shared_hidden_dim set"):
         sm.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, shared_gate=True)
+
+
+def test_config_format_reads_other_families(tmp_path: Path) -> None:
+    """spmd_moe.json with model_type mixtral / qwen2_moe gives that family's transformers
+    config and the Spmd architecture; a mismatched architecture is refused."""
+    import json
+
+    import spmd_moe as sm
+    from spmd_moe.integrations.vllm.config_parser import read_spmd_config
+
+    for fam, (native_arch, spmd_arch, _) in ARCH.items():
+        d = {"format": "spmd_moe", "format_version": 1, "model_type": fam, "architecture": spmd_arch,
+             "model": {**FAMILY_CONFIGS[fam], "hidden_act": "silu"}}
+        (tmp_path / "spmd_moe.json").write_text(json.dumps(d))
+        _, cfg = read_spmd_config(tmp_path)
+        assert cfg.model_type == fam and cfg.architectures == [spmd_arch] and cfg.hidden_size == 128
+        (tmp_path / "spmd_moe.json").write_text(json.dumps({**d, "architecture": "SpmdQwen3MoeForCausalLM"}))
+        with pytest.raises(sm.ConfigError, match=f"expected one of \\('{spmd_arch}', '{native_arch}'\\)"):
+            read_spmd_config(tmp_path)
