@@ -76,6 +76,12 @@ def _per_expert_grad_w(g_RF: torch.Tensor, x_RD: torch.Tensor, offs_e: torch.Ten
         rows_ok = g_RF.shape[0] * g_RF.element_size() % 16 == 0
         if rows_ok:
             return torch._grouped_mm(g_RF.t(), x_RD, offs=offs_e)
+    elif (x_RD.shape[-1] * x_RD.element_size()) % 16 == 0 and (g_RF.shape[-1] * g_RF.element_size()) % 16 == 0:
+        # CPU: the very call torch's own _grouped_mm backward makes for a transposed
+        # mat2 = w.T (grad.T @ x per group), same shapes and strides, so the weight
+        # gradient is bitwise torch's autograd (torchtitan's) whatever GEMM kernel the
+        # CPU picks. torch accepts it only with 16-byte-aligned rows; else the loop below.
+        return torch._grouped_mm(g_RF.t(), x_RD, offs=offs_e)
     ends = offs_e.tolist()  # host sync: backward only
     gw = torch.zeros_like(w_EFD)
     start = 0
