@@ -24,9 +24,11 @@ Used when MoEConfig.dispatcher is 'auto', layout 'replicated'/'invariant', n > 1
 autograd off, debug off (debug mode runs the checked split path, which this equals),
 no forced routes, and T/n within decode_max_tokens (or the communicator's
 ``replicated_max_tokens`` hint: VllmComm on CPU takes this path at every T). Past
-decode_max_tokens it runs the experts on exactly their rows (one host sync, as the
-all_to_all path) and equals the all_to_all (prefill) path bit for bit: the same rows
-reach each expert in the same order, the router sees the same chunks.
+decode_max_tokens, on a communicator that is not capturable (CPU), it runs the experts
+on exactly their rows (one host sync, as the all_to_all path) and equals the all_to_all
+(prefill) path bit for bit: the same rows reach each expert in the same order, the router
+sees the same chunks. On a capturable one (CUDA) it stays sync-free at every size and
+equals the all-gather dispatcher's computation (the same GEMM with a zeroed tail).
 """
 
 from __future__ import annotations
@@ -102,15 +104,17 @@ def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[
     key_N = torch.where((local_TK >= 0) & (local_TK < e), local_TK, e).reshape(-1)
     order_N = torch.argsort(key_N, stable=True)
     counts_e = count_ids(key_N, e + 1)[:e]
-    if T_loc <= cfg.decode_max_tokens:
-        # Decode sizes: the all-gather dispatcher's GEMM (every slot, zeros past the
-        # counts), no host sync.
+    comm = pctx.comm
+    if T_loc <= cfg.decode_max_tokens or (comm is not None and comm.capturable):
+        # Decode sizes, or a communicator that may be captured in a CUDA graph (vLLM
+        # captures decode batches of many sizes): the all-gather dispatcher's GEMM (every
+        # slot, zeros past the counts), no host sync.
         out_RD = ex(xv_TD[order_N // K], counts_e, rows_exact=False)
         slots_ND = torch.empty_like(out_RD).index_copy_(0, order_N, out_RD)
     else:
-        # Prefill sizes (a communicator's hint): exactly the local rows, the all-to-all
-        # path's GEMM shapes (CPU grouped GEMMs round differently with a zero tail), at
-        # the price of that path's one host sync.
+        # Prefill sizes on a host-side communicator (CPU): exactly the local rows, the
+        # all-to-all path's GEMM shapes (CPU grouped GEMMs round differently with a zero
+        # tail), at the price of that path's one host sync.
         mine_R = order_N[: int(counts_e.sum())]
         out_RD = ex(xv_TD[mine_R // K], counts_e, rows_exact=True)
         slots_ND = out_RD.new_zeros(T_pad * K, D).index_copy_(0, mine_R, out_RD)

@@ -234,6 +234,22 @@ def paths_worker(rank: int, world: int) -> list[str]:
                 bad.append(f"shared={shared} T={T}: all-reduce path != all_to_all path")
         if hinted.calls.get("all_to_all"):
             bad.append(f"the hinted layer ran all_to_all: {hinted.calls}")
+    # A capturable communicator (CUDA) past decode_max_tokens: no host sync, and the
+    # all-gather dispatcher's computation at that size.
+    capt = CountingComm(pctx.backend)
+    capt.replicated_max_tokens, capt.capturable = 1 << 30, True
+    fast = _layer(_cfg(shared_hidden_dim=S_HID), pctx.with_comm(capt))
+    ref = _layer(_cfg(shared_hidden_dim=S_HID, dispatcher="all_gather", decode_max_tokens=1 << 20), pctx)
+    with torch.inference_mode():
+        fast(_x(3, 0))  # the one-off metadata check
+        for T in (16 * world + 1, 70):
+            x = _x(T, T)
+            with SyncAudit() as audit:
+                y_fast = fast(x)
+            if audit.hits:
+                bad.append(f"capturable T={T}: host sync {audit.hits}")
+            if not torch.equal(y_fast, ref(x)):
+                bad.append(f"capturable T={T}: != all_gather dispatcher at that size")
     # Not taken with autograd on (the split path's gradients) or past decode_max_tokens.
     m = _layer(_cfg(), pctx)
     if rd.applies(m, 4):

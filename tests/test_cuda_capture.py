@@ -12,7 +12,8 @@ capturable ones and cannot be run here). Checked, in bf16 at decode sizes:
   all_reduce is captured and replayed.
 * world 2 (two GPUs, if present): the same for the all-reduce path with its real NCCL
   all-reduce (after the first call's one-off metadata check), plus equality with the
-  split path (dispatcher='all_gather').
+  split path (dispatcher='all_gather'); and, with the communicator's
+  replicated_max_tokens hint set as VllmComm sets it, at T = 100 and 256 too.
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ def _world2(rank: int, world: int, port: int, q: Any) -> None:
                 x = _x(T, 11)
                 if not torch.equal(fast(x), ref(x)):
                     bad.append(f"T={T}: all-reduce path != all_gather dispatcher path")
+            # As VllmComm on CUDA: the all-reduce path at every size (vLLM captures decode
+            # batches up to its largest capture size), no host sync past decode_max_tokens.
+            setattr(pctx.comm, "replicated_max_tokens", 1 << 30)
+            for T in (100, 256):
+                bad += [f"hinted {p}" for p in _no_sync(fast, T)]
+                bad += [f"hinted {p}" for p in _replays_match(fast, T)]
     except Exception as e:  # noqa: BLE001 - reported to the parent
         bad.append(f"{type(e).__name__}: {e}")
     q.put((rank, bad))

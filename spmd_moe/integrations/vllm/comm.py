@@ -44,10 +44,12 @@ class VllmComm:
         # own TP all-reduce); CPU has no graphs.
         on_cuda = str(getattr(coordinator, "device", "cpu")).startswith("cuda")
         self.capturable = on_cuda and dc is not None
-        # On CPU the shared-memory all-reduce is a memcpy-speed exchange while the
-        # all-to-all runs on gloo (plus a host sync for its sizes): replicated tokens take
-        # the one-all-reduce path at every T. On CUDA: MoEConfig.decode_max_tokens.
-        self.replicated_max_tokens: int | None = None if on_cuda else 1 << 30
+        # Replicated tokens take the one-all-reduce path at every T. On CPU the
+        # shared-memory all-reduce is a memcpy-speed exchange while the all-to-all runs on
+        # gloo (plus a host sync for its sizes). On CUDA vLLM captures decode batches of
+        # up to its largest capture size in CUDA graphs: every such size must take a path
+        # with no host sync (the all-to-all path has one).
+        self.replicated_max_tokens: int | None = 1 << 30
 
     @property
     def transport(self) -> str:
