@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -235,8 +236,9 @@ def rowwise(fn: Callable[[_X], _Y], x_TD: _X) -> _Y:
 
 
 # The router and the shared experts of one layer call see the same token tensor: its
-# layout is computed once. The entry holds the tensor itself (so its address cannot be
-# reused by another tensor while cached) and is valid while its version is unchanged.
+# layout is computed once. The entry holds a weak reference (no activation or autograd
+# graph is kept alive) and is used only for that very tensor object, unchanged since
+# (version counter).
 _layout_cache: list[Any] = [None, -1, 0, None, 0]
 
 
@@ -244,10 +246,10 @@ def _token_layout(x_TD: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
     if x_TD.is_inference():  # no version counter to validate a cached entry with
         return token_slots(row_bucket(x_TD, B), B)
     c = _layout_cache
-    if c[0] is x_TD and c[1] == x_TD._version and c[2] == B:
+    if c[0] is not None and c[0]() is x_TD and c[1] == x_TD._version and c[2] == B:
         return cast(torch.Tensor, c[3]), int(c[4])
     pos_T, nblk = token_slots(row_bucket(x_TD, B), B)
-    c[:] = [x_TD, x_TD._version, B, pos_T, nblk]
+    c[:] = [weakref.ref(x_TD), x_TD._version, B, pos_T, nblk]
     return pos_T, nblk
 
 
