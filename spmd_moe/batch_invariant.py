@@ -4,9 +4,9 @@ Why a mode is needed. A GEMM kernel picks its blocking (and so the order in whic
 adds the products of one dot product) from the matrix shapes; on CPU (torch 2.13,
 MKL/oneDNN) ``x[:M] @ W`` gives a different first row for some M than for others, and
 cuBLAS picks split-K and tile shapes from M. Elementwise transcendental ops on CPU
-(sigmoid, SiLU) are vectorized over the flattened tensor with a scalar tail (std::exp
-vs the vector exp: measured, 4% of fp32 inputs differ in the last bit), so where a
-token's elements fall also matters. In an MoE the rows an expert sees are whatever
+(sigmoid, SiLU) are vectorized over the flattened tensor with a scalar tail that
+computes them differently (measured: 3.5-4 % of fp32 inputs differ in the last bit), so
+where a token's elements fall also matters. In an MoE the rows an expert sees are whatever
 tokens chose it, so without a fix a token's output depends on its batch neighbours,
 on the EP degree and on the dispatcher.
 
@@ -15,13 +15,15 @@ depends on where the token's elements sit, runs in a form whose per-token result
 cannot depend on the other rows.
 
 CPU (any device but CUDA): fixed-shape blocks at a content-addressed slot.
-Tokens (or routed rows) are laid out in blocks of ``BLOCK_ROWS`` rows; a row always
-sits at slot ``bucket(row) = hash(row's bits) mod BLOCK_ROWS`` of a block, and a
-block holds at most one row per slot (rows whose slot is taken go to the next block of
-the same expert; empty slots are zeros). The per-token function (the router, one
-expert's SwiGLU, the shared experts) is applied to each block as one call on a fresh
-[BLOCK_ROWS, D] view with the same shape, strides, 64-byte alignment and thread count
-every time. So every op a row meets (GEMM, SiLU/sigmoid with its vector/scalar split,
+Routed rows are laid out in blocks of ``BLOCK_ROWS`` (16) rows per expert, tokens in
+blocks of ``TOKEN_BLOCK_ROWS`` (64) for per-token functions (router, shared experts); a
+row always sits at slot ``hash(row's bits) mod B`` of a block, and a block holds at
+most one row per slot (rows whose slot is taken go to the next block of the same
+expert; empty slots are zeros). Per-token functions run once per block on a [B, D] view
+with the same shape, strides, 64-byte alignment and thread count every time. The
+experts run as one autograd Function: per block the GEMMs (forward and input gradient)
+and the sigmoid, each one such call; the exact elementwise ops (IEEE mul, add, sub are
+correctly rounded in the vector and the scalar paths alike) once over the whole buffer. So every op a row meets (GEMM, SiLU/sigmoid with its vector/scalar split,
 softmax, top-k, their backward) is the same call with the row at the same position,
 whatever else is in the batch. What this rests on: a kernel run twice on the same
 shapes, strides, alignment and thread count computes each output element with the
