@@ -147,6 +147,37 @@ def test_converted_moe_parts_are_refused_by_name() -> None:
         _meta_build(types.SimpleNamespace(model_spec=spec))
 
 
+def test_parts_refuse_a_direct_init_or_parallelize() -> None:
+    """The parts are initialized and parallelized by their SpmdMoE only (torchtitan's
+    recursion stops at the SpmdMoE); a direct call says where to call instead."""
+    from spmd_moe.errors import ConfigError
+
+    cfg, _ = _titan_config(["--module", "spmd_moe.integrations.torchtitan", "--config", "qwen3_moe_tiny"])
+    model = _meta_build(cfg)
+    part = model.layers["0"].moe.routed_experts.inner_experts
+    with pytest.raises(ConfigError, match=r"SpmdGroupedExperts\.init_states: expected the call on the SpmdMoE"):
+        part.init_states()
+    with pytest.raises(ConfigError, match=r"SpmdGroupedExperts\.parallelize: expected the call on the SpmdMoE"):
+        part.parallelize(None)
+
+
+def test_tiny_assets_are_deterministic_and_tokenize_without_unknowns(tmp_path: Path) -> None:
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from spmd_moe.integrations.torchtitan.tiny_assets import VOCAB_SIZE, make_tiny_assets
+
+    a_tok, a_corpus = make_tiny_assets(tmp_path / "a", docs=50)
+    _, b_corpus = make_tiny_assets(tmp_path / "b", docs=50)
+    text = (a_corpus / "train.jsonl").read_bytes()
+    assert text == (b_corpus / "train.jsonl").read_bytes()
+    tok = HuggingFaceTokenizer(tokenizer_path=str(a_tok))
+    assert tok.get_vocab_size() <= VOCAB_SIZE
+    unk = tok.encode("<|unk|>", add_bos=False, add_eos=False)
+    for line in text.decode().splitlines()[:50]:
+        ids = tok.encode(json.loads(line)["text"], add_bos=True, add_eos=True)
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and unk[0] not in ids
+
+
 # ----------------------------------------------------------------------------- real Trainer runs
 def _run_trainer(
     tmp: Path, assets: Path, nproc: int, config: str, module: str, extra: list[str], tag: str, dump: Path | None = None,

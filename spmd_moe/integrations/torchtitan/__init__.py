@@ -34,6 +34,15 @@ HF state-dict adapter) keeps working on it. The built module:
   TITAN_PADDING ('pad'), overridable with SpmdMoE.Config.padding='error'.
 
 Experts run in bf16 by default, as torchtitan's do (``expert_dtype="bfloat16"``).
+
+Through torchtitan's own launcher and Trainer (docs/torchtitan.md): one flag,
+``--override.imports spmd_moe.integrations.torchtitan.overrides.spmd_moe``, or the config
+module ``--module spmd_moe.integrations.torchtitan --config qwen3_moe_debug``. For the
+Trainer's ``verify_module_protocol`` every part of an SpmdMoE (router, gate, experts) is a
+torchtitan Module (protocol subclasses of the core classes, _PARTS); MoE configs that a
+float8/MX/LoRA converter or a DeepEP/HybridEP dispatcher changed are refused by name;
+under torchtitan's DTensor backends the layer takes DTensor activations and keeps its
+parameters as DTensors on torchtitan's meshes (param_layouts).
 """
 
 from __future__ import annotations
