@@ -1,8 +1,9 @@
 #!/bin/bash
 # Issue 16 on one H200: batch-invariant mode's GPU tests, then its cost table (normal vs
 # invariant, same process), then a small tile sweep of the invariant GEMM. ~4-5 minutes.
-#   run(kind=nvidia-h200, command="bash scripts/gpu/invariant.sh")
-# Needs only torch + Triton (no vLLM/torchtitan). Results in $OUT:
+#   run(kind=nvidia-h200, carry=[".whl"], command="bash scripts/gpu/invariant.sh")
+# Needs torch + Triton + the carried wheels (spmd_types, jaxtyping, ...; no vLLM/torchtitan;
+# tqdm optional). Results in $OUT:
 #   invariance_gpu.log (pytest -k cuda, with the control prints), invariant_gpu.json + .md
 #   (cost table), tiles_*.json (sweep), invariant.log (progress).
 set -u

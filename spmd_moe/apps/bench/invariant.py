@@ -19,12 +19,14 @@ The table goes to stdout (markdown) and --out (JSON); progress to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -112,8 +114,32 @@ CPU_LAYERS: dict[str, dict[str, Any]] = {
 }
 
 
+class _PlainProgress:
+    """Stand-in for spmd_moe.apps.progress where tqdm is missing (a bare GPU machine)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.n = name, 0
+
+    def status(self, what: str) -> None:
+        print(f"[{self.name}] {what}", file=sys.stderr, flush=True)
+
+    def step(self, what: str) -> None:
+        self.n += 1
+        print(f"[{self.name}] {self.n} {what}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _progress(name: str, total: int, unit: str) -> Iterator[Any]:
+    try:
+        from spmd_moe.apps.progress import progress
+    except ImportError:
+        yield _PlainProgress(name)
+        return
+    with progress(name, total=total, unit=unit) as p:
+        yield p
+
+
 def run(device: str, gpu_ts: list[int], cpu_ts: list[int], bwd_max_t: int) -> dict[str, Any]:
-    from spmd_moe.apps.progress import progress
 
     rows: list[dict[str, Any]] = []
     if device == "cuda":
@@ -122,7 +148,7 @@ def run(device: str, gpu_ts: list[int], cpu_ts: list[int], bwd_max_t: int) -> di
     else:
         plan = [(name, kw, t, bwd) for name, kw in CPU_LAYERS.items() for t in cpu_ts for bwd in (False, True)]
     layers: dict[str, Any] = {}
-    with progress("invariant-bench", total=len(plan), unit="case") as p:
+    with _progress("invariant-bench", total=len(plan), unit="case") as p:
         for name, kw, T, bwd in plan:
             p.status(f"{name} T={T} {'fwd+bwd' if bwd else 'fwd'}")
             moe = layers.get(name)
