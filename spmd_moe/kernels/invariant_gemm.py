@@ -82,12 +82,13 @@ def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int]
         return y.zero_()
     BM, BN, BK, warps, stages = _config(a_RK.dtype)
     mt = (R + BM - 1) // BM
+    nt = (N + BN - 1) // BN
     if ends_g is None:
-        ends, G, grid = y, 1, (mt, (N + BN - 1) // BN)
+        ends, G, grid = y, 1, (mt * nt,)
     else:
         ends = ends_g if ends_g.dtype == torch.int64 else ends_g.to(torch.int64)
-        # Upper bound of group tiles (mt + G) plus tail tiles (<= mt).
-        G, grid = ends.shape[0], (2 * mt + ends.shape[0], (N + BN - 1) // BN)
+        # Upper bound of group tiles (mt + G) plus tail tiles (<= mt), times the N tiles.
+        G, grid = ends.shape[0], ((2 * mt + ends.shape[0]) * nt,)
     kern[grid](
         a_RK, w, y, ends, R, N, K, G,
         a_RK.stride(0), a_RK.stride(1), w_strides[0], w_strides[1], w_strides[2], y.stride(0), y.stride(1),

@@ -40,8 +40,12 @@ def grouped_gemm_kernel(  # type: ignore[no-untyped-def, unused-ignore]
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GP: tl.constexpr,
     IEEE: tl.constexpr, DENSE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # One axis, the N tiles of one row tile adjacent: consecutive programs reuse the same
+    # rows of a from L2 (one group's weight tile set is small and stays in L2 anyway).
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
     if DENSE:  # one group, all R rows: tile m holds rows [m*BM, m*BM + BM)
         _tile(a_ptr, w_ptr, y_ptr, pid_m * BM, R, pid_n, N, K, s_ar, s_ak, s_wn, s_wk, s_yr, s_yn,
               BM, BN, BK, IEEE)
