@@ -36,7 +36,10 @@ hold on one machine, library build and thread count; not across machines.
 CUDA: Triton kernels (spmd_moe.kernels.invariant_gemm) with fixed tiles, no split-K
 and a fixed-order K loop: a row's accumulation never involves other rows, so the
 grouped expert GEMMs, the router GEMM and the shared experts' GEMMs are invariant by
-construction; elementwise ops on CUDA run the same instructions for every element.
+construction. The elementwise and per-row ops around them (SiLU, softmax, top-k, row
+gathers) are left to torch: each element or row is computed the same way whatever the
+tensor's size (torch's kernel structure, not a guarantee of this code; the GPU test
+checks it).
 
 Everything else was exact already: moving rows (gather, index_copy, all_to_all,
 all_gather), adding the exact zeros of the all-gather dispatcher, the combine's fp32
