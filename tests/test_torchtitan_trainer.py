@@ -178,6 +178,51 @@ def test_tiny_assets_are_deterministic_and_tokenize_without_unknowns(tmp_path: P
         assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and unk[0] not in ids
 
 
+_SHIM_CHECK = """
+import torch, torch.distributed as dist, torch.distributed.fsdp as fsdp
+import torch.nn.attention.flex_attention as fa
+del fsdp.DataParallelMeshDims                       # as in torch 2.11
+if hasattr(dist, "set_timeout"):
+    del dist.set_timeout
+orig = fa.create_block_mask
+def cbm(mask_mod, B, H, Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=128, _compile=False):  # no separate_full_blocks
+    return orig(mask_mod, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE, _compile=_compile)
+fa.create_block_mask = cbm
+import tt_gpu_launch
+import torchtitan.distributed.fsdp, torchtitan.distributed.full_dtensor  # their module-level imports
+m = fa.create_block_mask(lambda b, h, q, kv: q >= kv, 1, None, 128, 128, device="cpu", separate_full_blocks=True)
+from torchtitan.config import ConfigManager
+from torchtitan.config.override import apply_overrides
+c = ConfigManager().parse_args(["--module", "qwen3", "--config", "qwen3_moe_debug", "--override.imports",
+    "tt_gpu_launch.plain_cross_entropy,spmd_moe.integrations.torchtitan.overrides.spmd_moe"])
+c.model_spec.model.update_from_config(config=c)
+n = len(apply_overrides(c.override, c))
+print("RESULT", tt_gpu_launch.PATCHES, type(m).__name__, type(c.loss).__qualname__, n, callable(dist.set_timeout))
+"""
+
+
+def test_gpu_script_launcher_shims_and_flags_on_cpu(tmp_path: Path) -> None:
+    """scripts/gpu/torchtitan_train.sh's launcher (its heredoc, extracted) under a torch
+    made to look like 2.11 (no DataParallelMeshDims, no set_timeout, create_block_mask
+    without separate_full_blocks): all three shims apply, torchtitan's modules import,
+    the mask builds, and the script's --override.imports list swaps the loss and all 8
+    MoE layers of qwen3_moe_debug. Plus `bash -n` on the script."""
+    script = ROOT / "scripts" / "gpu" / "torchtitan_train.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    lines = script.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith('cat > "$WORK/tt_gpu_launch.py"'))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] == "EOF")
+    (tmp_path / "tt_gpu_launch.py").write_text("\n".join(lines[start + 1 : end]) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{tmp_path}:{ROOT}")
+    p = subprocess.run([sys.executable, "-c", _SHIM_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    result = next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT"))
+    assert result == (
+        "RESULT ['DataParallelMeshDims stand-in', 'set_timeout -> _set_pg_timeout', "
+        "'create_block_mask without separate_full_blocks'] BlockMask CrossEntropyLoss.Config 9 True"
+    ), result
+
+
 # ----------------------------------------------------------------------------- real Trainer runs
 def _run_trainer(
     tmp: Path, assets: Path, nproc: int, config: str, module: str, extra: list[str], tag: str, dump: Path | None = None,
