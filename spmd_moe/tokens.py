@@ -18,7 +18,8 @@ once per layer and token count, not every call (debug mode: every call):
 
 * replicated / invariant: on the first call with each T (all ranks hold the same T, so
   all of them meet a new T together); never inside a CUDA graph capture (it reads the
-  result on the host; the eager warm-up before a capture has checked that T).
+  result on the host; the eager warm-up before a capture has checked that T). Inside a
+  capture, dispatcher 'auto' takes the all-gather path at any T (no host read).
 * sequence: on the first call, and on every call whose path needs the other ranks' token
   counts (the all-gather paths pad to the largest slice, and dispatcher 'auto' picks by
   it); with dispatcher 'all_to_all' and no shared experts, only the first call. The
@@ -87,7 +88,10 @@ class TokenLayout:
         if self.pctx.size == 1:
             return False
         if self.cfg.dispatcher == "auto":
-            return tokens_per_rank <= self.cfg.decode_max_tokens
+            # Inside a CUDA graph capture (every rank captures the same step), at any T:
+            # the all-to-all path reads split sizes on the host, which a capture cannot;
+            # the all-gather path computes the same bits with none.
+            return tokens_per_rank <= self.cfg.decode_max_tokens or _capturing()
         return self.cfg.dispatcher == "all_gather"
 
     # ------------------------------------------------------------ replicated / invariant

@@ -19,7 +19,9 @@ Checked, each through the library's own MoE layer:
   patching torch.Tensor) per forward after the first: 1 for the all-to-all paths
   (chunked or not), 0 for the replicated all-gather decode path (autograd on and off);
   the header exchange runs once per layer and T (replicated), once per layer
-  (sequence + all_to_all, no shared experts), every call in debug mode.
+  (sequence + all_to_all, no shared experts), every call in debug mode; inside a CUDA
+  graph capture (simulated) 'auto' takes the all-gather path at a prefill-sized T: no
+  host read, the same bits.
 * ranks that disagree on chunks after the first call: DistributedError naming
   'chunks' on every rank, in bounded time, and the group usable afterwards.
 """
@@ -255,6 +257,26 @@ def _host_reads(rank: int, n: int) -> dict[str, Any]:
                     if mode == "grad":
                         y.sum().backward()  # backward may read (grouped-mm CPU path): not counted
                 res[f"{name}:{mode}"] = {"reads": per_call, "headers": hdr}
+        # A CUDA graph capture (simulated: tokens._capturing patched): dispatcher 'auto' at a
+        # prefill-sized T takes the all-gather path, no host read, no header, same bits.
+        from tp2ep_util import DispatchSpy
+
+        _, moe = build_pair(make_cfg(padding="pad"), world_pctx(), "replicated", 3)
+        spy = DispatchSpy(moe)
+        x = torch.randn(24 * n, D, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            y_eager = moe(x)
+            used_eager = spy.used()
+            real_capturing = tokmod._capturing
+            tokmod._capturing = lambda: True  # type: ignore[assignment]
+            try:
+                h0 = headers["n"]
+                with count_host_reads() as cnt:
+                    y_cap = moe(x)
+            finally:
+                tokmod._capturing = real_capturing  # type: ignore[assignment]
+        res["rep_auto_capture"] = {"reads": sum(cnt.values()), "headers": headers["n"] - h0, "bitwise": bool(torch.equal(y_cap, y_eager)),
+                                   "used_eager": used_eager, "used_after": spy.used()}
         _, moe = build_pair(make_cfg(padding="pad", dispatcher="all_to_all"), world_pctx(), "sequence", 3)
         with spmd_moe.debug():
             hdr = []
@@ -380,6 +402,9 @@ def test_host_reads_per_forward_and_header_once(n: int) -> None:
             ag = reads[f"rep_all_gather:{mode}"]
             assert ag["headers"] == [1, 0, 0, 1, 0], (rank, mode, ag)
             assert ag["reads"] == [1, 0, 0, 1, 0], (rank, mode, ag)
+        cap = reads["rep_auto_capture"]
+        assert cap["used_eager"] == "all_to_all" and cap["used_after"] == "all_to_all+all_gather", cap
+        assert cap["reads"] == 0 and cap["headers"] == 0 and cap["bitwise"], cap
         # Debug mode checks on entry and again in the token layout: every call.
         assert all(h >= 1 for h in reads["seq_a2a_debug"]["headers"]), reads["seq_a2a_debug"]
 
