@@ -221,6 +221,12 @@ def main() -> int:
                            "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")}}
     log(f"{n} x {res['device']}, torch {torch.__version__}")
 
+    def dump() -> None:
+        """Rank 0 rewrites the JSON after every section: a later hang or crash keeps the rest."""
+        if rank == 0 and args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(res, indent=1) + "\n")
+
     # ------------------------------------------------------------ prefill, layout 'sequence'
     m1 = build(one, "sequence", sd, dev)
     mn = build(ep, "sequence", sd, dev, dispatcher="all_to_all")
@@ -253,10 +259,9 @@ def main() -> int:
         y1 = m1(x0)
         y1.backward(gy)
         g1 = x0.grad.clone() if x0.grad is not None else None
-        y_c1 = None
-        for c in args.chunks:
-            mn.prefill_dispatcher.chunks = c
-            r: dict[str, Any] = {}
+        y_c1: torch.Tensor | None = None
+
+        def measure_chunks(r: dict[str, Any]) -> None:
             r["fwd_ngpu_ms"] = timed(fwd(mn), args.reps)
             r["fwdbwd_ngpu_ms"] = timed(fb(mn), args.reps)
             r["per_gpu_throughput_fwd"] = row["fwd_1gpu_ms"] / r["fwd_ngpu_ms"]
@@ -269,23 +274,40 @@ def main() -> int:
             if g1 is not None and xc.grad is not None:
                 r["grad_x_max_abs_diff_vs_1gpu"] = float((xc.grad.float() - g1.float()).abs().max())
                 r["grad_x_max_abs_1gpu"] = float(g1.float().abs().max())
+            r["_y"] = yc.detach()
+
+        for c in args.chunks:
+            mn.prefill_dispatcher.chunks = c
+            r: dict[str, Any] = {}
+            try:
+                measure_chunks(r)
+            except Exception as e:  # noqa: BLE001 - recorded; the other chunk counts still run
+                row["chunks"][str(c)] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+                log(f"T={T} chunks={c}: FAILED {row['chunks'][str(c)]}")
+                continue
             if y_c1 is None:
-                y_c1 = yc.detach()
+                y_c1 = r.pop("_y")
             else:
-                r["fwd_bitwise_vs_chunks1"] = bool(torch.equal(yc.detach(), y_c1))
+                r["fwd_bitwise_vs_chunks1"] = bool(torch.equal(r.pop("_y"), y_c1))
             row["chunks"][str(c)] = r
             log(f"T={T} chunks={c}: {json.dumps(r)}")
-        best = max(row["chunks"], key=lambda c: row["chunks"][c]["per_gpu_throughput_fwd"])
-        best_fb = max(row["chunks"], key=lambda c: row["chunks"][c]["per_gpu_throughput_fwdbwd"])
+            dump()
+        ok = {c: v for c, v in row["chunks"].items() if "error" not in v}
+        if not ok:
+            res["prefill"].append(row)
+            continue
+        best = max(ok, key=lambda c: ok[c]["per_gpu_throughput_fwd"])
+        best_fb = max(ok, key=lambda c: ok[c]["per_gpu_throughput_fwdbwd"])
         best_chunks[T] = int(best)
         row.update({
             "best_chunks_fwd": int(best), "best_chunks_fwdbwd": int(best_fb),
-            "fwd_ngpu_ms": row["chunks"][best]["fwd_ngpu_ms"],
-            "fwdbwd_ngpu_ms": row["chunks"][best_fb]["fwdbwd_ngpu_ms"],
-            "per_gpu_throughput_fwd": row["chunks"][best]["per_gpu_throughput_fwd"],
-            "per_gpu_throughput_fwdbwd": row["chunks"][best_fb]["per_gpu_throughput_fwdbwd"],
+            "fwd_ngpu_ms": ok[best]["fwd_ngpu_ms"],
+            "fwdbwd_ngpu_ms": ok[best_fb]["fwdbwd_ngpu_ms"],
+            "per_gpu_throughput_fwd": ok[best]["per_gpu_throughput_fwd"],
+            "per_gpu_throughput_fwdbwd": ok[best_fb]["per_gpu_throughput_fwdbwd"],
         })
         res["prefill"].append(row)
+        dump()
         log(f"T={T}: fwd 1 GPU {row['fwd_1gpu_ms']:.3f} ms, n GPUs {row['fwd_ngpu_ms']:.3f} ms "
             f"(chunks {best}) -> {row['per_gpu_throughput_fwd']:.2f}; fwd+bwd {row['per_gpu_throughput_fwdbwd']:.2f}")
         del xs
@@ -293,7 +315,7 @@ def main() -> int:
     # ------------------------------------------------------------ host syncs of the prefill forward
     T = args.prefill[-1]
     x = torch.randn(T, D, device=dev).to(dtype)
-    mn.prefill_dispatcher.chunks = best_chunks[T]
+    mn.prefill_dispatcher.chunks = best_chunks.get(T, 1)
     with torch.no_grad():
         mn(x)
         res["prefill_sync_debug"] = sync_check(lambda: mn(x))
@@ -322,7 +344,8 @@ def main() -> int:
             for _ in range(iters):
                 call()
             _sync()
-        res[f"profile_prefill_{mode}"] = dict(overlap_summary(prof, iters), T=T, chunks=best_chunks[T])
+        res[f"profile_prefill_{mode}"] = dict(overlap_summary(prof, iters), T=T, chunks=best_chunks.get(T, 1))
+        dump()
         log(f"profile {mode}: {json.dumps(res[f'profile_prefill_{mode}'])[:600]}")
         if args.trace and rank == 0 and mode == "fwd":
             prof.export_chrome_trace(args.trace)
@@ -378,6 +401,7 @@ def main() -> int:
         if "graph_1gpu_ms" in row and "graph_ngpu_ms" in row:
             row["graph_ratio_ngpu_over_1gpu"] = row["graph_ngpu_ms"] / row["graph_1gpu_ms"]
         res["decode"].append(row)
+        dump()
         log(f"decode {json.dumps(row)}")
 
     if rank == 0:
