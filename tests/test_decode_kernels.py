@@ -181,3 +181,33 @@ def test_fp32_layer_never_takes_the_bf16_kernels(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("SPMD_MOE_DECODE_INTERPRET", raising=False)
     with torch.no_grad():
         assert not dk.usable(torch.randn(4, 64), torch.randn(8, 32, 64))
+
+
+try:  # a one-op kernel around the kernels' rounding helper (module level: Triton resolves globals)
+    import triton
+    import triton.language as tl
+
+    from spmd_moe.kernels._decode_triton import rn_bf16
+
+    @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def _round_kernel(a_ptr, o_ptr, N: tl.constexpr):  # type: ignore[no-untyped-def, unused-ignore]
+        r = tl.arange(0, N)
+        tl.store(o_ptr + r, rn_bf16(tl.load(a_ptr + r)))
+except ImportError:
+    pass
+
+
+@kernel_test
+def test_rn_bf16_rounds_like_torch_nan_and_inf_included() -> None:
+    """The kernels' bf16 rounding by hand equals torch's cast (nearest even), and a NaN
+    with every mantissa bit set (the GPU's default NaN) stays NaN instead of carrying into
+    the sign bit."""
+    dev, _ = _dev_dtype()
+    special = torch.tensor([0x7FFFFFFF, 0x7FC00000, -1, 0x7F7FFFFF, 0x3F808000, 0x3F818000, 0, -2147483648],
+                           dtype=torch.int32).view(torch.float32)
+    a = torch.cat([special, torch.randn(1016, generator=torch.Generator().manual_seed(0)) * 100]).to(dev)
+    o = torch.empty_like(a)
+    _round_kernel[(1,)](a, o, N=1024)
+    ref = a.to(torch.bfloat16).float()
+    same = (o == ref) | (torch.isnan(o) & torch.isnan(ref))
+    assert bool(same.all()), f"{int((~same).sum())} of 1024 values round differently"

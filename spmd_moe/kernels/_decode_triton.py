@@ -12,7 +12,8 @@ def rn_bf16(v):
     interpreter truncates in .to(tl.bfloat16); on the GPU this equals that cast."""
     bits = v.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True)
+    # NaN stays NaN (the GPU's NaN 0x7FFFFFFF would carry into the sign bit: -0.0).
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
 
 @triton.jit
 def gate_kernel(
@@ -60,10 +61,13 @@ def route_kernel(
         choice = choice + tl.load(bias_ptr + e_off, mask=in_e, other=0.0).to(tl.float32)
     # NaN (a broken input) ranks as -inf: K distinct experts are always chosen.
     choice = tl.where(in_e & (choice == choice), choice, float("-inf"))
-    # An expert's rank: how many beat it (a tie goes to the lower id). Top-k = rank < K.
-    beats = (choice[None, :] > choice[:, None]) | ((choice[None, :] == choice[:, None]) & (e_off[None, :] < e_off[:, None]))
-    rank = tl.sum(beats.to(tl.int32), axis=1)
-    sel = (rank < K) & in_e
+    # Top-k: above the K-th largest value, plus as many of the values equal to it as are
+    # still needed, lowest id first (a sort in registers; no serial loop over k).
+    kth = tl.sum(tl.where(e_off == K - 1, tl.sort(choice, descending=True), 0.0), axis=0)
+    above = choice > kth
+    tie = choice == kth
+    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)
+    sel = (above | (tie & (tie_rank <= K - tl.sum(above.to(tl.int32), axis=0)))) & in_e
     w = tl.where(sel, scores, 0.0)
     if NORM:
         w = w / (tl.sum(w, axis=0) + 1e-20)
