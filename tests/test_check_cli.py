@@ -115,6 +115,13 @@ def test_project_models_pass() -> None:
             # The misuse probe was stopped by the layer's debug-mode check.
             probe = cases["probe"]
             assert probe["caught"] and all(e["type"] == "PlacementError" for e in probe["caught"]), probe
+            # The serving pass (debug off, inference_mode) ran on every case with tokens
+            # and matched the debug-mode output (within the check's tolerance; printed).
+            for c in t["cases"]:
+                if c["kind"] == "run" and sum(c["counts"]) > 0:
+                    assert c.get("serving_maxrel") is not None, (spec, n, c)
+    served = [c["serving_maxrel"] for t in rep["runs"] for c in t["cases"] if c.get("serving_maxrel") is not None]
+    print(f"serving pass vs debug mode: {len(served)} cases, largest relative difference {max(served):.3g}")
 
 
 # ----------------------------------------------------------------------------- the examples
@@ -218,6 +225,7 @@ def test_rank_raising_alone_wrong_return_and_miscounts_are_reported() -> None:
     me = "tests.test_check_cli"
     rc, rep, wall = run_json(f"{me}:raises_on_rank0", f"{me}:returns_a_linear", f"{me}:counts_twice",
                              f"{me}:output_not_gathered", f"{me}:replicated_where_invariant", f"{me}:per_rank_seed",
+                             f"{me}:serving_path_differs",
                              "--worlds", "2,4", "--collective-timeout", "5", timeout=800)
     print(f"machinery: {rep['summary']} in {wall:.0f} s")
     assert rc == 1
@@ -264,6 +272,14 @@ def test_rank_raising_alone_wrong_return_and_miscounts_are_reported() -> None:
             (e,) = ps[cid]["errors"]
             assert e["type"] == "PlacementError" and "router.gate.weight on axis 'ep'" in e["message"], e
             assert "per-rank seed" in e["fix"] and e["where"].startswith("spmd_moe/moe.py:"), e
+
+        # The serving pass (debug off, inference_mode) computing something else.
+        sv = {x["case"]: x for x in runs_of(rep, f"{me}:serving_path_differs")[n]["cases"]}
+        assert sv["empty"]["status"] == "ok"
+        for cid in ("one", "odd", "even", "prefill"):
+            (f,) = sv[cid]["findings"]
+            assert f["type"] == "ServingPathDiffers" and f["phase"] == "serving" and f["ranks"] == list(range(n)), f
+            assert abs(sv[cid]["serving_maxrel"] - 0.5) < 1e-6, sv[cid]  # the planted factor 1.5
     assert wall < 800
 
 
@@ -419,3 +435,21 @@ def per_rank_seed(pctx: Any) -> Any:
     with torch.no_grad():
         moe.router.gate.weight.normal_()
     return moe
+
+
+class _ServingPathDiffers(nn.Module):
+    def __init__(self, pctx: Any) -> None:
+        super().__init__()
+        self.moe = _moe(pctx, "replicated")
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.moe(x_TD)
+        if torch.is_inference_mode_enabled():
+            out = out * 1.5  # planted: the serving path scales differently
+        return out
+
+
+def serving_path_differs(pctx: Any) -> Any:
+    from spmd_moe.apps.check import CheckTarget
+
+    return CheckTarget(_ServingPathDiffers(pctx), layout="replicated", dim=16, inference=True)

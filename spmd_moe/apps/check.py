@@ -68,6 +68,10 @@ class CheckTarget:
     dtype: dtype of the default input.
     backward: run backward too (a scalar made from every float output).
     same_rows: the first output has as many rows (numel / last dim) as the input.
+    inference: also run the module with debug mode off under ``torch.inference_mode()``
+        (the serving paths, e.g. the replicated layout's one-all-reduce decode) and
+        compare its first output with the debug-mode one. None: on for a bare
+        ``spmd_moe.MoE`` (deterministic), off otherwise (dropout would differ).
     """
 
     module: nn.Module
@@ -77,6 +81,7 @@ class CheckTarget:
     dtype: torch.dtype = torch.float32
     backward: bool = True
     same_rows: bool = True
+    inference: bool | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -347,6 +352,8 @@ def _run_case(
                 "spmd_moe": False, "where": None,
             })
         rec["module"] = module
+        if target.inference if target.inference is not None else isinstance(module, MoE):
+            rec["inference"] = (x.detach() if isinstance(x, torch.Tensor) else x, first.detach() if first is not None else None)
     except BaseException as e:  # noqa: BLE001 - reported, never raised
         for h in hooks:
             h.remove()
@@ -393,6 +400,45 @@ def _accounting(rec: dict[str, Any], everyone: list[dict[str, Any]], layout: Lay
                 "spmd_moe": False, "where": None,
             })
     return found
+
+
+def _inference_pass(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Debug mode off, torch.inference_mode(): the serving paths. Their first output
+    must match the debug-mode one. Tolerance: 1e-5 (fp32/fp64) or 2e-2 (bf16/fp16) of the
+    output's largest magnitude; the library makes most of these paths bitwise equal, but
+    not all (an all-reduce over more than 2 ranks sums in the backend's order), while a
+    path that drops or doubles a term is off by O(1)."""
+    import spmd_moe
+
+    x, ref = rec["inference"]
+    module = rec["module"]
+    try:
+        with torch.inference_mode(), spmd_moe.debug(False):
+            outs = _float_tensors(module(x))
+    except BaseException as e:  # noqa: BLE001
+        return [_error_record("serving", e)]
+    if ref is None or not outs:
+        return []
+    got = outs[0]
+    if got.shape != ref.shape:
+        return [{"phase": "serving", "type": "ServingPathDiffers", "spmd_moe": False, "where": None,
+                 "message": f"first output with debug mode off under inference_mode: expected shape {tuple(ref.shape)} "
+                            f"(the debug-mode output's), got {tuple(got.shape)}",
+                 "fix": "the serving path and the checked path must compute the same thing"}]
+    if ref.numel() == 0:
+        return []
+    diff = float((got.double() - ref.double()).abs().max())
+    scale = max(float(ref.double().abs().max()), 1e-30)
+    tol = 1e-5 if ref.dtype in (torch.float32, torch.float64) else 2e-2
+    rec["serving_maxrel"] = diff / scale
+    if diff > tol * scale:
+        return [{"phase": "serving", "type": "ServingPathDiffers", "spmd_moe": False, "where": None,
+                 "message": f"first output with debug mode off under inference_mode vs the debug-mode output: expected "
+                            f"max |diff| <= {tol:g} x max |output| = {tol * scale:.3g}, got {diff:.3g} "
+                            f"({diff / scale:.3g} relative)",
+                 "fix": "the serving path (no autograd, debug off) computes something else than the checked path: "
+                        "compare them on this token count"}]
+    return []
 
 
 def _rank_main(
@@ -506,8 +552,16 @@ def _rank_main(
                         findings += _accounting(rec, everyone, layout)
                     except BaseException as e:  # noqa: BLE001
                         findings.append(_error_record("post", e))
+                    if rec.get("inference") is not None:
+                        found = _inference_pass(rec)
+                        findings += found
+                        # A rank whose serving pass raised may have left the others in
+                        # a collective: agree on it, and refresh the group below.
+                        if any(gather(any(f["type"] != "ServingPathDiffers" for f in found))):
+                            failed = [r for r in range(world)]
             emit({"event": "case", "spec": spec, "case": case.id, "kind": case.kind, "rank": rank, "seconds": secs,
-                  "errors": rec["errors"], "findings": findings, "failed_ranks": failed})
+                  "errors": rec["errors"], "findings": findings, "failed_ranks": failed,
+                  "serving_maxrel": rec.get("serving_maxrel")})
             if failed:
                 # Some rank raised: collectives of this case may be half-done on the
                 # model's group. The next case gets a fresh one.
@@ -668,6 +722,9 @@ def _world_report(specs: list[str], world: int, events: list[list[dict[str, Any]
             row["errors"] = _merge_errors(errs)
             row["findings"] = _merge_errors(finds)
             row["seconds"] = max((d["seconds"] for d in done if d), default=None)
+            served = [d["serving_maxrel"] for d in done if d and d.get("serving_maxrel") is not None]
+            if served:
+                row["serving_maxrel"] = max(served)  # debug-off inference vs debug-mode output
             if not any(started):
                 row["status"] = "not run"
             elif c["kind"] == "probe":
