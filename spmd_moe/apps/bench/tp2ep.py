@@ -187,6 +187,37 @@ def overlap_summary(prof: Any, iters: int) -> dict[str, Any]:
     return res
 
 
+def tables(paths: list[str]) -> None:
+    """Markdown tables of tp2ep_<n>gpu.json files (for docs/performance.md)."""
+    for path in paths:
+        r = json.load(open(path))
+        n = r["gpus"]
+        print(f"\n**{path.split('/')[-1]}**: {n} x {r['device']}, torch {r['torch']}, NCCL {r['nccl']}\n")
+        print("| T per GPU | fwd 1 GPU | " + " | ".join(f"fwd n, chunks {c}" for c in r["prefill"][0]["chunks"]) +
+              " | per-GPU fwd (best) | f+b 1 GPU | " + " | ".join(f"f+b n, chunks {c}" for c in r["prefill"][0]["chunks"]) + " | per-GPU f+b (best) | fwd bitwise vs 1 GPU |")
+        print("|" + "---|" * (6 + 2 * len(r["prefill"][0]["chunks"])))
+        for row in r["prefill"]:
+            cs = row["chunks"]
+            print(f"| {row['T_per_gpu']} | {row['fwd_1gpu_ms']:.3f} | " + " | ".join(f"{v.get('fwd_ngpu_ms', float('nan')):.3f}" for v in cs.values()) +
+                  f" | **{row.get('per_gpu_throughput_fwd', float('nan')):.2f}** (c={row.get('best_chunks_fwd')}) | {row['fwdbwd_1gpu_ms']:.3f} | " +
+                  " | ".join(f"{v.get('fwdbwd_ngpu_ms', float('nan')):.3f}" for v in cs.values()) +
+                  f" | **{row.get('per_gpu_throughput_fwdbwd', float('nan')):.2f}** (c={row.get('best_chunks_fwdbwd')}) | " +
+                  ", ".join(f"{c}:{'error' if 'error' in v else 'yes' if v['fwd_bitwise_vs_1gpu'] else 'no (%.1e)' % v['fwd_max_abs_diff_vs_1gpu']}" for c, v in cs.items()) + " |")
+        print("\n| decode T | eager 1 GPU | eager n (auto) | eager n (all_gather) | graph 1 GPU | graph n (auto) | graph n (all_gather) | graph n / 1 GPU (auto) | (all_gather) | sync-debug n |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for d in r["decode"]:
+            g = lambda k: f"{d[k]:.3f}" if k in d else d.get(k.replace('_ms', '_error'), 'n/a')[:60]
+            print(f"| {d['T']} | {d['eager_1gpu_ms']:.3f} | {d['eager_ngpu_ms']:.3f} | {d.get('eager_ngpu_all_gather_ms', float('nan')):.3f} | {g('graph_1gpu_ms')} | {g('graph_ngpu_ms')} | {g('graph_ngpu_all_gather_ms')} | "
+                  f"{d.get('graph_ratio_ngpu_over_1gpu', float('nan')):.2f} | {d.get('graph_ratio_ngpu_all_gather_over_1gpu', float('nan')):.2f} | {d['sync_debug_ngpu'].get('host_syncs')} / {d.get('sync_debug_ngpu_all_gather', {}).get('host_syncs')} |")
+        for mode in ("fwd", "fwdbwd"):
+            p = r.get(f"profile_prefill_{mode}")
+            if p:
+                print(f"\nprofile {mode} (T={p['T']}, chunks={p['chunks']}): device {p['device_ms_per_call']} ms/call, span {p['device_span_ms_per_call']}, "
+                      f"NCCL busy {p['nccl_busy_ms_per_call']}, overlapped with compute {p['nccl_overlapped_with_compute_ms_per_call']} "
+                      f"({p['overlap_share_of_nccl']}), by kind {p['ms_per_call_by_kind']}")
+        print("\nprefill sync debug:", r.get("prefill_sync_debug"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -196,7 +227,11 @@ def main() -> int:
     p.add_argument("--decode", type=int, nargs="*", default=[8, 64])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="gloo on the CPU, a small layer: checks the script only")
+    p.add_argument("--table", nargs="*", default=None, help="print markdown tables of these JSON files and exit")
     args = p.parse_args()
+    if args.table is not None:
+        tables(args.table)
+        return 0
     global CUDA, D, F_, E, K
     if args.smoke:
         CUDA = False
