@@ -26,9 +26,10 @@ for ng in $SIZES; do
   [ "$ng" -ge 2 ] && [ "$NG" -ge "$ng" ] || continue
   t0=$(date +%s)
   # Fewer prefill sizes on the second job of a machine: the figures that matter first.
-  extra=""; [ "$ng" != "$NG" ] && extra="--prefill 16384 --chunks 1 4"
+  # (and the chrome trace only from the first job: $OUT returns at most 8 files).
+  extra="--trace $OUT/trace_${ng}gpu.json"; [ "$ng" != "$NG" ] && extra="--prefill 16384 --chunks 1 4"
   timeout 170 torchrun --nproc-per-node "$ng" -m spmd_moe.apps.bench.tp2ep \
-      --out "$OUT/tp2ep_${ng}gpu.json" --trace "$OUT/trace_${ng}gpu.json" $extra \
+      --out "$OUT/tp2ep_${ng}gpu.json" $extra \
       > /dev/null 2> "$OUT/tp2ep_${ng}gpu.log"
   rc=$?
   echo "== n=$ng rc=$rc took $(( $(date +%s) - t0 )) s"
