@@ -1,13 +1,16 @@
 #!/bin/bash
 # TP2EP on the multi-GPU kinds (issue 13): one torchrun job per GPU count, results in $OUT.
-#   run(kind=nvidia-h200-x2, command="bash scripts/gpu/tp2ep.sh")            # n = 2
-#   run(kind=nvidia-h200-x4, command="bash scripts/gpu/tp2ep.sh")            # n = 4, then n = 2
-#   TP_SIZES="4" bash scripts/gpu/tp2ep.sh                                   # one count only
+# Needs >= 2 GPUs (nvidia-h200-x2 or -x4); on one GPU it says so and exits in seconds.
+#   run(kind=nvidia-h200-x2, carry=[".whl"], command="bash scripts/gpu/tp2ep.sh")
+#       default (quick, <= 3 min): n = all GPUs, prefill T=16384 with ep_chunks 1 and 4, decode
+#       T=8 and 64 (eager + CUDA graphs + sync-debug), profile, then the NVSHMEM probe (40 s cap).
+#   FULL=1 bash scripts/gpu/tp2ep.sh    # T=4096 and 16384, ep_chunks 1 2 4, and on x4 a second
+#                                       # job with n=2 (about 4 to 7 minutes)
+#   PROBE=0 skips the probe; TP_SIZES="2" picks the GPU counts.
 # Writes $OUT/tp2ep_<n>gpu.json (per_gpu_throughput_fwd / _fwdbwd per T and per ep_chunks,
 # decode eager and CUDA-graph ratios, sync-debug results, profile with the NCCL/compute
-# overlap), $OUT/tp2ep_<n>gpu.log, and $OUT/trace_<n>gpu.json (chrome trace, rank 0,
-# prefill forward), $OUT/symm_probe_2gpu.json (NVSHMEM all_to_all_vdev probe, capped at 60 s;
-# PROBE=0 skips it). Each job is capped at 170 s; about 4 to 7 minutes per machine in all.
+# overlap; rewritten after every section), $OUT/tp2ep_<n>gpu.log, $OUT/trace_<n>gpu.json
+# (chrome trace, rank 0, prefill forward, first job only), $OUT/symm_probe_2gpu.json + .log.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
@@ -21,14 +24,19 @@ fi
 python3 -c "import spmd_types, beartype" 2>/dev/null || echo "WARNING: spmd_types/beartype missing: carry .whl (see scripts/gpu_session.sh)"
 NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi topo -m 2>&1 | head -8
-SIZES=${TP_SIZES:-"$NG $( [ "$NG" -gt 2 ] && echo 2 )"}
+if [ "$NG" -lt 2 ]; then echo "tp2ep: needs >= 2 GPUs, this machine has $NG: nothing run"; exit 0; fi
+if [ "${FULL:-0}" = 1 ]; then
+  SIZES=${TP_SIZES:-"$NG $( [ "$NG" -gt 2 ] && echo 2 )"}; CAP=170; FIRST=""
+else
+  SIZES=${TP_SIZES:-"$NG"}; CAP=130; FIRST="--prefill 16384 --chunks 1 4"
+fi
 for ng in $SIZES; do
   [ "$ng" -ge 2 ] && [ "$NG" -ge "$ng" ] || continue
   t0=$(date +%s)
   # Fewer prefill sizes on the second job of a machine: the figures that matter first.
   # (and the chrome trace only from the first job: $OUT returns at most 8 files).
-  extra="--trace $OUT/trace_${ng}gpu.json"; [ "$ng" != "$NG" ] && extra="--prefill 16384 --chunks 1 4"
-  timeout 170 torchrun --nproc-per-node "$ng" -m spmd_moe.apps.bench.tp2ep \
+  extra="--trace $OUT/trace_${ng}gpu.json $FIRST"; [ "$ng" != "$NG" ] && extra="--prefill 16384 --chunks 1 4"
+  timeout $CAP torchrun --nproc-per-node "$ng" -m spmd_moe.apps.bench.tp2ep \
       --out "$OUT/tp2ep_${ng}gpu.json" $extra \
       > /dev/null 2> "$OUT/tp2ep_${ng}gpu.log"
   rc=$?
@@ -36,10 +44,10 @@ for ng in $SIZES; do
   grep -E "^\[tp2ep" "$OUT/tp2ep_${ng}gpu.log" | grep -vE "chunks=[0-9]+: " | cut -c1-400
   [ $rc -ne 0 ] && tail -30 "$OUT/tp2ep_${ng}gpu.log" | cut -c1-300
 done
-# Probe (60 s cap): torch's NVSHMEM all-to-all-v with device-side splits, multicast off
+# Probe (40 s cap): torch's NVSHMEM all-to-all-v with device-side splits, multicast off
 # (the transport a prefill all-to-all without a host read would need). Reported, never fatal.
 if [ "${PROBE:-1}" = 1 ]; then
-  timeout 60 torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.symm_probe --out "$OUT/symm_probe_2gpu.json" \
+  timeout 40 torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.symm_probe --out "$OUT/symm_probe_2gpu.json" \
       > /dev/null 2> "$OUT/symm_probe.log"
   echo "== symm probe rc=$?"; python3 -c "
 import json,sys
