@@ -9,8 +9,9 @@
 #   PROBE=0 skips the probe; TP_SIZES="2" picks the GPU counts.
 # Writes $OUT/tp2ep_<n>gpu.json (per_gpu_throughput_fwd / _fwdbwd per T and per ep_chunks,
 # decode eager and CUDA-graph ratios, sync-debug results, profile with the NCCL/compute
-# overlap; rewritten after every section), $OUT/tp2ep_<n>gpu.log, $OUT/trace_<n>gpu.json
-# (chrome trace, rank 0, prefill forward, first job only), $OUT/symm_probe_2gpu.json + .log.
+# overlap; rewritten after every section), $OUT/tp2ep_<n>gpu.log (the probe's stderr too),
+# $OUT/symm_probe_2gpu.json: 3 files; TRACE=1 (default with FULL=1) adds $OUT/trace_<n>gpu.json
+# (chrome trace, rank 0, prefill forward, first job only).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
@@ -26,29 +27,30 @@ NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi topo -m 2>&1 | head -8
 if [ "$NG" -lt 2 ]; then echo "tp2ep: needs >= 2 GPUs, this machine has $NG: nothing run"; exit 0; fi
 if [ "${FULL:-0}" = 1 ]; then
-  SIZES=${TP_SIZES:-"$NG $( [ "$NG" -gt 2 ] && echo 2 )"}; CAP=170; FIRST=""
+  SIZES=${TP_SIZES:-"$NG $( [ "$NG" -gt 2 ] && echo 2 )"}; CAP=170; FIRST=""; TRACE=${TRACE:-1}
 else
-  SIZES=${TP_SIZES:-"$NG"}; CAP=130; FIRST="--prefill 16384 --chunks 1 4"
+  SIZES=${TP_SIZES:-"$NG"}; CAP=130; FIRST="--prefill 16384 --chunks 1 4"; TRACE=${TRACE:-0}
 fi
 for ng in $SIZES; do
   [ "$ng" -ge 2 ] && [ "$NG" -ge "$ng" ] || continue
   t0=$(date +%s)
   # Fewer prefill sizes on the second job of a machine: the figures that matter first.
   # (and the chrome trace only from the first job: $OUT returns at most 8 files).
-  extra="--trace $OUT/trace_${ng}gpu.json $FIRST"; [ "$ng" != "$NG" ] && extra="--prefill 16384 --chunks 1 4"
+  extra="$FIRST"; [ "$TRACE" = 1 ] && extra="$extra --trace $OUT/trace_${ng}gpu.json"
+  [ "$ng" != "$NG" ] && extra="--prefill 16384 --chunks 1 4"
   timeout $CAP torchrun --nproc-per-node "$ng" -m spmd_moe.apps.bench.tp2ep \
       --out "$OUT/tp2ep_${ng}gpu.json" $extra \
       > /dev/null 2> "$OUT/tp2ep_${ng}gpu.log"
   rc=$?
   echo "== n=$ng rc=$rc took $(( $(date +%s) - t0 )) s"
-  grep -E "^\[tp2ep" "$OUT/tp2ep_${ng}gpu.log" | grep -vE "chunks=[0-9]+: " | cut -c1-400
+  grep -E "^\[tp2ep" "$OUT/tp2ep_${ng}gpu.log" | cut -c1-330
   [ $rc -ne 0 ] && tail -30 "$OUT/tp2ep_${ng}gpu.log" | cut -c1-300
 done
 # Probe (40 s cap): torch's NVSHMEM all-to-all-v with device-side splits, multicast off
 # (the transport a prefill all-to-all without a host read would need). Reported, never fatal.
 if [ "${PROBE:-1}" = 1 ]; then
   timeout 40 torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.symm_probe --out "$OUT/symm_probe_2gpu.json" \
-      > /dev/null 2> "$OUT/symm_probe.log"
+      > /dev/null 2>> "$OUT/tp2ep_${NG}gpu.log"
   echo "== symm probe rc=$?"; python3 -c "
 import json,sys
 try:
