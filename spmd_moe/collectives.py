@@ -59,7 +59,10 @@ def all_gather(x_TD: Placed[Var[A]], pctx: ParallelContext[A]) -> Placed[Rep[A]]
         return x_TD  # type: ignore[return-value]
     if _autograd(x_TD) or spmd.is_type_checking():
         _check_in("all_gather", x_TD, pctx)
-        out: Placed[Rep[A]] = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R)
+        # The backward's reduce_scatter sums in the input's dtype (bf16 stays bf16, as a plain
+        # torch.distributed reduction of bf16 gradients would); spmd_types asks us to say so.
+        out: Placed[Rep[A]] = spmd.all_gather(x_TD, pctx.group, src=S0, dst=spmd.R,
+                                              backward_options={"op_dtype": x_TD.dtype})
         return out
     return pctx.backend.all_gather(x_TD.contiguous())  # type: ignore[return-value]
 
@@ -146,7 +149,9 @@ def invariant_to_replicate(x: Placed[Inv[A]], pctx: ParallelContext[A]) -> Place
         return x  # type: ignore[return-value]
     if _autograd(x) or spmd.is_type_checking():
         _check_in("invariant_to_replicate", x, pctx)
-        out: Placed[Rep[A]] = spmd.convert(x, pctx.group, src=spmd.I, dst=spmd.R)
+        # The backward's all_reduce sums in the input's dtype (see all_gather above).
+        out: Placed[Rep[A]] = spmd.convert(x, pctx.group, src=spmd.I, dst=spmd.R,
+                                           backward_options={"op_dtype": x.dtype})
         return out
     return x  # type: ignore[return-value]
 
