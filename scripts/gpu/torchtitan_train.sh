@@ -145,7 +145,7 @@ if [ "$TT_CPU" = 1 ]; then
 else
   CONFIG=(--module qwen3 --config qwen3_moe_debug)
   NATIVE_CONFIG=("${CONFIG[@]}")
-  GRAPH_MODES=(graphs eager)
+  GRAPH_MODES=(${TT_MODES:-graphs eager})  # TT_MODES=eager: eager runs only (native twice, spmd)
 fi
 SPMD_FLAG="spmd_moe.integrations.torchtitan.overrides.spmd_moe"
 LOSS_FLAG="tt_gpu_launch.plain_cross_entropy"
