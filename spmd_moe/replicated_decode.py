@@ -16,8 +16,9 @@ experts' partial sums are added by the all-reduce rather than a reduce-scatter: 
 same two-term sum at n = 2; at n > 2 the backend's all-reduce order (tested at 4 gloo
 ranks).
 
-No host sync at decode sizes: the sizes are host integers known from T and n, the
-counts are a scatter_add, and the only collective is the communicator's all-reduce (vLLM's
+No host sync at decode sizes once a token count T has been seen (its metadata header is
+exchanged once per layer and T, as on the split path): the sizes are host integers known
+from T and n, the counts are a scatter_add, and the only collective is the communicator's all-reduce (vLLM's
 shared-memory one on CPU, its capturable pynccl / custom all-reduce on CUDA).
 
 Used when MoEConfig.dispatcher is 'auto', layout 'replicated'/'invariant', n > 1,
@@ -42,6 +43,7 @@ from jaxtyping import Float
 from spmd_moe import _debug
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
+from spmd_moe import tokens as _tokens
 from spmd_moe.dispatch.base import count_ids
 from spmd_moe.placement import EP, Par, Placed, Rep, Var, unchecked_cast
 
@@ -74,8 +76,13 @@ def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[
     K, E = cfg.top_k, cfg.num_experts
     T_pad = -(-T // n) * n
     T_loc = T_pad // n
-    if not tok.peers_checked:
-        tok.check_peers(T)  # first call only, as the decode path (one host sync)
+    if T not in tok._checked_T and not _tokens._capturing():
+        # The split path's policy: the metadata header once per (layer, T), never inside
+        # a CUDA graph capture (one host sync; vLLM's warm-up runs every captured size).
+        tok.check_peers(T)
+        if len(tok._checked_T) >= _tokens._MAX_CHECKED:
+            tok._checked_T.clear()
+        tok._checked_T.add(T)
     x_all_TD = x_TD
     if T_pad > T:
         tok.require_padding(f"token count T={T}", f"remainder {T % n}", T_pad)
