@@ -115,6 +115,7 @@ else:
 
     _NAMES = {"R": "Rep", "I": "Inv", "V": "Var", "P": "Par"}
     _CACHE: dict[tuple[tuple[str, str], ...], type] = {}
+    _BY_PARAMS: dict[Any, type] = {}  # Placed[...] subscripts already built (aliases hash by value)
 
     class Placed(torch.Tensor, metaclass=_PlacedMeta):
         """A tensor with a placement per named mesh axis (see the module docstring)."""
@@ -123,6 +124,18 @@ else:
         axis_roles: ClassVar[dict[str, type[Axis]]] = {}
 
         def __class_getitem__(cls, params: Any) -> type:
+            try:
+                hit = _BY_PARAMS.get(params)
+            except TypeError:  # unhashable: _make says what is wrong
+                return cls._make(params)
+            if hit is not None:  # the hot path: Placed[Var[EP]] in unchecked_cast (~8 us -> <1 us)
+                return hit
+            made = cls._make(params)
+            _BY_PARAMS[params] = made
+            return made
+
+        @classmethod
+        def _make(cls, params: Any) -> type:
             if not isinstance(params, tuple):
                 params = (params,)
             spec: list[tuple[str, str, type[Axis]]] = []
