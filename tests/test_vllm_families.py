@@ -119,6 +119,33 @@ def test_plugin_matches_native_and_hf(fam: str, engines: dict[str, Any], tp: int
 
 
 @pytest.mark.parametrize("tp", [1, 2])
+def test_native_class_reused_without_native_experts(fam: str, engines: dict[str, Any], ckpt_dir: Path, tp: int) -> None:
+    """The served model is vLLM's own class (a subclass of it) with an eager base model, and
+    no vLLM fused-MoE module or native sparse block exists: the native expert weights were
+    never allocated. At TP=1 the MoE layers hold exactly the checkpoint's MoE values (router,
+    experts, shared expert and gate). (A whole-model count would not do: vLLM's CPU linear
+    layers repack their weights after loading.)"""
+    from safetensors import safe_open
+
+    native_arch = ARCH[fam][0]
+    reps = _report(engines[f"tp{tp}"])
+    for r in reps:
+        assert native_arch in r["mro"], r["mro"]
+        assert r["base_model_class"].startswith("Eager"), r["base_model_class"]
+        assert r["native_moe_modules"] == [] and r["fused_moe_params"] == [], r
+    block = ARCH[fam][2]
+    with safe_open(str(ckpt_dir / "model.safetensors"), "pt") as f:
+        moe_numel = sum(
+            int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys()
+            if f".{block}.experts." in k or k.endswith(f".{block}.gate.weight") or f".{block}.shared_expert" in k
+        )
+    if tp == 1:
+        assert reps[0]["moe_param_numel"] == moe_numel
+    else:  # experts split E/2, shared hidden dim split 2 ways, router and shared gate whole
+        assert all(r["moe_param_numel"] < moe_numel for r in reps)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
 def test_each_rank_holds_its_experts_and_shared_slice(fam: str, engines: dict[str, Any], ckpt_dir: Path, tp: int) -> None:
     """The rank's experts (and its slice of the shared expert's hidden dim) equal the
     checkpoint's slices: what load_weights copied, not what init_states drew."""

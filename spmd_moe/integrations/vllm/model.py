@@ -350,6 +350,16 @@ class _SpmdCausalLM(nn.Module):
             "rank": self.pctx.rank,
             "size": self.pctx.size,
             "arch": type(self).__name__,
+            # What was built: vLLM's native class underneath, its eager base model, and
+            # no vLLM fused-MoE module (so no native expert weights were allocated).
+            "mro": [c.__name__ for c in type(self).__mro__],
+            "base_model_class": type(model).__name__,
+            "native_moe_modules": sorted(
+                {type(m).__name__ for m in self.modules() if "FusedMoE" in type(m).__name__ or type(m).__name__ == self.family.block_class}
+            ),
+            # FusedMoE's parameter names (w13_weight / w2_weight): none may exist.
+            "fused_moe_params": [n for n, _ in self.named_parameters() if n.endswith(("w13_weight", "experts.w2_weight"))],
+            "moe_param_numel": sum(p.numel() for m in self.moe_layers().values() for p in m.parameters()),
             "group_backend": None if g is None else str(torch.distributed.get_backend(g)),
             "is_vllm_tp_group": g is get_tp_group().device_group,
             "debug": _debug.is_debug(),
