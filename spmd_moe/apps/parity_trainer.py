@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spmd_moe.errors import ConfigError
+
 
 def _rank_main(rank: int, world: int, port: int, hf_dir: str, gen_path: str, out_path: str) -> None:
     torch.set_num_threads(1)
@@ -98,9 +100,7 @@ def trainer(rank: int, world: int, hf_dir: str, gen_path: str) -> dict[str, Any]
     from torchtitan.models.qwen3.state_dict_adapter import Qwen3StateDictAdapter
 
     from spmd_moe.batch_invariant import batch_invariant
-    from spmd_moe.integrations.torchtitan import (
-        _generator_routes, force_routes, moe_layers, titan_config_for_tiny, use_spmd_moe,
-    )
+    from spmd_moe.integrations.torchtitan import force_routes, moe_layers, use_spmd_moe
 
     gen = torch.load(gen_path, weights_only=False)
     hf = json.loads((Path(hf_dir) / "config.json").read_text())
@@ -264,3 +264,52 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def titan_config_for_tiny(hf: dict[str, Any]) -> Any:
+    """The torchtitan Qwen3 config of a tiny HF Qwen3-MoE config.json (every layer MoE)."""
+    if hf.get("mlp_only_layers"):
+        raise ConfigError(
+            f"parity: expected every layer to be MoE, got mlp_only_layers={hf['mlp_only_layers']}. "
+            "Fix: build the tiny checkpoint with TinySpec(mlp_only_layers=())."
+        )
+    rope = hf.get("rope_parameters") or {}
+    from spmd_moe.integrations.torchtitan import tiny_qwen3_moe_config
+
+    return tiny_qwen3_moe_config(
+        n_layers=hf["num_hidden_layers"], dim=hf["hidden_size"], n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
+        moe_hidden_dim=hf["moe_intermediate_size"], num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
+        top_k=hf["num_experts_per_tok"], vocab_size=hf["vocab_size"],
+        max_seq_len=hf["max_position_embeddings"], load_balance_coeff=None,
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+    )
+
+
+def _generator_routes(gen: dict[str, Any], names: list[str], B: int, P: int, N: int, L: int) -> dict[str, torch.Tensor]:
+    """Map the generator's per-call routes onto [B, L, K] (sequence, position), -1 where
+    unknown. vLLM schedules prefill chunks and decode tokens of the requests as it likes;
+    each scheduled row is identified by its (position, token id), which must match
+    exactly one sequence (else it stays unknown and the trainer routes it itself)."""
+    seqs = torch.tensor([s["prompt"] + s["tokens"] for s in gen["sequences"]])  # [B, P+N]
+    rows: list[tuple[int, int] | None] = []
+    for ids, pos in gen["calls"]:
+        for t, p in zip(ids, pos):
+            hit = [b for b in range(B) if p < seqs.shape[1] and int(seqs[b, p]) == t]
+            rows.append((hit[0], p) if len(hit) == 1 else None)
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        rec = gen["moe"][f"model.layers.{n.split('.')[1]}.mlp"]
+        calls = [torch.cat([per_rank[c] for per_rank in rec["routes"]]) for c in range(len(rec["routes"][0]))]
+        flat = torch.cat(calls)
+        if flat.shape[0] != len(rows):
+            raise ConfigError(
+                f"parity: generator layer {n}: expected one route per scheduled token "
+                f"({len(rows)}), got {flat.shape[0]}. Fix: record routes and tokens in the same run."
+            )
+        r = torch.full((B, L, flat.shape[-1]), -1, dtype=torch.int64)
+        for i, where in enumerate(rows):
+            if where is not None:
+                r[where[0], where[1]] = flat[i]
+        out[n] = r
+    return out
