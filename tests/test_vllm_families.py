@@ -135,14 +135,17 @@ def test_native_class_reused_without_native_experts(fam: str, engines: dict[str,
         assert r["native_moe_modules"] == [] and r["fused_moe_params"] == [], r
     block = ARCH[fam][2]
     with safe_open(str(ckpt_dir / "model.safetensors"), "pt") as f:
-        moe_numel = sum(
-            int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys()
-            if f".{block}.experts." in k or k.endswith(f".{block}.gate.weight") or f".{block}.shared_expert" in k
-        )
-    if tp == 1:
-        assert reps[0]["moe_param_numel"] == moe_numel
-    else:  # experts split E/2, shared hidden dim split 2 ways, router and shared gate whole
-        assert all(r["moe_param_numel"] < moe_numel for r in reps)
+        numel = {k: int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys()}
+    moe_numel = sum(
+        n for k, n in numel.items()
+        if f".{block}.experts." in k or k.endswith(f".{block}.gate.weight") or f".{block}.shared_expert" in k
+    )
+    # The router and the shared expert's gate are whole on every rank; experts and the
+    # shared expert's hidden dim are split: the ranks' counts add up to the checkpoint's
+    # plus (tp - 1) copies of the replicated tensors.
+    replicated = sum(n for k, n in numel.items() if k.endswith((f".{block}.gate.weight", ".shared_expert_gate.weight")))
+    assert sum(r["moe_param_numel"] for r in reps) == moe_numel + (tp - 1) * replicated
+    assert len({r["moe_param_numel"] for r in reps}) == 1
 
 
 @pytest.mark.parametrize("tp", [1, 2])
