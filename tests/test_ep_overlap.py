@@ -198,6 +198,31 @@ def _chunked_parity(rank: int, n: int) -> list[dict[str, Any]]:
     return out
 
 
+def _debug_mode_chunked(rank: int, n: int) -> list[dict[str, Any]]:
+    """Debug mode (placements tracked): the chunked path's typed, in-order branch."""
+    out = []
+    for layout in ("sequence", "replicated"):
+        for mode in ("grad", "inference"):
+            cfg = make_cfg(dispatcher="all_to_all", padding="pad", ep_chunks=3)
+            full, moe = build_pair(cfg, world_pctx(), layout, 21)
+            T = 29
+            x = torch.randn(T, D, generator=torch.Generator().manual_seed(3))
+            y_ref = full(x).detach()
+            sl = slice(0, T) if layout == "replicated" else token_slice(T, n, rank)
+            with spmd_moe.debug():
+                if mode == "grad":
+                    xi = x[sl].clone().requires_grad_(True)
+                    y = moe(xi)
+                    y.sum().backward()
+                    grad_ok = xi.grad is not None and bool(torch.isfinite(xi.grad).all())
+                else:
+                    with torch.inference_mode():
+                        y = moe(x[sl])
+                    grad_ok = True
+            out.append({"layout": layout, "mode": mode, "fwd": rel_err(y.detach(), y_ref[sl]), "grad_ok": grad_ok})
+    return out
+
+
 def _issue_order(rank: int, n: int) -> dict[str, Any]:
     """Which exchanges the chunked path issues, in order (sizes tell them apart)."""
     cfg = make_cfg(dispatcher="all_to_all", ep_chunks=3)
@@ -313,6 +338,7 @@ def worker(rank: int, n: int) -> dict[str, Any]:
         "bits": _bits_vs_row_sending(rank, n),
         "chunked": _chunked_parity(rank, n),
         "order": _issue_order(rank, n),
+        "debug": _debug_mode_chunked(rank, n),
         "reads": _host_reads(rank, n),
         "disagree": _chunks_disagree(rank, n),
     }
@@ -366,6 +392,15 @@ def test_chunked_matches_single_device(n: int) -> None:
                 bad.append(f"rank {rank} {c['layout']} T={c['T']} chunks={c['chunks']} shared={c['shared']}: {over} counts_equal={c['counts_equal']}")
     assert not bad, "\n".join(bad[:20])
     assert len(_results(n)[0]["chunked"]) == 2 * 5 * 3 * 2
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_chunked_in_debug_mode(n: int) -> None:
+    """Placements tracked through the chunked path (no false positive, same numbers)."""
+    for rank, r in enumerate(_results(n)):
+        for c in r["debug"]:
+            assert c["fwd"] <= FWD_TOL and c["grad_ok"], (rank, c)
 
 
 @pytest.mark.timeout(600)
