@@ -241,8 +241,12 @@ def _run_trainer(
     p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-6000:]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [r for r in rows if r["rank"] == 0]
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if row["rank"] == 0:  # a metrics row and an expert-bias row per step (launcher)
+            by_step.setdefault(row["step"], {}).update(row)
+    return [by_step[k] for k in sorted(by_step)]
 
 
 @pytest.fixture(scope="module")
@@ -254,30 +258,80 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_trainer_trains_spmd_moe_on_cpu_and_matches_native_step_one(assets: Path, tmp_path: Path) -> None:
-    """torchtitan.train, 1 gloo process, 4 steps of the tiny Qwen3 MoE, torchtitan's MoE
+STEPS_BITWISE = 12
+
+
+def test_trainer_trains_spmd_moe_on_cpu_bitwise_equal_to_native(assets: Path, tmp_path: Path) -> None:
+    """torchtitan.train, 1 gloo process, 12 steps of the tiny Qwen3 MoE, torchtitan's MoE
     vs ours, same seed and data, FSDP parameters in fp32 (--training.mixed_precision_param
-    float32; why: below). Step 1's loss is bitwise equal: the same parameters are drawn in
-    the same order (torchtitan's init_states order: routed experts w1, w2, w3, then the
-    gate) and both run the fp32 gate, the bf16 grouped GEMM on the same expert-sorted rows
-    and an fp32 combine. Steps 2-4: rel 1e-6 (the gradients agree to ~1e-7 relative, the
-    grad norms printed by torchtitan differ in the 7th digit; measured: equal losses).
+    float32; why: below). Asserted bitwise at every step: the loss, torchtitan's grad norm
+    and every layer's expert bias after the optimizer step (torchtitan's load-balancing
+    hook). The guarantee: the same parameters are drawn in the same order (torchtitan's
+    init_states order: routed experts w1, w2, w3, then the gate), both run the fp32 gate,
+    the bf16 grouped GEMM on the same expert-sorted rows and an fp32 combine, and the
+    model's parameters come in torchtitan's order (routed experts, router, shared experts),
+    which is the order clip_grad_norm_ sums the per-parameter norms in.
+
+    What this catches that 4 steps of losses did not: with the router registered first
+    (the core MoE's order) the grad norm differed in the last bit from step 2 on (clipping
+    is active: max_norm 1.0, grad norms ~2 here), so every clipped gradient and parameter
+    did, and the losses parted from step 5 (issue 15's H200 run: grad norm 2 ulp off at
+    step 5, losses apart from step 6). The test asserts clipping was active.
 
     Why fp32 parameters: with bf16 ones torchtitan's router asks for an fp32 gate through
     torch.autocast(dtype=float32), which CPU autocast does not support (it warns and runs
     the gate in bf16), while spmd_moe's gate is fp32 on every device, as torchtitan's is on
-    CUDA. The bf16 run is the 2-rank test below."""
-    fp32 = ["--training.mixed_precision_param", "float32"]
-    ours = _run_trainer(tmp_path, assets, 1, "qwen3_moe_tiny", "spmd_moe.integrations.torchtitan", fp32, "ours")
-    native = _run_trainer(tmp_path, assets, 1, "tiny_native", "test_torchtitan_trainer", fp32, "native")
-    assert [r["step"] for r in ours] == [1, 2, 3, 4] == [r["step"] for r in native]
+    CUDA."""
+    flags = ["--training.mixed_precision_param", "float32", "--training.steps", str(STEPS_BITWISE)]
+    ours = _run_trainer(tmp_path, assets, 1, "qwen3_moe_tiny", "spmd_moe.integrations.torchtitan", flags, "ours")
+    native = _run_trainer(tmp_path, assets, 1, "tiny_native", "test_torchtitan_trainer", flags, "native")
+    steps = list(range(1, STEPS_BITWISE + 1))
+    assert [r["step"] for r in ours] == steps == [r["step"] for r in native]
     lo = [r["loss"] for r in ours]
-    ln = [r["loss"] for r in native]
-    assert lo[0] == ln[0], (lo, ln)
     assert abs(lo[0] - math.log(256)) < 0.5, lo  # an untrained model on a 256-word vocab
-    for a, b in zip(lo[1:], ln[1:]):
-        assert abs(a - b) <= 1e-6 * abs(b), (lo, ln)
     assert lo[-1] < lo[0]
+    for a, b in zip(ours, native):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), (a["step"], ours, native)
+        assert sorted(a["expert_bias"]) == ["0", "1"], a
+        assert a["expert_bias"] == b["expert_bias"], (a["step"], a["expert_bias"], b["expert_bias"])
+    # The bias moves (the hook runs on our layers) and clipping scales the gradients.
+    assert any(v != 0.0 for v in ours[-1]["expert_bias"]["0"])
+    assert all(r["grad_norm"] > 1.0 for r in ours[1:]), [r["grad_norm"] for r in ours]
+
+
+def test_parameters_and_state_dict_in_torchtitan_order() -> None:
+    """The model's parameters (what torchtitan hands to clip_grad_norm_, FSDP and the
+    optimizer) and state-dict keys come in the order of torchtitan's own build, for the
+    Trainer config path (Qwen3 debugmodel_moe) and a model with shared experts
+    (DeepSeek-V3 debugmodel), before and after parallelize (which rebuilds the parts)."""
+    import torch
+    import torchtitan.distributed.parallel_dims as pdm
+    from torchtitan.models.deepseek_v3 import model_registry as deepseek_registry
+
+    from spmd_moe.integrations.torchtitan import SpmdMoE, use_spmd_moe
+
+    pdm.device_type = "cpu"  # torchtitan falls back to "cuda" without an accelerator
+    from torchtitan.distributed import ParallelDims
+
+    cfg, _ = _titan_config(["--module", "spmd_moe.integrations.torchtitan", "--config", "qwen3_moe_debug"])
+    native_cfg, _ = _titan_config(["--module", "qwen3", "--config", "qwen3_moe_debug"])
+    ds_native = deepseek_registry("debugmodel")
+    ds_ours = use_spmd_moe(deepseek_registry("debugmodel"))
+    for ours_spec, native_spec in ((cfg.model_spec, native_cfg.model_spec), (ds_ours, ds_native)):
+        with torch.device("meta"):
+            model = ours_spec.model.build()
+            native = native_spec.model.build()
+        want_p = [n for n, _ in native.named_parameters()]
+        want_k = list(native.state_dict())
+        assert any(".moe." in n for n in want_p)
+        assert [n for n, _ in model.named_parameters()] == want_p
+        assert list(model.state_dict()) == want_k
+        pd = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, world_size=1)
+        for m in model.modules():
+            if isinstance(m, SpmdMoE):
+                m.parallelize(pd)
+        assert [n for n, _ in model.named_parameters()] == want_p
+    assert any(".moe.shared_experts." in n for n in want_p)  # the DeepSeek model has them
 
 
 def test_checkpointer_saves_resumes_and_exports_hf_through_qwen3_adapter(assets: Path, tmp_path: Path) -> None:
@@ -427,6 +481,25 @@ def _launch() -> None:
         return original(self, step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
 
     MetricsProcessor.log = log  # type: ignore[method-assign]
+    from torch.distributed.tensor import DTensor
+    from torchtitan.trainer import Trainer
+
+    train_step = Trainer.train_step
+
+    def step_and_record_bias(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # After train_step the optimizer (and torchtitan's expert-bias pre-hook) has run.
+        out = train_step(self, *args, **kwargs)
+        bias = {}
+        for name, block in self.model_parts[0].layers.items():
+            b = getattr(block, "moe", None)  # through the AC wrapper's attribute forwarding
+            b = getattr(b, "expert_bias_E", None)
+            if b is not None:
+                bias[name] = (b.full_tensor() if isinstance(b, DTensor) else b).tolist()  # fp32 -> exact doubles
+        with open(path, "a") as f:
+            f.write(json.dumps({"rank": dist.get_rank(), "step": self.step, "expert_bias": bias}) + "\n")
+        return out
+
+    Trainer.train_step = step_and_record_bias  # type: ignore[method-assign]
     from torchtitan.train import main
 
     main()

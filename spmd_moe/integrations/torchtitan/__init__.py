@@ -289,6 +289,25 @@ def _conform_parts(moe: nn.Module) -> None:
         m.__class__ = part
 
 
+# torchtitan's MoE registers its children in this order (routed experts, router, shared
+# experts); the core MoE registers the router first. The order is that of
+# model.parameters(), which torchtitan's Trainer hands to clip_grad_norm_: the total norm
+# sums the per-parameter norms in that order, so another order changes the last bit of the
+# norm and, once clipping is active, of every clipped gradient (issue 15's H200 run: grad
+# norm 1 ulp off at step 5, losses apart from step 6). FSDP's all-gather/reduce-scatter
+# buffers and the optimizer's parameter lists follow the same order.
+_TITAN_CHILD_ORDER = ("routed_experts", "router", "shared_experts")
+
+
+def _titan_child_order(moe: nn.Module) -> None:
+    """Re-register moe's children in torchtitan's MoE order (_TITAN_CHILD_ORDER), others after."""
+    children = moe._modules
+    ordered = {k: children[k] for k in _TITAN_CHILD_ORDER if k in children}
+    ordered.update({k: v for k, v in children.items() if k not in ordered})
+    children.clear()
+    children.update(ordered)
+
+
 class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
     """spmd_moe.MoE built from a torchtitan Config, with torchtitan's Module protocol."""
 
@@ -327,6 +346,7 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         MoE.__init__(self, mcfg, None, layout="replicated", name="moe")
         self.titan_config = config
         _conform_parts(self)
+        _titan_child_order(self)
 
     def forward(self, x_BLD: Float[torch.Tensor, "*B D"]) -> Float[torch.Tensor, "*B D"]:  # type: ignore[override]
         """[B, L, D] -> [B, L, D] (or [T, D] -> [T, D]); this rank's tokens, as torchtitan
@@ -412,6 +432,7 @@ class SpmdMoE(TitanModule, MoE[AnyLayout]):  # type: ignore[misc]
         pctx = ParallelContext.from_parallel_dims(parallel_dims)
         reshard(self, pctx, layout)
         _conform_parts(self)  # reshard built fresh core parts
+        _titan_child_order(self)
         if pctx.size > 1 and int(parallel_dims.tp) > 1:
             # The gate sees this rank's tokens only, so its gradient is a summand over the
             # TP(=EP) group, which no data-parallel reduction covers: the layer states the
