@@ -94,20 +94,16 @@ def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[
         weights_TK, ids_TK, _ = moe.router(xv_TD, bias_E)
     else:
         # One call per rank chunk that holds a real token (the split path's GEMM shapes,
-        # so its bits); chunks of pad rows only (T < n) get id E below and weight 0.
+        # so its bits); chunks of pad rows only (T < n) are not routed.
         live = -(-T // T_loc)
         parts = [moe.router(xv_TD[q * T_loc : (q + 1) * T_loc], bias_E) for q in range(live)]
-        w_parts, id_parts = [p[0] for p in parts], [p[1] for p in parts]
-        if live < n:
-            pad_rows = (n - live) * T_loc
-            why = "pad rows: the same on every rank's view, never routed (id E), weight 0"
-            w_parts.append(unchecked_cast(Placed[Var[EP]], parts[0][0].new_zeros((pad_rows, K)), reason=why))
-            id_parts.append(unchecked_cast(Placed[Var[EP]], parts[0][1].new_full((pad_rows, K), E), reason=why))
-        weights_TK = torch.cat(w_parts) if len(w_parts) > 1 else w_parts[0]
-        ids_TK = torch.cat(id_parts) if len(id_parts) > 1 else id_parts[0]
-    if T_pad > T:  # pad tokens get expert id E: never local, never counted
-        pad_TK = torch.arange(T_pad, device=x_TD.device).unsqueeze(1) >= T
-        ids_TK = torch.where(pad_TK, E, ids_TK)
+        weights_TK = torch.cat([p[0] for p in parts]) if live > 1 else parts[0][0]
+        ids_TK = torch.cat([p[1] for p in parts]) if live > 1 else parts[0][1]
+    if T_pad > T:
+        # Pad tokens: expert id E (never local, never counted) and weight 0 (their slots
+        # are exact zeros whatever the weight: the split path's bits).
+        ids_TK = F.pad(ids_TK[:T], (0, 0, 0, T_pad - T), value=E)
+        weights_TK = F.pad(weights_TK[:T], (0, 0, 0, T_pad - T))
     mine = slice(r * T_loc, (r + 1) * T_loc)  # this rank's chunk: what the split path counts
     if moe.record_routes:  # the router's k order, as MoE._routed records
         moe.recorded_routes.append(ids_TK[mine][: max(0, min(T_loc, T - r * T_loc))].detach().clone())
