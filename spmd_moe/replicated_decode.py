@@ -18,13 +18,14 @@ ranks).
 
 No host sync at decode sizes once a token count T has been seen (its metadata header is
 exchanged once per layer and T, as on the split path): the sizes are host integers known
-from T and n, the counts are a scatter_add, and the only collective is the communicator's all-reduce (vLLM's
-shared-memory one on CPU, its capturable pynccl / custom all-reduce on CUDA).
+from T and n, the counts are a scatter_add, and the only collective is the
+communicator's all-reduce (vLLM's shared-memory one on CPU, its capturable pynccl /
+custom all-reduce on CUDA).
 
 Used when MoEConfig.dispatcher is 'auto', layout 'replicated'/'invariant', n > 1,
 autograd off, debug off (debug mode runs the checked split path, which this equals),
 no forced routes, and T/n within decode_max_tokens (or the communicator's
-``replicated_max_tokens`` hint: VllmComm on CPU takes this path at every T). Past
+``replicated_max_tokens`` hint: VllmComm takes this path at every T). Past
 decode_max_tokens, on a communicator that is not capturable (CPU), it runs the experts
 on exactly their rows (one host sync, as the all_to_all path) and equals the all_to_all
 (prefill) path bit for bit: the same rows reach each expert in the same order, the router
