@@ -164,8 +164,11 @@ class GroupedExperts(nn.Module):
             return _bi.grouped_swiglu_rows(routed_RD.to(dt), w1, w2, w3, counts_e).to(routed_RD.dtype)
         # One cast per use: the two input grads then add in the input dtype (fp32),
         # not in dt (bf16); that is also torchtitan's order, so its grads match bitwise.
-        h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt, offs_e=offs)) * grouped_mm(
-            routed_RD.to(dt), w3, counts_e, zero_tail=zt, offs_e=offs
+        # Without autograd the rows past the counts of the up GEMMs are never read (the
+        # down GEMM reads only grouped rows): only the output's tail is zeroed.
+        zt_up = zt and (torch.is_grad_enabled() or spmd.is_type_checking())
+        h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt_up, offs_e=offs)) * grouped_mm(
+            routed_RD.to(dt), w3, counts_e, zero_tail=zt_up, offs_e=offs
         )
         return grouped_mm(h_RF, w2, counts_e, zero_tail=zt, offs_e=offs).to(routed_RD.dtype)
 
