@@ -67,7 +67,12 @@ def exchange_header(
     )
     everyone = torch.empty(pctx.size * len(_FIELDS), dtype=torch.int64, device=mine.device)
     try:
-        dist.all_gather_into_tensor(everyone, mine, group=pctx.group)
+        if pctx.comm is not None:
+            # Through the layer's communicator (inside vLLM its shared memory, not gloo):
+            # the same int64 words, a fixed size on every rank.
+            everyone = pctx.comm.all_gather(mine)
+        else:
+            dist.all_gather_into_tensor(everyone, mine, group=pctx.group)
     except RuntimeError as e:
         raise DistributedError(
             f"{what}: metadata exchange on axis '{pctx.name}' (size {pctx.size}) failed: "
