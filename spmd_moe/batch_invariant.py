@@ -247,13 +247,30 @@ def rowwise(fn: Callable[[_X], _Y], x_TD: _X) -> _Y:
 _layout_cache: list[Any] = [None, -1, 0, None, 0]
 
 
+def _untracked() -> contextlib.AbstractContextManager[Any]:
+    return spmd.no_typecheck() if spmd.is_type_checking() else contextlib.nullcontext()
+
+
+def _like_rows(pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Debug mode's tracked region: the block layout is bookkeeping computed untracked
+    (seeded constants, scatter counts); its positions belong to the rows they place, so
+    they take the rows' placement. A no-op outside a tracked region."""
+    if spmd.is_type_checking():
+        spmd.assert_local_type_like(pos, rows)
+    return pos
+
+
 def _token_layout(x_TD: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
     if x_TD.is_inference():  # no version counter to validate a cached entry with
-        return token_slots(row_bucket(x_TD, B), B)
+        with _untracked():
+            pos, n = token_slots(row_bucket(x_TD, B), B)
+        return _like_rows(pos, x_TD), n
     c = _layout_cache
     if c[0] is not None and c[0]() is x_TD and c[1] == x_TD._version and c[2] == B:
         return cast(torch.Tensor, c[3]), int(c[4])
-    pos_T, nblk = token_slots(row_bucket(x_TD, B), B)
+    with _untracked():
+        pos_T, nblk = token_slots(row_bucket(x_TD, B), B)
+    pos_T = _like_rows(pos_T, x_TD)
     c[:] = [weakref.ref(x_TD), x_TD._version, B, pos_T, nblk]
     return pos_T, nblk
 
@@ -287,7 +304,9 @@ def grouped_swiglu_rows(
     ends_e = torch.cumsum(counts_e.to(torch.int64), 0)
     n_local = int(ends_e[-1]) if e else 0  # host sync: the block layout needs it
     x_loc = x_RD[:n_local]
-    pos_R, nblk_e = block_slots(ends_e, row_bucket(x_loc), B)
+    with _untracked():
+        pos_R, nblk_e = block_slots(ends_e, row_bucket(x_loc), B)
+    pos_R = _like_rows(pos_R, x_loc)
     outs: list[torch.Tensor] = []
     if n_local:
         nblk = sum(nblk_e)
@@ -313,6 +332,7 @@ def _block_views(t: torch.Tensor, B: int) -> tuple[torch.Tensor, ...]:
     return views
 
 
+@spmd.register_local_autograd_function  # per-rank block GEMMs, no communication: placements propagate
 class _ExpertBlocks(torch.autograd.Function):
     """SwiGLU of every expert block: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T, block by block.
 

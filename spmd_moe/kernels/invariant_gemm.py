@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import spmd_types as spmd
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -115,6 +116,7 @@ def _grad_w(g_RN: torch.Tensor, x_RK: torch.Tensor, ends_g: torch.Tensor | None,
     return gw
 
 
+@spmd.register_local_autograd_function  # per-rank GEMMs, no communication: placements propagate
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor | None) -> torch.Tensor:
