@@ -682,7 +682,10 @@ def _layer_case(layout: str, disp: str, mode: str, n: int, rank: int, grp: Any) 
     from spmd_moe.checkpoint import shard_state_dict
 
     pctx = ParallelContext.from_group(grp, "ep")
-    cfg = _cfg(dispatcher=disp)
+    # "all_to_all@2": the chunked (overlapped) all-to-all path; "auto": at these T the
+    # replicated inference decode takes the one-all-reduce path (replicated_decode).
+    disp_name, _, chunks = disp.partition("@")
+    cfg = _cfg(dispatcher=disp_name, ep_chunks=int(chunks or 1))
     torch.manual_seed(0)
     full = MoE(cfg, layout=layout)  # type: ignore[arg-type]
     full.init_states(7)
@@ -780,6 +783,7 @@ def layer_cases(layouts: list[str]) -> list[tuple[str, str, str]]:
             for mode in ("grad", "nograd", "nodebug"):
                 cases.append((lay, disp, mode))
         cases.append((lay, "all_to_all", "bi"))
+        cases += [(lay, "all_to_all@2", "grad"), (lay, "all_to_all@2", "nograd"), (lay, "auto", "nodebug")]
     return cases
 
 
