@@ -65,7 +65,7 @@ ARITY = {c: (4 if c == "all_to_all" else 2) for c in COLLECTIVES}
 STATE_FNS = ("as_rep", "as_inv", "as_var", "as_par")
 LETTERS = ("Rep", "Inv", "Var", "Par")
 CODE = {"Rep": "R", "Inv": "I", "Var": "V", "Par": "P"}
-COPY = ("spmd_moe", "typing_rules", "tests", "docs", "mypy.ini", "pyproject.toml")
+COPY = ("spmd_moe", "typing_rules", "tests", "examples", "docs", "mypy.ini", "pyproject.toml")
 SKIP_FILES = ("spmd_moe/mypy_plugin.py",)  # the checker itself is not a mutation target
 WORK = os.environ.get("SPMD_MOE_MUTANTS", "/tmp/mutants")
 PY = sys.executable
