@@ -7,6 +7,10 @@ debug mode); with autograd off (torch.no_grad / inference_mode, as vLLM runs) an
 off they call the context's communicator ``pctx.comm`` (spmd_moe.comm: torch.distributed
 by default, vLLM's device communicator inside vLLM, functional collectives on a
 DeviceMesh), which only moves bytes. On an axis of size 1 each is the identity.
+Those two untracked branches return a plain tensor under the function's stated placement
+(their ``type: ignore[return-value]``): the signature is the statement, and
+tests/test_rules_runtime.py checks each transition on gloo ranks, tests/test_comm_backends.py
+that every backend gives the same bits.
 
 Tokens are split over the axis in equal contiguous chunks (S(0)), so all_gather
 concatenates and reduce_scatter splits along dim 0.

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 
 from spmd_moe.apps.bench.moe_bench import nominal_hbm_bps, timer, try_graph
+from spmd_moe.config import KernelChoice
 
 D, F, E, K = 2048, 768, 128, 8
 
 
-def _layer(kernels: str, device: torch.device) -> Any:
+def _layer(kernels: KernelChoice, device: torch.device) -> Any:
     import spmd_moe as sm
 
     cfg = sm.MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, score_func="softmax", route_norm=True,
-                       param_dtype=torch.bfloat16, kernels=kernels)  # type: ignore[arg-type]
+                       param_dtype=torch.bfloat16, kernels=kernels)
     m = sm.MoE(cfg, device=device)
     m.init_states(seed=0)
     return m
