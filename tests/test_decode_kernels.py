@@ -211,3 +211,144 @@ def test_rn_bf16_rounds_like_torch_nan_and_inf_included() -> None:
     ref = a.to(torch.bfloat16).float()
     same = (o == ref) | (torch.isnan(o) & torch.isnan(ref))
     assert bool(same.all()), f"{int((~same).sum())} of 1024 values round differently"
+
+
+# ---- expert parallelism: a local range of experts, a range of counted rows, fp32 output ----
+
+def _raw(T: int, seed: int) -> dict[str, torch.Tensor]:
+    """Router and expert weights as bf16 values (fp32 tensors on the interpreter)."""
+    dev, dt = _dev_dtype()
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int, s: float = 0.3) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * s).to(torch.bfloat16).to(dt).to(dev)
+
+    return {"x": r(T, D, s=1.0), "gw": r(E, D), "w1": r(E, F, D), "w2": r(E, D, F), "w3": r(E, F, D)}
+
+
+def _f64_reference(p: dict[str, torch.Tensor], bias: torch.Tensor | None, sigmoid: bool,
+                   local: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_TD, ids_TK): every token routed over all E experts, only the experts in `local`
+    summed, nothing rounded (route_norm on, route_scale 1.5 for sigmoid as below)."""
+    xd, gw = p["x"].double().cpu(), p["gw"].double().cpu()
+    logits = xd @ gw.T
+    scores = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
+    choice = scores + (bias.double().cpu() if bias is not None else 0.0)
+    ids = choice.topk(K, -1).indices
+    wts = scores.gather(-1, ids)
+    wts = wts / wts.sum(-1, keepdim=True) * (1.5 if sigmoid else 1.0)
+    w1, w2, w3 = (p[n].double().cpu() for n in ("w1", "w2", "w3"))
+    y = torch.zeros(xd.shape[0], D, dtype=torch.float64)
+    for t in range(xd.shape[0]):
+        for k in range(K):
+            e = int(ids[t, k])
+            if e in local:
+                h = torch.nn.functional.silu(xd[t] @ w1[e].T) * (xd[t] @ w3[e].T)
+                y[t] += wts[t, k] * (h @ w2[e].T)
+    return y, ids
+
+
+def _call(p: dict[str, torch.Tensor], bias: torch.Tensor | None, sigmoid: bool, local: range | None = None,
+          **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """routed_decode on the experts in `local` (all if None); returns (y, tokens_per_expert_E)."""
+    tpe = torch.zeros(E, dtype=torch.float32, device=p["x"].device)
+    sl = slice(None) if local is None else slice(local.start, local.stop)
+    if local is not None:
+        kw = dict(kw, expert_start=local.start, num_local=len(local))
+    with torch.no_grad():
+        y = dk.routed_decode(p["x"], p["gw"], bias, p["w1"][sl], p["w2"][sl], p["w3"][sl], top_k=K,
+                             score_func="sigmoid" if sigmoid else "softmax", route_norm=True,
+                             route_scale=1.5 if sigmoid else 1.0, tokens_per_expert_E=tpe, **kw)  # type: ignore[arg-type]
+    return y, tpe
+
+
+def _counts(ids_TK: torch.Tensor, rows: range) -> torch.Tensor:
+    return torch.bincount(ids_TK[rows.start:rows.stop].flatten(), minlength=E).float()
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float buffer routed_decode allocates starts as NaN: a read of a y row that no
+    kernel wrote (a non-local expert's slot) shows up in the output."""
+    real = torch.empty
+
+    def empty(*a: object, **k: object) -> torch.Tensor:
+        out = real(*a, **k)  # type: ignore[call-overload]
+        return out.fill_(float("nan")) if out.is_floating_point() else out  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@kernel_test
+@pytest.mark.parametrize("T", [1, 5])
+def test_local_experts_and_counted_rows_match_float64_loop(T: int, poisoned_empty: None) -> None:
+    """Experts 4..11 of 16 on this 'rank', rows [1, T) (T=5) or [0, 1) counted: the output
+    is the float64 loop restricted to those experts (fp32 unrounded and bf16 rounded), the
+    counter holds the counted rows' routes over all E. Tolerance as in the module
+    docstring: 6 bf16 ulps of the output scale against a loop that rounds nothing (the
+    kernels round the GEMM outputs and SwiGLU to bf16, as the torch path)."""
+    p = _raw(T, seed=20 + T)
+    local = range(4, 12)
+    rows = range(1, T) if T > 1 else range(0, 1)
+    ref, ids = _f64_reference(p, None, False, local)
+    assert float(ref.abs().max()) > 0  # some token has a local expert
+    y32, tpe = _call(p, None, False, local, count_rows=(rows.start, rows.stop), out_dtype=torch.float32)
+    assert y32.dtype == torch.float32
+    assert torch.equal(tpe.cpu(), _counts(ids, rows)), "count over count_rows, all E experts"
+    assert _ulps(y32.cpu(), ref) <= 6.0
+    y16, _ = _call(p, None, False, local)
+    assert y16.dtype == p["x"].dtype
+    assert _ulps(y16.double().cpu(), ref) <= 6.0
+    none_local = [t for t in range(T) if not any(int(e) in local for e in ids[t])]
+    for t in none_local:  # every expert of the token elsewhere: exact zeros, fp32 and rounded
+        assert not bool(y32[t].any()) and not bool(y16[t].any())
+
+
+@kernel_test
+def test_two_fake_ranks_add_up_to_the_layer(poisoned_empty: None) -> None:
+    """T=7 (odd) split as EP=2 would: experts [0, 8) and [8, 16), counted rows [0, 4) and
+    [4, 7). The fp32 partial sums add up to the float64 loop over all experts (6 ulps, as
+    above) and the two counters to the one-rank counter exactly."""
+    T = 7
+    p = _raw(T, seed=31)
+    ref, _ = _f64_reference(p, None, False, range(E))
+    ya, ca = _call(p, None, False, range(0, 8), count_rows=(0, 4), out_dtype=torch.float32)
+    yb, cb = _call(p, None, False, range(8, 16), count_rows=(4, 7), out_dtype=torch.float32)
+    _, c_all = _call(p, None, False)
+    assert torch.equal(ca + cb, c_all) and float(c_all.sum()) == T * K
+    assert _ulps((ya + yb).cpu(), ref) <= 6.0
+
+
+@kernel_test
+def test_every_token_on_the_same_experts(poisoned_empty: None) -> None:
+    """A bias that sends all 9 tokens to experts 12..15: on a rank holding [8, 16) one
+    expert takes every token and four local experts none; on a rank holding [0, 8) every
+    token's experts are elsewhere and its output is exactly zero (fp32 and rounded), while
+    it still counts all routes."""
+    T = 9
+    p = _raw(T, seed=41)
+    bias = torch.zeros(E, device=p["x"].device)
+    bias[12:] = 100.0
+    ref, ids = _f64_reference(p, bias, True, range(8, 16))
+    assert sorted(set(ids.flatten().tolist())) == [12, 13, 14, 15]
+    y, tpe = _call(p, bias, True, range(8, 16))
+    assert _ulps(y.double().cpu(), ref) <= 6.0
+    assert tpe.cpu().tolist() == [0.0] * 12 + [float(T)] * 4
+    for out_dtype in (None, torch.float32):
+        y0, tpe0 = _call(p, bias, True, range(0, 8), out_dtype=out_dtype)
+        assert torch.equal(y0, torch.zeros_like(y0)), "no local expert: exact zeros"
+        assert torch.equal(tpe0, tpe)
+
+
+@kernel_test
+@pytest.mark.parametrize("T", [1, 6])
+def test_default_arguments_are_the_whole_layer(T: int) -> None:
+    """The defaults are the one-rank layer: bitwise the same as naming the full range,
+    all rows and (on CUDA) bf16 output. (Bitwise equal to the kernels before these
+    arguments existed, too: checked once on the interpreter, docs/performance.md.)"""
+    p = _raw(T, seed=50 + T)
+    y, c = _call(p, None, False)
+    # The interpreter's fp32 tensors stand for bf16 ones: there out_dtype=None is the rounded sum.
+    y_full, c_full = _call(p, None, False, range(0, E), count_rows=(0, T),
+                           out_dtype=torch.bfloat16 if ON_CUDA else None)
+    assert torch.equal(y, y_full) and torch.equal(c, c_full)

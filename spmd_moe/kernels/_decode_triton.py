@@ -41,11 +41,13 @@ def gate_kernel(
 @triton.jit
 def route_kernel(
     logits_ptr, bias_ptr, ids_ptr, wts_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr, tpe_ptr,
-    T, E, route_scale,
+    T, E, route_scale, e_start, num_local, row_lo, row_hi,
     K: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
 ):
-    """One token: scores, top-k by rank (no serial K loop), weights, and the plan."""
+    """One token: scores, top-k by rank over all E (no serial K loop), weights, and the
+    plan of the local experts [e_start, e_start + num_local) in local ids; the token adds
+    to the load-balance counter only if row_lo <= t < row_hi."""
     t = tl.program_id(0)
     e_off = tl.arange(0, BLOCK_E)
     in_e = e_off < E
@@ -76,12 +78,16 @@ def route_kernel(
     k_pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(ids_ptr + t * K + k_pos, e_off, mask=sel)
     tl.store(wts_ptr + t * K + k_pos, w, mask=sel)
-    row = tl.atomic_add(count_ptr + e_off, 1, mask=sel)
-    tl.atomic_add(tpe_ptr + e_off, 1.0, mask=sel)  # the layer's load-balance counter (float)
-    tl.store(slot_ptr + e_off.to(tl.int64) * T + row, t * K + k_pos, mask=sel)
-    first = sel & (row == 0)
+    t_E = e_off * 0 + t  # (a vector: the interpreter rejects a scalar-broadcast mask here)
+    counted = sel & (t_E >= row_lo) & (t_E < row_hi)
+    tl.atomic_add(tpe_ptr + e_off, 1.0, mask=counted)  # the layer's load-balance counter (float)
+    le = e_off - e_start  # local expert id
+    local = sel & (le >= 0) & (le < num_local)
+    row = tl.atomic_add(count_ptr + le, 1, mask=local)
+    tl.store(slot_ptr + le.to(tl.int64) * T + row, t * K + k_pos, mask=local)
+    first = local & (row == 0)
     u = tl.atomic_add(nuniq_ptr + e_off * 0, 1, mask=first)
-    tl.store(uniq_ptr + u, e_off, mask=first)
+    tl.store(uniq_ptr + u, le, mask=first)
 
 
 @triton.jit
@@ -146,16 +152,25 @@ def down_kernel(
 
 @triton.jit
 def combine_kernel(
-    out_ptr, y_ptr, wts_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr, y_ptr, wts_ptr, ids_ptr, e_start, num_local, D,
+    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr,
 ):
-    # spmd_moe.moe's _weighted_sum: each weighted term and each add rounded to bf16,
-    # ascending k (= ascending expert id).
+    """ROUND: spmd_moe.moe's _weighted_sum, each weighted term and each add rounded to
+    bf16, ascending k (= ascending expert id). Not ROUND: the same sum in fp32, unrounded
+    (a partial sum for a later all-reduce). Slots of non-local experts add exact zeros
+    (their y rows were never written, so they are not read)."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(K):
         w = tl.load(wts_ptr + t * K + k)
-        term = rn_bf16(tl.load(y_ptr + (t * K + k) * D + offs, mask=in_d, other=0.0).to(tl.float32) * w)
-        acc = rn_bf16(acc + term)  # k = 0: 0 + term = term, already rounded
+        le = tl.load(ids_ptr + t * K + k) - e_start + offs * 0  # a vector (interpreter: no scalar masks)
+        local = (le >= 0) & (le < num_local)
+        y = tl.load(y_ptr + (t * K + k) * D + offs, mask=in_d & local, other=0.0).to(tl.float32)
+        term = tl.where(local, y * w, 0.0)
+        if ROUND:
+            acc = rn_bf16(acc + rn_bf16(term))  # k = 0: 0 + term = term, already rounded
+        else:
+            acc = acc + term
     tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=in_d)

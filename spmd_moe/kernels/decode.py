@@ -99,20 +99,39 @@ def routed_decode(
     route_norm: bool,
     route_scale: float,
     tokens_per_expert_E: torch.Tensor,
+    expert_start: int = 0,
+    num_local: int | None = None,
+    count_rows: tuple[int, int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y_TD: the routed experts' weighted sum for every token. Adds the tokens each
-    expert received to tokens_per_expert_E (float32, the layer's load-balance counter)."""
+    expert received to tokens_per_expert_E (float32, the layer's load-balance counter).
+
+    Expert parallelism (defaults: everything, as on one rank): the router routes every
+    token over all E = gate_w_ED.shape[0] experts, but only the experts
+    [expert_start, expert_start + num_local) are computed; w1/w2/w3 hold just those
+    (local index = id - expert_start) and slots of the other experts add exact zeros.
+    count_rows=(lo, hi): only tokens lo <= t < hi add to tokens_per_expert_E (all E
+    entries). out_dtype=torch.float32: the combine's fp32 sum, unrounded (for an
+    all-reduce of partial sums); otherwise rounded as spmd_moe.moe's _weighted_sum."""
     ks = _build()
     assert ks is not None, "call usable() first"
     T, D = x_TD.shape
-    E, F, _ = w1_EFD.shape
+    E = gate_w_ED.shape[0]
+    L, F, _ = w1_EFD.shape  # local experts
+    if num_local is None:
+        num_local = L
+    assert num_local == L and 0 <= expert_start and expert_start + L <= E, (expert_start, num_local, L, E)
+    lo, hi = count_rows if count_rows is not None else (0, T)
+    assert 0 <= lo <= hi <= T, count_rows
+    assert tokens_per_expert_E.shape == (E,) and tokens_per_expert_E.dtype == torch.float32
     K = top_k
     dev = x_TD.device
     x_TD = x_TD.contiguous()
-    plan_i32 = torch.empty(E + 1, dtype=torch.int32, device=dev)  # count_E, then n_uniq (zeroed by gate)
-    count_E, nuniq = plan_i32[:E], plan_i32[E:]
-    uniq_U = torch.empty(E, dtype=torch.int32, device=dev)
-    slot_ET = torch.empty(E, T, dtype=torch.int32, device=dev)
+    plan_i32 = torch.empty(L + 1, dtype=torch.int32, device=dev)  # count_L, then n_uniq (zeroed by gate)
+    count_L, nuniq = plan_i32[:L], plan_i32[L:]
+    uniq_U = torch.empty(max(L, 1), dtype=torch.int32, device=dev)
+    slot_LT = torch.empty(max(L, 1), T, dtype=torch.int32, device=dev)
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
     ids_TK = torch.empty(T, K, dtype=torch.int32, device=dev)
     wts_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
@@ -121,30 +140,34 @@ def routed_decode(
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
     bec = 4
     ks["gate"][(T, triton_cdiv(E, bec))](
-        x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, E + 1,
-        BLOCK_EC=bec, BLOCK_D=min(1024, _pow2(D)), BLOCK_PLAN=_pow2(E + 1), num_warps=4,
+        x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, L + 1,
+        BLOCK_EC=bec, BLOCK_D=min(1024, _pow2(D)), BLOCK_PLAN=_pow2(L + 1), num_warps=4,
     )
     ks["route"][(T,)](
-        logits_TE, bias, ids_TK, wts_TK, count_E, nuniq, uniq_U, slot_ET, tokens_per_expert_E,
-        T, E, float(route_scale),
+        logits_TE, bias, ids_TK, wts_TK, count_L, nuniq, uniq_U, slot_LT, tokens_per_expert_E,
+        T, E, float(route_scale), expert_start, L, lo, hi,
         K=K, BLOCK_E=max(16, _pow2(E)),
         SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, num_warps=8,
     )
     bm = max(16, _pow2(T))
-    u_max = min(T * K, E)
+    u_max = min(T * K, L)
     tl_ = TILES if T <= 16 else TILES_LARGE_T
     launch = {"num_warps": tl_["warps"], "num_stages": tl_["stages"]}
-    ks["up"][(u_max, triton_cdiv(F, tl_["up_f"]))](
-        x_TD, w1_EFD, w3_EFD, h_NF, count_E, nuniq, uniq_U, slot_ET, T, D, F,
-        K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], **launch,
-    )
-    ks["down"][(u_max, triton_cdiv(D, tl_["down_n"]))](
-        h_NF, w2_EDF, y_ND, count_E, nuniq, uniq_U, slot_ET, T, D, F,
-        BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], **launch,
-    )
-    out_TD = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
+    if u_max > 0:
+        ks["up"][(u_max, triton_cdiv(F, tl_["up_f"]))](
+            x_TD, w1_EFD, w3_EFD, h_NF, count_L, nuniq, uniq_U, slot_LT, T, D, F,
+            K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], **launch,
+        )
+        ks["down"][(u_max, triton_cdiv(D, tl_["down_n"]))](
+            h_NF, w2_EDF, y_ND, count_L, nuniq, uniq_U, slot_LT, T, D, F,
+            BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], **launch,
+        )
+    rounded = out_dtype is None or out_dtype != torch.float32
+    out_TD = torch.empty(T, D, dtype=out_dtype or x_TD.dtype, device=dev)
     block = 1024 if D >= 1024 else max(16, _pow2(D))
-    ks["combine"][(T, triton_cdiv(D, block))](out_TD, y_ND, wts_TK, D, K=K, BLOCK_D=block)
+    ks["combine"][(T, triton_cdiv(D, block))](
+        out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, K=K, BLOCK_D=block, ROUND=rounded,
+    )
     return out_TD
 
 
