@@ -2,42 +2,37 @@
 # TP2EP on the multi-GPU kinds (issue 13): one torchrun job per GPU count, results in $OUT.
 # Needs >= 2 GPUs (nvidia-h200-x2 or -x4); on one GPU it says so and exits in seconds.
 #   run(kind=nvidia-h200-x2, carry=[".whl"], command="bash scripts/gpu/tp2ep.sh")
-#       default (quick, <= 3 min): n = all GPUs, prefill T=16384 with ep_chunks 1 and 4, decode
-#       T=8 and 64 (eager + CUDA graphs + sync-debug), profile, then the NVSHMEM probe (40 s cap).
+#       default (quick, one job capped at 170 s, about 1 min when nothing hangs): n = all GPUs,
+#       prefill T=4096 and 16384 with ep_chunks 1 and 2, decode T=8 and 64 (eager + CUDA
+#       graphs + sync-debug), profiles (fwd, fwd+bwd, fwd at 2 pieces). No probe.
 #   FULL=1 bash scripts/gpu/tp2ep.sh    # T=4096 and 16384, ep_chunks 1 2 4, and on x4 a second
-#                                       # job with n=2 (about 4 to 7 minutes)
-#   PROBE=0 skips the probe; TP_SIZES="2" picks the GPU counts.
+#                                       # job with n=2 (about 4 to 7 minutes), then the probe
+#   PROBE=1 adds the NVSHMEM probe (40 s cap); TP_SIZES="2" picks the GPU counts.
 # Writes $OUT/tp2ep_<n>gpu.json (per_gpu_throughput_fwd / _fwdbwd per T and per ep_chunks,
 # decode eager and CUDA-graph ratios, sync-debug results, profile with the NCCL/compute
-# overlap; rewritten after every section), $OUT/tp2ep_<n>gpu.log (the probe's stderr too),
-# $OUT/symm_probe_2gpu.json: 3 files; TRACE=1 (default with FULL=1) adds $OUT/trace_<n>gpu.json
-# (chrome trace, rank 0, prefill forward, first job only).
+# overlap; rewritten after every section) and $OUT/tp2ep_<n>gpu.log (the probe's stderr
+# too): 2 files; PROBE=1 adds $OUT/tp2ep_symm_probe.json, TRACE=1 (default with FULL=1)
+# $OUT/tp2ep_trace_<n>gpu.json (chrome trace, rank 0, prefill forward, first job only).
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index --target /tmp/pydeps .whl/*.whl 2>&1 | tail -2
-  export PYTHONPATH=/tmp/pydeps:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source scripts/gpu/common.sh  # carried wheels, NCCL_NVLS_ENABLE=0 & co, $OUT, PYTHONPATH
+export OMP_NUM_THREADS=4
 python3 -c "import spmd_types, beartype" 2>/dev/null || echo "WARNING: spmd_types/beartype missing: carry .whl (see scripts/gpu_session.sh)"
 NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi topo -m 2>&1 | head -8
 if [ "$NG" -lt 2 ]; then echo "tp2ep: needs >= 2 GPUs, this machine has $NG: nothing run"; exit 0; fi
 if [ "${FULL:-0}" = 1 ]; then
-  SIZES=${TP_SIZES:-"$NG $( [ "$NG" -gt 2 ] && echo 2 )"}; CAP=170; FIRST=""; TRACE=${TRACE:-1}
+  SIZES=${TP_SIZES:-"$NG $( [ "$NG" -gt 2 ] && echo 2 )"}; CAP=170; FIRST=""; TRACE=${TRACE:-1}; PROBE=${PROBE:-1}
 else
-  SIZES=${TP_SIZES:-"$NG"}; CAP=130; FIRST="--prefill 16384 --chunks 1 4"; TRACE=${TRACE:-0}
+  # chunks 4 was slower than 1 and 2 at both T (s4 run 1): not in the quick profile.
+  SIZES=${TP_SIZES:-"$NG"}; CAP=170; FIRST="--prefill 4096 16384 --chunks 1 2"; TRACE=${TRACE:-0}; PROBE=${PROBE:-0}
 fi
 for ng in $SIZES; do
   [ "$ng" -ge 2 ] && [ "$NG" -ge "$ng" ] || continue
   t0=$(date +%s)
   # Fewer prefill sizes on the second job of a machine: the figures that matter first.
   # (and the chrome trace only from the first job: $OUT returns at most 8 files).
-  extra="$FIRST"; [ "$TRACE" = 1 ] && extra="$extra --trace $OUT/trace_${ng}gpu.json"
-  [ "$ng" != "$NG" ] && extra="--prefill 16384 --chunks 1 4"
+  extra="$FIRST"; [ "$TRACE" = 1 ] && extra="$extra --trace $OUT/tp2ep_trace_${ng}gpu.json"
+  [ "$ng" != "$NG" ] && extra="--prefill 16384 --chunks 1 2"
   timeout $CAP torchrun --nproc-per-node "$ng" -m spmd_moe.apps.bench.tp2ep \
       --out "$OUT/tp2ep_${ng}gpu.json" $extra \
       > /dev/null 2> "$OUT/tp2ep_${ng}gpu.log"
@@ -48,13 +43,13 @@ for ng in $SIZES; do
 done
 # Probe (40 s cap): torch's NVSHMEM all-to-all-v with device-side splits, multicast off
 # (the transport a prefill all-to-all without a host read would need). Reported, never fatal.
-if [ "${PROBE:-1}" = 1 ]; then
-  timeout 40 torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.symm_probe --out "$OUT/symm_probe_2gpu.json" \
+if [ "$PROBE" = 1 ]; then
+  timeout 40 torchrun --nproc-per-node 2 -m spmd_moe.apps.bench.symm_probe --out "$OUT/tp2ep_symm_probe.json" \
       > /dev/null 2>> "$OUT/tp2ep_${NG}gpu.log"
   echo "== symm probe rc=$?"; python3 -c "
 import json,sys
 try:
-    r=json.load(open('$OUT/symm_probe_2gpu.json'))
+    r=json.load(open('$OUT/tp2ep_symm_probe.json'))
     for s in r['steps']: print(s['step'], s['ok'], s.get('value', s.get('error','')))
 except Exception as e: print('no probe result:', e)" 2>&1 | cut -c1-300
 fi

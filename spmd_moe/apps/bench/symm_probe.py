@@ -141,7 +141,7 @@ def main() -> int:
             step("cuda_graph_capture_replay_matches", graph)
     res["payload_MB_per_rank"] = per * n * 2 / 1e6
     if rank == 0:
-        text = json.dumps(res, indent=1)
+        text = json.dumps(res, indent=1, default=str)  # a step may return a tensor (s4 run 1 crashed here)
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text + "\n")

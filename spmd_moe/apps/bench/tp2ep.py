@@ -10,13 +10,20 @@ Measures, with the Qwen3-30B-A3B layer (D=2048, F=768, E=128, top-8, bf16):
   per_gpu_throughput = t(1 GPU) / t(n GPUs) at the best chunk count, and per chunk count;
 - that the n-GPU outputs equal the 1-GPU outputs on the same tokens (bitwise flag and
   max abs difference; chunked against unchunked too), forward and input gradient;
-- decode, layout 'replicated' (all-gather dispatcher): eager and as a CUDA graph captured
-  around the whole layer, on one GPU and on n GPUs; the ratio n-GPU / 1-GPU graph time;
+- decode, layout 'replicated': eager and as a CUDA graph captured around the whole layer,
+  on one GPU and on n GPUs (dispatcher 'auto': spmd_moe.replicated_decode, with the fused
+  decode kernels where they apply -- which path ran is recorded -- and the all-gather
+  dispatcher); the ratio n-GPU / 1-GPU graph time; the n-GPU output against the 1-GPU one
+  (max abs difference: the fused n-GPU path sums in fp32 across ranks, not bitwise);
 - host syncs: the decode forward at EP=n under torch.cuda.set_sync_debug_mode('error')
   (and CUDA graph capture), and the prefill forward under the same mode (it has one host
   read for the split sizes: reported, not hidden);
 - a torch.profiler trace of the n-GPU prefill forward (and forward+backward) at the best
-  chunk count: device time by kind and how much NCCL time overlaps compute kernels.
+  chunk count, and of the forward at 2 pieces when measured (why chunking does not pay):
+  device time by kind and how much NCCL time overlaps compute kernels.
+
+Ends with os._exit on every rank once the results are written: the NCCL teardown with
+CUDA graphs alive hung the job past its time cap (session 4, first H200 x2 run).
 """
 
 from __future__ import annotations
@@ -203,16 +210,18 @@ def tables(paths: list[str]) -> None:
                   " | ".join(f"{v.get('fwdbwd_ngpu_ms', float('nan')):.3f}" for v in cs.values()) +
                   f" | **{row.get('per_gpu_throughput_fwdbwd', float('nan')):.2f}** (c={row.get('best_chunks_fwdbwd')}) | " +
                   ", ".join(f"{c}:{'error' if 'error' in v else 'yes' if v['fwd_bitwise_vs_1gpu'] else 'no (%.1e)' % v['fwd_max_abs_diff_vs_1gpu']}" for c, v in cs.items()) + " |")
-        print("\n| decode T | eager 1 GPU | eager n (auto) | eager n (all_gather) | graph 1 GPU | graph n (auto) | graph n (all_gather) | graph n / 1 GPU (auto) | (all_gather) | sync-debug n |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| decode T | n-GPU path (auto) | eager 1 GPU | eager n (auto) | eager n (all_gather) | graph 1 GPU | graph n (auto) | graph n (all_gather) | graph n / 1 GPU (auto) | (all_gather) | sync-debug n (auto / all_gather) | max abs diff n vs 1 GPU |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for d in r["decode"]:
             g = lambda k: f"{d[k]:.3f}" if k in d else d.get(k.replace('_ms', '_error'), 'n/a')[:60]
-            print(f"| {d['T']} | {d['eager_1gpu_ms']:.3f} | {d['eager_ngpu_ms']:.3f} | {d.get('eager_ngpu_all_gather_ms', float('nan')):.3f} | {g('graph_1gpu_ms')} | {g('graph_ngpu_ms')} | {g('graph_ngpu_all_gather_ms')} | "
-                  f"{d.get('graph_ratio_ngpu_over_1gpu', float('nan')):.2f} | {d.get('graph_ratio_ngpu_all_gather_over_1gpu', float('nan')):.2f} | {d['sync_debug_ngpu'].get('host_syncs')} / {d.get('sync_debug_ngpu_all_gather', {}).get('host_syncs')} |")
-        for mode in ("fwd", "fwdbwd"):
-            p = r.get(f"profile_prefill_{mode}")
+            diff = d.get("graph_ngpu_max_abs_diff_vs_1gpu")
+            diff_s = "n/a" if diff is None else f"{diff:.2g} (of max {d.get('max_abs_1gpu', float('nan')):.2g})"
+            print(f"| {d['T']} | {d.get('ngpu_path', 'n/a')} | {d['eager_1gpu_ms']:.3f} | {d['eager_ngpu_ms']:.3f} | {d.get('eager_ngpu_all_gather_ms', float('nan')):.3f} | {g('graph_1gpu_ms')} | {g('graph_ngpu_ms')} | {g('graph_ngpu_all_gather_ms')} | "
+                  f"{d.get('graph_ratio_ngpu_over_1gpu', float('nan')):.2f} | {d.get('graph_ratio_ngpu_all_gather_over_1gpu', float('nan')):.2f} | {d['sync_debug_ngpu'].get('host_syncs')} / {d.get('sync_debug_ngpu_all_gather', {}).get('host_syncs')} | {diff_s} |")
+        for key in ("profile_prefill_fwd", "profile_prefill_fwdbwd", "profile_prefill_fwd_chunks2"):
+            p = r.get(key)
             if p:
-                print(f"\nprofile {mode} (T={p['T']}, chunks={p['chunks']}): device {p['device_ms_per_call']} ms/call, span {p['device_span_ms_per_call']}, "
+                print(f"\n{key} (T={p['T']}, chunks={p['chunks']}): device {p['device_ms_per_call']} ms/call, span {p['device_span_ms_per_call']}, "
                       f"NCCL busy {p['nccl_busy_ms_per_call']}, overlapped with compute {p['nccl_overlapped_with_compute_ms_per_call']} "
                       f"({p['overlap_share_of_nccl']}), by kind {p['ms_per_call_by_kind']}")
         print("\nprefill sync debug:", r.get("prefill_sync_debug"))
@@ -360,7 +369,12 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     iters = 3
-    for mode in ("fwd", "fwdbwd"):
+    best_T = best_chunks.get(T, 1)
+    runs = [("fwd", best_T, "profile_prefill_fwd"), ("fwdbwd", best_T, "profile_prefill_fwdbwd")]
+    if 2 in args.chunks and best_T != 2:
+        runs.append(("fwd", 2, "profile_prefill_fwd_chunks2"))  # where the overlap's time goes
+    for mode, chunks, key in runs:
+        mn.prefill_dispatcher.chunks = chunks
         xg = x.clone().requires_grad_(mode == "fwdbwd")
 
         def call() -> None:
@@ -379,13 +393,15 @@ def main() -> int:
             for _ in range(iters):
                 call()
             _sync()
-        res[f"profile_prefill_{mode}"] = dict(overlap_summary(prof, iters), T=T, chunks=best_chunks.get(T, 1))
+        res[key] = dict(overlap_summary(prof, iters), T=T, chunks=chunks)
         dump()
-        log(f"profile {mode}: {json.dumps(res[f'profile_prefill_{mode}'])[:600]}")
-        if args.trace and rank == 0 and mode == "fwd":
+        log(f"{key}: {json.dumps(res[key])[:600]}")
+        if args.trace and rank == 0 and key == "profile_prefill_fwd":
             prof.export_chrome_trace(args.trace)
 
     # ------------------------------------------------------------ decode, layout 'replicated'
+    from spmd_moe import replicated_decode as rd
+
     m1r = build(one, "replicated", sd, dev)
     mnr = build(ep, "replicated", sd, dev)  # 'auto': the one-all-reduce decode path (spmd_moe.replicated_decode)
     mnr_ag = build(ep, "replicated", sd, dev, dispatcher="all_gather")  # the all-gather dispatcher
@@ -395,6 +411,7 @@ def main() -> int:
             dist.broadcast(xx, 0)  # replicated: the same tokens on every rank
         row = {"T": T}
         with torch.no_grad():
+            row["ngpu_path"] = ("fused kernels" if rd.fused_applies(mnr, xs[0]) else "torch ops") if rd.applies(mnr, T) else "split path"
             row["eager_1gpu_ms"] = timed(lambda i: m1r(xs[i % 8]), 30)
             row["eager_ngpu_ms"] = timed(lambda i: mnr(xs[i % 8]), 30)
             row["sync_debug_ngpu"] = sync_check(lambda: mnr(xs[0]))
@@ -415,7 +432,10 @@ def main() -> int:
                 gn.replay()
                 torch.cuda.synchronize()
                 row["graph_ngpu_equals_eager"] = bool(torch.equal(yng, mnr(xin)))
-                row["graph_ngpu_equals_1gpu_eager"] = bool(torch.equal(yng, m1r(xin)))
+                y1e = m1r(xin)
+                row["graph_ngpu_equals_1gpu_eager"] = bool(torch.equal(yng, y1e))
+                row["graph_ngpu_max_abs_diff_vs_1gpu"] = float((yng.float() - y1e.float()).abs().max())
+                row["max_abs_1gpu"] = float(y1e.float().abs().max())
             except Exception as e:  # noqa: BLE001 - reported
                 row["graph_ngpu_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             row["eager_ngpu_all_gather_ms"] = timed(lambda i: mnr_ag(xs[i % 8]), 30)
@@ -439,12 +459,21 @@ def main() -> int:
         dump()
         log(f"decode {json.dumps(row)}")
 
+    _sync()
     if rank == 0:
         text = json.dumps(res, indent=1)
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text + "\n")
         print(text)
+    log("done")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if CUDA:
+        # Every collective has completed (the last timing's all_reduce was read on the
+        # host). The NCCL teardown with captured graphs alive hung past the job's cap
+        # (s4 run 1): leave without it.
+        os._exit(0)
     dist.barrier()
     dist.destroy_process_group()
     return 0
