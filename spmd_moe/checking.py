@@ -277,7 +277,7 @@ def verify_values(t: torch.Tensor, name: str, code: str, axis: AxisLike, *, toke
                 f"{where}: expected placement {code} ({_WORDS[code]}: the same values on "
                 f"every rank), got V: differs across ranks: Varying (ranks {val_diff} hold "
                 f"other values than rank 0; shape {_shape_of(rows[0])}). Fix: "
-                f"{placement_fix(code, 'V')}."
+                f"{_summand_fix(name) if _looks_like_count(name) else placement_fix(code, 'V')}."
             )
         return
     if tokens and not shape_diff and rows[0][_ROW - 3] > 0 and not _differs(rows, _ROW - 2, _ROW):
@@ -287,6 +287,22 @@ def verify_values(t: torch.Tensor, name: str, code: str, axis: AxisLike, *, toke
             "R (Replicate), a token split that never happened (torchtitan #3622): every "
             "token would be routed and counted once per rank. Fix: " + _TOKEN_FIX + "."
         )
+
+
+def _looks_like_count(name: str) -> bool:
+    """A per-rank count stated Replicate (the #3622 family) differs across ranks like any
+    Varying tensor; its fix is a sum, not a gather, so the message says so."""
+    low = name.lower()
+    return "count" in low or "tokens_per_expert" in low
+
+
+def _summand_fix(name: str) -> str:
+    return (
+        f"{name} looks like this rank's count, i.e. its summand of the global count: state it "
+        "Partial (spmd_moe.placement.as_par(x, pctx)) and sum it with spmd_moe.collectives.all_reduce(x, pctx) "
+        "(P -> R); for a layer's tokens_per_expert_E, moe.global_tokens_per_expert() does both. "
+        "An all_gather would stack the ranks' counts instead of adding them"
+    )
 
 
 def _mismatch(where: str, expected: str, actual: str) -> PlacementError:

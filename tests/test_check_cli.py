@@ -174,7 +174,8 @@ def test_examples_working_passes_broken_is_found() -> None:
             assert e["type"] == "PlacementError" and e["phase"] == "forward" and e["ranks"] == list(range(n)), e
             assert "tokens_per_expert_E on axis 'ep'" in e["message"] and "expected placement R" in e["message"]
             assert "differs across ranks" in e["message"]
-            assert e["fix"] and "all_gather" in e["fix"], e
+            # A count is a summand: the fix is a sum (as_par + all_reduce), not a gather.
+            assert e["fix"] and "as_par" in e["fix"] and "global_tokens_per_expert()" in e["fix"], e
             assert e["where"].startswith(f"examples/broken_moe.py:{counts_line} "), e["where"]
         assert k["probe"]["status"] == "ok"  # a sequence layer: the misuse is caught
 
