@@ -71,7 +71,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-from spmd_moe.placement import EP, Par, Placed, Var, unchecked_cast
+from spmd_moe import _debug
+from spmd_moe.placement import EP, Par, Placed, Rep, Var, unchecked_cast
 
 _enabled: bool = os.environ.get("SPMD_MOE_BATCH_INVARIANT", "0") not in ("", "0", "false", "False")
 
@@ -238,6 +239,57 @@ def rowwise(fn: Callable[[_X], _Y], x_TD: _X) -> _Y:
         return cast(_Y, probe[:0])
     outs: list[Any] = [fn(cast(_X, blk)) for blk in _blocks(x_TD, pos_T, nblk, B)]
     return cast(_Y, _take(_cat_rows(outs), pos_T))
+
+
+def route(
+    x_TD: Float[Placed[Var[EP]], "T D"], w_ED: Float[Placed[Rep[EP]], "E D"], bias_E: Any, cfg: Any,
+) -> tuple[Float[Placed[Var[EP]], "T K"], Int[Placed[Var[EP]], "T K"], Float[Placed[Var[EP]], "T E"]] | None:
+    """The router on the Triton path (CUDA): (weights_TK, expert_ids_TK, scores_TE) from
+    the invariant gate GEMM and one route program per token (see
+    spmd_moe.kernels.invariant_gemm.route); None where that path does not apply (CPU,
+    group-limited routing): the caller runs rowwise."""
+    if cfg.num_expert_groups is not None or not _use_triton(x_TD):
+        return None
+    from spmd_moe.kernels import invariant_gemm
+
+    w, ids, scores = invariant_gemm.route(x_TD, w_ED, bias_E, top_k=cfg.top_k, score_func=cfg.score_func,
+                                          route_norm=cfg.route_norm, route_scale=cfg.route_scale)
+    why = "per-token route of this rank's rows"
+    return (unchecked_cast(Placed[Var[EP]], w, reason=why), unchecked_cast(Placed[Var[EP]], ids, reason=why),
+            unchecked_cast(Placed[Var[EP]], scores, reason=why))
+
+
+def decode_applies(moe: Any, x_TD: torch.Tensor) -> bool:
+    """Whether a one-rank layer's routed part takes the invariant kernels' decode form
+    (spmd_moe.kernels.invariant_gemm.routed_decode): the Triton path, one rank, no
+    autograd, T <= DECODE_MAX_T, plain top-k routing (not forced, not recorded), the
+    experts in the input's dtype, debug mode off. Its bits are the general path's."""
+    if moe.pctx.size != 1 or _debug._enabled or not _use_triton(x_TD):
+        return False
+    from spmd_moe.kernels import invariant_gemm
+
+    if not 0 < x_TD.shape[0] <= invariant_gemm.DECODE_MAX_T or x_TD.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    cfg = moe.cfg
+    if moe.forced_routes_TK is not None or moe.record_routes or cfg.num_expert_groups is not None:
+        return False
+    ex = moe.experts
+    if (cfg.expert_dtype or x_TD.dtype) != x_TD.dtype or ex.w1_EFD.dtype != x_TD.dtype:
+        return False
+    if torch.is_grad_enabled() and (x_TD.requires_grad or ex.w1_EFD.requires_grad or moe.router.gate.weight.requires_grad):
+        return False
+    return not spmd.is_type_checking()
+
+
+def routed_decode(moe: Any, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]:
+    """The routed part of the layer (router, experts, combine) for decode_applies."""
+    from spmd_moe.kernels import invariant_gemm
+
+    ex, cfg = moe.experts, moe.cfg
+    y = invariant_gemm.routed_decode(
+        x_TD, moe.router.gate.weight, moe.expert_bias_E, ex.w1_EFD, ex.w2_EDF, ex.w3_EFD, moe.tokens_per_expert_E,
+        top_k=cfg.top_k, score_func=cfg.score_func, route_norm=cfg.route_norm, route_scale=cfg.route_scale)
+    return unchecked_cast(Placed[Var[EP]], y, reason="one rank: router, experts and combine of its own tokens")
 
 
 # The router and the shared experts of one layer call see the same token tensor: its

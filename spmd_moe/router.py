@@ -78,6 +78,9 @@ class TopKRouter(nn.Module):
         if _bi._enabled:
             # Batch-invariant mode: a token's route depends on that token only (fixed-shape
             # blocks on CPU, invariant kernels on CUDA; see spmd_moe.batch_invariant).
+            fast = _bi.route(x_TD, w_ED, expert_bias_E, self.cfg)  # CUDA: GEMM + one kernel per token
+            if fast is not None:
+                return fast
             return _bi.rowwise(lambda r_BD: self._route(r_BD, expert_bias_E, w_ED), x_TD)
         return self._route(x_TD, expert_bias_E, w_ED)
 

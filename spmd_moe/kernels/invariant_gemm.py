@@ -70,38 +70,67 @@ def _config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
-def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], N: int,
-            ends_g: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """ends_g None: one group of all rows (dense GEMM)."""
-    kern = _build()
-    assert kern is not None, "Triton is not installed"
-    R, K = a_RK.shape
-    y = torch.empty(R, N, dtype=out_dtype, device=a_RK.device)
-    if R == 0 or N == 0:
-        return y
-    if ends_g is not None and ends_g.numel() == 0:
-        return y.zero_()
-    BM, BN, BK, warps, stages = _config(a_RK.dtype)
+def _kern(name: str) -> Any:
+    """A kernel of spmd_moe.kernels.invariant_triton (after available())."""
+    assert _build() is not None, "Triton is not installed"
+    from spmd_moe.kernels import invariant_triton as kt
+
+    return getattr(kt, name)
+
+
+def _gp(G: int) -> int:
+    return max(16, 1 << max(0, G - 1).bit_length())
+
+
+def _grid(R: int, BM: int, G: int, n_tiles: int, slots: bool) -> tuple[int]:
+    """Programs of a grouped launch: group tiles (<= ceil(R/BM) + non-empty groups, and
+    at most min(G, R) groups are non-empty) plus, for grouped rows, the tiles that zero
+    rows past the last group (<= ceil(R/BM)); the programs past the real tiles exit."""
     mt = (R + BM - 1) // BM
+    return ((mt + min(G, R) + (0 if slots else mt)) * n_tiles,)
+
+
+def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: int,
+            groups_g: torch.Tensor | None, out_dtype: torch.dtype, *, counts: bool = False, f32: bool = False,
+            slots: torch.Tensor | None = None, a_div: int = 1, rows_out: int = 0) -> torch.Tensor:
+    """groups_g None: one group of all rows (dense GEMM). Else cumulative ends of the
+    groups (counts False) or their row counts (True). slots: a plan [G, S] of each
+    group's slots (row s // a_div of a, row s of the output, rows_out rows out).
+    f32: multiply in fp32 whatever a's and w's dtypes (the router)."""
+    kern = _kern("grouped_gemm_kernel")
+    R, K = a_RK.shape
+    y = torch.empty(rows_out if slots is not None else R, N, dtype=out_dtype, device=a_RK.device)
+    if y.shape[0] == 0 or N == 0:
+        return y
+    if groups_g is not None and groups_g.numel() == 0:
+        return y.zero_()
+    BM, BN, BK, warps, stages = _config(torch.float32 if f32 else a_RK.dtype)
     nt = (N + BN - 1) // BN
-    if ends_g is None:
-        ends, G, grid = y, 1, (mt * nt,)
+    if groups_g is None:
+        ends, G, grid = y, 1, (((R + BM - 1) // BM) * nt,)
     else:
-        ends = ends_g if ends_g.dtype == torch.int64 else ends_g.to(torch.int64)
-        # Upper bound of group tiles (mt + G) plus tail tiles (<= mt), times the N tiles.
-        G, grid = ends.shape[0], ((2 * mt + ends.shape[0]) * nt,)
+        ends, G = groups_g, groups_g.shape[0]
+        grid = _grid(R if slots is None else rows_out, BM, G, nt, slots is not None)
     kern[grid](
-        a_RK, w, y, ends, R, N, K, G,
+        a_RK, w, y, ends, slots if slots is not None else ends,
+        R if slots is None else 0, N, K, G, int(counts), int(slots is not None), a_div,
+        slots.stride(0) if slots is not None else 0,
         a_RK.stride(0), a_RK.stride(1), w_strides[0], w_strides[1], w_strides[2], y.stride(0), y.stride(1),
-        BM=BM, BN=BN, BK=BK, GP=max(16, 1 << (G - 1).bit_length()), IEEE=a_RK.dtype == torch.float32,
-        DENSE=ends_g is None, num_warps=warps, num_stages=stages,
+        BM=BM, BN=BN, BK=BK, GP=_gp(G), F32=f32 or a_RK.dtype == torch.float32,
+        DENSE=groups_g is None, num_warps=warps, num_stages=stages,
     )
     return y
+
+
+def _ends(groups_g: torch.Tensor, counts: bool) -> torch.Tensor:
+    return torch.cumsum(groups_g.to(torch.int64), 0) if counts else groups_g
 
 
 def _grad_w(g_RN: torch.Tensor, x_RK: torch.Tensor, ends_g: torch.Tensor | None, w_GNK: torch.Tensor) -> torch.Tensor:
     """Per-group g.T @ x (a sum over the group's rows: not part of the invariance claim)."""
     if ends_g is None:
+        if g_RN.dtype != x_RK.dtype:  # the router: fp32 gradient, 16-bit input
+            return (g_RN.t().float() @ x_RK.float()).unsqueeze(0).to(w_GNK.dtype)
         return (g_RN.t() @ x_RK).unsqueeze(0).to(w_GNK.dtype)
     if g_RN.dtype == torch.bfloat16 and g_RN.is_cuda:
         from spmd_moe.experts import _per_expert_grad_w  # torch's grouped GEMM (bf16 on CUDA)
@@ -119,32 +148,42 @@ def _grad_w(g_RN: torch.Tensor, x_RK: torch.Tensor, ends_g: torch.Tensor | None,
 @spmd.register_local_autograd_function  # per-rank GEMMs, no communication: placements propagate
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx: Any, x_RK: torch.Tensor, w_GNK: torch.Tensor, groups_g: torch.Tensor | None,
+                counts: bool = False, f32: bool = False) -> torch.Tensor:
         ctx.save_for_backward(x_RK, w_GNK)
-        ctx.ends_g = ends_g
+        ctx.groups, ctx.counts, ctx.f32 = groups_g, counts, f32
         w = w_GNK
-        return _launch(x_RK, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[1], ends_g, x_RK.dtype)
+        out_dt = torch.float32 if f32 else x_RK.dtype
+        return _launch(x_RK, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[1], groups_g, out_dt,
+                       counts=counts, f32=f32)
 
     @staticmethod
-    def backward(ctx: Any, g_RN: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx: Any, g_RN: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         x_RK, w_GNK = ctx.saved_tensors
-        ends_g = ctx.ends_g
+        groups, counts = ctx.groups, ctx.counts
         g_RN = g_RN.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
             # gx[r, k] = sum_n g[r, n] * w[g, n, k]: the same kernel, w read as [G, K, N].
             w = w_GNK
-            gx = _launch(g_RN, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[2], ends_g, x_RK.dtype)
+            gx = _launch(g_RN, w, (w.stride(0), w.stride(2), w.stride(1)), w.shape[2], groups, x_RK.dtype,
+                         counts=counts, f32=ctx.f32)
         if ctx.needs_input_grad[1]:
-            gw = _grad_w(g_RN, x_RK, ends_g, w_GNK)
-        return gx, gw, None
+            gw = _grad_w(g_RN, x_RK, None if groups is None else _ends(groups, counts), w_GNK)
+        return gx, gw, None, None, None
 
 
-def grouped_linear(x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor | None) -> torch.Tensor:
-    """[R, K] rows grouped by ends_g (cumulative row counts) times w[g].T -> [R, N];
-    rows past ends_g[-1] come out zero; ends_g None: one group of all rows (G = 1).
+def grouped_linear(x_RK: torch.Tensor, w_GNK: torch.Tensor, ends_g: torch.Tensor | None, *,
+                   counts: bool = False, f32: bool = False) -> torch.Tensor:
+    """[R, K] rows grouped by ends_g (cumulative row counts; counts=True: per-group
+    counts) times w[g].T -> [R, N]; rows past the last group come out zero; ends_g
+    None: one group of all rows (G = 1). f32: in fp32 (out fp32) from any input dtype.
     Differentiable in x and w."""
-    out: torch.Tensor = _GroupedLinear.apply(x_RK, w_GNK, ends_g)  # type: ignore[no-untyped-call]
+    if not (torch.is_grad_enabled() and (x_RK.requires_grad or w_GNK.requires_grad)) and not spmd.is_type_checking():
+        w = w_GNK  # inference: the kernel without the autograd Function's overhead
+        return _launch(x_RK, w, (w.stride(0), w.stride(1), w.stride(2)), w.shape[1], ends_g,
+                       torch.float32 if f32 else x_RK.dtype, counts=counts, f32=f32)
+    out: torch.Tensor = _GroupedLinear.apply(x_RK, w_GNK, ends_g, counts, f32)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -155,12 +194,184 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     return grouped_linear(x2, w_NK.unsqueeze(0), None).reshape(*lead, w_NK.shape[0])
 
 
+def _up(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, groups_e: torch.Tensor, *,
+        counts: bool, save: bool, slots: torch.Tensor | None = None, a_div: int = 1,
+        rows_out: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(h, a1, a3) of the fused up kernel; a1/a3 (w1 and w3 outputs) only if save."""
+    kern = _kern("swiglu_up_kernel")
+    R, Dk = x_RD.shape
+    E, Fh, _ = w1_EFD.shape
+    n_out = rows_out if slots is not None else R
+    dt = x_RD.dtype
+    h = torch.empty(n_out, Fh, dtype=dt, device=x_RD.device)
+    a1 = torch.empty_like(h) if save else None
+    a3 = torch.empty_like(h) if save else None
+    if n_out == 0 or Fh == 0:
+        return h, a1, a3
+    if E == 0:
+        h.zero_()
+        return h, (a1.zero_() if a1 is not None else None), (a3.zero_() if a3 is not None else None)
+    assert w1_EFD.stride() == w3_EFD.stride()
+    BM, BN, BK, warps, stages = _config(dt)
+    nt = (Fh + BN - 1) // BN
+    s = w1_EFD.stride()
+    kern[_grid(n_out, BM, E, nt, slots is not None)](
+        x_RD, w1_EFD, w3_EFD, h, a1 if a1 is not None else h, a3 if a3 is not None else h, groups_e,
+        slots if slots is not None else groups_e,
+        R if slots is None else 0, Fh, Dk, E, int(counts), int(slots is not None), a_div,
+        slots.stride(0) if slots is not None else 0, int(save),
+        x_RD.stride(0), x_RD.stride(1), s[0], s[1], s[2], h.stride(0), h.stride(1),
+        BM=BM, BN=BN, BK=BK, GP=_gp(E), F32=dt == torch.float32, num_warps=warps, num_stages=stages,
+    )
+    return h, a1, a3
+
+
+@spmd.register_local_autograd_function  # per-rank GEMMs, no communication: placements propagate
+class _SwiGLUUp(torch.autograd.Function):
+    """h = silu(x @ w1.T) * (x @ w3.T) per group in one kernel (the forward every
+    invariant path runs); backward from the saved w1/w3 outputs: torch's elementwise
+    ops and the invariant GEMM for the input gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor,
+                counts_e: torch.Tensor) -> torch.Tensor:
+        h, a1, a3 = _up(x_RD, w1_EFD, w3_EFD, counts_e, counts=True, save=True)
+        ctx.save_for_backward(x_RD, w1_EFD, w3_EFD, counts_e, a1, a3)
+        return h
+
+    @staticmethod
+    def backward(ctx: Any, gh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w1, w3, counts_e, a1, a3 = ctx.saved_tensors
+        gh = gh.contiguous()
+        # As autograd through F.silu(a1) * a3: the product's two gradients, then silu's.
+        ga3 = gh * F.silu(a1)
+        ga1 = torch.ops.aten.silu_backward(gh * a3, a1)
+        gx = gw1 = gw3 = None
+        if ctx.needs_input_grad[0]:
+            gx = _launch(ga1, w1, (w1.stride(0), w1.stride(2), w1.stride(1)), w1.shape[2], counts_e, x.dtype,
+                         counts=True) + _launch(ga3, w3, (w3.stride(0), w3.stride(2), w3.stride(1)), w3.shape[2],
+                                                counts_e, x.dtype, counts=True)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ends = _ends(counts_e, True)
+            gw1 = _grad_w(ga1, x, ends, w1)
+            gw3 = _grad_w(ga3, x, ends, w3)
+        return gx, gw1, gw3, None
+
+
 def grouped_swiglu(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
                    counts_e: torch.Tensor) -> torch.Tensor:
-    """w2 @ (silu(w1 @ x) * (w3 @ x)) per expert group; rows of no expert come out zero."""
-    ends = torch.cumsum(counts_e.to(torch.int64), 0)
-    h = F.silu(grouped_linear(x_RD, w1_EFD, ends)) * grouped_linear(x_RD, w3_EFD, ends)
-    return grouped_linear(h, w2_EDF, ends)
+    """w2 @ (silu(w1 @ x) * (w3 @ x)) per expert group; rows of no expert come out zero.
+    The up projections and SwiGLU are one kernel (fused_up), the down projection the
+    grouped GEMM; the same kernels as the one-rank decode path (routed_decode)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_RD, w1_EFD, w3_EFD))
+    if grad or spmd.is_type_checking():
+        h: torch.Tensor = _SwiGLUUp.apply(x_RD, w1_EFD, w3_EFD, counts_e)  # type: ignore[no-untyped-call]
+    else:
+        h = _up(x_RD, w1_EFD, w3_EFD, counts_e, counts=True, save=False)[0]
+    return grouped_linear(h, w2_EDF, counts_e, counts=True)
+
+
+@spmd.register_local_autograd_function  # per-token, no communication: placements propagate
+class _Route(torch.autograd.Function):
+    """The route kernel's outputs as a function of the logits. Backward: the same
+    formula in torch ops (softmax/sigmoid, gather at the chosen ids, renorm with the
+    ordered sum, scale), differentiated by autograd: per-row ops."""
+
+    @staticmethod
+    def forward(ctx: Any, logits_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: int, sigmoid: bool,
+                norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w, ids, scores = _route_kernel(logits_TE, bias_E, top_k, sigmoid, norm, scale)
+        ctx.save_for_backward(logits_TE, ids)
+        ctx.sigmoid, ctx.norm, ctx.scale = sigmoid, norm, scale
+        ctx.mark_non_differentiable(ids)
+        return w, ids, scores
+
+    @staticmethod
+    def backward(ctx: Any, gw: torch.Tensor | None, _gids: Any, gs: torch.Tensor | None) -> tuple[Any, ...]:
+        logits, ids = ctx.saved_tensors
+        with torch.enable_grad():
+            lg = logits.detach().requires_grad_(True)
+            scores = torch.sigmoid(lg) if ctx.sigmoid else F.softmax(lg, dim=-1)
+            w = scores.gather(-1, ids)
+            if ctx.norm:
+                w = w / (ordered_sum_last(w, True) + 1e-20)
+            if ctx.scale != 1.0:
+                w = w * ctx.scale
+            outs = [o for o, g in ((w, gw), (scores, gs)) if g is not None]
+            grads = [g for g in (gw, gs) if g is not None]
+            (gl,) = torch.autograd.grad(outs, [lg], grads) if outs else (torch.zeros_like(logits),)
+        return gl, None, None, None, None, None
+
+
+def _route_kernel(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: int, sigmoid: bool, norm: bool,
+                  scale: float, plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, E = logits_TE.shape
+    dev = logits_TE.device
+    scores = torch.empty(T, E, dtype=torch.float32, device=dev)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=dev)
+    w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    if T == 0:
+        return w, ids, scores
+    count, slots, tpe = plan if plan is not None else (ids, ids, w)  # unread without a plan
+    _kern("route_kernel")[(T,)](
+        logits_TE, bias_E if bias_E is not None else w, scores, ids, w, count, slots, tpe,
+        T, E, float(scale), int(plan is not None),
+        K=top_k, BLOCK_E=max(16, 1 << max(0, E - 1).bit_length()), SIGMOID=sigmoid, HAS_BIAS=bias_E is not None,
+        NORM=norm, num_warps=4,
+    )
+    return w, ids, scores
+
+
+def route(x_TD: torch.Tensor, w_ED: torch.Tensor, bias_E: torch.Tensor | None, *, top_k: int, score_func: str,
+          route_norm: bool, route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router, batch-invariantly: (weights_TK fp32, expert_ids_TK ascending,
+    scores_TE fp32). Logits: the invariant GEMM in fp32 (x and the gate read in their
+    dtype, multiplied in fp32); then one program per token (route_kernel)."""
+    logits = grouped_linear(x_TD, w_ED.unsqueeze(0), None, f32=True)
+    sig = score_func == "sigmoid"
+    bias = bias_E.detach().contiguous() if bias_E is not None else None
+    if torch.is_grad_enabled() and logits.requires_grad or spmd.is_type_checking():
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = _Route.apply(  # type: ignore[no-untyped-call]
+            logits, bias, top_k, sig, route_norm, route_scale)
+        return out
+    return _route_kernel(logits, bias, top_k, sig, route_norm, route_scale)
+
+
+#: Token counts up to which the one-rank inference form (routed_decode) is used.
+DECODE_MAX_T = 64
+
+
+def routed_decode(x_TD: torch.Tensor, w_ED: torch.Tensor, bias_E: torch.Tensor | None, w1_EFD: torch.Tensor,
+                  w2_EDF: torch.Tensor, w3_EFD: torch.Tensor, tokens_per_expert_E: torch.Tensor, *, top_k: int,
+                  score_func: str, route_norm: bool, route_scale: float) -> torch.Tensor:
+    """The routed part of a one-rank layer at inference, in six launches and no host
+    sync: gate GEMM, route kernel (which also writes a device-side plan: each expert's
+    slots), fused up + SwiGLU and down over the touched experts' tiles only (rows found
+    through the plan), combine. Each of them is the kernel (and binary) the general path
+    runs with the same tile constants, so every token gets the bits it gets there.
+    Adds each expert's tokens to tokens_per_expert_E."""
+    T, D = x_TD.shape
+    E = w1_EFD.shape[0]
+    K = top_k
+    dev = x_TD.device
+    x_TD = x_TD.contiguous()
+    wg = w_ED.unsqueeze(0)  # as route() passes it: the same strides, the same binary
+    logits = _launch(x_TD, wg, wg.stride(), E, None, torch.float32, f32=True)
+    count_E = torch.zeros(E, dtype=torch.int32, device=dev)
+    slots_ET = torch.empty(E, T, dtype=torch.int32, device=dev)
+    bias = bias_E.detach().contiguous() if bias_E is not None else None
+    w_TK = _route_kernel(logits, bias, K, score_func == "sigmoid", route_norm, route_scale,
+                         plan=(count_E, slots_ET, tokens_per_expert_E))[0]
+    h = _up(x_TD, w1_EFD, w3_EFD, count_E, counts=True, save=False, slots=slots_ET, a_div=K, rows_out=T * K)[0]
+    s2 = w2_EDF.stride()
+    y_ND = _launch(h, w2_EDF, (s2[0], s2[1], s2[2]), D, count_E, x_TD.dtype, counts=True, slots=slots_ET,
+                   rows_out=T * K)
+    out = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
+    block = 1024 if D >= 1024 else max(16, 1 << max(0, D - 1).bit_length())
+    _kern("combine_kernel")[(T, (D + block - 1) // block)](
+        out, y_ND, w_TK, D, K=K, BLOCK_D=block, ROUND=x_TD.dtype != torch.float32, enable_fp_fusion=False)
+    return out
 
 
 def ordered_sum_last(x: torch.Tensor, keepdim: bool) -> torch.Tensor:
