@@ -352,3 +352,63 @@ def test_default_arguments_are_the_whole_layer(T: int) -> None:
     y_full, c_full = _call(p, None, False, range(0, E), count_rows=(0, T),
                            out_dtype=torch.bfloat16 if ON_CUDA else None)
     assert torch.equal(y, y_full) and torch.equal(c, c_full)
+
+
+# ---- the split variant (small T): more, smaller programs; fp32 partials summed in order ----
+
+def _use(monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    """Route every T through `variant`, with tiles small enough that the test shapes are
+    split: up over 4 D chunks (2 F blocks), down over 2 F chunks (2 D blocks)."""
+    monkeypatch.setitem(dk.SPLIT, "variant", variant)
+    monkeypatch.setitem(dk.SPLIT, "max_t", dk.MAX_T)
+    for key, v in {"up_f": 16, "up_d": 16, "up_split": 4, "down_n": 32, "down_f": 16, "down_split": 2}.items():
+        monkeypatch.setitem(dk.SPLIT_TILES, key, v)
+
+
+@kernel_test
+@pytest.mark.parametrize(("T", "variant"), [(1, "split"), (3, "split_fused")])
+def test_split_variant_matches_torch_path(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same tolerance as the tiled kernels (module docstring): each GEMM output is still
+    one fp32 sum rounded once to bf16, only its K order differs from cuBLAS's."""
+    _use(monkeypatch, variant)
+    fast, ref = _pair("softmax", True, True, False)
+    x = _x(T, seed=60 + T)
+    y_fast, y_ref = _run(fast, ref, x)
+    assert torch.equal(fast.tokens_per_expert_E, ref.tokens_per_expert_E), "routing differs"
+    assert _ulps(y_fast, y_ref) <= 3.0, f"{_ulps(y_fast, y_ref):.2f} bf16 ulps from the torch path"
+
+
+@kernel_test
+@pytest.mark.parametrize("T", [1, 3])
+def test_split_fused_combine_is_bitwise_the_split_one(T: int, monkeypatch: pytest.MonkeyPatch,
+                                                      poisoned_empty: None) -> None:
+    """The fused combine (done by whichever down program finishes a token's block) sums
+    the same partials in the same order as the separate combine kernel: bitwise equal,
+    rounded and fp32, on a local range of experts (non-local slots exact zeros) too, and
+    both within 6 ulps of the float64 loop over the local experts."""
+    p = _raw(T, seed=70 + T)
+    local = range(4, 12)
+    ref, _ = _f64_reference(p, None, False, local)
+    outs = {}
+    for variant in ("split", "split_fused"):
+        _use(monkeypatch, variant)
+        outs[variant] = [_call(p, None, False, local, out_dtype=od)[0] for od in (None, torch.float32)]
+    for a, b in zip(outs["split"], outs["split_fused"]):
+        assert torch.equal(a, b)
+    assert _ulps(outs["split_fused"][1].cpu(), ref) <= 6.0
+
+
+@kernel_test
+def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatch, poisoned_empty: None) -> None:
+    """test_every_token_on_the_same_experts on the fused split variant: tokens with no
+    local expert get their zero rows from the route kernel (no down program touches them)."""
+    _use(monkeypatch, "split_fused")
+    T = 9
+    p = _raw(T, seed=41)
+    bias = torch.zeros(E, device=p["x"].device)
+    bias[12:] = 100.0
+    ref, _ = _f64_reference(p, bias, True, range(8, 16))
+    y, tpe = _call(p, bias, True, range(8, 16), out_dtype=torch.float32)
+    assert _ulps(y.cpu(), ref) <= 6.0
+    y0, tpe0 = _call(p, bias, True, range(0, 8))
+    assert torch.equal(y0, torch.zeros_like(y0)) and torch.equal(tpe0, tpe)

@@ -21,13 +21,14 @@ def gate_kernel(
     BLOCK_EC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PLAN: tl.constexpr,
 ):
     """fp32 logits of a block of BLOCK_EC experts for one token (the gate GEMV spread
-    over T * E/BLOCK_EC programs); program (0, 0) also zeroes the plan counters."""
+    over T * E/BLOCK_EC programs); the programs also zero the plan counters."""
     t = tl.program_id(0)
     e_off = tl.program_id(1) * BLOCK_EC + tl.arange(0, BLOCK_EC)
     in_e = e_off < E
-    if (t == 0) & (tl.program_id(1) == 0):
-        p_off = tl.arange(0, BLOCK_PLAN)
-        tl.store(plan_ptr + p_off, tl.zeros([BLOCK_PLAN], dtype=tl.int32), mask=p_off < PLAN_N)
+    # Each program zeroes its BLOCK_PLAN slice of the plan's counters (the host sizes
+    # BLOCK_PLAN so that the programs cover PLAN_N).
+    p_off = (t * tl.num_programs(1) + tl.program_id(1)) * BLOCK_PLAN + tl.arange(0, BLOCK_PLAN)
+    tl.store(plan_ptr + p_off, tl.zeros([BLOCK_PLAN], dtype=tl.int32), mask=p_off < PLAN_N)
     acc = tl.zeros([BLOCK_EC, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_off = d0 + tl.arange(0, BLOCK_D)
@@ -41,13 +42,15 @@ def gate_kernel(
 @triton.jit
 def route_kernel(
     logits_ptr, bias_ptr, ids_ptr, wts_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr, tpe_ptr,
-    T, E, route_scale, e_start, num_local, row_lo, row_hi,
+    T, E, route_scale, e_start, num_local, row_lo, row_hi, need_ptr, out_ptr, D,
     K: tl.constexpr, BLOCK_E: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, FUSED_COMBINE: tl.constexpr,
 ):
     """One token: scores, top-k by rank over all E (no serial K loop), weights, and the
     plan of the local experts [e_start, e_start + num_local) in local ids; the token adds
-    to the load-balance counter only if row_lo <= t < row_hi."""
+    to the load-balance counter only if row_lo <= t < row_hi. FUSED_COMBINE (the split
+    variant, whose down kernel combines): the token's number of local slots goes to
+    need_ptr, and a token without any gets its output row zeroed here."""
     t = tl.program_id(0)
     e_off = tl.arange(0, BLOCK_E)
     in_e = e_off < E
@@ -88,6 +91,14 @@ def route_kernel(
     first = local & (row == 0)
     u = tl.atomic_add(nuniq_ptr + e_off * 0, 1, mask=first)
     tl.store(uniq_ptr + u, le, mask=first)
+    if FUSED_COMBINE:
+        n_local = tl.sum(local.to(tl.int32), axis=0)
+        tl.store(need_ptr + t, n_local)
+        none_E = (e_off * 0 + n_local) == 0  # (a vector: the interpreter rejects scalar masks)
+        for d0 in range(0, D, BLOCK_E):
+            d_off = d0 + e_off
+            tl.store(out_ptr + t * D + d_off, tl.zeros([BLOCK_E], dtype=tl.float32).to(out_ptr.dtype.element_ty),
+                     mask=none_E & (d_off < D))
 
 
 @triton.jit
@@ -152,13 +163,15 @@ def down_kernel(
 
 @triton.jit
 def combine_kernel(
-    out_ptr, y_ptr, wts_ptr, ids_ptr, e_start, num_local, D,
-    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr,
+    out_ptr, y_ptr, wts_ptr, ids_ptr, e_start, num_local, D, N,
+    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr, NSPLIT: tl.constexpr,
 ):
     """ROUND: spmd_moe.moe's _weighted_sum, each weighted term and each add rounded to
     bf16, ascending k (= ascending expert id). Not ROUND: the same sum in fp32, unrounded
     (a partial sum for a later all-reduce). Slots of non-local experts add exact zeros
-    (their y rows were never written, so they are not read)."""
+    (their y rows were never written, so they are not read). y of slot i is
+    rn_bf16(sum over j < NSPLIT of y_ptr[j, i]) (the split variant's fp32 partials; with
+    NSPLIT = 1 and bf16 rows the rounding is the identity)."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs < D
@@ -167,10 +180,131 @@ def combine_kernel(
         w = tl.load(wts_ptr + t * K + k)
         le = tl.load(ids_ptr + t * K + k) - e_start + offs * 0  # a vector (interpreter: no scalar masks)
         local = (le >= 0) & (le < num_local)
-        y = tl.load(y_ptr + (t * K + k) * D + offs, mask=in_d & local, other=0.0).to(tl.float32)
-        term = tl.where(local, y * w, 0.0)
+        y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(NSPLIT):
+            y += tl.load(y_ptr + (j * N + t * K + k) * D + offs, mask=in_d & local, other=0.0).to(tl.float32)
+        term = tl.where(local, rn_bf16(y) * w, 0.0)
         if ROUND:
             acc = rn_bf16(acc + rn_bf16(term))  # k = 0: 0 + term = term, already rounded
         else:
             acc = acc + term
     tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=in_d)
+
+
+# ---- the split variant (small T): weights streamed in more, smaller programs ----
+
+
+@triton.jit
+def up_split_kernel(
+    x_ptr, w1_ptr, w3_ptr, p_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
+    T, D, F, N, D_CHUNK, NSPLIT,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (touched expert, F block, s): x rows @ w1/w3 blocks over the D chunk
+    [s * D_CHUNK, (s+1) * D_CHUNK), fp32 partials to p[0 or 1, s, slot, f] (p holds
+    2 * NSPLIT * N * F floats). The down kernel sums them in s order and applies SwiGLU."""
+    u = tl.program_id(0)
+    if u < tl.load(nuniq_ptr):
+        e = tl.load(uniq_ptr + u).to(tl.int64)
+        n = tl.load(count_ptr + e)
+        m_off = tl.arange(0, BLOCK_M)
+        in_m = m_off < n
+        slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+        tok = slots // K
+        f_off = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        in_f = f_off < F
+        s = tl.program_id(2)
+        d_lo = s * D_CHUNK
+        d_hi = tl.minimum(d_lo + D_CHUNK, D)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+        w_base = e * F * D
+        for d0 in range(d_lo, d_hi, BLOCK_D):
+            d_off = d0 + tl.arange(0, BLOCK_D)
+            in_d = d_off < d_hi
+            xt = tl.load(x_ptr + tok[:, None] * D + d_off[None, :], mask=in_m[:, None] & in_d[None, :], other=0.0)
+            wmask = in_f[:, None] & in_d[None, :]
+            w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
+            w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
+            acc1 = tl.dot(xt, tl.trans(w1t), acc1)
+            acc3 = tl.dot(xt, tl.trans(w3t), acc3)
+        pm = in_m[:, None] & in_f[None, :]
+        p1 = p_ptr + (s * N + slots[:, None]) * F + f_off[None, :]
+        tl.store(p1, acc1, mask=pm)
+        tl.store(p1 + NSPLIT * N * F, acc3, mask=pm)
+
+
+@triton.jit
+def down_split_kernel(
+    p_ptr, w2_ptr, yp_ptr, out_ptr, wts_ptr, ids_ptr, cnt_ptr, need_ptr,
+    count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
+    T, D, F, N, F_CHUNK, NUM_N, e_start, num_local,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+    NSPLIT_UP: tl.constexpr, NSPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, ROUND: tl.constexpr,
+):
+    """Program (touched expert, D block, s): h = SwiGLU of the up partials (summed in s
+    order, each GEMM output rounded to bf16 as torch) for the F chunk s, @ w2 block;
+    fp32 partials to yp[s, slot, d] (NSPLIT * N * D floats).
+
+    FUSED_COMBINE: the program that completes a token's D block (the last of its
+    need * NSPLIT partials, counted by an atomic per (token, D block)) does that block's
+    combine as combine_kernel: the summation order is fixed whichever program is last."""
+    u = tl.program_id(0)
+    if u < tl.load(nuniq_ptr):
+        e = tl.load(uniq_ptr + u).to(tl.int64)
+        n = tl.load(count_ptr + e)
+        m_off = tl.arange(0, BLOCK_M)
+        in_m = m_off < n
+        slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+        nb = tl.program_id(1)
+        n_off = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = n_off < D
+        s = tl.program_id(2)
+        f_lo = s * F_CHUNK
+        f_hi = tl.minimum(f_lo + F_CHUNK, F)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        w_base = e * D * F
+        for f0 in range(f_lo, f_hi, BLOCK_F):
+            f_off = f0 + tl.arange(0, BLOCK_F)
+            in_f = f_off < f_hi
+            hm = in_m[:, None] & in_f[None, :]
+            a = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+            b = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+            pa = p_ptr + slots[:, None] * F + f_off[None, :]
+            for j in tl.static_range(NSPLIT_UP):  # unrolled: keeps the F loop pipelined
+                a += tl.load(pa + j * N * F, mask=hm, other=0.0)
+                b += tl.load(pa + (NSPLIT_UP + j) * N * F, mask=hm, other=0.0)
+            # As torch: bf16 GEMM outputs, silu rounded to bf16, the product rounded.
+            a = rn_bf16(a)
+            b = rn_bf16(b)
+            h = rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b).to(w2_ptr.dtype.element_ty)
+            w2t = tl.load(w2_ptr + w_base + n_off[:, None] * F + f_off[None, :], mask=in_n[:, None] & in_f[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w2t), acc)
+        tl.store(yp_ptr + (s * N + slots[:, None]) * D + n_off[None, :], acc, mask=in_m[:, None] & in_n[None, :])
+        if FUSED_COMBINE:
+            # Every thread's partial stored before the counter moves (release); the
+            # last program reads the others' partials past L1 (.cg) after it (acquire).
+            tl.debug_barrier()
+            tok = slots // K
+            old = tl.atomic_add(cnt_ptr + tok * NUM_N + nb, 1, mask=in_m, sem="acq_rel")
+            need = tl.load(need_ptr + tok, mask=in_m, other=0) * NSPLIT
+            last = in_m & (old == need - 1)
+            tl.debug_barrier()
+            out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k in tl.static_range(K):
+                sl = tok * K + k
+                w = tl.load(wts_ptr + sl, mask=last, other=0.0)
+                le = tl.load(ids_ptr + sl, mask=last, other=0) - e_start
+                loc = last & (le >= 0) & (le < num_local)
+                ym = loc[:, None] & in_n[None, :]
+                y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(NSPLIT):
+                    y += tl.load(yp_ptr + (j * N + sl[:, None]) * D + n_off[None, :], mask=ym, other=0.0,
+                                 cache_modifier=".cg")
+                term = tl.where(loc[:, None], rn_bf16(y) * w[:, None], 0.0)
+                if ROUND:
+                    out = rn_bf16(out + rn_bf16(term))
+                else:
+                    out = out + term
+            tl.store(out_ptr + tok[:, None] * D + n_off[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=last[:, None] & in_n[None, :])

@@ -39,6 +39,18 @@ MAX_T = 64  # one M tile covers an expert's rows: a token picks an expert at mos
 TILES = {"up_f": 32, "up_d": 128, "down_n": 64, "down_f": 128, "warps": 4, "stages": 3}  # T <= 16
 TILES_LARGE_T = {"up_f": 64, "up_d": 64, "down_n": 64, "down_f": 64, "warps": 4, "stages": 3}
 
+# The split variant for T <= SPLIT["max_t"] (variant "split" or "split_fused"; "tiled"
+# = the kernels above at every T). Up: programs (expert, F block, D chunk) write fp32
+# partials; down: programs (expert, D block, F chunk) sum them in chunk order, apply
+# SwiGLU and write fp32 partials of y; the combine sums those in chunk order before it
+# rounds. So each GEMM output is still one fp32 sum rounded once to bf16, in another
+# K order (the same tolerance as the tiled kernels), and the result does not depend on
+# which program runs first. "split_fused": the down program that completes a token's
+# D block (an atomic counter) also does its combine: 4 kernels instead of 5.
+SPLIT: dict[str, Any] = {"variant": "tiled", "max_t": 4}
+SPLIT_TILES = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n": 64, "down_f": 128, "down_split": 2,
+               "warps": 4, "stages": 3}
+
 _kernels: dict[str, Any] | None = None
 _tried = False
 
@@ -55,7 +67,8 @@ def _build() -> dict[str, Any] | None:
 
     from spmd_moe.kernels import _decode_triton as k
 
-    _kernels = {"gate": k.gate_kernel, "route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel, "combine": k.combine_kernel}
+    _kernels = {"gate": k.gate_kernel, "route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel,
+                "combine": k.combine_kernel, "up_split": k.up_split_kernel, "down_split": k.down_split_kernel}
     return _kernels
 
 
@@ -126,48 +139,83 @@ def routed_decode(
     assert 0 <= lo <= hi <= T, count_rows
     assert tokens_per_expert_E.shape == (E,) and tokens_per_expert_E.dtype == torch.float32
     K = top_k
+    N = T * K  # slots
     dev = x_TD.device
     x_TD = x_TD.contiguous()
-    plan_i32 = torch.empty(L + 1, dtype=torch.int32, device=dev)  # count_L, then n_uniq (zeroed by gate)
-    count_L, nuniq = plan_i32[:L], plan_i32[L:]
+    variant = SPLIT["variant"] if T <= SPLIT["max_t"] else "tiled"
+    assert variant in ("tiled", "split", "split_fused"), variant
+    fused = variant == "split_fused"
+    tl_ = SPLIT_TILES if variant != "tiled" else TILES if T <= 16 else TILES_LARGE_T
+    num_nb = triton_cdiv(D, tl_["down_n"])
+    # int32 plan: count_L, n_uniq, then (split_fused) the per-(token, D block) counters;
+    # zeroed by the gate kernel.
+    plan_n = L + 1 + (T * num_nb if fused else 0)
+    plan_i32 = torch.empty(plan_n, dtype=torch.int32, device=dev)
+    count_L, nuniq, cnt_TB = plan_i32[:L], plan_i32[L:L + 1], plan_i32[L + 1:]
+    need_T = torch.empty(T, dtype=torch.int32, device=dev)
     uniq_U = torch.empty(max(L, 1), dtype=torch.int32, device=dev)
     slot_LT = torch.empty(max(L, 1), T, dtype=torch.int32, device=dev)
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
     ids_TK = torch.empty(T, K, dtype=torch.int32, device=dev)
     wts_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
-    h_NF = torch.empty(T * K, F, dtype=x_TD.dtype, device=dev)
-    y_ND = torch.empty(T * K, D, dtype=x_TD.dtype, device=dev)
+    rounded = out_dtype is None or out_dtype != torch.float32
+    out_TD = torch.empty(T, D, dtype=out_dtype or x_TD.dtype, device=dev)
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
     bec = 4
+    n_gate = T * triton_cdiv(E, bec)
     ks["gate"][(T, triton_cdiv(E, bec))](
-        x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, L + 1,
-        BLOCK_EC=bec, BLOCK_D=min(1024, _pow2(D)), BLOCK_PLAN=_pow2(L + 1), num_warps=4,
+        x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, plan_n,
+        BLOCK_EC=bec, BLOCK_D=min(1024, _pow2(D)), BLOCK_PLAN=max(16, _pow2(triton_cdiv(plan_n, n_gate))), num_warps=4,
     )
     ks["route"][(T,)](
         logits_TE, bias, ids_TK, wts_TK, count_L, nuniq, uniq_U, slot_LT, tokens_per_expert_E,
-        T, E, float(route_scale), expert_start, L, lo, hi,
+        T, E, float(route_scale), expert_start, L, lo, hi, need_T, out_TD, D,
         K=K, BLOCK_E=max(16, _pow2(E)),
-        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, num_warps=8,
+        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm,
+        FUSED_COMBINE=fused, num_warps=8,
     )
     bm = max(16, _pow2(T))
     u_max = min(T * K, L)
-    tl_ = TILES if T <= 16 else TILES_LARGE_T
     launch = {"num_warps": tl_["warps"], "num_stages": tl_["stages"]}
-    if u_max > 0:
-        ks["up"][(u_max, triton_cdiv(F, tl_["up_f"]))](
-            x_TD, w1_EFD, w3_EFD, h_NF, count_L, nuniq, uniq_U, slot_LT, T, D, F,
-            K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], **launch,
+    if variant == "tiled":
+        y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=dev)
+        nsplit = 1
+        if u_max > 0:
+            h_NF = torch.empty(N, F, dtype=x_TD.dtype, device=dev)
+            ks["up"][(u_max, triton_cdiv(F, tl_["up_f"]))](
+                x_TD, w1_EFD, w3_EFD, h_NF, count_L, nuniq, uniq_U, slot_LT, T, D, F,
+                K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], **launch,
+            )
+            ks["down"][(u_max, num_nb)](
+                h_NF, w2_EDF, y_ND, count_L, nuniq, uniq_U, slot_LT, T, D, F,
+                BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], **launch,
+            )
+    else:
+        # Chunks: whole blocks each, so the number of chunks may come out below the ask.
+        bd = min(tl_["up_d"], _pow2(D))
+        d_chunk = triton_cdiv(triton_cdiv(D, tl_["up_split"]), bd) * bd
+        ns_up = triton_cdiv(D, d_chunk)
+        bf = min(tl_["down_f"], _pow2(F))
+        f_chunk = triton_cdiv(triton_cdiv(F, tl_["down_split"]), bf) * bf
+        nsplit = triton_cdiv(F, f_chunk)
+        p_SNF = torch.empty(2 * ns_up, N, F, dtype=torch.float32, device=dev)  # w1 then w3 partials
+        y_ND = torch.empty(nsplit, N, D, dtype=torch.float32, device=dev)
+        if u_max > 0:
+            ks["up_split"][(u_max, triton_cdiv(F, tl_["up_f"]), ns_up)](
+                x_TD, w1_EFD, w3_EFD, p_SNF, count_L, nuniq, uniq_U, slot_LT, T, D, F, N, d_chunk, ns_up,
+                K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=bd, **launch,
+            )
+            ks["down_split"][(u_max, num_nb, nsplit)](
+                p_SNF, w2_EDF, y_ND, out_TD, wts_TK, ids_TK, cnt_TB, need_T,
+                count_L, nuniq, uniq_U, slot_LT, T, D, F, N, f_chunk, num_nb, expert_start, L,
+                K=K, BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=bf, NSPLIT_UP=ns_up, NSPLIT=nsplit,
+                FUSED_COMBINE=fused, ROUND=rounded, **launch,
+            )
+    if not fused:
+        block = 1024 if D >= 1024 else max(16, _pow2(D))
+        ks["combine"][(T, triton_cdiv(D, block))](
+            out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, N, K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=nsplit,
         )
-        ks["down"][(u_max, triton_cdiv(D, tl_["down_n"]))](
-            h_NF, w2_EDF, y_ND, count_L, nuniq, uniq_U, slot_LT, T, D, F,
-            BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], **launch,
-        )
-    rounded = out_dtype is None or out_dtype != torch.float32
-    out_TD = torch.empty(T, D, dtype=out_dtype or x_TD.dtype, device=dev)
-    block = 1024 if D >= 1024 else max(16, _pow2(D))
-    ks["combine"][(T, triton_cdiv(D, block))](
-        out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, K=K, BLOCK_D=block, ROUND=rounded,
-    )
     return out_TD
 
 
