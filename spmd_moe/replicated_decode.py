@@ -30,7 +30,22 @@ decode_max_tokens, on a communicator that is not capturable (CPU), it runs the e
 on exactly their rows (one host sync, as the all_to_all path) and equals the all_to_all
 (prefill) path bit for bit: the same rows reach each expert in the same order, the router
 sees the same chunks. On a capturable one (CUDA) it stays sync-free at every size and
-equals the all-gather dispatcher's computation (the same GEMM with a zeroed tail).
+equals the all-gather dispatcher's computation (the same GEMM with a zeroed tail); there
+it is also taken up to spmd_moe.kernels.decode.MAX_T tokens per rank (past
+decode_max_tokens), so a decode step at those sizes makes no host sync eagerly either
+(the split path would pick the all-to-all dispatcher and read its split sizes).
+
+Fused kernels (MoEConfig.kernels == 'fast', on CUDA, T <= MAX_T, bf16, batch-invariant
+mode off, no recorded routes): every rank runs spmd_moe.kernels.decode.routed_decode on
+all T tokens with only its own experts computed (expert_start/num_local) and gets the
+fp32 partial sum over its slots (out_dtype=float32; other ranks' slots are exact zeros);
+the shared experts' partial is added in fp32, ONE all-reduce of [T, D] fp32 (P -> R)
+sums the ranks, and the sum is rounded once to the layer dtype. The counter counts only
+this rank's chunk of the tokens (count_rows), as the split path does: every rank routes
+every token, so counting all T on every rank would make the global count n times too
+large. Not bitwise the one-GPU kernel path (which rounds each term and sums in bf16) nor
+the torch path: tests state the tolerance. kernels='torchtitan' and batch-invariant mode
+keep the bitwise path above.
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe import tokens as _tokens
 from spmd_moe.dispatch.base import count_ids
+from spmd_moe.kernels import decode as _dk
 from spmd_moe.placement import EP, Par, Placed, Rep, Var, unchecked_cast
 
 if TYPE_CHECKING:
@@ -65,8 +81,30 @@ def applies(moe: MoE[Any], T: int) -> bool:
         return False  # the shared experts' sum must be rank-ordered there
     # The communicator may say up to which size the all-reduce beats the all-to-all path
     # (vLLM's CPU shared-memory all-reduce: always, its all-to-all runs on gloo).
-    limit = getattr(moe.pctx.comm, "replicated_max_tokens", None)
-    return -(-T // n) <= (moe.cfg.decode_max_tokens if limit is None else int(limit))
+    comm = moe.pctx.comm
+    limit = getattr(comm, "replicated_max_tokens", None)
+    if limit is None:
+        limit = moe.cfg.decode_max_tokens
+        if comm is not None and comm.capturable:
+            # CUDA: past decode_max_tokens the split path would take the all-to-all
+            # dispatcher (a host read of its split sizes); this path stays sync-free.
+            limit = max(limit, _dk.MAX_T)
+    return -(-T // n) <= int(limit)
+
+
+def fused_applies(moe: MoE[Any], x_TD: torch.Tensor) -> bool:
+    """spmd_moe.kernels.decode at n > 1 (the conditions of MoE._decode_kernel_applies
+    but the rank count): kernels 'fast', no batch-invariant/debug mode, plain top-k
+    routing, no forced or recorded routes, and the kernels usable on x_TD (CUDA bf16,
+    T <= MAX_T, no autograd)."""
+    cfg = moe.cfg
+    if cfg.kernels != "fast" or _debug._enabled or _bi._enabled:
+        return False
+    if moe.forced_routes_TK is not None or moe.record_routes or cfg.num_expert_groups is not None:
+        return False
+    if cfg.expert_dtype not in (None, x_TD.dtype):
+        return False
+    return _dk.usable(x_TD, moe.experts.w1_EFD)
 
 
 def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[Rep[EP]], "T D"]:
@@ -84,9 +122,12 @@ def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[
         if len(tok._checked_T) >= _tokens._MAX_CHECKED:
             tok._checked_T.clear()
         tok._checked_T.add(T)
+    if T_pad > T:  # the split path's policy, whichever kernels run
+        tok.require_padding(f"token count T={T}", f"remainder {T % n}", T_pad)
+    if fused_applies(moe, x_TD):
+        return _forward_fused(moe, x_TD, T_loc)
     x_all_TD = x_TD
     if T_pad > T:
-        tok.require_padding(f"token count T={T}", f"remainder {T % n}", T_pad)
         x_all_TD = F.pad(x_TD, (0, 0, 0, T_pad - T))  # zero rows appended: still Rep
     # Every rank routes every token; it keeps the rows of its own experts (R -> V).
     xv_TD: Placed[Var[EP]] = C.rank_view(x_all_TD, pctx)
@@ -151,6 +192,30 @@ def forward(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"]) -> Float[Placed[
     else:
         y_TD = sum_terms(C.all_reduce(C.partial_from_shards(terms_TKD, pctx), pctx, donate=True))
     return y_TD[:T] if T_pad > T else y_TD
+
+
+def _forward_fused(moe: MoE[Any], x_TD: Float[Placed[Rep[EP]], "T D"], T_loc: int) -> Float[Placed[Rep[EP]], "T D"]:
+    """The fused decode kernels on this rank's experts, one fp32 all-reduce of [T, D]."""
+    pctx, cfg, ex = moe.pctx, moe.cfg, moe.experts
+    T = x_TD.shape[0]
+    r = pctx.rank
+    # This rank's chunk of the (padded) tokens: what the split path counts here.
+    lo, hi = min(r * T_loc, T), min((r + 1) * T_loc, T)
+    part = _dk.routed_decode(
+        x_TD, moe.router.gate.weight, moe._expert_bias(), ex.w1_EFD, ex.w2_EDF, ex.w3_EFD,
+        top_k=cfg.top_k, score_func=cfg.score_func, route_norm=cfg.route_norm, route_scale=cfg.route_scale,
+        tokens_per_expert_E=moe.tokens_per_expert_E,
+        expert_start=ex.expert_start, num_local=ex.num_local_experts, count_rows=(lo, hi), out_dtype=torch.float32,
+    )
+    part_TD = unchecked_cast(
+        Placed[Par[EP]], part,
+        reason="the weighted sum over this rank's experts' slots (others' slots: exact zeros): a summand of the output",
+    )
+    if moe.shared_experts is not None:
+        shared_TD: Placed[Par[EP]] = moe.shared_experts(x_TD)
+        part_TD = part_TD + shared_TD.float()  # in fp32: one rounding after the sum
+    y_TD: Placed[Rep[EP]] = C.all_reduce(part_TD, pctx, donate=True)
+    return y_TD.to(x_TD.dtype)
 
 
 def weighted_terms(

@@ -12,7 +12,8 @@ capturable ones and cannot be run here). Checked, in bf16 at decode sizes:
   all_reduce is captured and replayed.
 * world 2 (two GPUs, if present): the same for the all-reduce path with its real NCCL
   all-reduce (after the first call's one-off metadata check), plus equality with the
-  split path (dispatcher='all_gather'); and, with the communicator's
+  split path (dispatcher='all_gather') with kernels='torchtitan'; with kernels='fast' (the
+  decode kernels per rank, one fp32 all-reduce) capture, no sync and 3 bf16 ulps; and, with the communicator's
   replicated_max_tokens hint set as VllmComm sets it, at T = 100 and 256 too.
 """
 
@@ -124,8 +125,9 @@ def _world2(rank: int, world: int, port: int, q: Any) -> None:
         from spmd_moe import replicated_decode as rd
 
         pctx = ParallelContext.from_group(dist.group.WORLD, "tp")
-        fast = _layer(pctx)
+        fast = _layer(pctx, kernels="torchtitan")  # the torch ops: bitwise the split path
         ref = _layer(pctx, dispatcher="all_gather")
+        fused = _layer(pctx)  # kernels='fast': the decode kernels per rank, one fp32 all-reduce
         with torch.inference_mode():
             for T in DECODE_T:
                 if not rd.applies(fast, T):
@@ -135,6 +137,17 @@ def _world2(rank: int, world: int, port: int, q: Any) -> None:
                 x = _x(T, 11)
                 if not torch.equal(fast(x), ref(x)):
                     bad.append(f"T={T}: all-reduce path != all_gather dispatcher path")
+                # The fused kernels: capturable, sync-free, and within 3 bf16 ulps of max|y|
+                # of the torch path (fp32 partial sums rounded once vs bf16 terms and adds;
+                # tests/test_replicated_decode.py).
+                if not rd.fused_applies(fused, x):
+                    bad.append(f"T={T}: the fused kernels do not apply")
+                bad += [f"fused {p}" for p in _no_sync(fused, T)]
+                bad += [f"fused {p}" for p in _replays_match(fused, T)]
+                y_f, y_r = fused(x).double(), ref(x).double()
+                ulps = float((y_f - y_r).abs().max()) / (float(y_r.abs().max()) * 2.0**-8)
+                if ulps > 3.0:
+                    bad.append(f"T={T}: fused kernels {ulps:.2f} bf16 ulps from the all_gather path")
             # As VllmComm on CUDA: the all-reduce path at every size (vLLM captures decode
             # batches up to its largest capture size), no host sync past decode_max_tokens.
             setattr(pctx.comm, "replicated_max_tokens", 1 << 30)
