@@ -276,6 +276,8 @@ def decode_applies(moe: Any, x_TD: torch.Tensor) -> bool:
     ex = moe.experts
     if (cfg.expert_dtype or x_TD.dtype) != x_TD.dtype or ex.w1_EFD.dtype != x_TD.dtype:
         return False
+    if moe.tokens_per_expert_E.dtype != torch.float32:  # the route kernel counts into it (fp32 atomics)
+        return False
     if torch.is_grad_enabled() and (x_TD.requires_grad or ex.w1_EFD.requires_grad or moe.router.gate.weight.requires_grad):
         return False
     return not spmd.is_type_checking()

@@ -1,30 +1,45 @@
 #!/bin/bash
 # Issue 16 on one H200: batch-invariant mode's GPU tests, then its cost table (normal vs
-# invariant, same process), then a small tile sweep of the invariant GEMM. ~4-5 minutes.
+# invariant, same process; eager and CUDA-graph forward). Quick by default (< 150 s):
 #   run(kind=nvidia-h200, carry=[".whl"], command="bash scripts/gpu/invariant.sh")
+# FULL=1: the whole table (T up to 32768, fwd+bwd everywhere, the generic baseline; ~4 min).
 # Needs torch + Triton + the carried wheels (spmd_types, jaxtyping, ...; no vLLM/torchtitan;
-# tqdm optional). Results in $OUT:
-#   invariance_gpu.log (pytest -k cuda, with the control prints), invariant_gpu.json + .md
-#   (cost table), tiles_*.json (sweep), invariant.log (progress).
+# tqdm optional). Writes two files:
+#   $OUT/invariant_gpu.log   GPU/versions, pytest -k cuda (with the control prints), bench table + progress
+#   $OUT/invariant_gpu.json  the cost table (rewritten after every case: a cut-short run keeps its rows)
 set -u
 source scripts/gpu/common.sh
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+LOG="$OUT/invariant_gpu.log"; JSON="$OUT/invariant_gpu.json"
 t0=$SECONDS
-timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_batch_invariance.py -k "cuda" \
-  > "$OUT/invariance_gpu.log" 2>&1
-echo "pytest rc=$? in $((SECONDS - t0)) s"; grep -E "passed|failed|control|Error|assert" "$OUT/invariance_gpu.log" | tail -12 | cut -c1-300
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1
+head -2 "$LOG"
+if [ "${FULL:-0}" = 1 ]; then
+  TOTAL=420; TESTS_S=120; BENCH_ARGS=(--gpu-t 1,8,64,512,4096,32768)
+else
+  TOTAL=145; TESTS_S=70; BENCH_ARGS=(--gpu-t 1,8,64,512 --bwd-max-t 512 --rounds 3 --no-generic)
+fi
+echo "== pytest -k cuda" >> "$LOG"
+timeout "$TESTS_S" python3 -m pytest -q -s -p no:cacheprovider tests/test_batch_invariance.py \
+  tests/test_batch_invariance_decode.py -k "cuda" >> "$LOG" 2>&1
+echo "pytest rc=$? in $((SECONDS - t0)) s"
+grep -E "passed|failed|control|Error|assert" "$LOG" | tail -12 | cut -c1-300
+BENCH_S=$((TOTAL - (SECONDS - t0)))
 t1=$SECONDS
-timeout 150 python3 -m spmd_moe.apps.bench.invariant --device cuda --out "$OUT/invariant_gpu.json" \
-  > "$OUT/invariant_gpu.md" 2> "$OUT/invariant.log"
-echo "bench rc=$? in $((SECONDS - t1)) s"; cat "$OUT/invariant_gpu.md"; tail -3 "$OUT/invariant.log" | cut -c1-300
-# Tile sweep (forward only, T=32768, where run3 missed the 1.5x target by 0.04): which fixed
-# tiles to make the default. Each run compiles its own kernels (~30-40 s).
-for tiles in 128,256,64,8,3 64,128,64,4,4; do
-  [ $((SECONDS - t0)) -gt 200 ] && break
-  SPMD_MOE_INVARIANT_TILES=$tiles timeout 100 python3 -m spmd_moe.apps.bench.invariant --device cuda \
-    --gpu-t 32768 --bwd-max-t 0 --out "$OUT/tiles_${tiles//,/_}.json" > /dev/null 2>&1
-  echo "tiles $tiles rc=$?: $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print([(x['T'], x['normal_ms'], x['invariant_ms'], x['ratio']) for x in r['rows']])" "$OUT/tiles_${tiles//,/_}.json" 2>/dev/null)"
-done
+echo "== bench (${BENCH_S} s cap)" >> "$LOG"
+timeout "$BENCH_S" python3 -m spmd_moe.apps.bench.invariant --device cuda --out "$JSON" "${BENCH_ARGS[@]}" \
+  > "$OUT/.bench.md" 2> "$OUT/.bench.err"
+rc=$?
+cat "$OUT/.bench.md" >> "$LOG"; tail -20 "$OUT/.bench.err" | cut -c1-300 >> "$LOG"; rm -f "$OUT/.bench.md" "$OUT/.bench.err"
+echo "bench rc=$rc in $((SECONDS - t1)) s"
+python3 - "$JSON" <<'PY' 2>/dev/null || tail -5 "$LOG"
+import json, sys
+r = json.load(open(sys.argv[1]))
+for x in r["rows"]:
+    g = f"  graph {x.get('graph_normal_ms')} -> {x.get('graph_invariant_ms')} ({x.get('graph_ratio')}x)" if x["pass"] == "fwd" else ""
+    print(f"T={x['T']:>5} {x['pass']:7} eager {x['normal_ms']:.3f} -> {x['invariant_ms']:.3f} ms ({x['ratio']}x){g}"
+          + (f"  graph error: {x.get('graph_invariant_error') or x.get('graph_normal_error')}" if 'graph_invariant_error' in x or 'graph_normal_error' in x else ""))
+print("worst eager", r["worst_ratio"], "worst graph fwd", r.get("worst_graph_ratio"), "met" if r["met"] else "NOT met")
+PY
 echo "total $((SECONDS - t0)) s"

@@ -55,12 +55,16 @@ def _build() -> Any:
     return _kernel
 
 
-def _config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, num_warps, num_stages): a function of the dtype only (never of the
-    row count). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides the 16-bit
-    one (benchmark sweeps; both sides of a parity check must use the same)."""
+def _config(dtype: torch.dtype, router: bool = False) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_warps, num_stages): a function of the dtype and the role only
+    (never of the row count). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides
+    the 16-bit one (benchmark sweeps; both sides of a parity check must use the same).
+    The router's fp32 GEMM (E outputs, no tensor cores) takes small tiles: at decode
+    sizes a [64, 64] tile put all of it on E/64 SMs (about 35 us at D=2048)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 32, 16, 4, 1
+    if router:
+        return 16, 16, 32, 4, 2
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
     env = os.environ.get("SPMD_MOE_INVARIANT_TILES")
@@ -96,7 +100,8 @@ def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: 
     """groups_g None: one group of all rows (dense GEMM). Else cumulative ends of the
     groups (counts False) or their row counts (True). slots: a plan [G, S] of each
     group's slots (row s // a_div of a, row s of the output, rows_out rows out).
-    f32: multiply in fp32 whatever a's and w's dtypes (the router)."""
+    f32: the router's GEMM (forward and input gradient): multiplied in fp32 whatever
+    a's and w's dtypes, with the router's tiles."""
     kern = _kern("grouped_gemm_kernel")
     R, K = a_RK.shape
     y = torch.empty(rows_out if slots is not None else R, N, dtype=out_dtype, device=a_RK.device)
@@ -104,12 +109,12 @@ def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: 
         return y
     if groups_g is not None and groups_g.numel() == 0:
         return y.zero_()
-    BM, BN, BK, warps, stages = _config(torch.float32 if f32 else a_RK.dtype)
+    BM, BN, BK, warps, stages = _config(torch.float32 if f32 else a_RK.dtype, router=f32)
     nt = (N + BN - 1) // BN
     if groups_g is None:
         ends, G, grid = y, 1, (((R + BM - 1) // BM) * nt,)
     else:
-        ends, G = groups_g, groups_g.shape[0]
+        ends, G = _i32(groups_g), groups_g.shape[0]
         grid = _grid(R if slots is None else rows_out, BM, G, nt, slots is not None)
     kern[grid](
         a_RK, w, y, ends, slots if slots is not None else ends,
@@ -120,6 +125,13 @@ def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: 
         DENSE=groups_g is None, num_warps=warps, num_stages=stages,
     )
     return y
+
+
+def _i32(t: torch.Tensor) -> torch.Tensor:
+    """Group sizes/ends and plans go to the kernels as int32 in every path: a pointer's
+    element type is part of the compiled kernel's signature, and the decode form and the
+    general path must run the same binary."""
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
 def _ends(groups_g: torch.Tensor, counts: bool) -> torch.Tensor:
@@ -215,6 +227,7 @@ def _up(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, groups_e
     BM, BN, BK, warps, stages = _config(dt)
     nt = (Fh + BN - 1) // BN
     s = w1_EFD.stride()
+    groups_e = _i32(groups_e)
     kern[_grid(n_out, BM, E, nt, slots is not None)](
         x_RD, w1_EFD, w3_EFD, h, a1 if a1 is not None else h, a3 if a3 is not None else h, groups_e,
         slots if slots is not None else groups_e,
@@ -313,7 +326,11 @@ def _route_kernel(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: i
     w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
     if T == 0:
         return w, ids, scores
-    count, slots, tpe = plan if plan is not None else (ids, ids, w)  # unread without a plan
+    if plan is None:  # unread without a plan; the same pointer types as with one (one binary)
+        dummy = torch.empty(1, dtype=torch.int32, device=dev)
+        count, slots, tpe = dummy, dummy, w
+    else:
+        count, slots, tpe = plan
     _kern("route_kernel")[(T,)](
         logits_TE, bias_E if bias_E is not None else w, scores, ids, w, count, slots, tpe,
         T, E, float(scale), int(plan is not None),

@@ -138,10 +138,9 @@ def swiglu_up_kernel(  # type: ignore[no-untyped-def, unused-ignore]
     if pid_m < total:
         ok, a_row, y_row = _rows(slots_ptr, g, j0, start, count, slot_stride, a_div, use_slots, BM)
         wo = g.to(tl.int64) * s_wg
-        acc1 = _acc(a_ptr, a_row * s_ar, ok, w1_ptr + wo, cols, col_ok, K, s_ak, s_wn, s_wk, BM, BN, BK, F32)
-        acc3 = _acc(a_ptr, a_row * s_ar, ok, w3_ptr + wo, cols, col_ok, K, s_ak, s_wn, s_wk, BM, BN, BK, F32)
-        a1 = acc1.to(ty)
-        a3 = acc3.to(ty)
+        # Each accumulator rounded as soon as it is done: one fp32 tile live at a time.
+        a1 = _acc(a_ptr, a_row * s_ar, ok, w1_ptr + wo, cols, col_ok, K, s_ak, s_wn, s_wk, BM, BN, BK, F32).to(ty)
+        a3 = _acc(a_ptr, a_row * s_ar, ok, w3_ptr + wo, cols, col_ok, K, s_ak, s_wn, s_wk, BM, BN, BK, F32).to(ty)
         a1f = a1.to(tl.float32)
         s = (a1f / (1.0 + tl.exp(-a1f))).to(ty)
         h = (s.to(tl.float32) * a3.to(tl.float32)).to(ty)
