@@ -34,12 +34,15 @@ as "row position inside a tile does not matter" or "M does not change the blocki
 hold on one machine, library build and thread count; not across machines.
 
 CUDA: Triton kernels (spmd_moe.kernels.invariant_gemm) with fixed tiles, no split-K
-and a fixed-order K loop: a row's accumulation never involves other rows, so the
-grouped expert GEMMs, the router GEMM and the shared experts' GEMMs are invariant by
-construction. The elementwise and per-row ops around them (SiLU, softmax, top-k, row
-gathers) are left to torch: each element or row is computed the same way whatever the
-tensor's size (torch's kernel structure, not a guarantee of this code; the GPU test
-checks it).
+and a fixed-order K loop: a row's accumulation never involves other rows. The router is
+the fp32 gate GEMM plus one route program per token (scores, top-k, renorm); the
+experts are a fused up + SwiGLU kernel (torch's rounding steps) and the down GEMM; the
+shared experts use the GEMM with torch's elementwise ops around it (each element or row
+computed the same way whatever the tensor's size: torch's kernel structure, checked by
+the GPU tests). One rank at inference with T <= DECODE_MAX_T takes a decode form
+(decode_applies / routed_decode: six launches, a device-side plan over the touched
+experts, no host sync) built from the same kernels and binaries, so a token's bits do
+not depend on which form ran.
 
 Everything else was exact already: moving rows (gather, index_copy, all_to_all,
 all_gather), adding the exact zeros of the all-gather dispatcher, the combine's fp32

@@ -97,7 +97,8 @@ def probe_bits(moe: sm.MoE[Any], probes: Any, dim: int, dev: str, sizes: tuple[i
         ig.routed_decode = orig
 
 
-def check(res: dict[str, Any], sizes: tuple[int, ...], max_t: int, rtol: float, atol: float) -> None:
+def check(res: dict[str, Any], sizes: tuple[int, ...], max_t: int, rtol: float, atol: float,
+          scale_rel: float | None = None) -> None:
     runs = res["runs"]
     for j, r in enumerate(runs[1:], 1):
         assert torch.equal(r, runs[0]), f"run {j}: max |diff| {float((r.float() - runs[0].float()).abs().max()):.3e}"
@@ -106,7 +107,11 @@ def check(res: dict[str, Any], sizes: tuple[int, ...], max_t: int, rtol: float, 
     want = [runs[0].shape[0]] + [1 if T <= max_t else 0 for T in sizes] + [0, 0]
     assert res["decode_calls"] == want, (res["decode_calls"], want)
     assert torch.equal(res["count_decode"], res["count_general"]) and int(res["count_decode"].sum()) > 0
-    torch.testing.assert_close(runs[-1].float(), res["normal"].float(), rtol=rtol, atol=atol)
+    if scale_rel is None:
+        torch.testing.assert_close(runs[-1].float(), res["normal"].float(), rtol=rtol, atol=atol)
+    else:  # bf16: the largest deviation against the output's scale (elements near 0 have no relative error)
+        dev = float((runs[-1].float() - res["normal"].float()).abs().max())
+        assert dev <= scale_rel * float(res["normal"].float().abs().max()), (dev, float(res["normal"].abs().max()))
 
 
 def _layer(dev: str, dtype: torch.dtype, **kw: Any) -> sm.MoE[Any]:
@@ -149,16 +154,21 @@ def test_decode_form_same_bits_as_general_path_cuda() -> None:
     """GPU: bf16 (the decode target: fused route, SwiGLU epilogue with bf16 rounding
     steps, bf16 combine) and fp32 layers; probes alone, in batches of 7 and 64 (decode
     form) and 300 and 1000 (general path), under autograd: bitwise. Close to the normal
-    mode (bf16: rtol/atol 3e-2, a few bf16 ulps of outputs ~0.1-1 after the SwiGLU and
-    combine roundings; fp32: 1e-4 / 1e-5)."""
+    mode: bf16 within 3e-2 of the output's largest magnitude (a few bf16 ulps, 2^-8
+    each, after the a1/a3/SwiGLU/down/combine roundings in another order); fp32 rtol
+    1e-4, atol 1e-3 (outputs of magnitude ~10-100 at these weights; fp32 sums of 256-long
+    dot products in another order)."""
     sizes = (7, 64, 300, 1000)
     from spmd_moe.kernels import invariant_gemm as ig
 
-    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float32, 1e-4)):
+    for dtype in (torch.bfloat16, torch.float32):
         moe = _layer("cuda", dtype, dim=256, hidden_dim=128, num_experts=32, top_k=8)
         p = torch.randn(3, 256, generator=torch.Generator().manual_seed(7)).to(dtype)
         res = probe_bits(moe, p, 256, "cuda", sizes)
-        check(res, sizes, ig.DECODE_MAX_T, rtol=tol, atol=tol if dtype == torch.bfloat16 else 1e-5)
+        if dtype == torch.bfloat16:
+            check(res, sizes, ig.DECODE_MAX_T, rtol=0, atol=0, scale_rel=3e-2)
+        else:
+            check(res, sizes, ig.DECODE_MAX_T, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device tool)")

@@ -13,7 +13,11 @@ Masked K tails load zeros: adding +0 products is exact.
 
 Used by spmd_moe.batch_invariant on CUDA for the grouped experts, the router GEMM and
 the shared experts (G = 1), forward and input-gradient (the same kernel with w's strides
-swapped). Weight gradients are sums over rows and use torch's grouped GEMM.
+swapped). Weight gradients are sums over rows and use torch's grouped GEMM. Around the
+GEMMs: route() (gate GEMM + one route program per token), grouped_swiglu() (fused up +
+SwiGLU kernel, then the down GEMM) and routed_decode(), the one-rank inference form for
+T <= DECODE_MAX_T that runs the same kernels over a device-side plan (see
+spmd_moe/kernels/invariant_triton.py for why the forms share binaries).
 """
 
 from __future__ import annotations
