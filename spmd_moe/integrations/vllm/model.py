@@ -44,6 +44,7 @@ from vllm.model_executor.models import qwen3_moe as _qwen3_moe
 from spmd_moe import _debug
 from spmd_moe.config import MoEConfig
 from spmd_moe.errors import CheckpointError
+from spmd_moe.integrations.vllm import experts as _fx
 from spmd_moe.integrations.vllm import weights as W
 from spmd_moe.integrations.vllm.checks import refuse_engine_args
 from spmd_moe.integrations.vllm.comm import vllm_tp_context
@@ -96,6 +97,17 @@ class SpmdMoEBlock(MoE[Replicated]):
         self.n_routed_experts = self.n_logical_experts = self.n_physical_experts = E
         self.n_redundant_experts = 0
         self.n_local_physical_experts = E // self.pctx.size
+        # vLLM's CPU fused-experts op for this rank's experts (spmd_moe.integrations.vllm.
+        # experts): packed after load_weights, when the op can take the layer.
+        self.cpu_fused: _fx.CpuFusedExperts | None = None
+
+    def pack_experts(self) -> str | None:
+        """(Re)pack this rank's experts for vLLM's CPU op; the reason when it cannot be used."""
+        self.cpu_fused = None
+        why = "SPMD_MOE_VLLM_EXPERTS=spmd" if _fx.choice() == "spmd" else _fx.unusable_reason(self)
+        if why is None:
+            self.cpu_fused = _fx.CpuFusedExperts(self.experts)
+        return why
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """[T, D] (or [D]) hidden states, the same on every TP rank -> the same shape."""
@@ -107,7 +119,11 @@ class SpmdMoEBlock(MoE[Replicated]):
             self.tokens.check_entry(hidden_states.shape[0])
         # vLLM hands every TP rank the same hidden states (o_proj's all-reduce, then a
         # replicated norm): Replicate on the TP(=EP) axis, verified in debug mode.
-        y_TD: torch.Tensor = MoE.forward(self, as_rep(hidden_states, self.pctx, f"{self.name}: x_TD (from vLLM)"))
+        x_TD = as_rep(hidden_states, self.pctx, f"{self.name}: x_TD (from vLLM)")
+        if _fx.applies(self, x_TD):  # CPU inference: vLLM's fused-experts op
+            self._check_input(x_TD)
+            return _fx.forward(self, x_TD.contiguous())
+        y_TD: torch.Tensor = MoE.forward(self, x_TD)
         return y_TD
 
 
@@ -272,6 +288,9 @@ class _SpmdCausalLM(nn.Module):
                 f"parameters {missing[:6]}{' ...' if len(missing) > 6 else ''}: expected in the "
                 "checkpoint, got no weight for them. Fix: check that the checkpoint matches the config."
             )
+        for moe in moes.values():  # every weight is in: pack the experts for vLLM's CPU op
+            if isinstance(moe, SpmdMoEBlock):
+                moe.pack_experts()
         return loaded
 
     def _moe_of(self, name: str, moes: dict[str, MoE[Any]]) -> MoE[Any]:
@@ -338,6 +357,8 @@ class _SpmdCausalLM(nn.Module):
                     else {k: float(p.double().sum()) for k, p in moe.shared_experts.named_parameters()}
                 ),
                 "tokens_routed": float(moe.tokens_per_expert_E.sum()),
+                # Who computes this rank's experts outside debug mode: vLLM's CPU op or spmd_moe.
+                "expert_compute": "vllm.cpu_fused_moe" if getattr(moe, "cpu_fused", None) is not None else "spmd_moe",
                 "buffers_finite": all(bool(torch.isfinite(b).all()) for b in moe.buffers()),
             }
         rope_err = 0.0
