@@ -174,7 +174,7 @@ class MoE(nn.Module, Generic[L]):
         if pctx.size == 1:
             self.prefill_dispatcher = self.decode_dispatcher = LocalDispatcher(cfg.num_experts, pctx)
         else:
-            self.prefill_dispatcher = AllToAllDispatcher(cfg.num_experts, pctx, chunks=cfg.ep_chunks)
+            self.prefill_dispatcher = AllToAllDispatcher(cfg.num_experts, pctx, chunks=cfg.ep_chunks, partial_return=cfg.kernels == "fast")
             self.decode_dispatcher = AllGatherDispatcher(cfg.num_experts, pctx)
         # Routing replay: record each call's expert ids, or force them.
         self.record_routes = False
@@ -381,6 +381,11 @@ class MoE(nn.Module, Generic[L]):
         """dispatch -> experts -> combine -> weighted sum over k."""
         # A dispatcher that interleaves its exchanges with the expert GEMMs (all_to_all
         # with chunks > 1) runs the experts itself; the others return None here.
+        # A dispatcher that weights on the expert ranks (all_to_all, kernels='fast', CUDA
+        # inference: fp32 partial sums travel back) returns the output itself.
+        y_TD = dispatcher.weighted(x_TD, expert_ids_TK, weights_TK, num_pad, self.experts)
+        if y_TD is not None:
+            return y_TD
         piped = dispatcher.pipelined(x_TD, expert_ids_TK, num_pad, self.experts)
         if piped is not None:
             return self._combine_rows(piped, weights_TK)

@@ -24,10 +24,21 @@ Checked, each through the library's own MoE layer:
   host read, the same bits.
 * ranks that disagree on chunks after the first call: DistributedError naming
   'chunks' on every rank, in bounded time, and the group usable afterwards.
+* the partial-sum return (kernels='fast', CUDA inference; run on the CPU here through
+  PARTIAL_ON_CPU): taken (and only then: not with kernels='torchtitan', autograd,
+  chunks > 1, debug or batch-invariant mode); the return exchange carries one fp32 row
+  per received token instead of bf16/fp32 rows per slot; one host read per forward;
+  output against the single-device layer 1e-6 relative in fp32 (the same products, the
+  sum over k split per rank and added in rank order: a different order of a handful of
+  fp32 adds) and against a float64 loop 3 bf16 ulps of max|y| in bf16 (one rounding of
+  the fp32 sum; the bf16 expert GEMMs round as on the row path); counters exact.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -56,6 +67,9 @@ class RowSendingDispatcher:
         self.num_local = num_experts // pctx.size
 
     def pipelined(self, *a: Any) -> None:
+        return None
+
+    def weighted(self, *a: Any) -> None:
         return None
 
     def dispatch(self, x_TD: Any, expert_ids_TK: Any, num_pad_tokens: int) -> Any:
@@ -332,6 +346,120 @@ def _chunks_disagree(rank: int, n: int) -> dict[str, Any]:
     return rec
 
 
+def _partial_return(rank: int, n: int) -> dict[str, Any]:
+    import spmd_moe.dispatch.all_to_all as a2a
+
+    out: dict[str, Any] = {"cases": [], "gates": {}}
+    sent: list[tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]] = []
+    a2a.PARTIAL_ON_CPU = True
+    try:
+        for layout, T, shared, dt in [(lo, T, sh, torch.float32) for lo in ("sequence", "replicated") for T in (0, 7, 257)
+                                      for sh in (False, True)] + [("sequence", 64, True, torch.bfloat16)]:
+            # top_k 4: up to 4 terms per token, spread over the ranks (the sum order differs).
+            cfg = make_cfg(dispatcher="all_to_all", padding="pad", shared_hidden_dim=16 if shared else None, top_k=4,
+                           score_func="sigmoid" if shared else "softmax", route_norm=shared, param_dtype=dt)
+            full, moe = build_pair(cfg, world_pctx(), layout, 40 + T)
+            comm = moe.pctx.backend
+            orig = comm.all_to_all
+
+            def spy(x: torch.Tensor, ins: list[int], outs: list[int], _o: Any = orig) -> torch.Tensor:
+                y = _o(x, ins, outs)
+                sent.append((tuple(x.shape), x.dtype, tuple(y.shape)))
+                return y
+
+            comm.all_to_all = spy  # type: ignore[method-assign]
+            x = torch.randn(T, D, generator=torch.Generator().manual_seed(T + 3)).to(dt)
+            sl = slice(0, T) if layout == "replicated" else token_slice(T, n, rank)
+            calls = {"n": 0}
+            orig_w = moe.prefill_dispatcher.weighted
+
+            def counted(*a: Any, _o: Any = orig_w, **kw: Any) -> Any:
+                r = _o(*a, **kw)
+                calls["n"] += r is not None
+                return r
+
+            moe.prefill_dispatcher.weighted = counted  # type: ignore[method-assign]
+            with torch.no_grad():
+                moe(x[sl])  # first call: header
+                sent.clear()
+                with count_host_reads() as reads:
+                    y = moe(x[sl])
+                log = list(sent)
+                y_full = full(x)[sl]
+                a2a.PARTIAL_ON_CPU = False  # the row path: the same host reads
+                with count_host_reads() as reads_rows:
+                    moe(x[sl])
+                a2a.PARTIAL_ON_CPU = True
+            moe.tokens_per_expert_E.zero_()
+            full.tokens_per_expert_E.zero_()
+            with torch.no_grad():
+                moe(x[sl]), full(x)
+            counts_ok = bool(torch.equal(moe.global_tokens_per_expert(), full.tokens_per_expert_E))
+            rec: dict[str, Any] = {"layout": layout, "T": T, "shared": shared, "dtype": str(dt), "taken": calls["n"],
+                                   "reads": sum(reads.values()), "reads_rows": sum(reads_rows.values()), "counts_ok": counts_ok, "log": log}
+            if dt == torch.float32:
+                rec["rel"] = rel_err(y, y_full)
+            else:
+                ref = _float64_routed(full, x.double())[sl]
+                if full.shared_experts is not None:
+                    se = {k: v.double() for k, v in full.shared_experts.state_dict().items()}
+                    xd = x.double()[sl]
+                    ref = ref + (torch.nn.functional.silu(xd @ se["w1.weight"].T) * (xd @ se["w3.weight"].T)) @ se["w2.weight"].T
+                rec["ulps"] = float((y.double() - ref).abs().max()) / (float(ref.abs().max()) * 2.0**-8)
+            out["cases"].append(rec)
+        # Where it must not apply: the bitwise row path runs instead.
+        g = out["gates"]
+        x = torch.randn(20, D, generator=torch.Generator().manual_seed(1 + rank))  # this rank's tokens
+        for name, kw, ctx in (("fast", {}, "no_grad"), ("torchtitan", dict(kernels="torchtitan"), "no_grad"),
+                              ("autograd", {}, "grad"), ("chunks2", dict(ep_chunks=2), "no_grad"),
+                              ("debug", {}, "debug"), ("batch_invariant", {}, "bi")):
+            _, moe = build_pair(make_cfg(dispatcher="all_to_all", **kw), world_pctx(), "sequence", 2)
+            calls = {"n": 0}
+            orig_w = moe.prefill_dispatcher.weighted
+
+            def counted2(*a: Any, _o: Any = orig_w, **kw2: Any) -> Any:
+                r = _o(*a, **kw2)
+                calls["n"] += r is not None
+                return r
+
+            moe.prefill_dispatcher.weighted = counted2  # type: ignore[method-assign]
+            if ctx == "grad":
+                moe(x.clone().requires_grad_(True))
+            elif ctx == "debug":
+                with torch.no_grad(), spmd_moe.debug():
+                    moe(x)
+            elif ctx == "bi":
+                with torch.no_grad(), spmd_moe.batch_invariant_mode():
+                    moe(x)
+            else:
+                with torch.no_grad():
+                    moe(x)
+            g[name] = calls["n"]
+    finally:
+        a2a.PARTIAL_ON_CPU = False
+    return out
+
+
+def _float64_routed(full: Any, xd: torch.Tensor) -> torch.Tensor:
+    """The routed experts of the single-device layer in float64 (softmax or sigmoid,
+    route_norm as configured), one token at a time."""
+    cfg = full.cfg
+    logits = xd @ full.router.gate.weight.double().T
+    scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else torch.softmax(logits, -1)
+    ids = scores.topk(cfg.top_k, -1).indices
+    w = scores.gather(-1, ids)
+    if cfg.route_norm:
+        w = w / w.sum(-1, keepdim=True)
+    ex = full.experts
+    w1, w2, w3 = (t.double() for t in (ex.w1_EFD, ex.w2_EDF, ex.w3_EFD))
+    y = torch.zeros_like(xd)
+    for t in range(xd.shape[0]):
+        for k in range(cfg.top_k):
+            e = int(ids[t, k])
+            y[t] += w[t, k] * ((torch.nn.functional.silu(xd[t] @ w1[e].T) * (xd[t] @ w3[e].T)) @ w2[e].T)
+    return y
+
+
 def worker(rank: int, n: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = {
@@ -341,6 +469,7 @@ def worker(rank: int, n: int) -> dict[str, Any]:
         "debug": _debug_mode_chunked(rank, n),
         "reads": _host_reads(rank, n),
         "disagree": _chunks_disagree(rank, n),
+        "partial": _partial_return(rank, n),
     }
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -461,3 +590,86 @@ def test_chunks_out_of_range_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="ep_chunks"):
         AllToAllDispatcher(E, spmd_moe.ParallelContext.single(), chunks=17)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_partial_sum_return(n: int) -> None:
+    bad = []
+    for rank, r in enumerate(_results(n)):
+        p = r["partial"]
+        for c in p["cases"]:
+            where = f"world {n} rank {rank} {c['layout']} T={c['T']} shared={c['shared']} {c['dtype']}"
+            if not c["taken"]:
+                bad.append(f"{where}: the partial-sum return was not taken")
+            # The split-size read (and, sequence + shared experts, the header: as the row path).
+            if c["reads"] != c["reads_rows"] or c["reads"] > 2:
+                bad.append(f"{where}: {c['reads']} host reads per forward, the row path {c['reads_rows']}")
+            if not c["counts_ok"]:
+                bad.append(f"{where}: counters differ from the single-device layer")
+            if "rel" in c and c["rel"] > FWD_TOL:
+                bad.append(f"{where}: rel err {c['rel']:.3g} vs the single-device layer")
+            if "ulps" in c and c["ulps"] > 3.0:
+                bad.append(f"{where}: {c['ulps']:.2f} bf16 ulps from the float64 loop")
+            # counts (int64), tokens, ids+weights (fp32, 2K wide), then the return: one fp32
+            # row per token this rank received (the tokens exchange's output rows), D wide.
+            log = c["log"]
+            if len(log) != 4 or log[3][1] != torch.float32 or log[2][0][-1] != 2 * 4 or log[3][0] != log[1][2]:
+                bad.append(f"{where}: exchanges (in shape, dtype, out shape) {log}")
+        gates = p["gates"]
+        if gates != {"fast": 1, "torchtitan": 0, "autograd": 0, "chunks2": 0, "debug": 0, "batch_invariant": 0}:
+            bad.append(f"world {n} rank {rank}: taken where it must not be (or not where it must): {gates}")
+    assert not bad, "\n".join(bad[:20])
+
+
+# ------------------------------------------------------------------ the partial-sum kernel
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_DECODE_INTERPRET") == "1"
+
+
+def _triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or IN_INTERPRETER or not _triton(), reason="CPU with Triton only, once")
+def test_partial_sums_kernel_in_triton_interpreter() -> None:
+    """Triton reads TRITON_INTERPRET at its first import: a fresh interpreter runs the
+    kernel test below."""
+    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_partial"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")
+def test_interp_partial_sums_kernel_matches_torch() -> None:
+    """The Triton kernel against the torch form of the same sum (fp32 both; the kernel
+    may fuse multiply and add: 1e-6 relative), with non-local slots (row -1: nothing
+    added, even where the gate value is huge), a D that is not a multiple of the block,
+    and no tokens at all."""
+    from spmd_moe.dispatch import _partial_combine as pc
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    for r, Kk, Dd in ((13, 4, 80), (5, 8, 2048), (0, 4, 64)):
+        N = r * Kk
+        R = N // 2
+        slots = torch.randperm(N, generator=g)[:R].to(dev)
+        rows = torch.randn(R, Dd, generator=g).to(dev)
+        w = torch.rand(r, Kk, generator=g).to(dev)
+        nonlocal_mask = torch.ones(N, dtype=torch.bool, device=dev)
+        nonlocal_mask[slots] = False
+        w.view(-1)[nonlocal_mask] = 1e30  # never read for a slot that has no row here
+        assert pc.use_kernel(rows)
+        got = pc.partial_sums(rows, slots, w)
+        w_ref = w.clone()
+        w_ref.view(-1)[nonlocal_mask] = 0.0
+        ref = torch.zeros(N, Dd, device=dev).index_copy_(0, slots, rows).view(r, Kk, Dd)
+        ref = (ref.double() * w_ref.double().unsqueeze(-1)).sum(1)
+        assert got.dtype == torch.float32 and got.shape == (r, Dd)
+        if r:
+            assert rel_err(got, ref.float()) <= 1e-6, rel_err(got, ref.float())

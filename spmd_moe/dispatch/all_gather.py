@@ -73,6 +73,17 @@ class AllGatherDispatcher:
         """No fused form: every slot is summed over ranks by reduce_scatter."""
         return None
 
+    def weighted(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        weights_TK: Float[Placed[Var[EP]], "T K"],
+        num_pad_tokens: int,
+        experts: ExpertsFn,
+    ) -> None:
+        """No partial-sum form: the caller weights the rows."""
+        return None
+
     def pipelined(
         self,
         x_TD: Float[Placed[Var[EP]], "T D"],

@@ -25,6 +25,16 @@ On CUDA with autograd each piece's rows are padded to a multiple of 8 with zero 
 (zeroed GEMM tails): the weight-gradient grouped GEMM needs 16-byte rows and would
 otherwise fall back to a per-expert loop with a host sync in the backward.
 
+Partial sums on the way back (``partial_return``: MoEConfig.kernels == 'fast'; CUDA,
+inference, chunks == 1, not in batch-invariant or debug mode): the gate values travel
+with the tokens (packed with their ids, one small exchange), the expert rank sums each
+received token's local slots in fp32 (spmd_moe.dispatch._partial_combine: one row per
+token and expert rank goes back, fp32, instead of about K/n bf16 rows, and no
+permutation of the expert outputs), and the sender adds the ranks' sums in rank order
+and rounds once. Not bitwise the row path (one rounding instead of one per term and
+add): tests/test_ep_overlap.py states the tolerance. kernels='torchtitan', autograd,
+batch-invariant and debug mode keep the bitwise row path.
+
 ``chunks`` > 1 (every rank the same): the tokens are split into that many contiguous
 pieces; all pieces' dispatch exchanges are issued first, then for each piece its expert
 GEMMs and its return exchange. On CUDA the exchanges run on a side stream ordered by
@@ -46,7 +56,10 @@ from jaxtyping import Float, Int
 
 import spmd_types as spmd
 
+from spmd_moe import _debug
+from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
+from spmd_moe.dispatch import _partial_combine as _pc
 from spmd_moe.checking import checked
 from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_per_expert, scatter_to_slots
 from spmd_moe.errors import ConfigError, DistributedError
@@ -147,8 +160,9 @@ class _Streams:
 class AllToAllDispatcher:
     rows_exact = True
 
-    def __init__(self, num_experts: int, pctx: ParallelContext[EP], chunks: int = 1):
+    def __init__(self, num_experts: int, pctx: ParallelContext[EP], chunks: int = 1, partial_return: bool = False):
         self.num_experts = num_experts
+        self.partial_return = partial_return  # see the module docstring (kernels='fast')
         self.pctx = pctx
         self.num_local = num_experts // pctx.size
         self.start = pctx.rank * self.num_local
@@ -244,17 +258,24 @@ class AllToAllDispatcher:
         (source, token, k) order for the way back, and the inverse of that permutation."""
         K = recv_ids_rK.shape[-1]
         R = sum(p.recv_rows)
-        local_rK = recv_ids_rK - self.start
-        valid_N = ((local_rK >= 0) & (local_rK < self.num_local)).reshape(-1)
-        key_N = torch.where(valid_N, local_rK.reshape(-1), self.num_local)
-        # Stable: within an expert, source rank then token order (as the rows arrived).
-        order_R = torch.argsort(key_N, stable=True)[:R]
+        order_R, valid_N = self._expert_order(recv_ids_rK, R)
         pos_N = torch.cumsum(valid_N, dim=0) - 1
         back = pos_N[order_R]
         inv = torch.empty_like(back).scatter_(0, back, torch.arange(R, device=back.device, dtype=back.dtype))
         back_R = unchecked_cast(Placed[Var[EP]], back, reason="a permutation of the rows this rank received")
         inv_R = unchecked_cast(Placed[Var[EP]], inv, reason="its inverse")
         return recv_rD[order_R // K], back_R, inv_R
+
+    def _expert_order(
+        self, recv_ids_rK: Int[Placed[Var[EP]], "r K"], R: int
+    ) -> tuple[Int[Placed[Var[EP]], " R"], Placed[Var[EP]]]:
+        """The slots (into r*K) of this rank's experts in expert-major order, and which
+        slots are local."""
+        local_rK = recv_ids_rK - self.start
+        valid_N = ((local_rK >= 0) & (local_rK < self.num_local)).reshape(-1)
+        key_N = torch.where(valid_N, local_rK.reshape(-1), self.num_local)
+        # Stable: within an expert, source rank then token order (as the rows arrived).
+        return torch.argsort(key_N, stable=True)[:R], valid_N
 
     @staticmethod
     def _source_major(
@@ -294,6 +315,48 @@ class AllToAllDispatcher:
         back = self.returned_rows(out_RD, state)
         slots_ND = scatter_to_slots(back.rows_SD, back.slots_S, state.num_tokens * state.top_k)
         return slots_ND.view(state.num_tokens, state.top_k, slots_ND.shape[-1])
+
+    def weighted(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        weights_TK: Float[Placed[Var[EP]], "T K"],
+        num_pad_tokens: int,
+        experts: ExpertsFn,
+    ) -> Float[Placed[Var[EP]], "T D"] | None:
+        """The whole routed part with fp32 partial sums on the way back (see the module
+        docstring), or None where it does not apply (the caller runs the row path)."""
+        del num_pad_tokens  # pads carry id E: owned by no rank, never sent
+        if not self.partial_return or self.chunks != 1 or _bi._enabled or _debug._enabled or spmd.is_type_checking():
+            return None
+        if torch.is_grad_enabled() or not (x_TD.device.type == "cuda" or PARTIAL_ON_CPU):
+            return None
+        T, K = expert_ids_TK.shape
+        (p,) = self.plan(x_TD, expert_ids_TK, 1)
+        send_sD, ids_sK = self._send(x_TD, expert_ids_TK, p)
+        # Ids (< 2^24: exact in fp32) and gate values in one exchange.
+        meta_sM = unchecked_cast(
+            Placed[Var[EP]], torch.cat([ids_sK.to(torch.float32), weights_TK[p.tok_idx_S].float()], dim=1),
+            reason="ids and gate values of the tokens this rank sends",
+        )
+        recv_rD = C.all_to_all(send_sD, self.pctx, p.send_tok, p.recv_tok)
+        recv_meta_rM = C.all_to_all(meta_sM, self.pctx, p.send_tok, p.recv_tok)
+        order_R, _ = self._expert_order(recv_meta_rM[:, :K].to(torch.int64), sum(p.recv_rows))
+        out_RD = experts(recv_rD[order_R // K], p.counts_e, True)
+        part_rD = unchecked_cast(
+            Placed[Var[EP]], _pc.partial_sums(out_RD, order_R, recv_meta_rM[:, K:]),
+            reason="per received token: the fp32 sum over this rank's experts",
+        )
+        back_sD = C.all_to_all(part_rD, self.pctx, p.recv_tok, p.send_tok)
+        # Rank order, one destination at a time (no index repeats within one add): a
+        # fixed fp32 summation order; then one rounding.
+        y_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+        off = 0
+        for cnt in p.send_tok:
+            if cnt:
+                y_TD.index_add_(0, p.tok_idx_S[off : off + cnt], back_sD[off : off + cnt])
+            off += cnt
+        return unchecked_cast(Placed[Var[EP]], y_TD.to(x_TD.dtype), reason="this rank's tokens' routed output")
 
     def pipelined(
         self,
@@ -352,6 +415,7 @@ class AllToAllDispatcher:
 
 
 PAD_ROWS_ON_CPU = False  # tests: run the CUDA row padding on the CPU too
+PARTIAL_ON_CPU = False  # tests: the partial-sum return (kernels='fast', CUDA inference) on the CPU too
 
 
 def _pad_for_backward(x_TD: torch.Tensor) -> bool:

@@ -60,6 +60,19 @@ class Dispatcher(Protocol[S]):
         dispatcher has no such form (its combine sums over ranks)."""
         ...
 
+    def weighted(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        weights_TK: Float[Placed[Var[EP]], "T K"],
+        num_pad_tokens: int,
+        experts: ExpertsFn,
+    ) -> Float[Placed[Var[EP]], "T D"] | None:
+        """The routed output of this rank's tokens with the weighting done on the expert
+        ranks (fp32 partial sums travel back), or None where the dispatcher does not
+        (the caller runs the row path and weights in MoE)."""
+        ...
+
     def pipelined(
         self,
         x_TD: Float[Placed[Var[EP]], "T D"],

@@ -51,6 +51,17 @@ class LocalDispatcher:
     def returned_rows(self, out_RD: Float[Placed[Var[EP]], "R D"], state: LocalState) -> SentRows:
         return SentRows(out_RD, state.sent_slots_R)
 
+    def weighted(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        weights_TK: Float[Placed[Var[EP]], "T K"],
+        num_pad_tokens: int,
+        experts: ExpertsFn,
+    ) -> None:
+        """No partial-sum form: the caller weights the rows."""
+        return None
+
     def pipelined(
         self,
         x_TD: Float[Placed[Var[EP]], "T D"],

@@ -210,6 +210,15 @@ def tables(paths: list[str]) -> None:
                   " | ".join(f"{v.get('fwdbwd_ngpu_ms', float('nan')):.3f}" for v in cs.values()) +
                   f" | **{row.get('per_gpu_throughput_fwdbwd', float('nan')):.2f}** (c={row.get('best_chunks_fwdbwd')}) | " +
                   ", ".join(f"{c}:{'error' if 'error' in v else 'yes' if v['fwd_bitwise_vs_1gpu'] else 'no (%.1e)' % v['fwd_max_abs_diff_vs_1gpu']}" for c, v in cs.items()) + " |")
+        c1 = [(row["T_per_gpu"], row["chunks"].get("1", {})) for row in r["prefill"]]
+        if any("fwd_rows_ngpu_ms" in v for _, v in c1):
+            print("\nchunks 1, inference forward: partial-sum return (kernels 'fast') vs row path (kernels 'torchtitan', bitwise 1 GPU):\n")
+            print("| T per GPU | fwd n (fast) | per-GPU (fast) | max abs diff vs 1 GPU (max abs y) | fwd n (rows) | per-GPU (rows) | rows bitwise vs 1 GPU |")
+            print("|---|---|---|---|---|---|---|")
+            for T, v in c1:
+                if "fwd_rows_ngpu_ms" in v:
+                    print(f"| {T} | {v['fwd_ngpu_ms']:.3f} | {v['per_gpu_throughput_fwd']:.2f} | {v.get('fwd_inference_max_abs_diff_vs_1gpu', float('nan')):.2g} "
+                          f"({v.get('fwd_max_abs_1gpu', float('nan')):.2g}) | {v['fwd_rows_ngpu_ms']:.3f} | {v['per_gpu_throughput_fwd_rows']:.2f} | {v.get('fwd_rows_bitwise_vs_1gpu')} |")
         print("\n| decode T | n-GPU path (auto) | eager 1 GPU | eager n (auto) | eager n (all_gather) | graph 1 GPU | graph n (auto) | graph n (all_gather) | graph n / 1 GPU (auto) | (all_gather) | sync-debug n (auto / all_gather) | max abs diff n vs 1 GPU |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for d in r["decode"]:
@@ -274,6 +283,9 @@ def main() -> int:
     # ------------------------------------------------------------ prefill, layout 'sequence'
     m1 = build(one, "sequence", sd, dev)
     mn = build(ep, "sequence", sd, dev, dispatcher="all_to_all")
+    # kernels='torchtitan': the row path at every chunk count (bitwise the 1-GPU forward);
+    # the default 'fast' sends fp32 partial sums back in the inference forward at chunks 1.
+    mn_rows = build(ep, "sequence", sd, dev, dispatcher="all_to_all", kernels="torchtitan")
     best_chunks: dict[int, int] = {}
     for T in args.prefill:
         gen = torch.Generator(device=dev).manual_seed(1000 + rank)
@@ -314,11 +326,19 @@ def main() -> int:
             yc = mn(xc)
             yc.backward(gy)
             r["fwd_bitwise_vs_1gpu"] = bool(torch.equal(yc, y1))
-            r["fwd_max_abs_diff_vs_1gpu"] = float((yc.float() - y1.float()).abs().max())
+            r["fwd_max_abs_diff_vs_1gpu"] = float((yc.detach().float() - y1.detach().float()).abs().max())
             if g1 is not None and xc.grad is not None:
                 r["grad_x_max_abs_diff_vs_1gpu"] = float((xc.grad.float() - g1.float()).abs().max())
                 r["grad_x_max_abs_1gpu"] = float(g1.float().abs().max())
             r["_y"] = yc.detach()
+            if mn.prefill_dispatcher.chunks == 1:
+                r["fwd_rows_ngpu_ms"] = timed(fwd(mn_rows), args.reps)
+                r["per_gpu_throughput_fwd_rows"] = row["fwd_1gpu_ms"] / r["fwd_rows_ngpu_ms"]
+                with torch.no_grad():
+                    yr = mn_rows(xs[0])
+                    r["fwd_rows_bitwise_vs_1gpu"] = bool(torch.equal(yr, y1))
+                    r["fwd_inference_max_abs_diff_vs_1gpu"] = float((mn(xs[0]).float() - y1.float()).abs().max())
+                r["fwd_max_abs_1gpu"] = float(y1.detach().float().abs().max())
 
         for c in args.chunks:
             mn.prefill_dispatcher.chunks = c
