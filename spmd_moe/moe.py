@@ -379,13 +379,13 @@ class MoE(nn.Module, Generic[L]):
         num_pad: int,
     ) -> Float[Placed[Var[EP]], "T D"]:
         """dispatch -> experts -> combine -> weighted sum over k."""
-        # A dispatcher that interleaves its exchanges with the expert GEMMs (all_to_all
-        # with chunks > 1) runs the experts itself; the others return None here.
         # A dispatcher that weights on the expert ranks (all_to_all, kernels='fast', CUDA
         # inference: fp32 partial sums travel back) returns the output itself.
         y_TD = dispatcher.weighted(x_TD, expert_ids_TK, weights_TK, num_pad, self.experts)
         if y_TD is not None:
             return y_TD
+        # A dispatcher that interleaves its exchanges with the expert GEMMs (all_to_all
+        # with chunks > 1) runs the experts itself; the others return None here.
         piped = dispatcher.pipelined(x_TD, expert_ids_TK, num_pad, self.experts)
         if piped is not None:
             return self._combine_rows(piped, weights_TK)
