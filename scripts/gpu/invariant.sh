@@ -18,7 +18,7 @@ head -2 "$LOG"
 if [ "${FULL:-0}" = 1 ]; then
   TOTAL=420; TESTS_S=120; BENCH_ARGS=(--gpu-t 1,8,64,512,4096,32768)
 else
-  TOTAL=145; TESTS_S=70; BENCH_ARGS=(--gpu-t 1,8,64,512 --bwd-max-t 512 --rounds 3 --no-generic)
+  TOTAL=145; TESTS_S=75; BENCH_ARGS=(--gpu-t 1,8,64,512 --bwd-max-t 512 --rounds 3 --no-generic)
 fi
 echo "== pytest -k cuda" >> "$LOG"
 timeout "$TESTS_S" python3 -m pytest -q -s -p no:cacheprovider tests/test_batch_invariance.py \
