@@ -2,6 +2,12 @@
 path ('torchtitan' kernels) and the HBM floor, CUDA graphs, side by side in one run.
 
     python -m spmd_moe.apps.bench.decode --out decode.json [--sweep]
+        [--variants tiled split split_fused] [--split-max-t 8] [--split-sweep] [--budget-s 90]
+
+Variants (spmd_moe.kernels.decode.SPLIT): 'tiled' (the kernels of session 3 at every T)
+and, for T <= --split-max-t, 'split' / 'split_fused' (weights streamed split-K by more,
+smaller programs; fused: the combine inside the down kernel). Each is timed on the same
+layer, weights and inputs, with its own CUDA graph.
 
 Layer: Qwen3-30B-A3B's MoE (D=2048, F=768, E=128, top-8, bf16). Floor: the bytes of the
 experts the batch touches (3*D*F*2 B each) plus the gate, at the card's nominal HBM
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 import torch
@@ -53,40 +60,100 @@ def _kernels_of(model: Any, x: torch.Tensor) -> tuple[int, float, dict[str, floa
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from spmd_moe.kernels import decode as dk
 
+    t_start = time.monotonic()
     device = torch.device("cuda")
     fast, ref = _layer("fast", device), _layer("torchtitan", device)
     ref.load_state_dict(fast.state_dict())
     bps = nominal_hbm_bps(torch.cuda.get_device_name(device))
+    dk.SPLIT["max_t"] = args.split_max_t
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "hbm_Bps": bps, "rows": [],
-                           "tiles": dict(dk.TILES), "tiles_large_t": dict(dk.TILES_LARGE_T)}
+                           "tiles": dict(dk.TILES), "tiles_large_t": dict(dk.TILES_LARGE_T),
+                           "split": dict(dk.SPLIT), "split_tiles": dict(dk.SPLIT_TILES)}
+    default_variant = dk.SPLIT["variant"]
     g = torch.Generator(device=device).manual_seed(1)
     for T in args.tokens:
         xs = [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(8)]
         with torch.no_grad():
-            fast.tokens_per_expert_E.zero_()
-            y_f, y_r = fast(xs[0]), ref(xs[0])
-            touched = int((fast.tokens_per_expert_E > 0).sum())
+            ref.tokens_per_expert_E.zero_()
+            y_r = ref(xs[0])
+            touched = int((ref.tokens_per_expert_E > 0).sum())
         floor_ms = (touched * 3 * D * F * 2 + E * D * 2) / bps * 1e3
         row: dict[str, Any] = {"T": T, "touched_experts": touched, "floor_ms": floor_ms,
-                               "max_abs_diff_vs_torch": float((y_f.float() - y_r.float()).abs().max()),
                                "max_abs_out": float(y_r.float().abs().max())}
-        for name, m in (("fast", fast), ("torch", ref)):
-            rep = try_graph(device, m, xs)
-            if rep is not None:
-                row[f"{name}_graph_ms"] = timer(device, rep, args.reps, warmup=10)
-            n, ms, by_name = _kernels_of(m, xs[0])
-            row[f"{name}_kernels"], row[f"{name}_kernel_ms"] = n, ms
-            if name == "fast":
-                row["fast_by_kernel_ms"] = by_name
-        if "fast_graph_ms" in row:
-            row["fast_over_floor"] = row["fast_graph_ms"] / floor_ms
-        if "torch_graph_ms" in row:
+        rep = try_graph(device, ref, xs)
+        if rep is not None:
+            row["torch_graph_ms"] = timer(device, rep, args.reps, warmup=10)
             row["torch_over_floor"] = row["torch_graph_ms"] / floor_ms
+        if args.torch_profile:
+            row["torch_kernels"], row["torch_kernel_ms"], _ = _kernels_of(ref, xs[0])
+        y_tiled = None
+        for v in args.variants:
+            if v != "tiled" and T > args.split_max_t:
+                continue
+            dk.SPLIT["variant"] = v
+            with torch.no_grad():
+                y_f = fast(xs[0])
+            if v == "tiled":
+                y_tiled = y_f
+            pre = "fast" if v == "tiled" else v  # 'fast_*' keys: the tiled kernels, as in earlier JSON
+            row[f"{pre}_max_abs_diff_vs_torch"] = float((y_f.float() - y_r.float()).abs().max())
+            if y_tiled is not None and v != "tiled":
+                row[f"{pre}_max_abs_diff_vs_tiled"] = float((y_f.float() - y_tiled.float()).abs().max())
+            rep = try_graph(device, fast, xs)
+            if rep is not None:
+                row[f"{pre}_graph_ms"] = timer(device, rep, args.reps, warmup=10)
+                row[f"{pre}_over_floor"] = row[f"{pre}_graph_ms"] / floor_ms
+            n, ms, by_name = _kernels_of(fast, xs[0])
+            row[f"{pre}_kernels"], row[f"{pre}_kernel_ms"], row[f"{pre}_by_kernel_ms"] = n, ms, by_name
+        dk.SPLIT["variant"] = default_variant
         print(json.dumps(row), file=sys.stderr, flush=True)
         res["rows"].append(row)
+        _write(args.out, res)  # so far: a run cut short by its timeout still leaves the rows
+    if args.split_sweep:
+        res["split_sweep"] = split_sweep(fast, device, args, t_start, res)
     if args.sweep:
         res["sweep"] = sweep(fast, device, args)
+    res["wall_s"] = time.monotonic() - t_start
     return res
+
+
+def _write(path: str | None, res: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(res, indent=1))
+
+
+def split_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_start: float,
+                res_so_far: dict[str, Any]) -> list[dict[str, Any]]:
+    """Graph time of the split_fused variant at T=1 per SPLIT_TILES choice (pick the
+    defaults from this); stops at --budget-s so that the JSON is still written."""
+    from spmd_moe.kernels import decode as dk
+
+    base, base_variant = dict(dk.SPLIT_TILES), dk.SPLIT["variant"]
+    dk.SPLIT["variant"] = "split_fused"
+    out = []
+    g = torch.Generator(device=device).manual_seed(3)
+    xs = [torch.randn(1, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4)]
+    choices = [  # (up_f, up_d, up_split, down_n, down_f, down_split, warps, stages)
+        (32, 128, 4, 64, 128, 2, 4, 3), (32, 128, 2, 64, 128, 1, 4, 3), (32, 128, 4, 32, 128, 2, 4, 3),
+        (16, 128, 4, 32, 128, 2, 4, 3), (16, 256, 4, 32, 128, 3, 4, 3), (32, 256, 2, 64, 256, 1, 4, 3),
+        (32, 128, 8, 64, 64, 4, 4, 3), (16, 128, 8, 16, 128, 2, 4, 3), (32, 128, 4, 64, 128, 2, 8, 4),
+        (64, 128, 8, 64, 128, 2, 4, 3), (32, 64, 8, 32, 64, 4, 4, 4), (16, 64, 16, 32, 64, 4, 2, 4),
+    ]
+    keys = ("up_f", "up_d", "up_split", "down_n", "down_f", "down_split", "warps", "stages")
+    for ch in choices:
+        if time.monotonic() - t_start > args.budget_s:
+            out.append({"stopped": "budget"})
+            break
+        dk.SPLIT_TILES.update(dict(zip(keys, ch)))
+        rep = try_graph(device, fast, xs)
+        row: dict[str, Any] = {"tiles": dict(zip(keys, ch)), "T1_ms": timer(device, rep, 200, warmup=10) if rep else None}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        out.append(row)
+        _write(args.out, {**res_so_far, "split_sweep": out})
+    dk.SPLIT_TILES.update(base)
+    dk.SPLIT["variant"] = base_variant
+    return out
 
 
 def sweep(fast: Any, device: torch.device, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -113,22 +180,55 @@ def sweep(fast: Any, device: torch.device, args: argparse.Namespace) -> list[dic
     return out
 
 
+def summarize(res: dict[str, Any]) -> str:
+    """A few lines per T: graph ms and x floor per variant, the kernels' device times."""
+    lines = [f"{res.get('device')}  split={res.get('split')}  split_tiles={res.get('split_tiles')}"]
+    for row in res.get("rows", []):
+        parts = [f"T={row['T']:<3} floor {row['floor_ms'] * 1e3:6.1f} us"]
+        if "torch_graph_ms" in row:
+            parts.append(f"torch {row['torch_graph_ms'] * 1e3:6.1f} us ({row['torch_over_floor']:.2f}x)")
+        for pre in ("fast", "split", "split_fused"):
+            if f"{pre}_graph_ms" in row:
+                name = "tiled" if pre == "fast" else pre
+                diff = row.get(f"{pre}_max_abs_diff_vs_torch", row.get("max_abs_diff_vs_torch", float("nan")))
+                parts.append(f"{name} {row[f'{pre}_graph_ms'] * 1e3:6.1f} us ({row[f'{pre}_over_floor']:.2f}x,"
+                             f" diff {diff:.2g})")
+        lines.append("  ".join(parts))
+        for pre in ("fast", "split", "split_fused"):
+            by = row.get(f"{pre}_by_kernel_ms")
+            if by:
+                lines.append(f"    {pre:12s} kernels: " + ", ".join(f"{k[:16]} {v * 1e3:.1f}" for k, v in by.items()))
+    sw = [r for r in res.get("split_sweep", []) if r.get("T1_ms")]
+    for r in sorted(sw, key=lambda r: float(r["T1_ms"]))[:5]:
+        lines.append(f"  sweep T=1 split_fused {r['T1_ms'] * 1e3:6.1f} us  {r['tiles']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m spmd_moe.apps.bench.decode")
     p.add_argument("--out", default=None)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--variants", nargs="+", default=["tiled", "split", "split_fused"],
+                   choices=["tiled", "split", "split_fused"])
+    p.add_argument("--split-max-t", type=int, default=8, help="T up to which the split variants are timed")
+    p.add_argument("--split-sweep", action="store_true", help="SPLIT_TILES choices at T=1 (split_fused)")
+    p.add_argument("--torch-profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="kernel count and device time of the torch path too")
+    p.add_argument("--budget-s", type=float, default=90.0, help="the split sweep stops after this much wall time")
+    p.add_argument("--summarize", default=None, metavar="JSON", help="print the summary of an earlier run's JSON")
     args = p.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            print(summarize(json.load(f)))
+        return 0
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "needs CUDA"}))
         return 0
     res = run(args)
-    text = json.dumps(res, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    _write(args.out, res)
+    print(json.dumps(res, indent=1))
     return 0
 
 
