@@ -40,7 +40,7 @@ experts are a fused up + SwiGLU kernel (torch's rounding steps) and the down GEM
 shared experts use the GEMM with torch's elementwise ops around it (each element or row
 computed the same way whatever the tensor's size: torch's kernel structure, checked by
 the GPU tests). One rank at inference with T <= DECODE_MAX_T takes a decode form
-(decode_applies / routed_decode: six launches, a device-side plan over the touched
+(routed_decode: six launches, a device-side plan over the touched
 experts, no host sync) built from the same kernels and binaries, so a token's bits do
 not depend on which form ran.
 
@@ -262,37 +262,36 @@ def route(
             unchecked_cast(Placed[Var[EP]], scores, reason=why))
 
 
-def decode_applies(moe: Any, x_TD: torch.Tensor) -> bool:
-    """Whether a one-rank layer's routed part takes the invariant kernels' decode form
-    (spmd_moe.kernels.invariant_gemm.routed_decode): the Triton path, one rank, no
-    autograd, T <= DECODE_MAX_T, plain top-k routing (not forced, not recorded), the
-    experts in the input's dtype, debug mode off. Its bits are the general path's."""
+def routed_decode(moe: Any, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"] | None:
+    """The routed part of a one-rank layer (router, experts, combine) in the invariant
+    kernels' decode form (spmd_moe.kernels.invariant_gemm.routed_decode), or None where
+    it does not apply: it needs the Triton path, one rank, no autograd, T <=
+    DECODE_MAX_T, plain top-k routing (not forced, not recorded, no group limit), the
+    experts in the input's dtype, debug mode off. Its bits are the general path's.
+    (Attributes are fetched once: nn.Module lookups are a visible part of a decode
+    step's host time.)"""
     if moe.pctx.size != 1 or _debug._enabled or not _use_triton(x_TD):
-        return False
+        return None
     from spmd_moe.kernels import invariant_gemm
 
-    if not 0 < x_TD.shape[0] <= invariant_gemm.DECODE_MAX_T or x_TD.dtype not in (torch.bfloat16, torch.float32):
-        return False
+    T = x_TD.shape[0]
+    if not 0 < T <= invariant_gemm.DECODE_MAX_T or x_TD.dtype not in (torch.bfloat16, torch.float32):
+        return None
     cfg = moe.cfg
     if moe.forced_routes_TK is not None or moe.record_routes or cfg.num_expert_groups is not None:
-        return False
-    ex = moe.experts
-    if (cfg.expert_dtype or x_TD.dtype) != x_TD.dtype or ex.w1_EFD.dtype != x_TD.dtype:
-        return False
-    if moe.tokens_per_expert_E.dtype != torch.float32:  # the route kernel counts into it (fp32 atomics)
-        return False
-    if torch.is_grad_enabled() and (x_TD.requires_grad or ex.w1_EFD.requires_grad or moe.router.gate.weight.requires_grad):
-        return False
-    return not spmd.is_type_checking()
-
-
-def routed_decode(moe: Any, x_TD: Float[Placed[Var[EP]], "T D"]) -> Float[Placed[Var[EP]], "T D"]:
-    """The routed part of the layer (router, experts, combine) for decode_applies."""
-    from spmd_moe.kernels import invariant_gemm
-
-    ex, cfg = moe.experts, moe.cfg
+        return None
+    ex = moe.routed_experts.inner_experts
+    w1, gate, tpe = ex.w1_EFD, moe.router.gate.weight, moe.tokens_per_expert_E
+    if (cfg.expert_dtype or x_TD.dtype) != x_TD.dtype or w1.dtype != x_TD.dtype:
+        return None
+    if tpe.dtype != torch.float32:  # the route kernel counts into it (fp32 atomics)
+        return None
+    if torch.is_grad_enabled() and (x_TD.requires_grad or w1.requires_grad or gate.requires_grad):
+        return None
+    if spmd.is_type_checking():
+        return None
     y = invariant_gemm.routed_decode(
-        x_TD, moe.router.gate.weight, moe.expert_bias_E, ex.w1_EFD, ex.w2_EDF, ex.w3_EFD, moe.tokens_per_expert_E,
+        x_TD, gate, moe.expert_bias_E, w1, ex.w2_EDF, ex.w3_EFD, tpe,
         top_k=cfg.top_k, score_func=cfg.score_func, route_norm=cfg.route_norm, route_scale=cfg.route_scale)
     return unchecked_cast(Placed[Var[EP]], y, reason="one rank: router, experts and combine of its own tokens")
 

@@ -330,8 +330,10 @@ class MoE(nn.Module, Generic[L]):
         T = x_TD.shape[0]
         if num_pad == 0 and self._decode_kernel_applies(x_TD):
             return self._routed_decode_kernel(x_TD)
-        if num_pad == 0 and _bi._enabled and _bi.decode_applies(self, x_TD):  # the invariant kernels' decode form
-            return _bi.routed_decode(self, x_TD)
+        if num_pad == 0 and _bi._enabled:  # the invariant kernels' decode form, where it applies
+            y_dec_TD = _bi.routed_decode(self, x_TD)
+            if y_dec_TD is not None:
+                return y_dec_TD
         weights_TK, expert_ids_TK, _ = self.router(x_TD, self._expert_bias())
         if self.forced_routes_TK is not None:
             weights_TK, expert_ids_TK = self._forced(x_TD, expert_ids_TK)

@@ -22,6 +22,7 @@ spmd_moe/kernels/invariant_triton.py for why the forms share binaries).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -59,6 +60,7 @@ def _build() -> Any:
     return _kernel
 
 
+@functools.lru_cache(maxsize=None)  # read once per process (the environment is set before it starts)
 def _config(dtype: torch.dtype, router: bool = False) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages): a function of the dtype and the role only
     (never of the row count). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides
@@ -78,14 +80,21 @@ def _config(dtype: torch.dtype, router: bool = False) -> tuple[int, int, int, in
     return 128, 128, 64, 8, 3
 
 
+_kerns: dict[str, Any] = {}
+
+
 def _kern(name: str) -> Any:
     """A kernel of spmd_moe.kernels.invariant_triton (after available())."""
-    assert _build() is not None, "Triton is not installed"
-    from spmd_moe.kernels import invariant_triton as kt
+    k = _kerns.get(name)
+    if k is None:
+        assert _build() is not None, "Triton is not installed"
+        from spmd_moe.kernels import invariant_triton as kt
 
-    return getattr(kt, name)
+        k = _kerns[name] = getattr(kt, name)
+    return k
 
 
+@functools.lru_cache(maxsize=None)
 def _gp(G: int) -> int:
     return max(16, 1 << max(0, G - 1).bit_length())
 
