@@ -200,29 +200,34 @@ class AllToAllDispatcher:
         parts.append(torch.zeros(n, (MAX_CHUNKS - chunks) * (1 + e), dtype=torch.int64, device=dev))
         msg_nL = unchecked_cast(Placed[Var[EP]], torch.cat(parts, dim=1), reason="this rank's counts per destination")
         recv_nL = C.all_to_all(msg_nL, self.pctx, [1] * n, [1] * n)
+        # Every index that does not need the host's split sizes is launched before the
+        # host read (the GPU runs them meanwhile; after the read only slicing is left).
+        pre = []
+        for c in range(chunks):
+            t0, t1 = bounds[c], bounds[c + 1]
+            o = len(_HEAD) + c * (1 + e)
+            # Tokens hit per destination, destination-major then token order: a stable
+            # sort of the misses (1) after the hits (0) of the [n, Tc] layout.
+            miss_nT = (~hit_Tn[t0:t1]).t().reshape(-1).to(torch.int8)
+            tok_all = torch.argsort(miss_nT, stable=True) % max(t1 - t0, 1) + t0
+            slots_all = torch.argsort(dest_TK[t0:t1].reshape(-1), stable=True) + t0 * K
+            pre.append((tok_all, slots_all, recv_nL[:, o + 1 : o + 1 + e].sum(dim=0)))
         both = torch.stack([msg_nL, recv_nL]).tolist()  # the one host sync of the forward
         self.host_reads += 1
         mine, theirs = both[0], both[1]
         self._check_heads(mine[0][: len(_HEAD)], theirs)
         plans = []
-        for c in range(chunks):
+        for c, (tok_all, slots_all, counts_e) in enumerate(pre):
             t0, t1 = bounds[c], bounds[c + 1]
             o = len(_HEAD) + c * (1 + e)
             send_tok = [mine[j][o] for j in range(n)]
             recv_tok = [theirs[j][o] for j in range(n)]
             send_rows = [sum(mine[j][o + 1 : o + 1 + e]) for j in range(n)]
             recv_rows = [sum(theirs[j][o + 1 : o + 1 + e]) for j in range(n)]
-            Tc = t1 - t0
-            # Tokens hit per destination, destination-major then token order: a stable
-            # sort of the misses (1) after the hits (0) of the [n, Tc] layout.
-            miss_nT = (~hit_Tn[t0:t1]).t().reshape(-1).to(torch.int8)
-            sel = torch.argsort(miss_nT, stable=True)[: sum(send_tok)]
-            tok_idx = unchecked_cast(Placed[Var[EP]], sel % max(Tc, 1) + t0, reason="indices of this rank's tokens")
-            slots = torch.argsort(dest_TK[t0:t1].reshape(-1), stable=True)[: sum(send_rows)] + t0 * K
-            counts_e = recv_nL[:, o + 1 : o + 1 + e].sum(dim=0)
             plans.append(ChunkPlan(
-                t0, t1, send_tok, recv_tok, send_rows, recv_rows, tok_idx,
-                unchecked_cast(Placed[Var[EP]], slots, reason="slot indices of this rank's rows"),
+                t0, t1, send_tok, recv_tok, send_rows, recv_rows,
+                unchecked_cast(Placed[Var[EP]], tok_all[: sum(send_tok)], reason="indices of this rank's tokens"),
+                unchecked_cast(Placed[Var[EP]], slots_all[: sum(send_rows)], reason="slot indices of this rank's rows"),
                 unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"),
             ))
         return plans
