@@ -356,21 +356,23 @@ def test_default_arguments_are_the_whole_layer(T: int) -> None:
 
 # ---- the split variant (small T): more, smaller programs; fp32 partials summed in order ----
 
-def _use(monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> None:
     """Route every T through `variant`, with tiles small enough that the test shapes are
-    split: up over 4 D chunks (2 F blocks), down over 2 F chunks (2 D blocks)."""
+    split: up over 4 D chunks (2 F blocks), down over 2 F chunks (2 D blocks); SwiGLU in
+    the up kernel's last program per block or in every down program."""
     monkeypatch.setitem(dk.SPLIT, "variant", variant)
     monkeypatch.setitem(dk.SPLIT, "max_t", dk.MAX_T)
-    for key, v in {"up_f": 16, "up_d": 16, "up_split": 4, "down_n": 32, "down_f": 16, "down_split": 2}.items():
+    for key, v in {"up_f": 16, "up_d": 16, "up_split": 4, "down_n": 32, "down_f": 16, "down_split": 2,
+                   "swiglu": swiglu}.items():
         monkeypatch.setitem(dk.SPLIT_TILES, key, v)
 
 
 @kernel_test
-@pytest.mark.parametrize(("T", "variant"), [(1, "split"), (3, "split_fused")])
-def test_split_variant_matches_torch_path(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("T", "variant", "swiglu"), [(1, "split", "down"), (3, "split_fused", "up")])
+def test_split_variant_matches_torch_path(T: int, variant: str, swiglu: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same tolerance as the tiled kernels (module docstring): each GEMM output is still
     one fp32 sum rounded once to bf16, only its K order differs from cuBLAS's."""
-    _use(monkeypatch, variant)
+    _use(monkeypatch, variant, swiglu)
     fast, ref = _pair("softmax", True, True, False)
     x = _x(T, seed=60 + T)
     y_fast, y_ref = _run(fast, ref, x)
@@ -380,22 +382,25 @@ def test_split_variant_matches_torch_path(T: int, variant: str, monkeypatch: pyt
 
 @kernel_test
 @pytest.mark.parametrize("T", [1, 3])
-def test_split_fused_combine_is_bitwise_the_split_one(T: int, monkeypatch: pytest.MonkeyPatch,
-                                                      poisoned_empty: None) -> None:
-    """The fused combine (done by whichever down program finishes a token's block) sums
-    the same partials in the same order as the separate combine kernel: bitwise equal,
-    rounded and fp32, on a local range of experts (non-local slots exact zeros) too, and
-    both within 6 ulps of the float64 loop over the local experts."""
+def test_split_variants_are_bitwise_the_same(T: int, monkeypatch: pytest.MonkeyPatch,
+                                             poisoned_empty: None) -> None:
+    """SwiGLU in the up kernel's last program or in every down program, the combine in
+    its own kernel or in the down program that finishes a token's block: the same
+    partials summed in the same order, so bitwise the same output, rounded and fp32, on a
+    local range of experts (non-local slots exact zeros) too; within 6 ulps of the
+    float64 loop over the local experts (module docstring)."""
     p = _raw(T, seed=70 + T)
     local = range(4, 12)
     ref, _ = _f64_reference(p, None, False, local)
-    outs = {}
-    for variant in ("split", "split_fused"):
-        _use(monkeypatch, variant)
-        outs[variant] = [_call(p, None, False, local, out_dtype=od)[0] for od in (None, torch.float32)]
-    for a, b in zip(outs["split"], outs["split_fused"]):
-        assert torch.equal(a, b)
-    assert _ulps(outs["split_fused"][1].cpu(), ref) <= 6.0
+    fp32, rounded = [], []
+    for variant, swiglu in (("split", "down"), ("split", "up"), ("split_fused", "down"), ("split_fused", "up")):
+        _use(monkeypatch, variant, swiglu)
+        fp32.append(_call(p, None, False, local, out_dtype=torch.float32)[0])
+        if swiglu == "up":
+            rounded.append(_call(p, None, False, local)[0])
+    assert all(torch.equal(fp32[0], y) for y in fp32[1:])
+    assert torch.equal(rounded[0], rounded[1])
+    assert _ulps(fp32[0].cpu(), ref) <= 6.0
 
 
 @kernel_test

@@ -196,13 +196,16 @@ def combine_kernel(
 
 @triton.jit
 def up_split_kernel(
-    x_ptr, w1_ptr, w3_ptr, p_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
-    T, D, F, N, D_CHUNK, NSPLIT,
+    x_ptr, w1_ptr, w3_ptr, p_ptr, h_ptr, ucnt_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
+    T, D, F, N, D_CHUNK,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    NSPLIT: tl.constexpr, SWIGLU_HERE: tl.constexpr,
 ):
     """Program (touched expert, F block, s): x rows @ w1/w3 blocks over the D chunk
     [s * D_CHUNK, (s+1) * D_CHUNK), fp32 partials to p[0 or 1, s, slot, f] (p holds
-    2 * NSPLIT * N * F floats). The down kernel sums them in s order and applies SwiGLU."""
+    2 * NSPLIT * N * F floats). Not SWIGLU_HERE: the down kernel sums them in s order and
+    applies SwiGLU. SWIGLU_HERE: the program that completes an (expert, F block) (an
+    atomic counter) does that and stores bf16 h rows, as up_kernel."""
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
         e = tl.load(uniq_ptr + u).to(tl.int64)
@@ -232,19 +235,36 @@ def up_split_kernel(
         p1 = p_ptr + (s * N + slots[:, None]) * F + f_off[None, :]
         tl.store(p1, acc1, mask=pm)
         tl.store(p1 + NSPLIT * N * F, acc3, mask=pm)
+        if SWIGLU_HERE:
+            tl.debug_barrier()  # every thread's partial stored before the counter moves (release)
+            old = tl.atomic_add(ucnt_ptr + e * tl.num_programs(1) + tl.program_id(1), 1, sem="acq_rel")
+            tl.debug_barrier()
+            if old == NSPLIT - 1:
+                pa = p_ptr + slots[:, None] * F + f_off[None, :]
+                a = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+                b = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+                for j in tl.static_range(NSPLIT):  # chunk order, whichever program is last
+                    a += tl.load(pa + j * N * F, mask=pm, other=0.0, cache_modifier=".cg")
+                    b += tl.load(pa + (NSPLIT + j) * N * F, mask=pm, other=0.0, cache_modifier=".cg")
+                a = rn_bf16(a)
+                b = rn_bf16(b)
+                h = rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b)
+                tl.store(h_ptr + slots[:, None] * F + f_off[None, :], h.to(h_ptr.dtype.element_ty), mask=pm)
 
 
 @triton.jit
 def down_split_kernel(
-    p_ptr, w2_ptr, yp_ptr, out_ptr, wts_ptr, ids_ptr, cnt_ptr, need_ptr,
+    p_ptr, h_ptr, w2_ptr, yp_ptr, out_ptr, wts_ptr, ids_ptr, cnt_ptr, need_ptr,
     count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
     T, D, F, N, F_CHUNK, NUM_N, e_start, num_local,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
     NSPLIT_UP: tl.constexpr, NSPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, ROUND: tl.constexpr,
+    H_FROM_PARTIALS: tl.constexpr,
 ):
-    """Program (touched expert, D block, s): h = SwiGLU of the up partials (summed in s
-    order, each GEMM output rounded to bf16 as torch) for the F chunk s, @ w2 block;
-    fp32 partials to yp[s, slot, d] (NSPLIT * N * D floats).
+    """Program (touched expert, D block, s): h rows of the F chunk s @ w2 block; fp32
+    partials to yp[s, slot, d] (NSPLIT * N * D floats). h: the bf16 rows up_split_kernel
+    stored (SWIGLU_HERE there), or (H_FROM_PARTIALS) SwiGLU of the up partials, summed in
+    their chunk order and each GEMM output rounded to bf16 as torch.
 
     FUSED_COMBINE: the program that completes a token's D block (the last of its
     need * NSPLIT partials, counted by an atomic per (token, D block)) does that block's
@@ -268,16 +288,19 @@ def down_split_kernel(
             f_off = f0 + tl.arange(0, BLOCK_F)
             in_f = f_off < f_hi
             hm = in_m[:, None] & in_f[None, :]
-            a = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-            b = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-            pa = p_ptr + slots[:, None] * F + f_off[None, :]
-            for j in tl.static_range(NSPLIT_UP):  # unrolled: keeps the F loop pipelined
-                a += tl.load(pa + j * N * F, mask=hm, other=0.0)
-                b += tl.load(pa + (NSPLIT_UP + j) * N * F, mask=hm, other=0.0)
-            # As torch: bf16 GEMM outputs, silu rounded to bf16, the product rounded.
-            a = rn_bf16(a)
-            b = rn_bf16(b)
-            h = rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b).to(w2_ptr.dtype.element_ty)
+            if H_FROM_PARTIALS:
+                a = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+                b = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+                pa = p_ptr + slots[:, None] * F + f_off[None, :]
+                for j in tl.static_range(NSPLIT_UP):  # unrolled: no inner loop in the F loop
+                    a += tl.load(pa + j * N * F, mask=hm, other=0.0)
+                    b += tl.load(pa + (NSPLIT_UP + j) * N * F, mask=hm, other=0.0)
+                # As torch: bf16 GEMM outputs, silu rounded to bf16, the product rounded.
+                a = rn_bf16(a)
+                b = rn_bf16(b)
+                h = rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b).to(w2_ptr.dtype.element_ty)
+            else:
+                h = tl.load(h_ptr + slots[:, None] * F + f_off[None, :], mask=hm, other=0.0)
             w2t = tl.load(w2_ptr + w_base + n_off[:, None] * F + f_off[None, :], mask=in_n[:, None] & in_f[None, :], other=0.0)
             acc = tl.dot(h, tl.trans(w2t), acc)
         tl.store(yp_ptr + (s * N + slots[:, None]) * D + n_off[None, :], acc, mask=in_m[:, None] & in_n[None, :])

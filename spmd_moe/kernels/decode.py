@@ -41,15 +41,20 @@ TILES_LARGE_T = {"up_f": 64, "up_d": 64, "down_n": 64, "down_f": 64, "warps": 4,
 
 # The split variant for T <= SPLIT["max_t"] (variant "split" or "split_fused"; "tiled"
 # = the kernels above at every T). Up: programs (expert, F block, D chunk) write fp32
-# partials; down: programs (expert, D block, F chunk) sum them in chunk order, apply
-# SwiGLU and write fp32 partials of y; the combine sums those in chunk order before it
+# partials, summed in chunk order into SwiGLU (see "swiglu" below); down: programs
+# (expert, D block, F chunk) write fp32 partials of y; the combine sums those in chunk order before it
 # rounds. So each GEMM output is still one fp32 sum rounded once to bf16, in another
 # K order (the same tolerance as the tiled kernels), and the result does not depend on
 # which program runs first. "split_fused": the down program that completes a token's
-# D block (an atomic counter) also does its combine: 4 kernels instead of 5.
+# D block (an atomic counter) also does its combine: 4 kernels instead of 5. On the
+# interpreter programs run one after another; the counters' memory ordering (acq_rel
+# atomics after a CTA barrier, partials read past L1) is checked by the CUDA tests.
 SPLIT: dict[str, Any] = {"variant": "tiled", "max_t": 4}
-SPLIT_TILES = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n": 64, "down_f": 128, "down_split": 2,
-               "warps": 4, "stages": 3}
+# swiglu "up": the up program completing an (expert, F block) (an atomic counter) sums
+# the partials in chunk order and stores bf16 h rows; "down": every down program sums the
+# partials of its F chunk itself (no counter; more L2 reads in its loop).
+SPLIT_TILES: dict[str, Any] = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n": 64, "down_f": 128, "down_split": 2,
+                               "warps": 4, "stages": 3, "swiglu": "up"}
 
 _kernels: dict[str, Any] | None = None
 _tried = False
@@ -147,11 +152,15 @@ def routed_decode(
     fused = variant == "split_fused"
     tl_ = SPLIT_TILES if variant != "tiled" else TILES if T <= 16 else TILES_LARGE_T
     num_nb = triton_cdiv(D, tl_["down_n"])
-    # int32 plan: count_L, n_uniq, then (split_fused) the per-(token, D block) counters;
-    # zeroed by the gate kernel.
-    plan_n = L + 1 + (T * num_nb if fused else 0)
+    num_fb = triton_cdiv(F, tl_["up_f"])
+    swiglu_up = variant != "tiled" and tl_["swiglu"] == "up"
+    # int32 plan: count_L, n_uniq, the per-(local expert, F block) counters (swiglu "up"),
+    # the per-(token, D block) counters (split_fused); zeroed by the gate kernel.
+    n_ucnt = L * num_fb if swiglu_up else 0
+    plan_n = L + 1 + n_ucnt + (T * num_nb if fused else 0)
     plan_i32 = torch.empty(plan_n, dtype=torch.int32, device=dev)
-    count_L, nuniq, cnt_TB = plan_i32[:L], plan_i32[L:L + 1], plan_i32[L + 1:]
+    count_L, nuniq = plan_i32[:L], plan_i32[L:L + 1]
+    ucnt_LB, cnt_TB = plan_i32[L + 1:L + 1 + n_ucnt], plan_i32[L + 1 + n_ucnt:]
     need_T = torch.empty(T, dtype=torch.int32, device=dev)
     uniq_U = torch.empty(max(L, 1), dtype=torch.int32, device=dev)
     slot_LT = torch.empty(max(L, 1), T, dtype=torch.int32, device=dev)
@@ -199,17 +208,18 @@ def routed_decode(
         f_chunk = triton_cdiv(triton_cdiv(F, tl_["down_split"]), bf) * bf
         nsplit = triton_cdiv(F, f_chunk)
         p_SNF = torch.empty(2 * ns_up, N, F, dtype=torch.float32, device=dev)  # w1 then w3 partials
+        h_NF = torch.empty(N if swiglu_up else 1, F, dtype=x_TD.dtype, device=dev)
         y_ND = torch.empty(nsplit, N, D, dtype=torch.float32, device=dev)
         if u_max > 0:
-            ks["up_split"][(u_max, triton_cdiv(F, tl_["up_f"]), ns_up)](
-                x_TD, w1_EFD, w3_EFD, p_SNF, count_L, nuniq, uniq_U, slot_LT, T, D, F, N, d_chunk, ns_up,
-                K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=bd, **launch,
+            ks["up_split"][(u_max, num_fb, ns_up)](
+                x_TD, w1_EFD, w3_EFD, p_SNF, h_NF, ucnt_LB, count_L, nuniq, uniq_U, slot_LT, T, D, F, N, d_chunk,
+                K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=bd, NSPLIT=ns_up, SWIGLU_HERE=swiglu_up, **launch,
             )
             ks["down_split"][(u_max, num_nb, nsplit)](
-                p_SNF, w2_EDF, y_ND, out_TD, wts_TK, ids_TK, cnt_TB, need_T,
+                p_SNF, h_NF, w2_EDF, y_ND, out_TD, wts_TK, ids_TK, cnt_TB, need_T,
                 count_L, nuniq, uniq_U, slot_LT, T, D, F, N, f_chunk, num_nb, expert_start, L,
                 K=K, BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=bf, NSPLIT_UP=ns_up, NSPLIT=nsplit,
-                FUSED_COMBINE=fused, ROUND=rounded, **launch,
+                FUSED_COMBINE=fused, ROUND=rounded, H_FROM_PARTIALS=not swiglu_up, **launch,
             )
     if not fused:
         block = 1024 if D >= 1024 else max(16, _pow2(D))
