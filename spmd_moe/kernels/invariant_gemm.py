@@ -61,23 +61,24 @@ def _build() -> Any:
 
 
 @functools.lru_cache(maxsize=None)  # read once per process (the environment is set before it starts)
-def _config(dtype: torch.dtype, router: bool = False) -> tuple[int, int, int, int, int]:
+def _config(dtype: torch.dtype, router: bool = False, up: bool = False) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages): a function of the dtype and the role only
     (never of the row count). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides
     the 16-bit one (benchmark sweeps; both sides of a parity check must use the same).
     The router's fp32 GEMM (E outputs, no tensor cores) takes small tiles: at decode
-    sizes a [64, 64] tile put all of it on E/64 SMs (about 35 us at D=2048)."""
+    sizes a [64, 64] tile put all of it on E/64 SMs (about 35 us at D=2048). The fused
+    up kernel (two accumulators, w1 and w3) takes half the columns: the same registers
+    and shared memory as one GEMM tile (sm_90: 128 registers, no spill, vs 255 + spill
+    at full width) and twice the programs at decode sizes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 32, 16, 4, 1
     if router:
         return 16, 16, 32, 4, 2
     if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
+        return (64, 32, 32, 4, 3) if up else (64, 64, 32, 4, 3)
     env = os.environ.get("SPMD_MOE_INVARIANT_TILES")
-    if env:
-        bm, bn, bk, w, st = (int(v) for v in env.split(","))
-        return bm, bn, bk, w, st
-    return 128, 128, 64, 8, 3
+    bm, bn, bk, w, st = (int(v) for v in env.split(",")) if env else (128, 128, 64, 8, 3)
+    return bm, (max(16, bn // 2) if up else bn), bk, w, st
 
 
 _kerns: dict[str, Any] = {}
@@ -237,7 +238,7 @@ def _up(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, groups_e
         h.zero_()
         return h, (a1.zero_() if a1 is not None else None), (a3.zero_() if a3 is not None else None)
     assert w1_EFD.stride() == w3_EFD.stride()
-    BM, BN, BK, warps, stages = _config(dt)
+    BM, BN, BK, warps, stages = _config(dt, up=True)
     nt = (Fh + BN - 1) // BN
     s = w1_EFD.stride()
     groups_e = _i32(groups_e)

@@ -38,6 +38,32 @@ def _acc(  # type: ignore[no-untyped-def, unused-ignore]
 
 
 @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+def _acc2(  # type: ignore[no-untyped-def, unused-ignore]
+    a_ptr, a_off, row_ok, w1_base, w3_base, cols, col_ok, K, s_ak, s_wn, s_wk,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
+):
+    """_acc for two weights at once (w1 and w3 of the up projection): each a tile is
+    loaded once for both dots; each accumulator gets the very tl.dot sequence _acc does."""
+    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        a = tl.load(a_ptr + a_off[:, None] + ks[None, :] * s_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_off = ks[:, None] * s_wk + cols[None, :] * s_wn
+        w_ok = k_ok[:, None] & col_ok[None, :]
+        b1 = tl.load(w1_base + w_off, mask=w_ok, other=0.0)
+        b3 = tl.load(w3_base + w_off, mask=w_ok, other=0.0)
+        if F32:
+            acc1 = tl.dot(a.to(tl.float32), b1.to(tl.float32), acc1, input_precision="ieee")
+            acc3 = tl.dot(a.to(tl.float32), b3.to(tl.float32), acc3, input_precision="ieee")
+        else:
+            acc1 = tl.dot(a, b1, acc1)
+            acc3 = tl.dot(a, b3, acc3)
+    return acc1, acc3
+
+
+@triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
 def _tile_of(pid_m, ends_ptr, G, counts_given, GP: tl.constexpr, BM: tl.constexpr):  # type: ignore[no-untyped-def, unused-ignore]
     """Tile map from the group sizes, in the program (no host sync, no extra launch):
     group g owns ceil(rows_g / BM) tiles, in group order. ends_ptr holds cumulative ends
@@ -138,9 +164,10 @@ def swiglu_up_kernel(  # type: ignore[no-untyped-def, unused-ignore]
     if pid_m < total:
         ok, a_row, y_row = _rows(slots_ptr, g, j0, start, count, slot_stride, a_div, use_slots, BM)
         wo = g.to(tl.int64) * s_wg
-        # Each accumulator rounded as soon as it is done: one fp32 tile live at a time.
-        a1 = _acc(a_ptr, a_row * s_ar, ok, w1_ptr + wo, cols, col_ok, K, s_ak, s_wn, s_wk, BM, BN, BK, F32).to(ty)
-        a3 = _acc(a_ptr, a_row * s_ar, ok, w3_ptr + wo, cols, col_ok, K, s_ak, s_wn, s_wk, BM, BN, BK, F32).to(ty)
+        acc1, acc3 = _acc2(a_ptr, a_row * s_ar, ok, w1_ptr + wo, w3_ptr + wo, cols, col_ok, K, s_ak, s_wn, s_wk,
+                           BM, BN, BK, F32)
+        a1 = acc1.to(ty)
+        a3 = acc3.to(ty)
         a1f = a1.to(tl.float32)
         s = (a1f / (1.0 + tl.exp(-a1f))).to(ty)
         h = (s.to(tl.float32) * a3.to(tl.float32)).to(ty)
