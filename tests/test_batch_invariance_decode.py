@@ -171,6 +171,35 @@ def test_decode_form_same_bits_as_general_path_cuda() -> None:
             check(res, sizes, ig.DECODE_MAX_T, rtol=1e-4, atol=1e-3)
 
 
+def _compiled(fn: Any) -> int | None:
+    """How many binaries Triton's JIT holds for a kernel (None: this Triton keeps them
+    elsewhere)."""
+    try:
+        return sum(len(v[0]) for v in fn.device_caches.values())
+    except (AttributeError, TypeError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device tool)")
+def test_decode_form_and_general_path_share_binaries_cuda() -> None:
+    """The mechanism: after the decode form has run, the general path's inference forward
+    (T = 1000) compiles no new variant of the GEMM, up and route kernels: the two forms run
+    the same binaries (mode switches are unspecialised runtime arguments)."""
+    from spmd_moe.kernels import invariant_triton as kt
+
+    moe = _layer("cuda", torch.bfloat16, dim=256, hidden_dim=128, num_experts=32, top_k=8)
+    kernels = (kt.grouped_gemm_kernel, kt.swiglu_up_kernel, kt.route_kernel)
+    g = torch.Generator().manual_seed(1)
+    with batch_invariant(), torch.no_grad():
+        moe(torch.randn(7, 256, generator=g).to(torch.bfloat16).cuda())  # decode form
+        before = [_compiled(k) for k in kernels]
+        if None in before:
+            pytest.skip("this Triton version keeps its compiled kernels elsewhere")
+        moe(torch.randn(1000, 256, generator=g).to(torch.bfloat16).cuda())  # general path
+        after = [_compiled(k) for k in kernels]
+    assert after == before, f"new binaries compiled by the general path: {before} -> {after}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device tool)")
 def test_decode_form_captures_in_cuda_graph() -> None:
     """The decode form makes no host sync: it is captured in a CUDA graph and replays
