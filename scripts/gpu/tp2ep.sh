@@ -40,6 +40,7 @@ for ng in $SIZES; do
   echo "== n=$ng rc=$rc took $(( $(date +%s) - t0 )) s"
   grep -E "^\[tp2ep" "$OUT/tp2ep_${ng}gpu.log" | cut -c1-330
   [ $rc -ne 0 ] && tail -30 "$OUT/tp2ep_${ng}gpu.log" | cut -c1-300
+  [ -f "$OUT/tp2ep_${ng}gpu.json" ] && python3 -m spmd_moe.apps.bench.tp2ep --table "$OUT/tp2ep_${ng}gpu.json" 2>&1 | cut -c1-400
 done
 # Probe (40 s cap): torch's NVSHMEM all-to-all-v with device-side splits, multicast off
 # (the transport a prefill all-to-all without a host read would need). Reported, never fatal.

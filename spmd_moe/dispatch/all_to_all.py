@@ -276,11 +276,12 @@ class AllToAllDispatcher:
     ) -> tuple[Int[Placed[Var[EP]], " R"], Placed[Var[EP]]]:
         """The slots (into r*K) of this rank's experts in expert-major order, and which
         slots are local."""
-        local_rK = recv_ids_rK - self.start
-        valid_N = ((local_rK >= 0) & (local_rK < self.num_local)).reshape(-1)
-        key_N = torch.where(valid_N, local_rK.reshape(-1), self.num_local)
+        # Local experts keep their index 0..e-1; every other id lands in [e, E) mod E
+        # (start <= E - e), so it sorts after them and is cut off with the first R. Two
+        # ops instead of five: the host issues every op after the split-size read.
+        key_N = torch.remainder(recv_ids_rK.reshape(-1) - self.start, self.num_experts)
         # Stable: within an expert, source rank then token order (as the rows arrived).
-        return torch.argsort(key_N, stable=True)[:R], valid_N
+        return torch.argsort(key_N, stable=True)[:R], key_N < self.num_local
 
     @staticmethod
     def _source_major(
