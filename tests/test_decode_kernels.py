@@ -417,3 +417,30 @@ def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatc
     assert _ulps(y.cpu(), ref) <= 6.0
     y0, tpe0 = _call(p, bias, True, range(0, 8))
     assert torch.equal(y0, torch.zeros_like(y0)) and torch.equal(tpe0, tpe)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch: CUDA (sm90+) only")
+@pytest.mark.parametrize("T", [1, 5])
+def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPLIT_TILES['pdl'] only changes when the kernels launch: the split_fused output is
+    bitwise the same with and without it, eager and replayed from a CUDA graph (where
+    the launches overlap), on a local expert range and over all experts."""
+    p = _raw(T, seed=80 + T)
+    outs = []
+    for pdl in (False, True):
+        _use(monkeypatch, "split_fused")
+        monkeypatch.setitem(dk.SPLIT_TILES, "pdl", pdl)
+        outs.append([_call(p, None, False, loc, out_dtype=od)[0] for loc in (None, range(4, 12))
+                     for od in (None, torch.float32)])
+        static_x = p["x"].clone()
+        g = torch.cuda.CUDAGraph()
+        _call(dict(p, x=static_x), None, False)  # compiled before the capture
+        with torch.cuda.graph(g):
+            y_graph, _ = _call(dict(p, x=static_x), None, False)
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        outs[-1].append(y_graph.clone())
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[1][-1], outs[1][0]), "graph replay = eager"

@@ -5,6 +5,32 @@
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (sm90+); used only where a kernel's PDL flag is set
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: the flag is never set there (decode.py checks HAS_PDL)
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+else:
+    HAS_PDL = True
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """PDL: wait for the previous kernel in the stream (its writes visible; and nothing
+    of this one touches memory before, so a buffer the previous kernel still used cannot
+    be overwritten early), then let the next kernel's programs start as soon as all of
+    this one's have: their launch overlaps this kernel's tail. A no-op without PDL."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
 
 @triton.jit
 def rn_bf16(v):
@@ -18,10 +44,11 @@ def rn_bf16(v):
 @triton.jit
 def gate_kernel(
     x_ptr, w_ptr, logits_ptr, plan_ptr, D, E, PLAN_N,
-    BLOCK_EC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PLAN: tl.constexpr,
+    BLOCK_EC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PLAN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """fp32 logits of a block of BLOCK_EC experts for one token (the gate GEMV spread
     over T * E/BLOCK_EC programs); the programs also zero the plan counters."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     e_off = tl.program_id(1) * BLOCK_EC + tl.arange(0, BLOCK_EC)
     in_e = e_off < E
@@ -45,12 +72,14 @@ def route_kernel(
     T, E, route_scale, e_start, num_local, row_lo, row_hi, need_ptr, out_ptr, D,
     K: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One token: scores, top-k by rank over all E (no serial K loop), weights, and the
     plan of the local experts [e_start, e_start + num_local) in local ids; the token adds
     to the load-balance counter only if row_lo <= t < row_hi. FUSED_COMBINE (the split
     variant, whose down kernel combines): the token's number of local slots goes to
     need_ptr, and a token without any gets its output row zeroed here."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     e_off = tl.arange(0, BLOCK_E)
     in_e = e_off < E
@@ -105,8 +134,9 @@ def route_kernel(
 def up_kernel(
     x_ptr, w1_ptr, w3_ptr, h_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
     T, D, F,
-    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
         e = tl.load(uniq_ptr + u).to(tl.int64)
@@ -139,8 +169,9 @@ def up_kernel(
 def down_kernel(
     h_ptr, w2_ptr, y_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
     T, D, F,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
         e = tl.load(uniq_ptr + u).to(tl.int64)
@@ -164,7 +195,7 @@ def down_kernel(
 @triton.jit
 def combine_kernel(
     out_ptr, y_ptr, wts_ptr, ids_ptr, e_start, num_local, D, N,
-    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr, NSPLIT: tl.constexpr,
+    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """ROUND: spmd_moe.moe's _weighted_sum, each weighted term and each add rounded to
     bf16, ascending k (= ascending expert id). Not ROUND: the same sum in fp32, unrounded
@@ -172,6 +203,7 @@ def combine_kernel(
     (their y rows were never written, so they are not read). y of slot i is
     rn_bf16(sum over j < NSPLIT of y_ptr[j, i]) (the split variant's fp32 partials; with
     NSPLIT = 1 and bf16 rows the rounding is the identity)."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs < D
@@ -199,13 +231,14 @@ def up_split_kernel(
     x_ptr, w1_ptr, w3_ptr, p_ptr, h_ptr, ucnt_ptr, count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
     T, D, F, N, D_CHUNK,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-    NSPLIT: tl.constexpr, SWIGLU_HERE: tl.constexpr,
+    NSPLIT: tl.constexpr, SWIGLU_HERE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (touched expert, F block, s): x rows @ w1/w3 blocks over the D chunk
     [s * D_CHUNK, (s+1) * D_CHUNK), fp32 partials to p[0 or 1, s, slot, f] (p holds
     2 * NSPLIT * N * F floats). Not SWIGLU_HERE: the down kernel sums them in s order and
     applies SwiGLU. SWIGLU_HERE: the program that completes an (expert, F block) (an
     atomic counter) does that and stores bf16 h rows, as up_kernel."""
+    pdl_enter(PDL)
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
         e = tl.load(uniq_ptr + u).to(tl.int64)
@@ -259,7 +292,7 @@ def down_split_kernel(
     T, D, F, N, F_CHUNK, NUM_N, e_start, num_local,
     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
     NSPLIT_UP: tl.constexpr, NSPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, ROUND: tl.constexpr,
-    H_FROM_PARTIALS: tl.constexpr,
+    H_FROM_PARTIALS: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (touched expert, D block, s): h rows of the F chunk s @ w2 block; fp32
     partials to yp[s, slot, d] (NSPLIT * N * D floats). h: the bf16 rows up_split_kernel
@@ -269,6 +302,7 @@ def down_split_kernel(
     FUSED_COMBINE: the program that completes a token's D block (the last of its
     need * NSPLIT partials, counted by an atomic per (token, D block)) does that block's
     combine as combine_kernel: the summation order is fixed whichever program is last."""
+    pdl_enter(PDL)
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
         e = tl.load(uniq_ptr + u).to(tl.int64)

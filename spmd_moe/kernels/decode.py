@@ -53,8 +53,12 @@ SPLIT: dict[str, Any] = {"variant": "tiled", "max_t": 4}
 # swiglu "up": the up program completing an (expert, F block) (an atomic counter) sums
 # the partials in chunk order and stores bf16 h rows; "down": every down program sums the
 # partials of its F chunk itself (no counter; more L2 reads in its loop).
+# pdl: programmatic dependent launch between the variant's kernels (CUDA, sm90+): each
+# kernel waits for its predecessor at its very start (before any memory access) and lets
+# its successor launch once all its programs have started, so launch latency overlaps
+# the predecessor's tail. The arithmetic is unchanged (bitwise, a CUDA test).
 SPLIT_TILES: dict[str, Any] = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n": 64, "down_f": 128, "down_split": 2,
-                               "warps": 4, "stages": 3, "swiglu": "up"}
+                               "warps": 4, "stages": 3, "swiglu": "up", "pdl": False}
 
 _kernels: dict[str, Any] | None = None
 _tried = False
@@ -75,6 +79,13 @@ def _build() -> dict[str, Any] | None:
     _kernels = {"gate": k.gate_kernel, "route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel,
                 "combine": k.combine_kernel, "up_split": k.up_split_kernel, "down_split": k.down_split_kernel}
     return _kernels
+
+
+def _pdl_ok(dev: torch.device) -> bool:
+    """Triton has the grid-dependency intrinsics and the card is sm90 or newer."""
+    from spmd_moe.kernels import _decode_triton as k
+
+    return bool(k.HAS_PDL) and torch.cuda.get_device_capability(dev)[0] >= 9
 
 
 def _pow2(n: int) -> int:
@@ -170,18 +181,21 @@ def routed_decode(
     rounded = out_dtype is None or out_dtype != torch.float32
     out_TD = torch.empty(T, D, dtype=out_dtype or x_TD.dtype, device=dev)
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
+    pdl = bool(variant != "tiled" and tl_["pdl"] and dev.type == "cuda" and _pdl_ok(dev))
+    pk: dict[str, Any] = {"PDL": True, "launch_pdl": True} if pdl else {}
     bec = 4
     n_gate = T * triton_cdiv(E, bec)
     ks["gate"][(T, triton_cdiv(E, bec))](
         x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, plan_n,
         BLOCK_EC=bec, BLOCK_D=min(1024, _pow2(D)), BLOCK_PLAN=max(16, _pow2(triton_cdiv(plan_n, n_gate))), num_warps=4,
+        **pk,
     )
     ks["route"][(T,)](
         logits_TE, bias, ids_TK, wts_TK, count_L, nuniq, uniq_U, slot_LT, tokens_per_expert_E,
         T, E, float(route_scale), expert_start, L, lo, hi, need_T, out_TD, D,
         K=K, BLOCK_E=max(16, _pow2(E)),
         SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm,
-        FUSED_COMBINE=fused, num_warps=8,
+        FUSED_COMBINE=fused, num_warps=8, **pk,
     )
     bm = max(16, _pow2(T))
     u_max = min(T * K, L)
@@ -213,18 +227,19 @@ def routed_decode(
         if u_max > 0:
             ks["up_split"][(u_max, num_fb, ns_up)](
                 x_TD, w1_EFD, w3_EFD, p_SNF, h_NF, ucnt_LB, count_L, nuniq, uniq_U, slot_LT, T, D, F, N, d_chunk,
-                K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=bd, NSPLIT=ns_up, SWIGLU_HERE=swiglu_up, **launch,
+                K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=bd, NSPLIT=ns_up, SWIGLU_HERE=swiglu_up, **launch, **pk,
             )
             ks["down_split"][(u_max, num_nb, nsplit)](
                 p_SNF, h_NF, w2_EDF, y_ND, out_TD, wts_TK, ids_TK, cnt_TB, need_T,
                 count_L, nuniq, uniq_U, slot_LT, T, D, F, N, f_chunk, num_nb, expert_start, L,
                 K=K, BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=bf, NSPLIT_UP=ns_up, NSPLIT=nsplit,
-                FUSED_COMBINE=fused, ROUND=rounded, H_FROM_PARTIALS=not swiglu_up, **launch,
+                FUSED_COMBINE=fused, ROUND=rounded, H_FROM_PARTIALS=not swiglu_up, **launch, **pk,
             )
     if not fused:
         block = 1024 if D >= 1024 else max(16, _pow2(D))
         ks["combine"][(T, triton_cdiv(D, block))](
             out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, N, K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=nsplit,
+            **pk,
         )
     return out_TD
 

@@ -2,11 +2,12 @@
 path ('torchtitan' kernels) and the HBM floor, CUDA graphs, side by side in one run.
 
     python -m spmd_moe.apps.bench.decode --out decode.json [--sweep]
-        [--variants tiled split split_fused] [--split-max-t 8] [--split-sweep] [--budget-s 90]
+        [--variants tiled split split_fused split_fused_pdl] [--split-max-t 8] [--split-sweep] [--budget-s 90]
 
 Variants (spmd_moe.kernels.decode.SPLIT): 'tiled' (the kernels of session 3 at every T)
 and, for T <= --split-max-t, 'split' / 'split_fused' (weights streamed split-K by more,
-smaller programs; fused: the combine inside the down kernel). Each is timed on the same
+smaller programs; fused: the combine inside the down kernel); a '_pdl' suffix launches
+them with programmatic dependent launch (SPLIT_TILES['pdl']). Each is timed on the same
 layer, weights and inputs, with its own CUDA graph.
 
 Layer: Qwen3-30B-A3B's MoE (D=2048, F=768, E=128, top-8, bf16). Floor: the bytes of the
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if v != "tiled" and T > args.split_max_t:
                 continue
             xs, y_r, floor_ms = inputs[T]
-            dk.SPLIT["variant"] = v
+            dk.SPLIT["variant"] = v.removesuffix("_pdl")
+            dk.SPLIT_TILES["pdl"] = v.endswith("_pdl")
             pre = "fast" if v == "tiled" else v  # 'fast_*' keys: the tiled kernels, as in earlier JSON
             try:
                 with torch.no_grad():
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as e:  # one variant failing (build, launch) leaves the others' numbers
                 row[f"{pre}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             dk.SPLIT["variant"] = default_variant
+            dk.SPLIT_TILES["pdl"] = res["split_tiles"]["pdl"]
             print(json.dumps({"T": T, "variant": v, **{k: x for k, x in row.items() if k.startswith(pre)}}),
                   file=sys.stderr, flush=True)
             _write(args.out, res)  # so far: a run cut short by its timeout still leaves the rows
@@ -204,14 +207,16 @@ def summarize(res: dict[str, Any]) -> str:
         parts = [f"T={row['T']:<3} floor {row['floor_ms'] * 1e3:6.1f} us"]
         if "torch_graph_ms" in row:
             parts.append(f"torch {row['torch_graph_ms'] * 1e3:6.1f} us ({row['torch_over_floor']:.2f}x)")
-        for pre in ("fast", "split", "split_fused"):
+        for pre in ("fast", "split", "split_fused", "split_pdl", "split_fused_pdl"):
             if f"{pre}_graph_ms" in row:
                 name = "tiled" if pre == "fast" else pre
                 diff = row.get(f"{pre}_max_abs_diff_vs_torch", row.get("max_abs_diff_vs_torch", float("nan")))
                 parts.append(f"{name} {row[f'{pre}_graph_ms'] * 1e3:6.1f} us ({row[f'{pre}_over_floor']:.2f}x,"
                              f" diff {diff:.2g})")
         lines.append("  ".join(parts))
-        for pre in ("fast", "split", "split_fused"):
+        for pre in ("fast", "split", "split_fused", "split_pdl", "split_fused_pdl"):
+            if f"{pre}_error" in row:
+                lines.append(f"    {pre:12s} ERROR {row[f'{pre}_error'][:200]}")
             by = row.get(f"{pre}_by_kernel_ms")
             if by:
                 lines.append(f"    {pre:12s} kernels: " + ", ".join(f"{k[:16]} {v * 1e3:.1f}" for k, v in by.items()))
@@ -227,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--variants", nargs="+", default=["tiled", "split", "split_fused"],
-                   choices=["tiled", "split", "split_fused"])
+    p.add_argument("--variants", nargs="+", default=["tiled", "split", "split_fused", "split_fused_pdl"],
+                   choices=["tiled", "split", "split_fused", "split_pdl", "split_fused_pdl"])
     p.add_argument("--split-max-t", type=int, default=8, help="T up to which the split variants are timed")
     p.add_argument("--split-sweep", action="store_true", help="SPLIT_TILES choices at T=1 (split_fused)")
     p.add_argument("--torch-profile", action=argparse.BooleanOptionalAction, default=True,
