@@ -3,7 +3,7 @@
 #  1. CUDA parity: every kernel test of tests/test_decode_kernels.py runs natively on CUDA (bf16),
 #     the 'split' / 'split_fused' variants and the EP arguments included (<= 55 s).
 #  2. python -m spmd_moe.apps.bench.decode: T = 1, 8, 64; the tiled kernels (session 3) vs the
-#     split variants (T <= 8) vs the torch path, CUDA-graph timings and x HBM floor, per-kernel
+#     split variants (split, split_fused, split_fused_pdl; T <= 8) vs the torch path, CUDA-graph timings and x HBM floor, per-kernel
 #     device times; then a SPLIT_TILES sweep at T=1 until 62 s of bench wall time (<= 80 s).
 # Files: $OUT/decode_gpu.json (written after every row, so a cut-short run keeps its rows),
 #        $OUT/decode.log (the bench's stderr). Summary on stdout.
