@@ -18,13 +18,13 @@ head -2 "$LOG"
 if [ "${FULL:-0}" = 1 ]; then
   TOTAL=420; TESTS_S=120; BENCH_ARGS=(--gpu-t 1,8,64,512,4096,32768)
 else
-  TOTAL=145; TESTS_S=75; BENCH_ARGS=(--gpu-t 1,8,64,512 --bwd-max-t 512 --rounds 3 --no-generic)
+  TOTAL=145; TESTS_S=85; BENCH_ARGS=(--gpu-t 1,8,64,512 --bwd-max-t 512 --rounds 3 --no-generic)
 fi
 echo "== pytest -k cuda" >> "$LOG"
-timeout "$TESTS_S" python3 -m pytest -q -s -p no:cacheprovider tests/test_batch_invariance.py \
+timeout "$TESTS_S" python3 -m pytest -v -s -p no:cacheprovider tests/test_batch_invariance.py \
   tests/test_batch_invariance_decode.py -k "cuda" >> "$LOG" 2>&1
 echo "pytest rc=$? in $((SECONDS - t0)) s"
-grep -E "passed|failed|control|Error|assert" "$LOG" | tail -12 | cut -c1-300
+grep -iE "passed|failed|skipped|control|Error|assert" "$LOG" | tail -14 | cut -c1-300
 BENCH_S=$((TOTAL - (SECONDS - t0)))
 t1=$SECONDS
 echo "== bench (${BENCH_S} s cap)" >> "$LOG"
