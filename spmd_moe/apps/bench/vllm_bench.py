@@ -14,11 +14,17 @@ In every engine: a warm-up, then the mixed batch (48 prompts of 1-300 tokens, 24
 tokens each, greedy, ignore_eos) ``--reps`` times -> tokens/s = 48*24 / best batch time
 (median too); under ``base`` also one request's decode step: (best time of 1+S new
 tokens - best time of 1) / S (median too). Best-of-reps because the CPU is shared: the
-least disturbed run is the closest to the engine's own speed. The plugin engines also report how many collectives one MoE
+least disturbed run is the closest to the engine's own speed. Each engine is started
+``--rounds`` times (default 2) in alternating order (native, plugin, ...; then the
+reverse), and best / median are over the reps of all its rounds, so that load moving over
+minutes does not fall on one engine only. The plugin engines also report how many collectives one MoE
 layer makes per forward step (a counting wrapper around the layer's communicator, and
 every torch.distributed call counted), and the plugin with
 SPMD_MOE_VLLM_COMM=torch (gloo on the TP group instead of vLLM's shared-memory
-communicator) runs under ``base`` to show what the communicator buys.
+communicator) runs under ``base`` to show what the communicator buys, and the plugin with
+SPMD_MOE_VLLM_EXPERTS=spmd (spmd_moe's own expert GEMMs instead of vLLM's CPU
+fused-experts op, spmd_moe.integrations.vllm.experts) under ``base`` for what the op buys.
+The machine's 1-minute load average is recorded around every engine.
 
 The CPU is shared: compare the ratios within one run, not absolute speeds.
 """
@@ -117,6 +123,22 @@ def worker_install_counters(model: Any) -> dict[str, Any]:
         b[1] += dt
 
     handles = [m.register_forward_pre_hook(hook) for m in moes] + [m.register_forward_hook(post) for m in moes]
+    # The whole model's forward too (everything but sampling): what the MoE layers leave.
+    whole: dict[str, Any] = {"t0": 0.0, "T": 0, "by_T": {}}
+
+    def model_pre(module: Any, args: Any, kwargs: Any) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        whole["T"] = int(ids.shape[0]) if ids is not None else -1
+        whole["t0"] = time.perf_counter()
+
+    def model_post(module: Any, args: Any, kwargs: Any, out: Any) -> None:
+        b = whole["by_T"].setdefault(str(whole["T"]), [0, 0.0])
+        b[0] += 1
+        b[1] += time.perf_counter() - whole["t0"]
+
+    handles += [model.register_forward_pre_hook(model_pre, with_kwargs=True),
+                model.register_forward_hook(model_post, with_kwargs=True)]
+    forwards["whole"] = whole
     raw: dict[str, int] = {}
     saved = {k: getattr(dist, k) for k in _DIST_NAMES}
 
@@ -155,6 +177,7 @@ def worker_read_counters(model: Any) -> dict[str, Any]:
            "moe_forward_calls": _STATE["forwards"]["calls"], "moe_forward_tokens": _STATE["forwards"]["tokens"],
            "moe_forward_s": _STATE["forwards"]["s"],
            "moe_forward_us_by_T": {k: round(1e6 * v[1] / v[0], 1) for k, v in _STATE["forwards"]["by_T"].items()},
+           "model_forward_us_by_T": {k: round(1e6 * v[1] / v[0], 1) for k, v in _STATE["forwards"]["whole"]["by_T"].items()},
            "moe_layers": len(_STATE["moes"])}
     _STATE.clear()
     return out
@@ -270,9 +293,46 @@ def _per_layer_step(counters: dict[str, Any]) -> dict[str, Any]:
         "comm_calls_per_moe_layer_call": {k: v / calls for k, v in r0["comm_calls"].items()},
         "moe_layer_us_per_call": 1e6 * r0.get("moe_forward_s", 0.0) / calls,
         "moe_layer_us_by_T": r0.get("moe_forward_us_by_T", {}),
+        "model_forward_us_by_T": r0.get("model_forward_us_by_T", {}),
         "torch_distributed_calls_per_model_step": {k: v / steps for k, v in r0["torch_distributed_calls"].items()},
         "comm": counters["installed"][0].get("comm"),
     }
+
+
+def _merge_rounds(rs: list[dict[str, Any]], batch_tokens: int) -> dict[str, Any]:
+    """One engine's rounds as one record: best and median over every timed batch (and
+    decode measurement) of every round; the counters and start time of the first round;
+    the greedy tokens, checked equal across rounds."""
+    r = dict(rs[0])
+    r["rounds"] = [{k: x.get(k) for k in ("start_s", "batch_s", "tokens_per_s", "machine_load")}
+                   | ({"decode_step_ms": x["single_request"]["decode_step_ms"]} if "single_request" in x else {})
+                   for x in rs]
+    times = [t for x in rs for t in x["batch_s"]]
+    r["batch_s"] = times
+    r["tokens_per_s"] = batch_tokens / min(times)
+    r["tokens_per_s_median"] = batch_tokens / statistics.median(times)
+    r["machine_load"] = [x["machine_load"] for x in rs]
+    r["tokens_equal_across_rounds"] = all(x["tokens"] == rs[0]["tokens"] for x in rs)
+    if "single_request" in rs[0]:
+        sr = dict(rs[0]["single_request"])
+        short = [t for x in rs for t in x["single_request"]["t1_s"]]
+        long_ = [t for x in rs for t in x["single_request"]["t1_plus_steps_s"]]
+        S = int(sr["steps"])
+        sr.update(t1_s=short, t1_plus_steps_s=long_,
+                  decode_step_ms=1e3 * (min(long_) - min(short)) / S,
+                  decode_step_ms_median=1e3 * (statistics.median(long_) - statistics.median(short)) / S)
+        r["single_request"] = sr
+    return r
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,9 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompt-len", type=int, default=300)
     p.add_argument("--new", type=int, default=24)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2, help="engine starts per engine, in alternating order")
     p.add_argument("--decode-steps", type=int, default=48)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--no-gloo", action="store_true", help="skip the plugin-on-gloo engine")
+    p.add_argument("--no-spmd-experts", action="store_true",
+                   help="skip the plugin engine with spmd_moe's own expert GEMMs (SPMD_MOE_VLLM_EXPERTS=spmd)")
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--engine-out", help=argparse.SUPPRESS)
@@ -303,9 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     native = {"model": str(ckpt.hf_dir)}
     plugin = {"model": str(ckpt.spmd_dir), "config_format": "spmd_moe"}
     res: dict[str, Any] = {
-        "shape": {"prompts": a.prompts, "prompt_len": [1, a.max_prompt_len], "new_tokens": a.new, "reps": a.reps,
+        "shape": {"prompts": a.prompts, "prompt_len": [1, a.max_prompt_len], "new_tokens": a.new, "reps": a.reps, "rounds": a.rounds,
                   "decode_steps": a.decode_steps, "tp": a.tp, "max_model_len": MAX_MODEL_LEN},
-        "machine": {"cpus": os.cpu_count(), "note": "shared CPU: compare ratios within this run"},
+        "machine": {"cpus": os.cpu_count(), "cpu": _cpu_name(), "note": "shared CPU: compare ratios within this run",
+                    "loadavg_1m_5m_15m_at_start": list(os.getloadavg()), "utc_start": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())},
         "settings": {}, "command": "python -m spmd_moe.apps.bench.vllm_bench " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     t_all = time.perf_counter()
@@ -317,16 +381,30 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if sname == "base" and not a.no_gloo:
             engines.append(("plugin_gloo", {**plugin, "env": {"SPMD_MOE_VLLM_COMM": "torch"}, "count": True}))
+        if sname == "base" and not a.no_spmd_experts:
+            # spmd_moe's own expert GEMMs instead of vLLM's CPU fused-experts op: what the op buys.
+            engines.append(("plugin_spmd_experts", {**plugin, "env": {"SPMD_MOE_VLLM_EXPERTS": "spmd"},
+                                                    "decode_steps": a.decode_steps, "count": True}))
         out: dict[str, Any] = {"engine_settings": setting, "engines": {}}
-        for ename, spec in engines:
-            print(f"[vllm-bench] {sname} / {ename} ...", file=sys.stderr, flush=True)
-            r = _run_subprocess({**common, **spec, "setting": setting, "name": f"{sname}/{ename}"}, a.timeout)
+        # Rounds in alternating order (native first, then plugin first, ...): on a shared
+        # CPU the load moves over minutes, and a fixed order would hand it to one engine.
+        rounds: dict[str, list[dict[str, Any]]] = {ename: [] for ename, _ in engines}
+        for i in range(a.rounds):
+            for ename, spec in (engines if i % 2 == 0 else engines[::-1]):
+                print(f"[vllm-bench] {sname} / {ename} (round {i + 1}/{a.rounds}) ...", file=sys.stderr, flush=True)
+                load0, t0 = os.getloadavg(), time.strftime("%H:%M:%S", time.gmtime())
+                r = _run_subprocess({**common, **spec, "setting": setting, "name": f"{sname}/{ename}"}, a.timeout)
+                # The CPU is shared: the 1-minute load average before and after this engine.
+                r["machine_load"] = {"utc_start": t0, "loadavg_1m_before": load0[0], "loadavg_1m_after": os.getloadavg()[0]}
+                rounds[ename].append(r)
+                print(f"[vllm-bench] {sname} / {ename}: {r['tokens_per_s']:.1f} tokens/s"
+                      + (f", decode step {r['single_request']['decode_step_ms']:.2f} ms" if "single_request" in r else ""),
+                      file=sys.stderr, flush=True)
+        for ename, rs in rounds.items():
+            r = _merge_rounds(rs, len(batch) * a.new)
             if "counters" in r:
                 r["collectives"] = _per_layer_step(r["counters"])
             out["engines"][ename] = r
-            print(f"[vllm-bench] {sname} / {ename}: {r['tokens_per_s']:.1f} tokens/s"
-                  + (f", decode step {r['single_request']['decode_step_ms']:.2f} ms" if "single_request" in r else ""),
-                  file=sys.stderr, flush=True)
         e = out["engines"]
         out["plugin_over_native_tokens_per_s"] = e["plugin"]["tokens_per_s"] / e["native"]["tokens_per_s"]
         out["plugin_over_native_tokens_per_s_median"] = e["plugin"]["tokens_per_s_median"] / e["native"]["tokens_per_s_median"]
@@ -340,6 +418,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         if "plugin_gloo" in e:
             out["plugin_gloo_over_native_tokens_per_s"] = e["plugin_gloo"]["tokens_per_s"] / e["native"]["tokens_per_s"]
+        if "plugin_spmd_experts" in e:
+            x = e["plugin_spmd_experts"]
+            out["plugin_spmd_experts_over_native_tokens_per_s"] = x["tokens_per_s"] / e["native"]["tokens_per_s"]
+            out["plugin_spmd_experts_greedy_tokens_equal"] = x["tokens"] == e["native"]["tokens"]
+            if "single_request" in x:
+                out["plugin_spmd_experts_over_native_decode_step"] = (
+                    x["single_request"]["decode_step_ms"] / e["native"]["single_request"]["decode_step_ms"]
+                )
         for r in e.values():
             r.pop("tokens", None)
         res["settings"][sname] = out
@@ -350,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 for s, o in res["settings"].items()},
     }
     res["wall_s"] = time.perf_counter() - t_all
+    res["machine"]["loadavg_1m_5m_15m_at_end"] = list(os.getloadavg())
     text = json.dumps(res, indent=1)
     if a.out:
         Path(a.out).write_text(text + "\n")
