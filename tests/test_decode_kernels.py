@@ -363,7 +363,7 @@ def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> N
     monkeypatch.setitem(dk.SPLIT, "variant", variant)
     monkeypatch.setitem(dk.SPLIT, "max_t", dk.MAX_T)
     for key, v in {"up_f": 16, "up_d": 16, "up_split": 4, "down_n": 32, "down_f": 16, "down_split": 2,
-                   "swiglu": swiglu}.items():
+                   "swiglu": swiglu, "gate_e": 2}.items():
         monkeypatch.setitem(dk.SPLIT_TILES, key, v)
 
 

@@ -58,7 +58,7 @@ SPLIT: dict[str, Any] = {"variant": "tiled", "max_t": 4}
 # its successor launch once all its programs have started, so launch latency overlaps
 # the predecessor's tail. The arithmetic is unchanged (bitwise, a CUDA test).
 SPLIT_TILES: dict[str, Any] = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n": 64, "down_f": 128, "down_split": 2,
-                               "warps": 4, "stages": 3, "swiglu": "up", "pdl": False}
+                               "warps": 4, "stages": 3, "swiglu": "up", "pdl": False, "gate_e": 4}
 
 _kernels: dict[str, Any] | None = None
 _tried = False
@@ -183,11 +183,11 @@ def routed_decode(
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
     pdl = bool(variant != "tiled" and tl_["pdl"] and dev.type == "cuda" and _pdl_ok(dev))
     pk: dict[str, Any] = {"PDL": True, "launch_pdl": True} if pdl else {}
-    bec = 4
+    bec = tl_.get("gate_e", 4)  # experts per gate program (a D loop of up to 4096/bec columns per step)
     n_gate = T * triton_cdiv(E, bec)
     ks["gate"][(T, triton_cdiv(E, bec))](
         x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, plan_n,
-        BLOCK_EC=bec, BLOCK_D=min(1024, _pow2(D)), BLOCK_PLAN=max(16, _pow2(triton_cdiv(plan_n, n_gate))), num_warps=4,
+        BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_PLAN=max(16, _pow2(triton_cdiv(plan_n, n_gate))), num_warps=4,
         **pk,
     )
     ks["route"][(T,)](

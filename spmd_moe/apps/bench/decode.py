@@ -146,8 +146,9 @@ def split_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_sta
     out = []
     g = torch.Generator(device=device).manual_seed(3)
     xs = [torch.randn(1, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4)]
-    choices = [  # (up_f, up_d, up_split, down_n, down_f, down_split, warps, stages, swiglu)
+    choices: list[tuple[Any, ...]] = [  # (up_f, up_d, up_split, down_n, down_f, down_split, warps, stages, swiglu[, gate_e])
         (32, 128, 4, 64, 128, 2, 4, 3, "up"), (32, 128, 4, 64, 128, 2, 4, 3, "down"),
+        (32, 128, 4, 64, 128, 2, 4, 3, "up", 1), (32, 128, 4, 64, 128, 2, 4, 3, "up", 2),
         (32, 128, 2, 64, 128, 1, 4, 3, "up"), (32, 128, 4, 32, 128, 2, 4, 3, "up"),
         (16, 128, 4, 32, 128, 2, 4, 3, "up"), (16, 256, 4, 32, 128, 3, 4, 3, "up"),
         (32, 256, 2, 64, 256, 1, 4, 3, "up"), (32, 128, 8, 64, 64, 4, 4, 3, "up"),
@@ -155,11 +156,12 @@ def split_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_sta
         (64, 128, 8, 64, 128, 2, 4, 3, "up"), (32, 64, 8, 32, 64, 4, 4, 4, "up"),
         (16, 64, 16, 32, 64, 4, 2, 4, "down"), (32, 128, 1, 32, 128, 1, 4, 3, "up"),
     ]
-    keys = ("up_f", "up_d", "up_split", "down_n", "down_f", "down_split", "warps", "stages", "swiglu")
+    keys = ("up_f", "up_d", "up_split", "down_n", "down_f", "down_split", "warps", "stages", "swiglu", "gate_e")
     for ch in choices:
         if time.monotonic() - t_start > args.budget_s:
             out.append({"stopped": "budget"})
             break
+        dk.SPLIT_TILES.update(base)
         dk.SPLIT_TILES.update(dict(zip(keys, ch)))
         try:
             rep = try_graph(device, fast, xs)
