@@ -31,7 +31,9 @@ Checked, each through the library's own MoE layer:
   output against the single-device layer 1e-6 relative in fp32 (the same products, the
   sum over k split per rank and added in rank order: a different order of a handful of
   fp32 adds) and against a float64 loop 3 bf16 ulps of max|y| in bf16 (one rounding of
-  the fp32 sum; the bf16 expert GEMMs round as on the row path); counters exact.
+  the fp32 sum; the bf16 expert GEMMs round as on the row path); counters exact. Its two
+  CUDA kernels run in Triton's interpreter (subprocess): against their torch forms and end
+  to end on gloo.
 """
 
 from __future__ import annotations
@@ -637,12 +639,13 @@ def _triton() -> bool:
 @pytest.mark.skipif(torch.cuda.is_available() or IN_INTERPRETER or not _triton(), reason="CPU with Triton only, once")
 def test_partial_sums_kernel_in_triton_interpreter() -> None:
     """Triton reads TRITON_INTERPRET at its first import: a fresh interpreter runs the
-    kernel test below."""
+    three kernel tests below (partial sums vs torch; the sender's sum over ranks vs torch,
+    bitwise; the weighted path with both kernels end to end on gloo, world 2)."""
     env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_partial"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "3 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")
@@ -673,3 +676,61 @@ def test_interp_partial_sums_kernel_matches_torch() -> None:
         assert got.dtype == torch.float32 and got.shape == (r, Dd)
         if r:
             assert rel_err(got, ref.float()) <= 1e-6, rel_err(got, ref.float())
+
+
+def _partial_kernels_end_to_end(rank: int, n: int) -> list[str]:
+    """In the interpreter: the weighted path with both kernels (the return positions
+    computed before the host read included) against the single-device layer."""
+    import spmd_moe.dispatch.all_to_all as a2a
+    from spmd_moe.dispatch import _partial_combine as pc
+
+    a2a.PARTIAL_ON_CPU = True
+    bad = []
+    try:
+        for layout, T, shared in (("sequence", 7, False), ("sequence", 40, True), ("replicated", 13, False)):
+            cfg = make_cfg(dispatcher="all_to_all", padding="pad", shared_hidden_dim=16 if shared else None, top_k=4)
+            full, moe = build_pair(cfg, world_pctx(), layout, 60 + T)
+            x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+            sl = slice(0, T) if layout == "replicated" else token_slice(T, n, rank)
+            with torch.no_grad():
+                assert pc.use_kernel(x)
+                y = moe(x[sl])
+                err = rel_err(y, full(x)[sl])
+            if err > FWD_TOL:
+                bad.append(f"{layout} T={T} shared={shared}: rel err {err:.3g}")
+    finally:
+        a2a.PARTIAL_ON_CPU = False
+    return bad
+
+
+@pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the interpreter subprocess above")
+def test_interp_partial_kernels_end_to_end() -> None:
+    res = run_distributed(_partial_kernels_end_to_end, 2, timeout=500, pg_timeout=300)
+    bad = [f"rank {r}: {b}" for r, bs in enumerate(res) for b in bs]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")
+def test_interp_partial_sum_over_ranks_matches_torch() -> None:
+    """The sender's kernel against the torch form, bitwise (the same fp32 adds in rank
+    order, one rounding): tokens sent to every rank, to some, to none (pads)."""
+    from spmd_moe.dispatch import _partial_combine as pc
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    for T, n, Dd in ((9, 2, 80), (33, 4, 64), (0, 2, 16)):
+        hit = torch.rand(T, n, generator=g) < 0.6
+        if T:
+            hit[0] = False  # a pad: sent nowhere
+        per = hit.sum(0)
+        within = torch.cumsum(hit, 0) - hit.long()
+        pos = torch.where(hit, within + (torch.cumsum(per, 0) - per), -1).to(dev)
+        tok_idx = torch.cat([torch.nonzero(hit[:, j]).reshape(-1) for j in range(n)]).to(dev)
+        parts = torch.randn(int(per.sum()), Dd, generator=g).to(dev)
+        got = pc.sum_over_ranks(parts, pos, tok_idx, per.tolist(), torch.float32)
+        y = torch.zeros(T, Dd, device=dev)
+        off = 0
+        for j in range(n):
+            y.index_add_(0, tok_idx[off : off + int(per[j])], parts[off : off + int(per[j])])
+            off += int(per[j])
+        assert torch.equal(got, y), (T, n)

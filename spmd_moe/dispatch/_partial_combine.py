@@ -9,9 +9,12 @@ K = 8 and n = 2 about 4 bf16 rows become one fp32 row (2x fewer bytes), and the 
 needs no permutation of its expert outputs (the kernel reads them through the slot ->
 row map). The sender adds the ranks' partial sums in rank order and rounds once.
 
-CUDA: one Triton kernel (grid: tokens x D blocks). Elsewhere (CPU tests) the same sum
-with torch ops; Triton's interpreter runs the kernel for the tests that opt in
-(TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1, fp32 rows).
+CUDA: one Triton kernel each way (grid: tokens x D blocks): ``partial_sums`` on the expert
+rank, ``sum_over_ranks`` on the sender (0 + part_0 + part_1 + ... in rank order, ranks the
+token was not sent to skipped, then one rounding: the same fp32 adds as the torch form,
+bitwise). Elsewhere (CPU tests) the same sums with torch ops; Triton's interpreter runs
+the kernels for the tests that opt in (TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1,
+fp32 tensors).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from typing import Any
 import torch
 
 _kernel: Any = None
+_sum_kernel: Any = None
 _tried = False
 
 
 def _build() -> Any:
-    global _kernel, _tried
+    global _kernel, _sum_kernel, _tried
     if _tried:
         return _kernel
     _tried = True
@@ -53,7 +57,24 @@ def _build() -> Any:
             acc += tl.where(offs * 0 + r >= 0, x * w, 0.0)
         tl.store(out_ptr + t * D + offs, acc, mask=in_d)
 
+    @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def sum_ranks_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+        out_ptr, parts_ptr, pos_ptr, D,
+        N_RANKS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_d = offs < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(0, N_RANKS):
+            p = tl.load(pos_ptr + t * N_RANKS + j)
+            sent = offs * 0 + p >= 0
+            x = tl.load(parts_ptr + p * D + offs, mask=in_d & sent, other=0.0)
+            acc = tl.where(sent, acc + x, acc)  # a rank the token did not go to adds nothing
+        tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=in_d)
+
     _kernel = partial_kernel
+    _sum_kernel = sum_ranks_kernel
     return _kernel
 
 
@@ -88,3 +109,29 @@ def partial_sums(rows_RD: torch.Tensor, slots_R: torch.Tensor, weights_rK: torch
     for k in range(K):  # ascending k, fp32, as the kernel
         acc_rD += slots_rKD[:, k].float() * w_rK[:, k : k + 1]
     return acc_rD
+
+
+def sum_over_ranks(
+    parts_SD: torch.Tensor, pos_Tn: torch.Tensor, tok_idx_S: torch.Tensor, send_tok: list[int], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """[T, D] in out_dtype: for each token the fp32 sum, in rank order, of the partial
+    sums that came back for it (parts_SD: destination-major, token order, as sent), rounded
+    once. pos_Tn[t, j]: the row of parts_SD holding token t's sum from rank j, or -1;
+    tok_idx_S / send_tok: the same map as sent (the torch form uses these)."""
+    T, n = pos_Tn.shape
+    D = parts_SD.shape[-1]
+    dev = parts_SD.device
+    if use_kernel(parts_SD):
+        out_TD = torch.empty(T, D, dtype=out_dtype, device=dev)
+        if T > 0 and D > 0:
+            block = 1024 if D >= 1024 else max(16, 1 << (D - 1).bit_length())
+            _sum_kernel[(T, (D + block - 1) // block)](out_TD, parts_SD.contiguous(), pos_Tn.contiguous(), D, N_RANKS=n, BLOCK_D=block)
+        return out_TD
+    # Rank order, one destination at a time (no index repeats within one add).
+    y_TD = torch.zeros(T, D, dtype=torch.float32, device=dev)
+    off = 0
+    for cnt in send_tok:
+        if cnt:
+            y_TD.index_add_(0, tok_idx_S[off : off + cnt], parts_SD[off : off + cnt].float())
+        off += cnt
+    return y_TD.to(out_dtype)

@@ -338,6 +338,14 @@ class AllToAllDispatcher:
         if torch.is_grad_enabled() or not (x_TD.device.type == "cuda" or PARTIAL_ON_CPU):
             return None
         T, K = expert_ids_TK.shape
+        n, dev = self.pctx.size, x_TD.device
+        # Before the host read: where each token's sum from rank j will sit in the returned
+        # rows (destination-major, token order, as sent), or -1 if it is not sent there.
+        hit_Tn = (torch.div(expert_ids_TK, self.num_local, rounding_mode="floor").unsqueeze(-1)
+                  == torch.arange(n, device=dev)).any(dim=1)
+        per_n = hit_Tn.sum(dim=0)
+        within_Tn = torch.cumsum(hit_Tn, dim=0) - hit_Tn.long()
+        pos_Tn = torch.where(hit_Tn, within_Tn + (torch.cumsum(per_n, dim=0) - per_n), -1)
         (p,) = self.plan(x_TD, expert_ids_TK, 1)
         send_sD, ids_sK = self._send(x_TD, expert_ids_TK, p)
         # Ids (< 2^24: exact in fp32) and gate values in one exchange.
@@ -354,15 +362,9 @@ class AllToAllDispatcher:
             reason="per received token: the fp32 sum over this rank's experts",
         )
         back_sD = C.all_to_all(part_rD, self.pctx, p.recv_tok, p.send_tok)
-        # Rank order, one destination at a time (no index repeats within one add): a
-        # fixed fp32 summation order; then one rounding.
-        y_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
-        off = 0
-        for cnt in p.send_tok:
-            if cnt:
-                y_TD.index_add_(0, p.tok_idx_S[off : off + cnt], back_sD[off : off + cnt])
-            off += cnt
-        return unchecked_cast(Placed[Var[EP]], y_TD.to(x_TD.dtype), reason="this rank's tokens' routed output")
+        # 0 + rank 0's sum + rank 1's + ... in fp32 (a fixed order), one rounding.
+        y_TD = _pc.sum_over_ranks(back_sD, pos_Tn, p.tok_idx_S, p.send_tok, x_TD.dtype)
+        return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
     def pipelined(
         self,
