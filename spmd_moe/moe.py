@@ -347,7 +347,7 @@ class MoE(nn.Module, Generic[L]):
             expert_ids_TK = torch.where(pad_mark_TK, self.cfg.num_experts, expert_ids_TK)
         # Ascending expert id within each token: a fixed summation order for combine.
         expert_ids_TK, k_order_TK = expert_ids_TK.sort(dim=-1)
-        weights_TK = weights_TK.gather(-1, k_order_TK)
+        weights_TK = permute_k(weights_TK, k_order_TK)
         dispatcher = self.decode_dispatcher if decode else self.prefill_dispatcher
         y_TD = self._experts_via(dispatcher, x_TD, expert_ids_TK, weights_TK, num_pad)
         self._count(expert_ids_TK)
@@ -582,6 +582,37 @@ def _from_torch_distributed(e: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+@spmd.register_local_autograd_function  # a permutation within each row: placements propagate
+class _PermuteK(torch.autograd.Function):
+    """w.gather(-1, order) for a per-row permutation ``order``, saving for backward only the
+    order as uint8 (gather would keep the source and an int64 copy of the order: 12 bytes
+    a slot more, which made the layer's peak memory exceed torchtitan's under its Trainer).
+    Backward scatters the gradient back: a permutation, exact."""
+
+    @staticmethod
+    def forward(ctx: Any, w_TK: torch.Tensor, order_TK: torch.Tensor) -> torch.Tensor:
+        small = order_TK.shape[-1] <= 256
+        ctx.save_for_backward(order_TK.to(torch.uint8) if small else order_TK)
+        return w_TK.gather(-1, order_TK)
+
+    @staticmethod
+    def backward(ctx: Any, g_TK: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (order_TK,) = ctx.saved_tensors
+        return torch.empty_like(g_TK).scatter_(-1, order_TK.long(), g_TK), None
+
+
+def permute_k(
+    weights_TK: Float[Placed[Var[EP]], "T K"], k_order_TK: Int[Placed[Var[EP]], "T K"]
+) -> Float[Placed[Var[EP]], "T K"]:
+    """The gate values in the k order of the sorted expert ids (see _PermuteK)."""
+    if not (torch.is_grad_enabled() and weights_TK.requires_grad):
+        return weights_TK.gather(-1, k_order_TK)
+    return unchecked_cast(
+        Placed[Var[EP]], _PermuteK.apply(weights_TK, k_order_TK),  # type: ignore[no-untyped-call]
+        reason="this rank's gate values, permuted within each token",
+    )
 
 
 def _weighted_sum(

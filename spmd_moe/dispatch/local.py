@@ -41,7 +41,8 @@ class LocalDispatcher:
         order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
         sent_slots_R = order_N[:num_sent]
         counts_E = count_per_expert(expert_ids_TK, self.num_experts)
-        return x_TD[sent_slots_R // K], counts_E, LocalState(T, K, sent_slots_R)
+        # int32 token index: indexing keeps its index for backward (half of int64's bytes).
+        return x_TD[(sent_slots_R // K).int()], counts_E, LocalState(T, K, sent_slots_R)
 
     @checked
     def combine(self, out_RD: Float[Placed[Var[EP]], "R D"], state: LocalState) -> Float[Placed[Var[EP]], "T K D"]:
