@@ -227,7 +227,8 @@ def tables(paths: list[str]) -> None:
             diff_s = "n/a" if diff is None else f"{diff:.2g} (of max {d.get('max_abs_1gpu', float('nan')):.2g})"
             print(f"| {d['T']} | {d.get('ngpu_path', 'n/a')} | {d['eager_1gpu_ms']:.3f} | {d['eager_ngpu_ms']:.3f} | {d.get('eager_ngpu_all_gather_ms', float('nan')):.3f} | {g('graph_1gpu_ms')} | {g('graph_ngpu_ms')} | {g('graph_ngpu_all_gather_ms')} | "
                   f"{d.get('graph_ratio_ngpu_over_1gpu', float('nan')):.2f} | {d.get('graph_ratio_ngpu_all_gather_over_1gpu', float('nan')):.2f} | {d['sync_debug_ngpu'].get('host_syncs')} / {d.get('sync_debug_ngpu_all_gather', {}).get('host_syncs')} | {diff_s} |")
-        for key in ("profile_prefill_fwd", "profile_prefill_fwdbwd", "profile_prefill_fwd_chunks2"):
+        for key in ("profile_prefill_fwd", "profile_prefill_fwdbwd", "profile_prefill_fwd_chunks2",
+                    "profile_prefill_fwd_1gpu", "profile_prefill_fwdbwd_1gpu"):
             p = r.get(key)
             if p:
                 print(f"\n{key} (T={p['T']}, chunks={p['chunks']}): device {p['device_ms_per_call']} ms/call, span {p['device_span_ms_per_call']}, "
@@ -396,19 +397,22 @@ def main() -> int:
 
     iters = 3
     best_T = best_chunks.get(T, 1)
-    runs = [("fwd", best_T, "profile_prefill_fwd"), ("fwdbwd", best_T, "profile_prefill_fwdbwd")]
+    runs = [("fwd", best_T, "profile_prefill_fwd", mn), ("fwdbwd", best_T, "profile_prefill_fwdbwd", mn)]
     if 2 in args.chunks and best_T != 2:
-        runs.append(("fwd", 2, "profile_prefill_fwd_chunks2"))  # where the overlap's time goes
-    for mode, chunks, key in runs:
-        mn.prefill_dispatcher.chunks = chunks
+        runs.append(("fwd", 2, "profile_prefill_fwd_chunks2", mn))  # where the overlap's time goes
+    # The one-GPU layer on the same tokens (every rank at once): what the n-GPU time adds to.
+    runs += [("fwd", 1, "profile_prefill_fwd_1gpu", m1), ("fwdbwd", 1, "profile_prefill_fwdbwd_1gpu", m1)]
+    for mode, chunks, key, mod in runs:
+        if mod is mn:
+            mn.prefill_dispatcher.chunks = chunks
         xg = x.clone().requires_grad_(mode == "fwdbwd")
 
         def call() -> None:
             if mode == "fwd":
                 with torch.no_grad():
-                    mn(xg)
+                    mod(xg)
             else:
-                mn(xg).backward(x)
+                mod(xg).backward(x)
 
         for _ in range(2):
             call()
