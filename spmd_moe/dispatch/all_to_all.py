@@ -263,7 +263,8 @@ class AllToAllDispatcher:
         (source, token, k) order for the way back, and the inverse of that permutation."""
         K = recv_ids_rK.shape[-1]
         R = sum(p.recv_rows)
-        order_R, valid_N = self._expert_order(recv_ids_rK, R)
+        order_R, key_N = self._expert_order(recv_ids_rK, R)
+        valid_N = key_N < self.num_local
         pos_N = torch.cumsum(valid_N, dim=0) - 1
         back = pos_N[order_R]
         inv = torch.empty_like(back).scatter_(0, back, torch.arange(R, device=back.device, dtype=back.dtype))
@@ -274,14 +275,14 @@ class AllToAllDispatcher:
     def _expert_order(
         self, recv_ids_rK: Int[Placed[Var[EP]], "r K"], R: int
     ) -> tuple[Int[Placed[Var[EP]], " R"], Placed[Var[EP]]]:
-        """The slots (into r*K) of this rank's experts in expert-major order, and which
-        slots are local."""
+        """The slots (into r*K) of this rank's experts in expert-major order, and each
+        slot's key (local expert index; >= e for the other ranks' experts)."""
         # Local experts keep their index 0..e-1; every other id lands in [e, E) mod E
         # (start <= E - e), so it sorts after them and is cut off with the first R. Two
         # ops instead of five: the host issues every op after the split-size read.
         key_N = torch.remainder(recv_ids_rK.reshape(-1) - self.start, self.num_experts)
         # Stable: within an expert, source rank then token order (as the rows arrived).
-        return torch.argsort(key_N, stable=True)[:R], key_N < self.num_local
+        return torch.argsort(key_N, stable=True)[:R], key_N
 
     @staticmethod
     def _source_major(
@@ -346,13 +347,11 @@ class AllToAllDispatcher:
         per_n = hit_Tn.sum(dim=0)
         within_Tn = torch.cumsum(hit_Tn, dim=0) - hit_Tn.long()
         pos_Tn = torch.where(hit_Tn, within_Tn + (torch.cumsum(per_n, dim=0) - per_n), -1)
+        # Ids (< 2^24: exact in fp32) and gate values travel in one exchange.
+        meta_TM = torch.cat([expert_ids_TK.to(torch.float32), weights_TK.float()], dim=1)
         (p,) = self.plan(x_TD, expert_ids_TK, 1)
-        send_sD, ids_sK = self._send(x_TD, expert_ids_TK, p)
-        # Ids (< 2^24: exact in fp32) and gate values in one exchange.
-        meta_sM = unchecked_cast(
-            Placed[Var[EP]], torch.cat([ids_sK.to(torch.float32), weights_TK[p.tok_idx_S].float()], dim=1),
-            reason="ids and gate values of the tokens this rank sends",
-        )
+        send_sD = x_TD[p.tok_idx_S]
+        meta_sM = unchecked_cast(Placed[Var[EP]], meta_TM[p.tok_idx_S], reason="ids and gate values of the tokens this rank sends")
         recv_rD = C.all_to_all(send_sD, self.pctx, p.send_tok, p.recv_tok)
         recv_meta_rM = C.all_to_all(meta_sM, self.pctx, p.send_tok, p.recv_tok)
         order_R, _ = self._expert_order(recv_meta_rM[:, :K].to(torch.int64), sum(p.recv_rows))
