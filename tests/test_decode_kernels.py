@@ -420,16 +420,16 @@ def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch: CUDA (sm90+) only")
-@pytest.mark.parametrize("T", [1, 5])
-def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SPLIT_TILES['pdl'] only changes when the kernels launch: the split_fused output is
-    bitwise the same with and without it, eager and replayed from a CUDA graph (where
-    the launches overlap), on a local expert range and over all experts."""
+@pytest.mark.parametrize(("T", "variant"), [(1, "tiled"), (5, "tiled"), (1, "split_fused"), (5, "split")])
+def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAUNCH['pdl'] only changes when the kernels launch: the output is bitwise the same
+    with and without it, eager and replayed from a CUDA graph (where the launches
+    overlap), on a local expert range and over all experts."""
     p = _raw(T, seed=80 + T)
     outs = []
     for pdl in (False, True):
-        _use(monkeypatch, "split_fused")
-        monkeypatch.setitem(dk.SPLIT_TILES, "pdl", pdl)
+        _use(monkeypatch, variant)
+        monkeypatch.setitem(dk.LAUNCH, "pdl", pdl)
         outs.append([_call(p, None, False, loc, out_dtype=od)[0] for loc in (None, range(4, 12))
                      for od in (None, torch.float32)])
         static_x = p["x"].clone()

@@ -53,12 +53,14 @@ SPLIT: dict[str, Any] = {"variant": "tiled", "max_t": 4}
 # swiglu "up": the up program completing an (expert, F block) (an atomic counter) sums
 # the partials in chunk order and stores bf16 h rows; "down": every down program sums the
 # partials of its F chunk itself (no counter; more L2 reads in its loop).
-# pdl: programmatic dependent launch between the variant's kernels (CUDA, sm90+): each
+SPLIT_TILES: dict[str, Any] = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n": 64, "down_f": 128, "down_split": 2,
+                               "warps": 4, "stages": 3, "swiglu": "up", "gate_e": 4}
+
+# pdl: programmatic dependent launch between the kernels (any variant; CUDA, sm90+): each
 # kernel waits for its predecessor at its very start (before any memory access) and lets
 # its successor launch once all its programs have started, so launch latency overlaps
 # the predecessor's tail. The arithmetic is unchanged (bitwise, a CUDA test).
-SPLIT_TILES: dict[str, Any] = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n": 64, "down_f": 128, "down_split": 2,
-                               "warps": 4, "stages": 3, "swiglu": "up", "pdl": False, "gate_e": 4}
+LAUNCH = {"pdl": False}
 
 _kernels: dict[str, Any] | None = None
 _tried = False
@@ -181,7 +183,7 @@ def routed_decode(
     rounded = out_dtype is None or out_dtype != torch.float32
     out_TD = torch.empty(T, D, dtype=out_dtype or x_TD.dtype, device=dev)
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
-    pdl = bool(variant != "tiled" and tl_["pdl"] and dev.type == "cuda" and _pdl_ok(dev))
+    pdl = bool(LAUNCH["pdl"] and dev.type == "cuda" and _pdl_ok(dev))
     pk: dict[str, Any] = {"PDL": True, "launch_pdl": True} if pdl else {}
     bec = tl_.get("gate_e", 4)  # experts per gate program (a D loop of up to 4096/bec columns per step)
     n_gate = T * triton_cdiv(E, bec)
@@ -207,11 +209,11 @@ def routed_decode(
             h_NF = torch.empty(N, F, dtype=x_TD.dtype, device=dev)
             ks["up"][(u_max, triton_cdiv(F, tl_["up_f"]))](
                 x_TD, w1_EFD, w3_EFD, h_NF, count_L, nuniq, uniq_U, slot_LT, T, D, F,
-                K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], **launch,
+                K=K, BLOCK_M=bm, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], **launch, **pk,
             )
             ks["down"][(u_max, num_nb)](
                 h_NF, w2_EDF, y_ND, count_L, nuniq, uniq_U, slot_LT, T, D, F,
-                BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], **launch,
+                BLOCK_M=bm, BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], **launch, **pk,
             )
     else:
         # Chunks: whole blocks each, so the number of chunks may come out below the ask.

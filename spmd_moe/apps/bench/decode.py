@@ -7,7 +7,7 @@ path ('torchtitan' kernels) and the HBM floor, CUDA graphs, side by side in one 
 Variants (spmd_moe.kernels.decode.SPLIT): 'tiled' (the kernels of session 3 at every T)
 and, for T <= --split-max-t, 'split' / 'split_fused' (weights streamed split-K by more,
 smaller programs; fused: the combine inside the down kernel); a '_pdl' suffix launches
-them with programmatic dependent launch (SPLIT_TILES['pdl']). Each is timed on the same
+them with programmatic dependent launch (LAUNCH['pdl']); 'tiled_pdl' likewise. Each is timed on the same
 layer, weights and inputs, with its own CUDA graph.
 
 Layer: Qwen3-30B-A3B's MoE (D=2048, F=768, E=128, top-8, bf16). Floor: the bytes of the
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dk.SPLIT["max_t"] = args.split_max_t
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "hbm_Bps": bps, "rows": [],
                            "tiles": dict(dk.TILES), "tiles_large_t": dict(dk.TILES_LARGE_T),
-                           "split": dict(dk.SPLIT), "split_tiles": dict(dk.SPLIT_TILES)}
+                           "split": dict(dk.SPLIT), "split_tiles": dict(dk.SPLIT_TILES), "launch": dict(dk.LAUNCH)}
     default_variant = dk.SPLIT["variant"]
     g = torch.Generator(device=device).manual_seed(1)
     inputs: dict[int, tuple[list[torch.Tensor], torch.Tensor, float]] = {}
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs[T] = (xs, y_r, floor_ms)
         row: dict[str, Any] = {"T": T, "touched_experts": touched, "floor_ms": floor_ms,
                                "max_abs_out": float(y_r.float().abs().max())}
-        rep = try_graph(device, ref, xs)
+        rep = try_graph(device, ref, xs) if args.torch_graph else None
         if rep is not None:
             row["torch_graph_ms"] = timer(device, rep, args.reps, warmup=10)
             row["torch_over_floor"] = row["torch_graph_ms"] / floor_ms
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             xs, y_r, floor_ms = inputs[T]
             dk.SPLIT["variant"] = v.removesuffix("_pdl")
-            dk.SPLIT_TILES["pdl"] = v.endswith("_pdl")
+            dk.LAUNCH["pdl"] = v.endswith("_pdl")
             pre = "fast" if v == "tiled" else v  # 'fast_*' keys: the tiled kernels, as in earlier JSON
             try:
                 with torch.no_grad():
@@ -117,10 +117,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as e:  # one variant failing (build, launch) leaves the others' numbers
                 row[f"{pre}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             dk.SPLIT["variant"] = default_variant
-            dk.SPLIT_TILES["pdl"] = res["split_tiles"]["pdl"]
+            dk.LAUNCH["pdl"] = res["launch"]["pdl"]
             print(json.dumps({"T": T, "variant": v, **{k: x for k, x in row.items() if k.startswith(pre)}}),
                   file=sys.stderr, flush=True)
             _write(args.out, res)  # so far: a run cut short by its timeout still leaves the rows
+    if args.tiled_sweep:
+        res["tiled_sweep"] = tiled_sweep(fast, device, args, t_start, res)
     if args.split_sweep:
         res["split_sweep"] = split_sweep(fast, device, args, t_start, res)
     if args.sweep:
@@ -133,6 +135,44 @@ def _write(path: str | None, res: dict[str, Any]) -> None:
     if path:
         with open(path, "w") as f:
             f.write(json.dumps(res, indent=1))
+
+
+def tiled_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_start: float,
+                res_so_far: dict[str, Any]) -> list[dict[str, Any]]:
+    """Graph time of the tiled variant at T=1 and T=8 (both use TILES) per tile choice,
+    with programmatic dependent launch; stops at --budget-s."""
+    from spmd_moe.kernels import decode as dk
+
+    base, base_variant, base_pdl = dict(dk.TILES), dk.SPLIT["variant"], dk.LAUNCH["pdl"]
+    dk.SPLIT["variant"], dk.LAUNCH["pdl"] = "tiled", True
+    out: list[dict[str, Any]] = []
+    g = torch.Generator(device=device).manual_seed(4)
+    xs = {T: [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4)] for T in (1, 8)}
+    keys = ("up_f", "up_d", "down_n", "down_f", "warps", "stages")
+    choices = [
+        (32, 128, 64, 128, 4, 3), (16, 128, 64, 128, 4, 3), (16, 128, 32, 128, 4, 3), (32, 128, 64, 128, 4, 4),
+        (16, 128, 64, 128, 4, 4), (32, 128, 32, 128, 4, 3), (16, 256, 32, 256, 4, 3), (32, 128, 64, 128, 4, 5),
+        (32, 256, 64, 256, 8, 3), (16, 128, 128, 64, 4, 4), (32, 128, 64, 128, 8, 4), (16, 64, 32, 64, 2, 4),
+        (64, 128, 128, 128, 8, 3), (16, 256, 64, 128, 4, 3), (32, 64, 64, 64, 4, 5), (32, 256, 32, 128, 4, 3),
+    ]
+    for ch in choices:
+        if time.monotonic() - t_start > args.budget_s:
+            out.append({"stopped": "budget"})
+            break
+        dk.TILES.update(dict(zip(keys, ch)))
+        row: dict[str, Any] = {"tiles": dict(zip(keys, ch))}
+        for T in (1, 8):
+            try:
+                rep = try_graph(device, fast, xs[T])
+                row[f"T{T}_ms"] = timer(device, rep, 200, warmup=10) if rep else None
+            except Exception as e:  # a tile choice Triton cannot build (shared memory): note it, go on
+                row[f"T{T}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        out.append(row)
+        _write(args.out, {**res_so_far, "tiled_sweep": out})
+    dk.TILES.update(base)
+    dk.SPLIT["variant"], dk.LAUNCH["pdl"] = base_variant, base_pdl
+    return out
 
 
 def split_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_start: float,
@@ -209,19 +249,24 @@ def summarize(res: dict[str, Any]) -> str:
         parts = [f"T={row['T']:<3} floor {row['floor_ms'] * 1e3:6.1f} us"]
         if "torch_graph_ms" in row:
             parts.append(f"torch {row['torch_graph_ms'] * 1e3:6.1f} us ({row['torch_over_floor']:.2f}x)")
-        for pre in ("fast", "split", "split_fused", "split_pdl", "split_fused_pdl"):
+        for pre in ("fast", "tiled_pdl", "split", "split_fused", "split_pdl", "split_fused_pdl"):
             if f"{pre}_graph_ms" in row:
                 name = "tiled" if pre == "fast" else pre
                 diff = row.get(f"{pre}_max_abs_diff_vs_torch", row.get("max_abs_diff_vs_torch", float("nan")))
                 parts.append(f"{name} {row[f'{pre}_graph_ms'] * 1e3:6.1f} us ({row[f'{pre}_over_floor']:.2f}x,"
                              f" diff {diff:.2g})")
         lines.append("  ".join(parts))
-        for pre in ("fast", "split", "split_fused", "split_pdl", "split_fused_pdl"):
+        for pre in ("fast", "tiled_pdl", "split", "split_fused", "split_pdl", "split_fused_pdl"):
             if f"{pre}_error" in row:
                 lines.append(f"    {pre:12s} ERROR {row[f'{pre}_error'][:200]}")
             by = row.get(f"{pre}_by_kernel_ms")
             if by:
                 lines.append(f"    {pre:12s} kernels: " + ", ".join(f"{k[:16]} {v * 1e3:.1f}" for k, v in by.items()))
+    tw = [r for r in res.get("tiled_sweep", []) if r.get("T1_ms")]
+    for r in sorted(tw, key=lambda r: float(r["T1_ms"]))[:6]:
+        t8 = r.get("T8_ms")
+        lines.append(f"  tiled sweep (pdl) T=1 {r['T1_ms'] * 1e3:6.1f} us  T=8 {t8 * 1e3 if t8 else float('nan'):6.1f} us"
+                     f"  {r['tiles']}")
     sw = [r for r in res.get("split_sweep", []) if r.get("T1_ms")]
     for r in sorted(sw, key=lambda r: float(r["T1_ms"]))[:5]:
         lines.append(f"  sweep T=1 split_fused {r['T1_ms'] * 1e3:6.1f} us  {r['tiles']}")
@@ -234,10 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--variants", nargs="+", default=["tiled", "split", "split_fused", "split_fused_pdl"],
-                   choices=["tiled", "split", "split_fused", "split_pdl", "split_fused_pdl"])
+    p.add_argument("--variants", nargs="+", default=["tiled", "tiled_pdl", "split", "split_fused", "split_fused_pdl"],
+                   choices=["tiled", "tiled_pdl", "split", "split_fused", "split_pdl", "split_fused_pdl"])
     p.add_argument("--split-max-t", type=int, default=8, help="T up to which the split variants are timed")
     p.add_argument("--split-sweep", action="store_true", help="SPLIT_TILES choices at T=1 (split_fused)")
+    p.add_argument("--tiled-sweep", action="store_true", help="TILES choices at T=1 and 8 (tiled, with PDL)")
+    p.add_argument("--torch-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the torch path in a CUDA graph too")
     p.add_argument("--torch-profile", action=argparse.BooleanOptionalAction, default=True,
                    help="kernel count and device time of the torch path too")
     p.add_argument("--budget-s", type=float, default=90.0, help="the split sweep stops after this much wall time")
