@@ -18,7 +18,7 @@ head -2 "$LOG"
 if [ "${FULL:-0}" = 1 ]; then
   TOTAL=420; TESTS_S=120; BENCH_ARGS=(--gpu-t 1,8,64,512,4096,32768)
 else
-  TOTAL=145; TESTS_S=85; BENCH_ARGS=(--gpu-t 1,8,64,512 --bwd-max-t 512 --rounds 3 --no-generic)
+  TOTAL=145; TESTS_S=85; BENCH_ARGS=(--gpu-t 1,8,64,512 --bwd-max-t 512 --rounds 3 --no-generic --profile-t 1,64)
 fi
 echo "== pytest -k cuda" >> "$LOG"
 timeout "$TESTS_S" python3 -m pytest -v -s -p no:cacheprovider tests/test_batch_invariance.py \
@@ -40,6 +40,11 @@ for x in r["rows"]:
     g = f"  graph {x.get('graph_normal_ms')} -> {x.get('graph_invariant_ms')} ({x.get('graph_ratio')}x)" if x["pass"] == "fwd" else ""
     print(f"T={x['T']:>5} {x['pass']:7} eager {x['normal_ms']:.3f} -> {x['invariant_ms']:.3f} ms ({x['ratio']}x){g}"
           + (f"  graph error: {x.get('graph_invariant_error') or x.get('graph_normal_error')}" if 'graph_invariant_error' in x or 'graph_normal_error' in x else ""))
+for x in r["rows"]:
+    for m in ("normal", "invariant"):
+        kp = x.get("kernels_" + m)
+        if kp:
+            print(f"T={x['T']} {m}: {kp['launches']} kernels {kp['total_us']} us/fwd: " + ", ".join(f"{n[:32]} {u}" for n, u in kp["kernels"][:6]))
 print("worst eager", r["worst_ratio"], "worst graph fwd", r.get("worst_graph_ratio"), "met" if r["met"] else "NOT met")
 PY
 echo "total $((SECONDS - t0)) s"

@@ -66,14 +66,15 @@ def _config(dtype: torch.dtype, router: bool = False, up: bool = False) -> tuple
     (never of the row count). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides
     the 16-bit one (benchmark sweeps; both sides of a parity check must use the same).
     The router's fp32 GEMM (E outputs, no tensor cores) takes small tiles: at decode
-    sizes a [64, 64] tile put all of it on E/64 SMs (about 35 us at D=2048). The fused
+    sizes a [64, 64] tile put all of it on E/64 SMs (about 35 us at D=2048); its K loop
+    (D long) is latency-bound there, so 4 stages keep 3 loads in flight. The fused
     up kernel (two accumulators, w1 and w3) takes half the columns: the same registers
     and shared memory as one GEMM tile (sm_90: 128 registers, no spill, vs 255 + spill
     at full width) and twice the programs at decode sizes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 32, 16, 4, 1
     if router:
-        return 16, 16, 32, 4, 2
+        return 16, 16, 64, 4, 4
     if dtype == torch.float32:
         return (64, 32, 32, 4, 3) if up else (64, 64, 32, 4, 3)
     env = os.environ.get("SPMD_MOE_INVARIANT_TILES")

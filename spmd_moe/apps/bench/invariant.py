@@ -120,6 +120,34 @@ def measure_graph(moe: Any, x: torch.Tensor, rounds: int) -> dict[str, Any]:
     return out
 
 
+def kernel_profile(moe: Any, x: torch.Tensor, mode: bool, reps: int = 20, top: int = 8,
+                   device: str = "cuda") -> dict[str, Any]:
+    """Device time per inference forward, by kernel (torch.profiler; eager): where a
+    mode's GPU time goes at this T. Returns {"kernels": [(name, us per forward)], "total_us"}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from spmd_moe.batch_invariant import batch_invariant
+
+    act = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    want = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
+    with torch.no_grad(), batch_invariant(mode):
+        for _ in range(3):
+            moe(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=[act]) as prof:
+            for _ in range(reps):
+                moe(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+    tot: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == want and (device == "cuda" or e.cpu_parent is None):
+            tot[e.name] = tot.get(e.name, 0.0) + e.time_range.elapsed_us()
+    rows = sorted(((n[:70], round(t / reps, 2)) for n, t in tot.items()), key=lambda r: -r[1])
+    return {"kernels": rows[:top], "total_us": round(sum(t for _, t in rows), 2), "launches": len(tot)}
+
+
 def _cpu_ms(fn: Any, inner: int) -> float:
     t0 = time.thread_time()
     for _ in range(inner):
@@ -188,7 +216,8 @@ def _progress(name: str, total: int, unit: str) -> Iterator[Any]:
 
 
 def run(device: str, gpu_ts: list[int], cpu_ts: list[int], bwd_max_t: int, rounds: int = 3,
-        graphs: bool = True, generic: bool = True, out: str | None = None) -> dict[str, Any]:
+        graphs: bool = True, generic: bool = True, out: str | None = None,
+        profile_ts: tuple[int, ...] = ()) -> dict[str, Any]:
     """The table; with `out`, the JSON is rewritten after every case (a run cut short by a
     time limit still leaves the rows it finished)."""
 
@@ -212,6 +241,12 @@ def run(device: str, gpu_ts: list[int], cpu_ts: list[int], bwd_max_t: int, round
                    "invariant_ms": round(i, 4), "ratio": round(i / n, 2)}
             if device == "cuda" and graphs and not bwd:
                 row.update(measure_graph(moe, x, rounds))
+            if device == "cuda" and T in profile_ts and not bwd:
+                try:
+                    row["kernels_normal"] = kernel_profile(moe, x, False)
+                    row["kernels_invariant"] = kernel_profile(moe, x, True)
+                except Exception as e:  # noqa: BLE001 - a profiler problem must not cost the table
+                    row["kernels_error"] = f"{type(e).__name__}: {str(e)[:160]}"
             if device == "cuda" and generic:
                 # Second baseline: the same layer with kernels='torchtitan' (no fused decode
                 # kernels): the generic path the invariant mode replaces GEMM for GEMM.
@@ -277,6 +312,12 @@ def markdown(res: dict[str, Any]) -> str:
         out.append(line)
     errs = [(r["T"], k, r[k]) for r in res["rows"] for k in ("graph_normal_error", "graph_invariant_error") if k in r]
     out += [f"- T={t} {k}: {e}" for t, k, e in errs]
+    for r in res["rows"]:
+        for mode in ("normal", "invariant"):
+            kp = r.get(f"kernels_{mode}")
+            if kp:
+                ks = ", ".join(f"{n[:40]} {us}" for n, us in kp["kernels"])
+                out.append(f"- T={r['T']} {mode}: {kp['launches']} kernels, {kp['total_us']} us device time per forward: {ks}")
     return "\n".join(out)
 
 
@@ -290,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="CUDA: interleaved rounds per case")
     ap.add_argument("--no-graphs", action="store_true", help="CUDA: skip the CUDA-graph timings")
     ap.add_argument("--no-generic", action="store_true", help="CUDA: skip the kernels='torchtitan' baseline")
+    ap.add_argument("--profile-t", default="", help="CUDA: per-kernel device time (torch.profiler) at these T")
     a = ap.parse_args(argv)
     if a.device == "cpu":
         torch.set_num_threads(1)
     res = run(a.device, [int(t) for t in a.gpu_t.split(",")], [int(t) for t in a.cpu_t.split(",")], a.bwd_max_t,
-              rounds=a.rounds, graphs=not a.no_graphs, generic=not a.no_generic, out=a.out)
+              rounds=a.rounds, graphs=not a.no_graphs, generic=not a.no_generic, out=a.out,
+              profile_ts=tuple(int(t) for t in a.profile_t.split(",") if t))
     print(markdown(res))
     print(f"worst ratio over {res['target_scope']}: {res['worst_ratio']} (targets {res['targets']}): "
           f"{'met' if res['met'] else 'NOT met'}; worst CUDA-graph forward ratio: {res['worst_graph_ratio']}")
