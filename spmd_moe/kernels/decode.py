@@ -36,8 +36,9 @@ MAX_T = 64  # one M tile covers an expert's rows: a token picks an expert at mos
 # Tile sizes: F block of the up kernel and its D step; D block of the down kernel and its
 # F step. Small output blocks spread one expert's weights over many SMs (the GEMV
 # regime); measured on one H200 by spmd_moe.apps.bench.decode --sweep.
-TILES = {"up_f": 32, "up_d": 128, "down_n": 64, "down_f": 128, "warps": 4, "stages": 3}  # T <= 16
-TILES_LARGE_T = {"up_f": 64, "up_d": 64, "down_n": 64, "down_f": 64, "warps": 4, "stages": 3}
+# (gate_e, optional: experts per gate-kernel program, 4 if absent.)
+TILES: dict[str, int] = {"up_f": 32, "up_d": 128, "down_n": 64, "down_f": 128, "warps": 4, "stages": 3}  # T <= 16
+TILES_LARGE_T: dict[str, int] = {"up_f": 64, "up_d": 64, "down_n": 64, "down_f": 64, "warps": 4, "stages": 3}
 
 # The split variant for T <= SPLIT["max_t"] (variant "split" or "split_fused"; "tiled"
 # = the kernels above at every T). Up: programs (expert, F block, D chunk) write fp32

@@ -148,9 +148,10 @@ def tiled_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_sta
     out: list[dict[str, Any]] = []
     g = torch.Generator(device=device).manual_seed(4)
     xs = {T: [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4)] for T in (1, 8)}
-    keys = ("up_f", "up_d", "down_n", "down_f", "warps", "stages")
-    choices = [
-        (32, 128, 64, 128, 4, 3), (16, 128, 64, 128, 4, 3), (16, 128, 32, 128, 4, 3), (32, 128, 64, 128, 4, 4),
+    keys = ("up_f", "up_d", "down_n", "down_f", "warps", "stages", "gate_e")
+    choices: list[tuple[int, ...]] = [
+        (32, 128, 64, 128, 4, 3), (16, 128, 64, 128, 4, 3), (32, 128, 64, 128, 4, 3, 2), (32, 128, 64, 128, 4, 3, 1),
+        (16, 128, 32, 128, 4, 3), (32, 128, 64, 128, 4, 4),
         (16, 128, 64, 128, 4, 4), (32, 128, 32, 128, 4, 3), (16, 256, 32, 256, 4, 3), (32, 128, 64, 128, 4, 5),
         (32, 256, 64, 256, 8, 3), (16, 128, 128, 64, 4, 4), (32, 128, 64, 128, 8, 4), (16, 64, 32, 64, 2, 4),
         (64, 128, 128, 128, 8, 3), (16, 256, 64, 128, 4, 3), (32, 64, 64, 64, 4, 5), (32, 256, 32, 128, 4, 3),
@@ -159,6 +160,8 @@ def tiled_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_sta
         if time.monotonic() - t_start > args.budget_s:
             out.append({"stopped": "budget"})
             break
+        dk.TILES.clear()
+        dk.TILES.update(base)
         dk.TILES.update(dict(zip(keys, ch)))
         row: dict[str, Any] = {"tiles": dict(zip(keys, ch))}
         for T in (1, 8):
@@ -170,6 +173,7 @@ def tiled_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_sta
         print(json.dumps(row), file=sys.stderr, flush=True)
         out.append(row)
         _write(args.out, {**res_so_far, "tiled_sweep": out})
+    dk.TILES.clear()
     dk.TILES.update(base)
     dk.SPLIT["variant"], dk.LAUNCH["pdl"] = base_variant, base_pdl
     return out
