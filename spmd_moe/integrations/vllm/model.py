@@ -12,11 +12,15 @@ two names of vLLM's model module swapped for the duration of ``__init__``:
 
 Everything else (embedding, attention with its KV cache, RoPE, norms, dense MLPs, LM head,
 logits) is vLLM's own code, tensor-parallel as in the native model. Each MoE layer takes
-the hidden states replicated over the TP ranks, splits the tokens over them, routes, sends
-rows to the rank owning each expert (EP = TP: rank r holds experts [r*E/n, (r+1)*E/n)),
-and all-gathers the result back to replicated. Qwen2-MoE's shared expert is the layer's
-shared experts (hidden dim split over TP) scaled by its sigmoid gate. No vLLM MoE kernel
-is used, so this runs wherever vLLM's TP runs, CPU included.
+the hidden states replicated over the TP ranks (EP = TP: rank r holds experts
+[r*E/n, (r+1)*E/n)). On CPU outside debug mode every rank routes every token, vLLM's own
+CPU fused-experts op computes this rank's experts' weighted slots (a Partial summand) and
+one all-reduce through vLLM's communicator makes the output replicated
+(spmd_moe.integrations.vllm.experts). Otherwise (debug mode, SPMD_MOE_VLLM_EXPERTS=spmd,
+CUDA, autograd, routing replay) spmd_moe's own path runs: the one-all-reduce path
+(spmd_moe.replicated_decode) or, in debug mode, the checked split path. Qwen2-MoE's shared
+expert is the layer's shared experts (hidden dim split over TP) scaled by its sigmoid
+gate. No vLLM fused-MoE *layer* (module, weights) is built.
 
 Shape suffixes: T tokens (flattened over sequences), D hidden size.
 """
