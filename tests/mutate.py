@@ -619,8 +619,9 @@ TOL = 1e-4
 def _cfg(**kw: Any) -> Any:
     from spmd_moe import MoEConfig
 
+    # shared_gate: the gated shared experts run too (their gate weight is stated Replicate).
     base: dict[str, Any] = dict(dim=D, hidden_dim=F_HID, num_experts=E, top_k=K, shared_hidden_dim=S_HID,
-                                load_balance_coeff=1e-3, padding="pad")
+                                shared_gate=True, load_balance_coeff=1e-3, padding="pad")
     base.update(kw)
     return MoEConfig(**base)
 
@@ -706,6 +707,19 @@ def _layer_case(layout: str, disp: str, mode: str, n: int, rank: int, grp: Any) 
     sl = _slices(T, n)[rank] if layout == "sequence" else slice(0, T)
     x_in = x[sl].clone()
     moe.tokens_per_expert_E.zero_()
+    if mode == "diverged":
+        # A negative case: a replicated parameter (the shared experts' gate) that differs on
+        # the last rank must be stopped by debug mode; accepting it is the failure.
+        assert moe.shared_experts is not None and moe.shared_experts.gate is not None
+        if rank == n - 1:
+            with torch.no_grad():
+                moe.shared_experts.gate.weight.add_(1e-3)
+        try:
+            with sm.debug(), torch.no_grad():
+                moe(x_in)
+        except sm.PlacementError as e:
+            return None if "gate.weight" in str(e) else f"raised, not naming the gate: {str(e)[:200]}"
+        return "accepted a shared gate weight that differs across ranks"
     dbg = mode != "nodebug"
     bi = mode == "bi"
     errs: list[str] = []
@@ -784,6 +798,7 @@ def layer_cases(layouts: list[str]) -> list[tuple[str, str, str]]:
                 cases.append((lay, disp, mode))
         cases.append((lay, "all_to_all", "bi"))
         cases += [(lay, "all_to_all@2", "grad"), (lay, "all_to_all@2", "nograd"), (lay, "auto", "nodebug")]
+        cases.append((lay, "all_to_all", "diverged"))
     return cases
 
 
