@@ -720,9 +720,14 @@ def _layer_case(layout: str, disp: str, mode: str, n: int, rank: int, grp: Any) 
         except sm.PlacementError as e:
             return None if "gate.weight" in str(e) else f"raised, not naming the gate: {str(e)[:200]}"
         return "accepted a shared gate weight that differs across ranks"
-    dbg = mode != "nodebug"
+    dbg = mode not in ("nodebug", "partial")
     bi = mode == "bi"
     errs: list[str] = []
+    # "partial": the all-to-all's fp32 partial-sum return (kernels='fast' inference; CUDA
+    # only outside tests), switched on for the CPU as tests/test_ep_overlap.py does.
+    import spmd_moe.dispatch.all_to_all as a2a
+
+    a2a.PARTIAL_ON_CPU = mode == "partial"
     with sm.debug(dbg), sm.batch_invariant_mode(bi):
         if mode in ("grad", "bi"):
             x_in.requires_grad_(True)
@@ -799,6 +804,7 @@ def layer_cases(layouts: list[str]) -> list[tuple[str, str, str]]:
         cases.append((lay, "all_to_all", "bi"))
         cases += [(lay, "all_to_all@2", "grad"), (lay, "all_to_all@2", "nograd"), (lay, "auto", "nodebug")]
         cases.append((lay, "all_to_all", "diverged"))
+        cases.append((lay, "all_to_all", "partial"))
     return cases
 
 
