@@ -15,6 +15,23 @@ t0=$SECONDS
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1
 head -2 "$LOG"
+if [ "${SWEEP:-0}" = 1 ]; then
+  # Up-projection form x router tiles at T=1,64,32768 (fwd, eager + graph), one process each, one JSON.
+  for v in "UP=split" "UP=fused" "UP=split ROUTER=64,64,32,4,3"; do
+    [ $((SECONDS - t0)) -gt 100 ] && break
+    up=$(echo "$v" | sed -n 's/.*UP=\([a-z]*\).*/\1/p'); rt=$(echo "$v" | sed -n 's/.*ROUTER=\([0-9,]*\).*/\1/p')
+    SPMD_MOE_INVARIANT_UP=$up SPMD_MOE_INVARIANT_ROUTER_TILES=$rt timeout 48 python3 -m spmd_moe.apps.bench.invariant \
+      --device cuda --gpu-t 1,64,32768 --bwd-max-t 0 --rounds 2 --no-generic --out "$OUT/.v.json" >> "$LOG" 2>&1
+    python3 - "$OUT/.v.json" "$v" "$JSON" <<'PY' || echo "variant $v: no result"
+import json, os, sys
+r = json.load(open(sys.argv[1])); allr = json.load(open(sys.argv[3])) if os.path.exists(sys.argv[3]) else {}
+allr[sys.argv[2]] = r; json.dump(allr, open(sys.argv[3], "w"), indent=1)
+print(sys.argv[2], [(x["T"], x["ratio"], x.get("graph_ratio")) for x in r["rows"]])
+PY
+    rm -f "$OUT/.v.json"
+  done
+  echo "total $((SECONDS - t0)) s"; exit 0
+fi
 if [ "${FULL:-0}" = 1 ]; then
   TOTAL=420; TESTS_S=120; BENCH_ARGS=(--gpu-t 1,8,64,512,4096,32768)
 else

@@ -74,12 +74,22 @@ def _config(dtype: torch.dtype, router: bool = False, up: bool = False) -> tuple
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 32, 16, 4, 1
     if router:
+        env_r = os.environ.get("SPMD_MOE_INVARIANT_ROUTER_TILES")
+        if env_r:
+            rm, rn, rk, rw, rs = (int(v) for v in env_r.split(","))
+            return rm, rn, rk, rw, rs
         return 16, 16, 64, 4, 4
     if dtype == torch.float32:
         return (64, 32, 32, 4, 3) if up else (64, 64, 32, 4, 3)
     env = os.environ.get("SPMD_MOE_INVARIANT_TILES")
     bm, bn, bk, w, st = (int(v) for v in env.split(",")) if env else (128, 128, 64, 8, 3)
     return bm, (max(16, bn // 2) if up else bn), bk, w, st
+
+
+@functools.lru_cache(maxsize=None)
+def _up_split() -> bool:
+    # Default split: the fused kernel (SPMD_MOE_INVARIANT_UP=fused) measured 2.02x at T=32768 (run5, 18:40).
+    return os.environ.get("SPMD_MOE_INVARIANT_UP", "split") != "fused"
 
 
 _kerns: dict[str, Any] = {}
@@ -224,7 +234,18 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
 def _up(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, groups_e: torch.Tensor, *,
         counts: bool, save: bool, slots: torch.Tensor | None = None, a_div: int = 1,
         rows_out: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(h, a1, a3) of the fused up kernel; a1/a3 (w1 and w3 outputs) only if save."""
+    """(h, a1, a3) of the up projections and SwiGLU; a1/a3 (w1 and w3 outputs) only if
+    save. Default (SPMD_MOE_INVARIANT_UP unset or 'split'; read once per process): the w1
+    and w3 GEMMs as two launches of the grouped GEMM kernel (its 128x128 tiles) and
+    torch's SiLU and product (elementwise); 'fused': the fused kernel. Either is the same
+    for every T and path in a process."""
+    if _up_split():
+        s1, s3 = w1_EFD.stride(), w3_EFD.stride()
+        a1s = _launch(x_RD, w1_EFD, s1, w1_EFD.shape[1], groups_e, x_RD.dtype, counts=counts, slots=slots,
+                      a_div=a_div, rows_out=rows_out)
+        a3s = _launch(x_RD, w3_EFD, s3, w3_EFD.shape[1], groups_e, x_RD.dtype, counts=counts, slots=slots,
+                      a_div=a_div, rows_out=rows_out)
+        return F.silu(a1s) * a3s, (a1s if save else None), (a3s if save else None)
     kern = _kern("swiglu_up_kernel")
     R, Dk = x_RD.shape
     E, Fh, _ = w1_EFD.shape
