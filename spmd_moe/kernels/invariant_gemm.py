@@ -88,8 +88,9 @@ def _config(dtype: torch.dtype, router: bool = False, up: bool = False) -> tuple
 
 @functools.lru_cache(maxsize=None)
 def _up_split() -> bool:
-    # Default split: the fused kernel (SPMD_MOE_INVARIANT_UP=fused) measured 2.02x at T=32768 (run5, 18:40).
-    return os.environ.get("SPMD_MOE_INVARIANT_UP", "split") != "fused"
+    # Default fused: faster than split at every T measured on the H200 (session 4 run6 sweep:
+    # eager cost 1.10 vs 1.33x at T=1, 1.41 vs 1.62x at 64, 2.00 vs 2.24x at 32768).
+    return os.environ.get("SPMD_MOE_INVARIANT_UP", "fused") == "split"
 
 
 _kerns: dict[str, Any] = {}
@@ -235,10 +236,10 @@ def _up(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, groups_e
         counts: bool, save: bool, slots: torch.Tensor | None = None, a_div: int = 1,
         rows_out: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(h, a1, a3) of the up projections and SwiGLU; a1/a3 (w1 and w3 outputs) only if
-    save. Default (SPMD_MOE_INVARIANT_UP unset or 'split'; read once per process): the w1
-    and w3 GEMMs as two launches of the grouped GEMM kernel (its 128x128 tiles) and
-    torch's SiLU and product (elementwise); 'fused': the fused kernel. Either is the same
-    for every T and path in a process."""
+    save. Default (SPMD_MOE_INVARIANT_UP unset or 'fused'; read once per process): the
+    fused kernel; 'split': the w1 and w3 GEMMs as two launches of the grouped GEMM kernel
+    (its 128x128 tiles) and torch's SiLU and product (elementwise). Either is the same for
+    every T and path in a process (their bits differ from each other)."""
     if _up_split():
         s1, s3 = w1_EFD.stride(), w3_EFD.stride()
         a1s = _launch(x_RD, w1_EFD, s1, w1_EFD.shape[1], groups_e, x_RD.dtype, counts=counts, slots=slots,
