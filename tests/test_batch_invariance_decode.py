@@ -187,6 +187,8 @@ def test_decode_form_and_general_path_share_binaries_cuda() -> None:
     the same binaries (mode switches are unspecialised runtime arguments)."""
     from spmd_moe.kernels import invariant_triton as kt
 
+    from spmd_moe.kernels import invariant_gemm as ig
+
     moe = _layer("cuda", torch.bfloat16, dim=256, hidden_dim=128, num_experts=32, top_k=8)
     kernels = (kt.grouped_gemm_kernel, kt.swiglu_up_kernel, kt.route_kernel)
     g = torch.Generator().manual_seed(1)
@@ -195,9 +197,46 @@ def test_decode_form_and_general_path_share_binaries_cuda() -> None:
         before = [_compiled(k) for k in kernels]
         if None in before:
             pytest.skip("this Triton version keeps its compiled kernels elsewhere")
-        moe(torch.randn(1000, 256, generator=g).to(torch.bfloat16).cuda())  # general path
+        moe(torch.randn(ig.ROUTER_LARGE_ROWS, 256, generator=g).to(torch.bfloat16).cuda())  # general path
         after = [_compiled(k) for k in kernels]
-    assert after == before, f"new binaries compiled by the general path: {before} -> {after}"
+        assert after == before, f"new binaries compiled by the general path: {before} -> {after}"
+        # Past the router's row switch exactly one more GEMM binary: the router's large
+        # tiles (same bits: test_router_tiles_same_bits_cuda); the experts' kernels none.
+        moe(torch.randn(1000, 256, generator=g).to(torch.bfloat16).cuda())
+        large = [_compiled(k) for k in kernels]
+    assert large == [before[0] + 1, *before[1:]], f"binaries past the router switch: {before} -> {large}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device tool)")
+def test_router_tiles_same_bits_cuda() -> None:
+    """The router's GEMM is the one whose tiles follow the row count
+    (invariant_gemm._router_config). Its claim: a logit's bits do not depend on the
+    tiles, warps or stages (Triton's fp32 'ieee' dot is one fma chain per element, k
+    ascending). Every config below, bf16 and fp32 inputs, the Qwen3 router's shape
+    (D = 2048, E = 128), 777 rows (odd, partial tiles): torch.equal to the first. Control:
+    within 1e-5 of max|logit| of a float64 GEMM (fp32 sums of 2048 products; the configs
+    computing the same wrong thing would fail it)."""
+    from spmd_moe.kernels import invariant_gemm as ig
+
+    configs = [(16, 16, 64, 4, 4), (64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3),
+               (128, 64, 32, 4, 3), (32, 32, 128, 4, 2)]
+    g = torch.Generator().manual_seed(5)
+    for dt in (torch.bfloat16, torch.float32):
+        x = torch.randn(777, 2048, generator=g).to(dt).cuda()
+        w = (torch.randn(128, 2048, generator=g) * 0.05).to(dt).cuda().unsqueeze(0)
+        outs = []
+        orig = ig._router_config
+        try:
+            for c in configs:
+                ig._router_config = lambda R, c=c: c  # type: ignore[misc]
+                outs.append(ig._launch(x, w, w.stride(), 128, None, torch.float32, f32=True))
+        finally:
+            ig._router_config = orig  # type: ignore[misc]
+        for c, o in zip(configs[1:], outs[1:]):
+            assert torch.equal(o, outs[0]), f"{dt}: tiles {c} change the router's bits vs {configs[0]}"
+        ref = (x.double() @ w[0].double().t())
+        err = (outs[0].double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 1e-5, f"{dt}: router logits off a float64 GEMM by {err:.2e} of max|logit|"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device tool)")

@@ -16,12 +16,17 @@ t0=$SECONDS
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1
 head -2 "$LOG"
 if [ "${SWEEP:-0}" = 1 ]; then
-  # Up-projection form x router tiles at T=1,64,32768 (fwd, eager + graph), one process each, one JSON.
-  for v in "UP=split" "UP=fused" "UP=split ROUTER=64,64,32,4,3"; do
-    [ $((SECONDS - t0)) -gt 100 ] && break
+  # Router tiles (small: ROUTER=, large past the row switch: ROUTERL=) x up form, at SWEEP_T
+  # (fwd, eager + graph), one process each, one JSON. SWEEP_S caps the whole sweep.
+  VARIANTS=${SWEEP_VARIANTS:-"UP=fused|UP=fused ROUTERL=64,128,32,8,3|UP=fused ROUTERL=128,128,32,8,3|UP=fused ROUTERL=128,64,32,4,3"}
+  IFS='|' read -ra VS <<< "$VARIANTS"
+  for v in "${VS[@]}"; do
+    [ $((SECONDS - t0)) -gt ${SWEEP_S:-150} ] && break
     up=$(echo "$v" | sed -n 's/.*UP=\([a-z]*\).*/\1/p'); rt=$(echo "$v" | sed -n 's/.*ROUTER=\([0-9,]*\).*/\1/p')
-    SPMD_MOE_INVARIANT_UP=$up SPMD_MOE_INVARIANT_ROUTER_TILES=$rt timeout 48 python3 -m spmd_moe.apps.bench.invariant \
-      --device cuda --gpu-t 1,64,32768 --bwd-max-t 0 --rounds 2 --no-generic --out "$OUT/.v.json" >> "$LOG" 2>&1
+    rl=$(echo "$v" | sed -n 's/.*ROUTERL=\([0-9,]*\).*/\1/p')
+    SPMD_MOE_INVARIANT_UP=${up:-fused} SPMD_MOE_INVARIANT_ROUTER_TILES=$rt SPMD_MOE_INVARIANT_ROUTER_TILES_LARGE=$rl \
+      timeout 60 python3 -m spmd_moe.apps.bench.invariant \
+      --device cuda --gpu-t ${SWEEP_T:-512,4096,32768} --bwd-max-t 0 --rounds 2 --no-generic --out "$OUT/.v.json" >> "$LOG" 2>&1
     python3 - "$OUT/.v.json" "$v" "$JSON" <<'PY' || echo "variant $v: no result"
 import json, os, sys
 r = json.load(open(sys.argv[1])); allr = json.load(open(sys.argv[3])) if os.path.exists(sys.argv[3]) else {}

@@ -63,7 +63,8 @@ def _build() -> Any:
 @functools.lru_cache(maxsize=None)  # read once per process (the environment is set before it starts)
 def _config(dtype: torch.dtype, router: bool = False, up: bool = False) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages): a function of the dtype and the role only
-    (never of the row count). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides
+    (never of the row count; the one exception, the router's large tiles, is
+    _router_config's). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides
     the 16-bit one (benchmark sweeps; both sides of a parity check must use the same).
     The router's fp32 GEMM (E outputs, no tensor cores) takes small tiles: at decode
     sizes a [64, 64] tile put all of it on E/64 SMs (about 35 us at D=2048); its K loop
@@ -74,16 +75,45 @@ def _config(dtype: torch.dtype, router: bool = False, up: bool = False) -> tuple
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 32, 16, 4, 1
     if router:
-        env_r = os.environ.get("SPMD_MOE_INVARIANT_ROUTER_TILES")
-        if env_r:
-            rm, rn, rk, rw, rs = (int(v) for v in env_r.split(","))
-            return rm, rn, rk, rw, rs
-        return 16, 16, 64, 4, 4
+        return _tiles_env("SPMD_MOE_INVARIANT_ROUTER_TILES", (16, 16, 64, 4, 4))
     if dtype == torch.float32:
         return (64, 32, 32, 4, 3) if up else (64, 64, 32, 4, 3)
     env = os.environ.get("SPMD_MOE_INVARIANT_TILES")
     bm, bn, bk, w, st = (int(v) for v in env.split(",")) if env else (128, 128, 64, 8, 3)
     return bm, (max(16, bn // 2) if up else bn), bk, w, st
+
+
+def _tiles_env(name: str, default: tuple[int, int, int, int, int]) -> tuple[int, int, int, int, int]:
+    env = os.environ.get(name)
+    if not env:
+        return default
+    bm, bn, bk, w, st = (int(v) for v in env.split(","))
+    return bm, bn, bk, w, st
+
+
+#: Row counts above which the router's GEMM takes its large tiles (_router_config).
+ROUTER_LARGE_ROWS = int(os.environ.get("SPMD_MOE_INVARIANT_ROUTER_ROWS", "256"))
+
+
+@functools.lru_cache(maxsize=None)
+def _router_large() -> tuple[int, int, int, int, int]:
+    return _tiles_env("SPMD_MOE_INVARIANT_ROUTER_TILES_LARGE", (64, 64, 32, 4, 3))
+
+
+def _router_config(R: int) -> tuple[int, int, int, int, int]:
+    """The router's fp32 GEMM is the one GEMM whose tiles follow the row count: small
+    tiles for decode (E outputs spread over E/16 programs), large ones past
+    ROUTER_LARGE_ROWS rows (16 x 16 fp32 tiles are shared-memory bound at T = 32768:
+    2.0x the normal layer there, H200 session 4). The bits cannot move with the tiles:
+    an fp32 'ieee' tl.dot is lowered to FMA (no tensor cores), and Triton's FMA lowering
+    computes each output element as ONE chain acc = fma(a_k, b_k, acc) over k in
+    ascending order (triton FMADotUtility), whatever BM, BN, BK, warps or stages are;
+    _acc walks the K blocks in ascending order too. A compiler fact, not one this code
+    can enforce, so tests/test_batch_invariance_decode.py checks it on the GPU (every
+    config pair, bitwise), as the decode-vs-general tests do across the switch."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _config(torch.float32, router=True)
+    return _router_large() if R > ROUTER_LARGE_ROWS else _config(torch.float32, router=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,7 +165,7 @@ def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: 
         return y
     if groups_g is not None and groups_g.numel() == 0:
         return y.zero_()
-    BM, BN, BK, warps, stages = _config(torch.float32 if f32 else a_RK.dtype, router=f32)
+    BM, BN, BK, warps, stages = _router_config(R) if f32 else _config(a_RK.dtype)
     nt = (N + BN - 1) // BN
     if groups_g is None:
         ends, G, grid = y, 1, (((R + BM - 1) // BM) * nt,)
