@@ -200,11 +200,12 @@ def test_decode_form_and_general_path_share_binaries_cuda() -> None:
         moe(torch.randn(ig.ROUTER_LARGE_ROWS, 256, generator=g).to(torch.bfloat16).cuda())  # general path
         after = [_compiled(k) for k in kernels]
         assert after == before, f"new binaries compiled by the general path: {before} -> {after}"
-        # Past the router's row switch exactly one more GEMM binary: the router's large
-        # tiles (same bits: test_router_tiles_same_bits_cuda); the experts' kernels none.
+        # Past the router's row switch at most one more GEMM binary: the router's large
+        # tiles (same bits: test_router_tiles_same_bits_cuda; an earlier test in this
+        # process may have compiled it already); the experts' kernels none.
         moe(torch.randn(1000, 256, generator=g).to(torch.bfloat16).cuda())
         large = [_compiled(k) for k in kernels]
-    assert large == [before[0] + 1, *before[1:]], f"binaries past the router switch: {before} -> {large}"
+    assert large[1:] == before[1:] and 0 <= large[0] - before[0] <= 1, f"binaries past the router switch: {before} -> {large}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device tool)")
