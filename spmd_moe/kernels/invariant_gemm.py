@@ -5,8 +5,11 @@
 Why a row's result cannot depend on the batch: one program computes a [BM, BN] tile of
 one group's rows; it walks K in BK steps, always from k = 0 upwards, adding each step's
 tl.dot into the same fp32 accumulator; there is no split-K and the tile shapes and
-instruction choice are compile-time constants that depend on the dtype only (never on
-the row count, no autotuning; the row count is not specialised on). In a tl.dot every
+instruction choice are compile-time constants that depend on the dtype and role only
+(no autotuning; the row count is not specialised on). Two tile choices do follow the
+call (the router's large tiles past ROUTER_LARGE_ROWS rows, the decode form's 16-row
+expert tiles); they rest on a row's bits not depending on the tile shape at all, which
+the GPU tests check (see _router_config and _decode_tiles_note). In a tl.dot every
 output element is the dot product of its own row of a with a column of w, so the other
 rows of the tile (other tokens, or masked zeros) never enter a row's accumulation.
 Masked K tails load zeros: adding +0 products is exact.
@@ -16,8 +19,7 @@ the shared experts (G = 1), forward and input-gradient (the same kernel with w's
 swapped). Weight gradients are sums over rows and use torch's grouped GEMM. Around the
 GEMMs: route() (gate GEMM + one route program per token), grouped_swiglu() (fused up +
 SwiGLU kernel, then the down GEMM) and routed_decode(), the one-rank inference form for
-T <= DECODE_MAX_T that runs the same kernels over a device-side plan (see
-spmd_moe/kernels/invariant_triton.py for why the forms share binaries).
+T <= DECODE_MAX_T that runs the same kernels over a device-side plan, with 16-row tiles.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _build() -> Any:
 
 
 @functools.lru_cache(maxsize=None)  # read once per process (the environment is set before it starts)
-def _config(dtype: torch.dtype, router: bool = False, up: bool = False) -> tuple[int, int, int, int, int]:
+def _config(dtype: torch.dtype, router: bool = False, up: bool = False, decode: bool = False) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages): a function of the dtype and the role only
     (never of the row count; the one exception, the router's large tiles, is
     _router_config's). SPMD_MOE_INVARIANT_TILES="BM,BN,BK,warps,stages" overrides
@@ -76,6 +78,11 @@ def _config(dtype: torch.dtype, router: bool = False, up: bool = False) -> tuple
         return 16, 32, 16, 4, 1
     if router:
         return _tiles_env("SPMD_MOE_INVARIANT_ROUTER_TILES", (16, 16, 64, 4, 4))
+    if decode:  # routed_decode's expert tiles: see _decode_tiles_note
+        if dtype == torch.float32:
+            return (16, 32, 32, 4, 3) if up else (16, 64, 32, 4, 3)
+        return _tiles_env("SPMD_MOE_INVARIANT_DECODE_UP_TILES" if up else "SPMD_MOE_INVARIANT_DECODE_TILES",
+                          (16, 32, 64, 4, 4) if up else (16, 64, 64, 4, 4))
     if dtype == torch.float32:
         return (64, 32, 32, 4, 3) if up else (64, 64, 32, 4, 3)
     env = os.environ.get("SPMD_MOE_INVARIANT_TILES")
@@ -116,6 +123,18 @@ def _router_config(R: int) -> tuple[int, int, int, int, int]:
     return _router_large() if R > ROUTER_LARGE_ROWS else _config(torch.float32, router=True)
 
 
+# _decode_tiles_note: routed_decode (T <= 64 tokens, so <= 64 rows per expert) runs the
+# expert kernels with 16-row tiles; the general path's 128-row tiles computed ~30x the
+# useful MMA work at T = 64 and left SMs idle at T = 1. A row's bits do not move with
+# the tiles: in fp32 by the FMA chain (see _router_config); in bf16/fp16 each output
+# element is the same sequence of MMA k-steps (K blocks ascending, the instruction's
+# k16 step fixed by the dtype), whatever the row tile, column tile, warps or stages
+# (wgmma at 64+ rows, mma.sync below). A hardware and compiler fact, not this code's:
+# test_expert_tiles_same_bits_cuda checks every config pair bitwise on the GPU
+# (measured equal on an H200, session 5), and the decode-vs-general tests check it
+# end to end.
+
+
 @functools.lru_cache(maxsize=None)
 def _up_split() -> bool:
     # Default fused: faster than split at every T measured on the H200 (session 4 run6 sweep:
@@ -152,7 +171,8 @@ def _grid(R: int, BM: int, G: int, n_tiles: int, slots: bool) -> tuple[int]:
 
 def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: int,
             groups_g: torch.Tensor | None, out_dtype: torch.dtype, *, counts: bool = False, f32: bool = False,
-            slots: torch.Tensor | None = None, a_div: int = 1, rows_out: int = 0) -> torch.Tensor:
+            slots: torch.Tensor | None = None, a_div: int = 1, rows_out: int = 0,
+            decode: bool = False) -> torch.Tensor:
     """groups_g None: one group of all rows (dense GEMM). Else cumulative ends of the
     groups (counts False) or their row counts (True). slots: a plan [G, S] of each
     group's slots (row s // a_div of a, row s of the output, rows_out rows out).
@@ -165,7 +185,7 @@ def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: 
         return y
     if groups_g is not None and groups_g.numel() == 0:
         return y.zero_()
-    BM, BN, BK, warps, stages = _router_config(R) if f32 else _config(a_RK.dtype)
+    BM, BN, BK, warps, stages = _router_config(R) if f32 else _config(a_RK.dtype, decode=decode)
     nt = (N + BN - 1) // BN
     if groups_g is None:
         ends, G, grid = y, 1, (((R + BM - 1) // BM) * nt,)
@@ -185,8 +205,8 @@ def _launch(a_RK: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, ...], N: 
 
 def _i32(t: torch.Tensor) -> torch.Tensor:
     """Group sizes/ends and plans go to the kernels as int32 in every path: a pointer's
-    element type is part of the compiled kernel's signature, and the decode form and the
-    general path must run the same binary."""
+    element type is part of the compiled kernel's signature; one index type keeps
+    every path on as few binaries as possible."""
     return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
@@ -264,7 +284,7 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
 
 def _up(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, groups_e: torch.Tensor, *,
         counts: bool, save: bool, slots: torch.Tensor | None = None, a_div: int = 1,
-        rows_out: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        rows_out: int = 0, decode: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(h, a1, a3) of the up projections and SwiGLU; a1/a3 (w1 and w3 outputs) only if
     save. Default (SPMD_MOE_INVARIANT_UP unset or 'fused'; read once per process): the
     fused kernel; 'split': the w1 and w3 GEMMs as two launches of the grouped GEMM kernel
@@ -273,9 +293,9 @@ def _up(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, groups_e
     if _up_split():
         s1, s3 = w1_EFD.stride(), w3_EFD.stride()
         a1s = _launch(x_RD, w1_EFD, s1, w1_EFD.shape[1], groups_e, x_RD.dtype, counts=counts, slots=slots,
-                      a_div=a_div, rows_out=rows_out)
+                      a_div=a_div, rows_out=rows_out, decode=decode)
         a3s = _launch(x_RD, w3_EFD, s3, w3_EFD.shape[1], groups_e, x_RD.dtype, counts=counts, slots=slots,
-                      a_div=a_div, rows_out=rows_out)
+                      a_div=a_div, rows_out=rows_out, decode=decode)
         return F.silu(a1s) * a3s, (a1s if save else None), (a3s if save else None)
     kern = _kern("swiglu_up_kernel")
     R, Dk = x_RD.shape
@@ -291,7 +311,7 @@ def _up(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, groups_e
         h.zero_()
         return h, (a1.zero_() if a1 is not None else None), (a3.zero_() if a3 is not None else None)
     assert w1_EFD.stride() == w3_EFD.stride()
-    BM, BN, BK, warps, stages = _config(dt, up=True)
+    BM, BN, BK, warps, stages = _config(dt, up=True, decode=decode)
     nt = (Fh + BN - 1) // BN
     s = w1_EFD.stride()
     groups_e = _i32(groups_e)
@@ -432,8 +452,9 @@ def routed_decode(x_TD: torch.Tensor, w_ED: torch.Tensor, bias_E: torch.Tensor |
     """The routed part of a one-rank layer at inference, in six launches and no host
     sync: gate GEMM, route kernel (which also writes a device-side plan: each expert's
     slots), fused up + SwiGLU and down over the touched experts' tiles only (rows found
-    through the plan), combine. Each of them is the kernel (and binary) the general path
-    runs with the same tile constants, so every token gets the bits it gets there.
+    through the plan), combine. Each of them is the kernel the general path runs; the
+    expert kernels take 16-row tiles here (_decode_tiles_note: a row's bits do not
+    depend on the tile, checked on the GPU), so every token gets the bits it gets there.
     Adds each expert's tokens to tokens_per_expert_E."""
     T, D = x_TD.shape
     E = w1_EFD.shape[0]
@@ -447,10 +468,11 @@ def routed_decode(x_TD: torch.Tensor, w_ED: torch.Tensor, bias_E: torch.Tensor |
     bias = bias_E.detach().contiguous() if bias_E is not None else None
     w_TK = _route_kernel(logits, bias, K, score_func == "sigmoid", route_norm, route_scale,
                          plan=(count_E, slots_ET, tokens_per_expert_E))[0]
-    h = _up(x_TD, w1_EFD, w3_EFD, count_E, counts=True, save=False, slots=slots_ET, a_div=K, rows_out=T * K)[0]
+    h = _up(x_TD, w1_EFD, w3_EFD, count_E, counts=True, save=False, slots=slots_ET, a_div=K, rows_out=T * K,
+            decode=True)[0]
     s2 = w2_EDF.stride()
     y_ND = _launch(h, w2_EDF, (s2[0], s2[1], s2[2]), D, count_E, x_TD.dtype, counts=True, slots=slots_ET,
-                   rows_out=T * K)
+                   rows_out=T * K, decode=True)
     out = torch.empty(T, D, dtype=x_TD.dtype, device=dev)
     block = 1024 if D >= 1024 else max(16, 1 << max(0, D - 1).bit_length())
     _kern("combine_kernel")[(T, (D + block - 1) // block)](

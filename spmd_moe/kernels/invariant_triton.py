@@ -7,7 +7,7 @@ dtype (invariant_gemm._config). Which rows sit in a tile, and how they were foun
 contiguous group, a list of slots), changes only the addresses loaded, never a row's
 arithmetic. Switches that differ between callers (grouped rows vs. a slot plan; write
 a plan or not; save the pre-activations or not) are runtime arguments and are not
-specialised on: the decode and the prefill forms of a call run the same binary.
+specialised on: one binary per tile config serves every form and every T.
 """
 
 from __future__ import annotations
