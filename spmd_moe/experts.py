@@ -21,6 +21,7 @@ from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_rep, as_var, unchecked_cast
 from spmd_moe.checking import checked
+from spmd_moe.kernels import fused_bwd as _fb
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -167,6 +168,10 @@ class GroupedExperts(nn.Module):
         # Without autograd the rows past the counts of the up GEMMs are never read (the
         # down GEMM reads only grouped rows): only the output's tail is zeroed.
         zt_up = zt and (torch.is_grad_enabled() or spmd.is_type_checking())
+        if _fb.applies(self.cfg.kernels, w1, w3, routed_RD):  # training on CUDA: one kernel each way
+            h_RF = _fb.swiglu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt_up, offs_e=offs),
+                              grouped_mm(routed_RD.to(dt), w3, counts_e, zero_tail=zt_up, offs_e=offs))
+            return grouped_mm(h_RF, w2, counts_e, zero_tail=zt, offs_e=offs).to(routed_RD.dtype)
         h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt_up, offs_e=offs)) * grouped_mm(
             routed_RD.to(dt), w3, counts_e, zero_tail=zt_up, offs_e=offs
         )

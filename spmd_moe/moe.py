@@ -37,6 +37,7 @@ from torch import nn
 from spmd_moe import _debug
 from spmd_moe import _fused_combine as _fc
 from spmd_moe.kernels import decode as _dk
+from spmd_moe.kernels import fused_bwd as _fb
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe import replicated_decode as _rd
@@ -393,15 +394,19 @@ class MoE(nn.Module, Generic[L]):
             return self._combine_rows(piped, weights_TK)
         routed_RD, counts_e, state = dispatcher.dispatch(x_TD, expert_ids_TK, num_pad)
         out_RD = self.experts(routed_RD, counts_e, rows_exact=dispatcher.rows_exact)
-        if _fc.usable(out_RD, weights_TK):
+        if _fc.usable(out_RD, weights_TK) or _fb.applies(self.cfg.kernels, out_RD, weights_TK):
             back = dispatcher.returned_rows(out_RD, state)
             if back is not None:
                 return self._combine_rows(back, weights_TK)
         return _weighted_sum(dispatcher.combine(out_RD, state), weights_TK)
 
     def _combine_rows(self, back: SentRows, weights_TK: Float[Placed[Var[EP]], "T K"]) -> Float[Placed[Var[EP]], "T D"]:
-        """Returned rows -> each slot -> weighted sum over k (fused on CUDA inference)."""
+        """Returned rows -> each slot -> weighted sum over k (fused on CUDA: inference, and
+        training with kernels='fast')."""
         T, K = weights_TK.shape
+        if _fb.applies(self.cfg.kernels, back.rows_SD, weights_TK):
+            # Training on CUDA (kernels='fast'): the same sum, and its backward, one kernel each.
+            return _fb.weighted_combine(back.rows_SD, back.slots_S, weights_TK)
         if _fc.usable(back.rows_SD, weights_TK):
             # Inference on CUDA: scatter back, weighting and the ordered sum in one
             # kernel, bitwise equal to combine + _weighted_sum.

@@ -1,0 +1,187 @@
+"""Fused SwiGLU and combine for training on CUDA (MoEConfig.kernels == 'fast', autograd).
+
+Two autograd Functions, each one Triton kernel forward and one backward, where torch's
+autograd runs several elementwise kernels over [R, F] and fp32 [T, K, D] temporaries:
+
+    swiglu     h_RF = silu(a1_RF) * a3_RF; saves a1, a3 only (autograd also keeps silu(a1))
+               backward: grad_a1 and grad_a3 from grad_h in one kernel
+    combine    out_TD = sum_k w_TK[t, k] * rows_SD[row of slot t*K+k], reading each expert
+               row through the inverse of the slot map (no [T, K, D] slots, no fp32 copy)
+               backward: grad_rows_SD (in the rows' layout) and grad_w_TK in one kernel
+
+Rounding, bf16 (in fp32 math inside): the forwards round where torch's eager bf16 ops do
+(silu to bf16, then the product; each weighted term, then each add in ascending k), so
+the combine's forward is bitwise spmd_moe.moe's _weighted_sum(scatter_to_slots(...)), and
+so is its grad_rows (autograd's fp32 product g * w cast to bf16). SwiGLU computes silu
+with libdevice's expf and IEEE division as torch's CUDA kernel does, and its grads with
+torch's own rounding points (g * a3 rounded before silu_backward): bitwise torch's
+where the compiled fp32 code agrees (FMA contraction is the compiler's choice on both
+sides), else one bf16 ulp. grad_w_TK is an fp32 dot over D in another order than torch's
+reduction: equal to fp32 rounding (tests/test_fused_backward.py states the tolerances).
+
+Used by spmd_moe.experts / spmd_moe.moe only where ``applies`` says so: kernels='fast',
+autograd recording, not batch-invariant, not debug mode, bf16 on CUDA with Triton. On CPU
+the torch path stays (tests opt in to Triton's interpreter with fp32 tensors).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import spmd_types as spmd
+import torch
+from jaxtyping import Float, Int
+
+from spmd_moe import _debug
+from spmd_moe import batch_invariant as _bi
+from spmd_moe.placement import EP, Placed, Var, unchecked_cast
+
+_kernels: Any = None
+_tried = False
+
+
+def _build() -> Any:
+    """The kernel module, or None without Triton."""
+    global _kernels, _tried
+    if not _tried:
+        _tried = True
+        try:
+            from spmd_moe.kernels import _fused_bwd_triton
+        except ImportError:
+            return None
+        _kernels = _fused_bwd_triton
+    return _kernels
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter, for tests that opt in (SPMD_MOE_FUSED_BWD_INTERPRET=1):
+    there the fused path takes fp32 tensors (fp32 math). A CPU layer never takes it otherwise."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_FUSED_BWD_INTERPRET") == "1"
+
+
+def applies(kernels: str, *tensors: torch.Tensor) -> bool:
+    """Whether the fused training kernels replace the torch ops on ``tensors``: kernels
+    'fast', autograd recording a graph through one of them, batch-invariant and debug
+    mode off, bf16 on CUDA (or fp32 under the tests' interpreter opt-in), Triton present."""
+    if kernels != "fast" or _bi._enabled or _debug._enabled or spmd.is_type_checking():
+        return False
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False
+    t0 = tensors[0]
+    if t0.device.type == "cuda":
+        ok = t0.dtype == torch.bfloat16
+    else:
+        ok = _interpreting() and t0.dtype == torch.float32
+    return ok and _build() is not None
+
+
+def _round_bf16(dtype: torch.dtype, bf16_math: bool | None) -> bool:
+    return dtype == torch.bfloat16 if bf16_math is None else bf16_math
+
+
+# --------------------------------------------------------------------------- SwiGLU
+
+_SWIGLU_BLOCK = 1024
+
+
+@spmd.register_local_autograd_function  # elementwise: placements propagate
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, a1_RF: torch.Tensor, a3_RF: torch.Tensor, round_bf16: bool) -> torch.Tensor:
+        k = _build()
+        a1_RF, a3_RF = a1_RF.contiguous(), a3_RF.contiguous()
+        h_RF = torch.empty_like(a1_RF)
+        n = a1_RF.numel()
+        if n:
+            k.swiglu_fwd_kernel[(triton_cdiv(n, _SWIGLU_BLOCK),)](h_RF, a1_RF, a3_RF, n, BLOCK=_SWIGLU_BLOCK,
+                                                                  ROUND=round_bf16, num_warps=4)
+        ctx.save_for_backward(a1_RF, a3_RF)
+        ctx.round_bf16 = round_bf16
+        return h_RF
+
+    @staticmethod
+    def backward(ctx: Any, g_RF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        k = _build()
+        a1_RF, a3_RF = ctx.saved_tensors
+        g_RF = g_RF.contiguous()  # e.g. the stride-0 gradient of a .sum()
+        ga1_RF, ga3_RF = torch.empty_like(a1_RF), torch.empty_like(a3_RF)
+        n = a1_RF.numel()
+        if n:
+            k.swiglu_bwd_kernel[(triton_cdiv(n, _SWIGLU_BLOCK),)](ga1_RF, ga3_RF, g_RF, a1_RF, a3_RF, n,
+                                                                  BLOCK=_SWIGLU_BLOCK, ROUND=ctx.round_bf16, num_warps=4)
+        return ga1_RF, ga3_RF, None
+
+
+def swiglu(
+    a1_RF: Float[Placed[Var[EP]], "R F"], a3_RF: Float[Placed[Var[EP]], "R F"], *, bf16_math: bool | None = None
+) -> Float[Placed[Var[EP]], "R F"]:
+    """silu(a1_RF) * a3_RF with autograd, one kernel each way. bf16_math: round as bf16
+    ops do (default: when the tensors are bf16; the tests set it for fp32 stand-ins)."""
+    assert a1_RF.shape == a3_RF.shape and a1_RF.dtype == a3_RF.dtype, (a1_RF.shape, a3_RF.shape)
+    h_RF = _SwiGLU.apply(a1_RF, a3_RF, _round_bf16(a1_RF.dtype, bf16_math))  # type: ignore[no-untyped-call]
+    return unchecked_cast(Placed[Var[EP]], h_RF, reason="elementwise on this rank's rows")
+
+
+# --------------------------------------------------------------------------- combine
+
+
+@spmd.register_local_autograd_function  # this rank's rows into this rank's tokens: placements propagate
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, rows_SD: torch.Tensor, slots_S: torch.Tensor, w_TK: torch.Tensor, round_bf16: bool) -> torch.Tensor:
+        k = _build()
+        T, K = w_TK.shape
+        S, D = rows_SD.shape
+        dev = rows_SD.device
+        # row_of_slot_N[slot] = the row holding it; -1: unsent (pad tokens' slots).
+        row_of_slot_N = torch.full((T * K,), -1, dtype=torch.int32, device=dev) if S < T * K else (
+            torch.empty(T * K, dtype=torch.int32, device=dev))
+        row_of_slot_N.index_copy_(0, slots_S, torch.arange(S, dtype=torch.int32, device=dev))
+        rows_SD = rows_SD.contiguous()
+        w32_TK = w_TK.float().contiguous()
+        out_TD = torch.empty(T, D, dtype=rows_SD.dtype, device=dev)
+        if T and D:
+            block = min(1024, _pow2(D))
+            k.combine_fwd_kernel[(T, triton_cdiv(D, block))](
+                out_TD, rows_SD, row_of_slot_N, w32_TK, D, K=K, BLOCK_D=block, ROUND=round_bf16,
+                num_warps=4, enable_fp_fusion=False)
+        ctx.save_for_backward(rows_SD, row_of_slot_N, w32_TK)
+        ctx.round_bf16 = round_bf16
+        ctx.w_dtype = w_TK.dtype
+        return out_TD
+
+    @staticmethod
+    def backward(ctx: Any, g_TD: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor, None]:
+        k = _build()
+        rows_SD, row_of_slot_N, w32_TK = ctx.saved_tensors
+        T, K = w32_TK.shape
+        D = rows_SD.shape[-1]
+        g_TD = g_TD.contiguous()
+        grad_rows_SD = torch.empty_like(rows_SD)  # every row belongs to one slot: all written
+        grad_w_TK = torch.empty(T, K, dtype=torch.float32, device=rows_SD.device)
+        if T:
+            kp2 = _pow2(K)
+            k.combine_bwd_kernel[(T,)](
+                grad_rows_SD, grad_w_TK, g_TD, rows_SD, row_of_slot_N, w32_TK, D,
+                K=K, K_P2=kp2, BLOCK_D=max(16, min(_pow2(D), 2048 // kp2)), ROUND=ctx.round_bf16, num_warps=4)
+        return grad_rows_SD, None, grad_w_TK.to(ctx.w_dtype), None
+
+
+def weighted_combine(
+    rows_SD: Float[Placed[Var[EP]], "S D"], slots_S: Int[Placed[Var[EP]], " S"], weights_TK: Float[Placed[Var[EP]], "T K"],
+    *, bf16_math: bool | None = None,
+) -> Float[Placed[Var[EP]], "T D"]:
+    """y[t] = sum_k w[t, k] * row(slot t*K+k) with autograd, rows_SD[i] holding slot
+    slots_S[i] (distinct slots; unsent slots count as zero rows). bf16_math as swiglu's."""
+    assert rows_SD.shape[0] == slots_S.shape[0] <= weights_TK.numel(), (rows_SD.shape, slots_S.shape, weights_TK.shape)
+    y_TD = _Combine.apply(rows_SD, slots_S, weights_TK, _round_bf16(rows_SD.dtype, bf16_math))  # type: ignore[no-untyped-call]
+    return unchecked_cast(Placed[Var[EP]], y_TD, reason="combine + weighted sum of this rank's rows, in one kernel")
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
