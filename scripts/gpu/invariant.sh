@@ -16,7 +16,8 @@ t0=$SECONDS
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1
 head -2 "$LOG"
 if [ "${SWEEP:-0}" = 1 ]; then
-  # Router tiles (small: ROUTER=, large past the row switch: ROUTERL=) x up form, at SWEEP_T
+  # Router tiles (small: ROUTER=, large past the row switch: ROUTERL=), decode-form expert tiles
+  # (DEC= down GEMM, DECUP= up kernel) x up form, at SWEEP_T
   # (fwd, eager + graph), one process each, one JSON. SWEEP_S caps the whole sweep.
   VARIANTS=${SWEEP_VARIANTS:-"UP=fused|UP=fused ROUTERL=64,128,32,8,3|UP=fused ROUTERL=128,128,32,8,3|UP=fused ROUTERL=128,64,32,4,3"}
   IFS='|' read -ra VS <<< "$VARIANTS"
@@ -24,6 +25,8 @@ if [ "${SWEEP:-0}" = 1 ]; then
     [ $((SECONDS - t0)) -gt ${SWEEP_S:-150} ] && break
     up=$(echo "$v" | sed -n 's/.*UP=\([a-z]*\).*/\1/p'); rt=$(echo "$v" | sed -n 's/.*ROUTER=\([0-9,]*\).*/\1/p')
     rl=$(echo "$v" | sed -n 's/.*ROUTERL=\([0-9,]*\).*/\1/p')
+    dg=$(echo "$v" | sed -n 's/.*DEC=\([0-9,]*\).*/\1/p'); du=$(echo "$v" | sed -n 's/.*DECUP=\([0-9,]*\).*/\1/p')
+    SPMD_MOE_INVARIANT_DECODE_TILES=$dg SPMD_MOE_INVARIANT_DECODE_UP_TILES=$du \
     SPMD_MOE_INVARIANT_UP=${up:-fused} SPMD_MOE_INVARIANT_ROUTER_TILES=$rt SPMD_MOE_INVARIANT_ROUTER_TILES_LARGE=$rl \
       timeout 60 python3 -m spmd_moe.apps.bench.invariant \
       --device cuda --gpu-t ${SWEEP_T:-512,4096,32768} --bwd-max-t 0 --rounds 2 --no-generic --out "$OUT/.v.json" >> "$LOG" 2>&1
