@@ -12,7 +12,8 @@ fp32's; one bf16 ulp is at most 2^-7 relative):
   round at the same points (each fp32 product to the rows' dtype, each add in ascending
   k; the gradient g * w in fp32 then cast) and launch without FMA contraction.
 * grad_w (fp32 dot over D): torch reduces the same products in another order; each sum is
-  within D*e*sum|g*y| of exact, so the two differ by at most 2*D*e*sum|g*y|.
+  within D*e*sum|g*y| of exact, so the two differ by at most 2*D*e*sum|g*y|. With
+  fused_bwd.GRAD_W = 'torch' (products stored, summed by torch's reduction): bitwise.
 * SwiGLU against torch: the same rounding points (silu to bf16, then the product; the
   grads g * a3 rounded before torch's silu_backward formula), silu in fp32 through
   libdevice's expf and IEEE division on the GPU (numpy's exp in the interpreter, not
@@ -181,7 +182,7 @@ def _combine_inputs(T: int, K: int, D: int, E: int, routing: str, npad: int, mod
 
 
 def _combine_errors(T: int, K: int, D: int, E: int, routing: str, npad: int, mode: str, *,
-                    w_shift: int = 0, seed: int = 0) -> dict[str, float]:
+                    w_shift: int = 0, seed: int = 0, grad_w_bitwise: bool = False) -> dict[str, float]:
     """Excess (<= 1: passes; bitwise checks: 0 or inf) of the fused combine over the
     module docstring's tolerances. w_shift rolls the weights along k before the kernel
     (the control: a kernel reading w[t, k + shift])."""
@@ -213,7 +214,9 @@ def _combine_errors(T: int, K: int, D: int, E: int, routing: str, npad: int, mod
             gwsum[t, k] = (g64[t] * r64[i]).abs().sum()
     eps = U if mode == "bf16" else E32
     inf = float("inf")
+    bitwise_w = {"grad_w bitwise torch": 0.0 if _same(gw, W1.grad) else inf} if grad_w_bitwise else {}
     return {
+        **bitwise_w,
         "y bitwise torch": 0.0 if _same(y, y_ref) else inf,
         "grad_rows bitwise torch": 0.0 if _same(R2.grad, R1.grad) else inf,
         "grad_w vs torch": _excess(gw, W1.grad, 2 * D * E32 * gwsum),
@@ -242,6 +245,19 @@ def test_combine_matches_torch_and_float64(case: str, mode: str) -> None:
     if routing == "one_expert":
         assert counts[:K].tolist() == [T] * K
     errs = _combine_errors(T, K, D, E, routing, npad, mode)
+    assert max(errs.values()) <= 1.0, errs
+
+
+@kernel_test
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(COMBINE_CASES))
+def test_combine_grad_w_torch_order_is_bitwise(case: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRAD_W='torch': the kernel's fp32 products summed by torch's own reduction, so
+    grad_w is bitwise autograd's (the products g * y are the same values: exact for bf16,
+    one fp32 rounding for fp32, on both sides)."""
+    monkeypatch.setattr(fb, "GRAD_W", "torch")
+    T, K, D, E, routing, npad = COMBINE_CASES[case]
+    errs = _combine_errors(T, K, D, E, routing, npad, mode, grad_w_bitwise=True)
     assert max(errs.values()) <= 1.0, errs
 
 
@@ -318,8 +334,11 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
 
 
 @kernel_test
-@pytest.mark.parametrize("T,bias", [(0, False), (1, False), (37, False), (64, True)])
-def test_layer_fast_path_matches_torch_path(T: int, bias: bool, calls: dict[str, int]) -> None:
+@pytest.mark.parametrize("T,bias,grad_w", [(0, False, "dot"), (1, False, "dot"), (37, False, "dot"), (64, True, "dot"),
+                                           (37, False, "torch")])
+def test_layer_fast_path_matches_torch_path(T: int, bias: bool, grad_w: str, calls: dict[str, int],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fb, "GRAD_W", grad_w)
     fast, ref = _layers(bias)
     g = torch.Generator().manual_seed(T)
     dt = fast.router.gate.weight.dtype
@@ -353,6 +372,8 @@ def test_layer_fast_path_matches_torch_path(T: int, bias: bool, calls: dict[str,
     assert sorted(gp) == sorted(gp_ref)
     tol = 2.0**-8 if bf16 else 1e-5
     errs = {"x": _rel(gx, gx_ref), **{k: _rel(gp[k], gp_ref[k]) for k in gp}}
+    same = [k for k in gp if torch.equal(gp[k], gp_ref[k])] + (["x"] if torch.equal(gx, gx_ref) else [])
+    print(f"layer T={T} GRAD_W={grad_w}: grads bitwise the torch path: {sorted(same)}")
     assert max(errs.values()) <= tol, errs
 
 

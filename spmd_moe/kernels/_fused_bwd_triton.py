@@ -101,11 +101,14 @@ def combine_fwd_kernel(out_ptr, rows_ptr, row_of_slot_ptr, w_ptr, D, K: tl.const
 
 
 @triton.jit
-def combine_bwd_kernel(grad_rows_ptr, grad_w_ptr, g_ptr, rows_ptr, row_of_slot_ptr, w_ptr, D,
-                       K: tl.constexpr, K_P2: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr):
+def combine_bwd_kernel(grad_rows_ptr, grad_w_ptr, prod_ptr, g_ptr, rows_ptr, row_of_slot_ptr, w_ptr, D,
+                       K: tl.constexpr, K_P2: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr,
+                       PROD: tl.constexpr):
     """One program per token t, both grads of the combine from g = dL/dout[t]:
     grad_rows[row of (t, k)] = g * w[t, k] (fp32 product, rounded to bf16 as autograd's cast
-    of the fp32 gradient) and grad_w[t, k] = dot(g, row of (t, k)) in fp32 (0 for unsent)."""
+    of the fp32 gradient) and grad_w[t, k] = dot(g, row of (t, k)) in fp32 (0 for unsent).
+    PROD: instead of the dot, store the fp32 products g * row to prod[t, k, :] (the caller
+    sums them with torch, in autograd's reduction order)."""
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, K_P2)
     in_k = ks < K
@@ -120,9 +123,14 @@ def combine_bwd_kernel(grad_rows_ptr, grad_w_ptr, g_ptr, rows_ptr, row_of_slot_p
         m_KD = sent_K[:, None] & in_d[None, :]
         ptr_KD = r_K[:, None] * D + offs[None, :]
         y_KD = tl.load(rows_ptr + ptr_KD, mask=m_KD, other=0.0).to(tl.float32)
-        acc_KD += g[None, :] * y_KD
+        if PROD:  # unsent slots: g * 0, as autograd's product with the zero slot
+            tl.store(prod_ptr + (t * K + ks)[:, None] * D + offs[None, :], g[None, :] * y_KD,
+                     mask=in_k[:, None] & in_d[None, :])
+        else:
+            acc_KD += g[None, :] * y_KD
         gr_KD = g[None, :] * w_K[:, None]
         if ROUND:
             gr_KD = rn_bf16(gr_KD)
         tl.store(grad_rows_ptr + ptr_KD, gr_KD.to(grad_rows_ptr.dtype.element_ty), mask=m_KD)
-    tl.store(grad_w_ptr + t * K + ks, tl.sum(acc_KD, axis=1), mask=in_k)
+    if not PROD:
+        tl.store(grad_w_ptr + t * K + ks, tl.sum(acc_KD, axis=1), mask=in_k)

@@ -17,7 +17,8 @@ with libdevice's expf and IEEE division as torch's CUDA kernel does, and its gra
 torch's own rounding points (g * a3 rounded before silu_backward): bitwise torch's
 where the compiled fp32 code agrees (FMA contraction is the compiler's choice on both
 sides), else one bf16 ulp. grad_w_TK is an fp32 dot over D in another order than torch's
-reduction: equal to fp32 rounding (tests/test_fused_backward.py states the tolerances).
+reduction: equal to fp32 rounding (tests/test_fused_backward.py states the tolerances);
+GRAD_W = "torch" makes it bitwise autograd's with one fp32 [T, K, D] buffer.
 
 Used by spmd_moe.experts / spmd_moe.moe only where ``applies`` says so: kernels='fast',
 autograd recording, not batch-invariant, not debug mode, bf16 on CUDA with Triton. On CPU
@@ -27,7 +28,7 @@ the torch path stays (tests opt in to Triton's interpreter with fp32 tensors).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import spmd_types as spmd
 import torch
@@ -125,6 +126,13 @@ def swiglu(
 
 # --------------------------------------------------------------------------- combine
 
+# How the combine's backward gets grad_w_TK: "dot", an fp32 dot over D inside the kernel
+# (no [T, K, D] temporary; equal to autograd's up to fp32 reassociation); "torch", the
+# kernel stores the fp32 products g * row and torch sums them over D, the reduction
+# autograd runs, so grad_w is bitwise autograd's (and torchtitan's) at the cost of one
+# fp32 [T, K, D] buffer (written once, read once). Env: SPMD_MOE_FUSED_GRAD_W=torch.
+GRAD_W: Literal["dot", "torch"] = "torch" if os.environ.get("SPMD_MOE_FUSED_GRAD_W") == "torch" else "dot"
+
 
 @spmd.register_local_autograd_function  # this rank's rows into this rank's tokens: placements propagate
 class _Combine(torch.autograd.Function):
@@ -158,13 +166,19 @@ class _Combine(torch.autograd.Function):
         T, K = w32_TK.shape
         D = rows_SD.shape[-1]
         g_TD = g_TD.contiguous()
+        dev = rows_SD.device
         grad_rows_SD = torch.empty_like(rows_SD)  # every row belongs to one slot: all written
-        grad_w_TK = torch.empty(T, K, dtype=torch.float32, device=rows_SD.device)
+        grad_w_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
+        prod = GRAD_W == "torch"
+        prod_TKD = torch.empty(T, K, D, dtype=torch.float32, device=dev) if prod else grad_w_TK
         if T:
             kp2 = _pow2(K)
             k.combine_bwd_kernel[(T,)](
-                grad_rows_SD, grad_w_TK, g_TD, rows_SD, row_of_slot_N, w32_TK, D,
-                K=K, K_P2=kp2, BLOCK_D=max(16, min(_pow2(D), 2048 // kp2)), ROUND=ctx.round_bf16, num_warps=4)
+                grad_rows_SD, grad_w_TK, prod_TKD, g_TD, rows_SD, row_of_slot_N, w32_TK, D,
+                K=K, K_P2=kp2, BLOCK_D=max(16, min(_pow2(D), 2048 // kp2)), ROUND=ctx.round_bf16, PROD=prod,
+                num_warps=4)
+        if prod:  # the very reduction autograd runs on its [T, K, D] fp32 product: the same bits
+            grad_w_TK = prod_TKD.sum(-1)
         return grad_rows_SD, None, grad_w_TK.to(ctx.w_dtype), None
 
 
