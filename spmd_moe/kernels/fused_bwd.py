@@ -65,9 +65,9 @@ def applies(kernels: str, *tensors: torch.Tensor) -> bool:
     """Whether the fused training kernels replace the torch ops on ``tensors``: kernels
     'fast', autograd recording a graph through one of them, batch-invariant and debug
     mode off, bf16 on CUDA (or fp32 under the tests' interpreter opt-in), Triton present."""
-    if kernels != "fast" or _bi._enabled or _debug._enabled or spmd.is_type_checking():
-        return False
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False  # first: inference (vLLM, decode) pays only this check
+    if kernels != "fast" or _bi._enabled or _debug._enabled or spmd.is_type_checking():
         return False
     t0 = tensors[0]
     if t0.device.type == "cuda":
