@@ -13,7 +13,7 @@ fp32's; one bf16 ulp is at most 2^-7 relative):
   k; the gradient g * w in fp32 then cast) and launch without FMA contraction.
 * grad_w (fp32 dot over D): torch reduces the same products in another order; each sum is
   within D*e*sum|g*y| of exact, so the two differ by at most 2*D*e*sum|g*y|. With
-  fused_bwd.GRAD_W = 'torch' (products stored, summed by torch's reduction): bitwise.
+  fused_bwd.GRAD_W = 'torch' (the default: products stored, summed by torch's reduction): bitwise.
 * SwiGLU against torch: the same rounding points (silu to bf16, then the product; the
   grads g * a3 rounded before torch's silu_backward formula), silu in fp32 through
   libdevice's expf and IEEE division on the GPU (numpy's exp in the interpreter, not
@@ -238,7 +238,8 @@ COMBINE_CASES = {  # name: (T, K, D, E, routing, pad tokens)
 @kernel_test
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(COMBINE_CASES))
-def test_combine_matches_torch_and_float64(case: str, mode: str) -> None:
+def test_combine_matches_torch_and_float64(case: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fb, "GRAD_W", "dot")  # the opt-in fp32 dot (the default 'torch' is bitwise: below)
     T, K, D, E, routing, npad = COMBINE_CASES[case]
     counts = _combine_inputs(T, K, D, E, routing, npad, mode, 0)[4]
     assert int((counts == 0).sum()) >= 4, "every case leaves experts without tokens"
