@@ -168,9 +168,13 @@ class GroupedExperts(nn.Module):
         # Without autograd the rows past the counts of the up GEMMs are never read (the
         # down GEMM reads only grouped rows): only the output's tail is zeroed.
         zt_up = zt and (torch.is_grad_enabled() or spmd.is_type_checking())
-        if _fb.applies(self.cfg.kernels, w1, w3, routed_RD):  # training on CUDA: one kernel each way
-            h_RF = _fb.swiglu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt_up, offs_e=offs),
-                              grouped_mm(routed_RD.to(dt), w3, counts_e, zero_tail=zt_up, offs_e=offs))
+        train = _fb.applies(self.cfg.kernels, w1, w3, routed_RD)
+        if train or _fb.applies_forward(self.cfg.kernels, w1, w3, routed_RD):
+            # CUDA, kernels='fast': silu and mul in one kernel; training: with its backward
+            # (one kernel too), inference: the same forward kernel without autograd.
+            swiglu = _fb.swiglu if train else _fb.swiglu_forward
+            h_RF = swiglu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt_up, offs_e=offs),
+                          grouped_mm(routed_RD.to(dt), w3, counts_e, zero_tail=zt_up, offs_e=offs))
             return grouped_mm(h_RF, w2, counts_e, zero_tail=zt, offs_e=offs).to(routed_RD.dtype)
         h_RF = F.silu(grouped_mm(routed_RD.to(dt), w1, counts_e, zero_tail=zt_up, offs_e=offs)) * grouped_mm(
             routed_RD.to(dt), w3, counts_e, zero_tail=zt_up, offs_e=offs

@@ -30,6 +30,10 @@ fp32's; one bf16 ulp is at most 2^-7 relative):
   within 2 bf16 ulps of max|y| (2 * 2^-7 * max|y|) (only SwiGLU's rare one-ulp differences reach it), every
   gradient within 2^-8 norm-relative (grad_w's fp32 reassociation flips a few bf16
   roundings downstream); fp32: 1e-5.
+* Inference (no autograd) takes SwiGLU's forward kernel alone (fused_bwd.swiglu_forward):
+  bitwise swiglu's forward (the same kernel); the layer's output within the layer
+  tolerance above; with fused_bwd.FWD_INFERENCE off, bitwise kernels='torchtitan' (the
+  same torch ops run).
 """
 
 from __future__ import annotations
@@ -153,6 +157,27 @@ def test_swiglu_control_swapped_inputs_fail() -> None:
     """The checks can fail: silu(a3) * a1 in place of silu(a1) * a3 is caught."""
     errs = _swiglu_errors(False, 37, 48, "bf16")
     assert errs["h vs torch"] > 1.0 and errs["ga1 vs float64"] > 1.0, errs
+
+
+@kernel_test
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("R,Fd", [(0, 48), (37, 48), (300, 768)])
+def test_swiglu_forward_is_swiglus_forward(R: int, Fd: int, mode: str) -> None:
+    """Inference's swiglu_forward: bitwise the autograd swiglu's forward (checked against
+    torch and float64 above), nothing recorded for autograd, and within the forward's
+    tolerances of torch's silu * mul (a1, a3 swapped: outside them, the control)."""
+    a1, a3, _ = _swiglu_inputs(R, Fd, mode, seed=R + 1)
+    B1, B3 = _kin(a1), _kin(a3)
+    bf16 = mode == "bf16"
+    h = fb.swiglu_forward(B1, B3, bf16_math=bf16)
+    h_train = fb.swiglu(B1.clone().requires_grad_(True), B3.clone().requires_grad_(True), bf16_math=bf16)
+    assert _same(h, h_train) and h.grad_fn is None and not h.requires_grad
+    h_ref = (F.silu(a1) * a3).double().cpu()
+    tol = (2.0**-7 if bf16 else 2.0**-20) * h_ref.abs()
+    assert _excess(h, h_ref, tol) <= 1.0
+    if bf16 and R:
+        assert float((h.double().cpu() != h_ref).double().mean()) <= 1e-3  # the rounding points
+        assert _excess(fb.swiglu_forward(B3, B1, bf16_math=True), h_ref, tol) > 1.0
 
 
 # --------------------------------------------------------------------------- combine
@@ -321,7 +346,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     """Counts of the fused functions' calls made by the layer."""
-    n = {"swiglu": 0, "weighted_combine": 0}
+    n = {"swiglu": 0, "weighted_combine": 0, "swiglu_forward": 0}
 
     def counting(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*a: Any, **kw: Any) -> Any:
@@ -359,8 +384,8 @@ def test_layer_fast_path_matches_torch_path(T: int, bias: bool, grad_w: str, cal
         grads = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
         res.insert(0, (y, xi.grad, grads))  # (fast, ref)
         if m is ref:
-            assert calls == {"swiglu": 0, "weighted_combine": 0}, "the torchtitan kernel choice took the fused path"
-    assert calls == {"swiglu": 1, "weighted_combine": 1}, calls
+            assert calls == {"swiglu": 0, "weighted_combine": 0, "swiglu_forward": 0}, "the torchtitan kernel choice took the fused path"
+    assert calls == {"swiglu": 1, "weighted_combine": 1, "swiglu_forward": 0}, calls
     if bias:
         assert fast.tokens_per_expert_E[:K].tolist() == [float(T)] * K and float(fast.tokens_per_expert_E[K:].sum()) == 0
     (y, gx, gp), (y_ref, gx_ref, gp_ref) = res
@@ -376,6 +401,97 @@ def test_layer_fast_path_matches_torch_path(T: int, bias: bool, grad_w: str, cal
     same = [k for k in gp if torch.equal(gp[k], gp_ref[k])] + (["x"] if torch.equal(gx, gx_ref) else [])
     print(f"layer T={T} GRAD_W={grad_w}: grads bitwise the torch path: {sorted(same)}")
     assert max(errs.values()) <= tol, errs
+
+
+def _inference(m: sm.MoE, x: torch.Tensor, how: str) -> torch.Tensor:
+    """m(x) without autograd recording: under no_grad, inference_mode, or with grad mode
+    on but no tensor requiring grad (frozen weights)."""
+    if how == "no_grad":
+        with torch.no_grad():
+            return m(x)
+    if how == "inference_mode":
+        with torch.inference_mode():
+            return m(x)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m(x)
+
+
+# T > spmd_moe.kernels.decode.MAX_T (64): on CUDA a smaller T takes the decode kernels,
+# which bypass GroupedExperts. (T, bias, how): odd T, every token on experts 0..K-1 (the
+# others get none), and the three ways of running without autograd.
+INFER_CASES = [(65, False, "no_grad"), (129, False, "inference_mode"), (100, True, "no_grad"), (77, False, "frozen")]
+
+
+@kernel_test
+@pytest.mark.parametrize("T,bias,how", INFER_CASES)
+def test_layer_inference_takes_fused_swiglu_forward(T: int, bias: bool, how: str, calls: dict[str, int]) -> None:
+    """Inference with kernels='fast' runs SwiGLU's forward kernel once (swiglu_forward,
+    not the autograd swiglu); kernels='torchtitan' runs torch's silu and mul; the outputs
+    agree within the layer tolerance (module docstring)."""
+    fast, ref = _layers(bias)
+    dt = fast.router.gate.weight.dtype
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(dt).to(DEV)
+    y_ref = _inference(ref, x, how)
+    assert calls == {"swiglu": 0, "weighted_combine": 0, "swiglu_forward": 0}, "the torchtitan kernel choice took a fused kernel"
+    y = _inference(fast, x, how)
+    assert calls == {"swiglu": 0, "weighted_combine": 0, "swiglu_forward": 1}, calls
+    assert not y.requires_grad
+    if bias:
+        assert fast.tokens_per_expert_E[:K].tolist() == [float(T)] * K and float(fast.tokens_per_expert_E[K:].sum()) == 0
+    scale = float(y_ref.abs().max())
+    err = float((y.double() - y_ref.double()).abs().max())
+    print(f"layer inference T={T}: forward {'bitwise' if torch.equal(y, y_ref) else f'max diff {err:.3g}'} vs torch path")
+    assert err <= (2 * 2.0**-7 if dt == torch.bfloat16 else 1e-5) * scale
+
+
+@kernel_test
+def test_layer_inference_torch_ops_elsewhere(calls: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not fused where it must not be: FWD_INFERENCE off (then bitwise kernels='torchtitan':
+    the same torch ops), debug mode; training took swiglu, never swiglu_forward (above)."""
+    fast, ref = _layers(False)
+    dt = fast.router.gate.weight.dtype
+    x = torch.randn(65, D, generator=torch.Generator().manual_seed(3)).to(dt).to(DEV)
+    y_ref = _inference(ref, x, "no_grad")
+    monkeypatch.setattr(fb, "FWD_INFERENCE", False)
+    y_off = _inference(fast, x, "no_grad")
+    assert calls["swiglu_forward"] == 0 and torch.equal(y_off, y_ref)
+    monkeypatch.setattr(fb, "FWD_INFERENCE", True)
+    with sm.debug():
+        _inference(fast, x, "no_grad")
+    assert calls == {"swiglu": 0, "weighted_combine": 0, "swiglu_forward": 0}, calls
+    _inference(fast, x, "no_grad")  # the control: the same call outside debug mode is fused
+    assert calls["swiglu_forward"] == 1
+
+
+def test_applies_forward_only_on_the_fast_inference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """applies_forward: kernels='fast' without autograd recording; not with autograd
+    recording (training: applies), kernels='torchtitan', debug or batch-invariant mode,
+    FWD_INFERENCE off, CPU without the tests' interpreter opt-in, fp32 on CUDA."""
+    x = torch.randn(4, 8, device=DEV, dtype=torch.bfloat16 if ON_CUDA else torch.float32)
+    xg = x.clone().requires_grad_(True)
+    if ON_CUDA or IN_INTERPRETER:
+        assert fb.applies_forward("fast", x)
+        assert fb.applies_forward("fast", x, xg.detach())
+        with torch.no_grad():
+            assert fb.applies_forward("fast", xg) and not fb.applies("fast", xg)
+        with torch.inference_mode():
+            assert fb.applies_forward("fast", x)
+        assert fb.applies("fast", xg)
+    assert not fb.applies_forward("fast", xg)  # recording: the training kernels' business
+    assert not fb.applies_forward("fast", x, xg)
+    assert not fb.applies_forward("torchtitan", x)
+    with sm.debug():
+        assert not fb.applies_forward("fast", x)
+    with sm.batch_invariant_mode():
+        assert not fb.applies_forward("fast", x)
+    monkeypatch.setattr(fb, "FWD_INFERENCE", False)
+    assert not fb.applies_forward("fast", x)
+    monkeypatch.setattr(fb, "FWD_INFERENCE", True)
+    if ON_CUDA:
+        assert not fb.applies_forward("fast", x.float())
+    monkeypatch.delenv("SPMD_MOE_FUSED_BWD_INTERPRET", raising=False)
+    assert not fb.applies_forward("fast", torch.randn(4, 8))  # CPU: the torch path
 
 
 def test_applies_only_on_the_fast_training_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,11 @@ GRAD_W = "torch" (the default) makes it bitwise autograd's with one fp32 [T, K, 
 Used by spmd_moe.experts / spmd_moe.moe only where ``applies`` says so: kernels='fast',
 autograd recording, not batch-invariant, not debug mode, bf16 on CUDA with Triton. On CPU
 the torch path stays (tests opt in to Triton's interpreter with fp32 tensors).
+
+Inference (no autograd recording) takes SwiGLU's forward kernel alone, where
+``applies_forward`` says so (the same conditions, no autograd; switch: FWD_INFERENCE):
+``swiglu_forward`` launches it without the autograd Function, one kernel for torch's silu
+and mul over [R, F] (the prefill's largest elementwise work after the gather).
 """
 
 from __future__ import annotations
@@ -67,14 +72,38 @@ def applies(kernels: str, *tensors: torch.Tensor) -> bool:
     mode off, bf16 on CUDA (or fp32 under the tests' interpreter opt-in), Triton present."""
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return False  # first: inference (vLLM, decode) pays only this check
-    if kernels != "fast" or _bi._enabled or _debug._enabled or spmd.is_type_checking():
+    return _fast_kernels_ok(kernels, tensors[0])
+
+
+# Inference takes the fused SwiGLU forward (swiglu_forward) where applies_forward says so;
+# False keeps torch's silu and mul there (the prefill bench's side-by-side switch; env
+# SPMD_MOE_FUSED_SWIGLU_INFERENCE=0). Training (applies) does not read it.
+FWD_INFERENCE: bool = os.environ.get("SPMD_MOE_FUSED_SWIGLU_INFERENCE", "1") != "0"
+
+
+def applies_forward(kernels: str, *tensors: torch.Tensor) -> bool:
+    """Whether inference on ``tensors`` takes the fused SwiGLU forward (swiglu_forward)
+    in place of torch's silu and mul: applies' conditions (kernels 'fast', batch-invariant
+    and debug mode off, bf16 on CUDA or the tests' interpreter opt-in, Triton) with NO
+    autograd recording through any of them (no_grad, inference_mode, or no tensor
+    requiring grad), and FWD_INFERENCE on. Training takes ``applies``/``swiglu`` instead."""
+    if not FWD_INFERENCE or kernels != "fast":
         return False
-    t0 = tensors[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # autograd recording: applies/swiglu (training), or the torch ops
+    return _fast_kernels_ok(kernels, tensors[0])
+
+
+def _fast_kernels_ok(kernels: str, t0: torch.Tensor) -> bool:
+    """applies' and applies_forward's common part, past the autograd test (the device
+    first: CPU inference stops there, ~1 us)."""
     if t0.device.type == "cuda":
         ok = t0.dtype == torch.bfloat16
     else:
-        ok = _interpreting() and t0.dtype == torch.float32
-    return ok and _build() is not None
+        ok = t0.dtype == torch.float32 and _interpreting()
+    if not ok or kernels != "fast" or _bi._enabled or _debug._enabled or spmd.is_type_checking():
+        return False
+    return _build() is not None
 
 
 def _round_bf16(dtype: torch.dtype, bf16_math: bool | None) -> bool:
@@ -86,17 +115,22 @@ def _round_bf16(dtype: torch.dtype, bf16_math: bool | None) -> bool:
 _SWIGLU_BLOCK = 1024
 
 
+def _swiglu_fwd(a1_RF: torch.Tensor, a3_RF: torch.Tensor, round_bf16: bool) -> torch.Tensor:
+    """h = silu(a1) * a3, one kernel (contiguous inputs): the forward of swiglu and swiglu_forward."""
+    h_RF = torch.empty_like(a1_RF)
+    n = a1_RF.numel()
+    if n:
+        _build().swiglu_fwd_kernel[(triton_cdiv(n, _SWIGLU_BLOCK),)](h_RF, a1_RF, a3_RF, n, BLOCK=_SWIGLU_BLOCK,
+                                                                     ROUND=round_bf16, num_warps=4)
+    return h_RF
+
+
 @spmd.register_local_autograd_function  # elementwise: placements propagate
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a1_RF: torch.Tensor, a3_RF: torch.Tensor, round_bf16: bool) -> torch.Tensor:
-        k = _build()
         a1_RF, a3_RF = a1_RF.contiguous(), a3_RF.contiguous()
-        h_RF = torch.empty_like(a1_RF)
-        n = a1_RF.numel()
-        if n:
-            k.swiglu_fwd_kernel[(triton_cdiv(n, _SWIGLU_BLOCK),)](h_RF, a1_RF, a3_RF, n, BLOCK=_SWIGLU_BLOCK,
-                                                                  ROUND=round_bf16, num_warps=4)
+        h_RF = _swiglu_fwd(a1_RF, a3_RF, round_bf16)
         ctx.save_for_backward(a1_RF, a3_RF)
         ctx.round_bf16 = round_bf16
         return h_RF
@@ -121,6 +155,16 @@ def swiglu(
     ops do (default: when the tensors are bf16; the tests set it for fp32 stand-ins)."""
     assert a1_RF.shape == a3_RF.shape and a1_RF.dtype == a3_RF.dtype, (a1_RF.shape, a3_RF.shape)
     h_RF = _SwiGLU.apply(a1_RF, a3_RF, _round_bf16(a1_RF.dtype, bf16_math))  # type: ignore[no-untyped-call]
+    return unchecked_cast(Placed[Var[EP]], h_RF, reason="elementwise on this rank's rows")
+
+
+def swiglu_forward(
+    a1_RF: Float[Placed[Var[EP]], "R F"], a3_RF: Float[Placed[Var[EP]], "R F"], *, bf16_math: bool | None = None
+) -> Float[Placed[Var[EP]], "R F"]:
+    """silu(a1_RF) * a3_RF for inference (no autograd: nothing saved, no Function), the
+    very kernel of swiglu's forward, so the same bits. bf16_math as swiglu's."""
+    assert a1_RF.shape == a3_RF.shape and a1_RF.dtype == a3_RF.dtype, (a1_RF.shape, a3_RF.shape)
+    h_RF = _swiglu_fwd(a1_RF.contiguous(), a3_RF.contiguous(), _round_bf16(a1_RF.dtype, bf16_math))
     return unchecked_cast(Placed[Var[EP]], h_RF, reason="elementwise on this rank's rows")
 
 
