@@ -9,6 +9,14 @@ Checked, each through the library's own MoE layer:
   (every expert sees the same rows in the same order); the input gradient sums a
   token's row gradients per rank first, so it is compared with a tolerance (1e-6
   relative, fp32: a different order of a handful of fp32 adds).
+* the CUDA autograd form (rows padded to a multiple of 8; run here with
+  PAD_ROWS_ON_CPU) bitwise equal, forward and every gradient, to the same path with the
+  padding done as before (F.pad copy, zeroed GEMM tails, slices): the gather appends the
+  zero rows itself and the GEMMs' pad rows are left undefined (NaN here, as the CUDA
+  kernel may leave them) and never read; and at chunks = 1 it runs no op of T*D
+  elements or more beyond the single-device layer's but the expected gathers, exchange
+  buffers and the sent tokens' gradient sum (a TorchDispatchMode counts them): no cat
+  of one piece, pad or slice copies, zero-tail passes.
 * chunks 2 and 3 (and 5 > T for small T: empty pieces): forward and every gradient
   against the single-device layer (1e-6 / 1e-5 relative, the grid's tolerances: the
   per-piece GEMMs may block differently on the CPU), counters exactly.
@@ -38,6 +46,7 @@ Checked, each through the library's own MoE layer:
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -462,9 +471,123 @@ def _float64_routed(full: Any, xd: torch.Tensor) -> torch.Tensor:
     return y
 
 
+_REAL_GROUPED_MM = torch._grouped_mm
+
+
+def _nan_tail_grouped_mm(a: torch.Tensor, b: torch.Tensor, *args: Any, offs: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+    y = _REAL_GROUPED_MM(a, b, *args, offs=offs, **kw)
+    if offs is not None and a.dim() == 2 and b.dim() == 3 and offs.numel():  # rows grouped: [R, N] out
+        y[int(offs[-1]):] = float("nan")
+    return y
+
+
+def _padded_vs_old_padding(rank: int, n: int) -> list[dict[str, Any]]:
+    """The CUDA autograd path (run on the CPU: PAD_ROWS_ON_CPU) against the same path
+    with the padding as it was before (F.pad after the gather, the GEMM outputs' pad
+    rows zeroed, autograd's own backwards): the same GEMM shapes, so the same bits are
+    expected, forward and every gradient. Now: the gather writes the zero rows itself
+    (_GatherPadded), the pad rows' outputs are left undefined (rows_exact=True) and
+    never read (_Permute gathers rows < R only)."""
+    import torch.nn.functional as F
+
+    import spmd_moe.dispatch.all_to_all as a2a
+
+    class OldPad:
+        @staticmethod
+        def apply(x: torch.Tensor, idx: torch.Tensor, pad: int) -> torch.Tensor:
+            return F.pad(x[idx], (0, 0, 0, pad))
+
+    out = []
+    for layout, T, chunks in [("sequence", 37, 1), ("sequence", 257, 1), ("replicated", 21, 1), ("sequence", 37, 3)]:
+        cfg = make_cfg(dispatcher="all_to_all", padding="pad", ep_chunks=chunks)
+        _, moe = build_pair(cfg, world_pctx(), layout, 13)
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(T + 5))
+        sl = slice(0, T) if layout == "replicated" else token_slice(T, n, rank)
+        gy = torch.randn(T, D, generator=torch.Generator().manual_seed(T + 6))[sl]
+        ex = moe.experts
+        new_gather, new_fwd = a2a._GatherPadded, ex.forward
+        runs = []
+        for old in (False, True):
+            a2a.PAD_ROWS_ON_CPU = True
+            if old:
+                a2a._GatherPadded = OldPad  # type: ignore[assignment, misc]
+                ex.forward = lambda r, c, rows_exact=False: new_fwd(r, c, False)  # type: ignore[method-assign]
+            else:
+                # The CPU grouped GEMM zeroes the rows past the last offset; CUDA's leaves
+                # them undefined: NaN there, so a read of them would show in the bits.
+                torch._grouped_mm = _nan_tail_grouped_mm  # type: ignore[assignment]
+            try:
+                moe.zero_grad(set_to_none=True)
+                xi = x[sl].clone().requires_grad_(True)
+                y = moe(xi)
+                (y * gy).sum().backward()
+            finally:
+                torch._grouped_mm = _REAL_GROUPED_MM
+                a2a.PAD_ROWS_ON_CPU = False
+                a2a._GatherPadded = new_gather  # type: ignore[misc]
+                ex.forward = new_fwd  # type: ignore[method-assign]
+            runs.append((y.detach(), xi.grad, _grads(moe)))
+        (y0, gx0, gw0), (y1, gx1, gw1) = runs
+        out.append({"layout": layout, "T": T, "chunks": chunks, "fwd": bool(torch.equal(y0, y1)),
+                    "grad_x": bool(gx0 is not None and gx1 is not None and torch.equal(gx0, gx1)),
+                    "grads": {k: bool(torch.equal(gw0[k], gw1[k])) for k in gw0}})
+    return out
+
+
+_VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "t", "transpose", "expand", "unbind", "split", "narrow",
+             "permute", "unsqueeze", "squeeze", "alias", "as_strided", "detach", "reshape"}
+
+
+def _big_ops(rank: int, n: int) -> dict[str, Any]:
+    """aten ops (a TorchDispatchMode) with floating outputs of at least T*D fp32's bytes (T tokens on
+    this rank), forward and backward, of the CUDA autograd path (PAD_ROWS_ON_CPU, chunks
+    1) and of the single-device layer on the same tokens: {(phase, op): count}."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    import spmd_moe.dispatch.all_to_all as a2a
+
+    class Log(TorchDispatchMode):
+        def __init__(self, thr: int) -> None:
+            super().__init__()
+            self.thr, self.phase, self.ops = thr, "fwd", collections.Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            for t in tree_flatten(out)[0]:
+                # Floating outputs only: the index work (int64, T*K-sized) grows with n by design.
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() * t.element_size() >= self.thr \
+                        and name not in _VIEW_OPS:
+                    self.ops[(self.phase, name.rstrip("_"))] += 1
+            return out
+
+    T = 128  # this rank's tokens
+    cfg = make_cfg(dispatcher="all_to_all", ep_chunks=1, top_k=4)
+    full, moe = build_pair(cfg, world_pctx(), "sequence", 17)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(rank))
+    res = {}
+    a2a.PAD_ROWS_ON_CPU = True
+    try:
+        for name, m in (("ep", moe), ("one", full)):
+            for _ in range(2):  # the second call: no first-call header
+                xi = x.clone().requires_grad_(True)
+                log = Log(T * D * 4)
+                with log:
+                    y = m(xi)
+                    log.phase = "bwd"
+                    y.sum().backward()
+            res[name] = dict(log.ops)
+    finally:
+        a2a.PAD_ROWS_ON_CPU = False
+    return res
+
+
 def worker(rank: int, n: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = {
+        "padded": _padded_vs_old_padding(rank, n),
+        "big_ops": _big_ops(rank, n),
         "bits": _bits_vs_row_sending(rank, n),
         "chunked": _chunked_parity(rank, n),
         "order": _issue_order(rank, n),
@@ -508,6 +631,42 @@ def test_token_exchange_is_bitwise_the_row_sending_path(n: int) -> None:
                 assert c["fwd_rel"] <= FWD_TOL, f"{where}: forward rel err {c['fwd_rel']:.3g}"
                 assert c["expert_grads_rel"] <= GRAD_TOL, f"{where}: expert grads rel err {c['expert_grads_rel']:.3g}"
             assert c["grad_x_rel"] <= FWD_TOL, f"{where}: input gradient rel err {c['grad_x_rel']:.3g}"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_padded_rows_are_bitwise_the_old_padding(n: int) -> None:
+    for rank, r in enumerate(_results(n)):
+        for c in r["padded"]:
+            where = f"world {n} rank {rank} {c['layout']} T={c['T']} chunks={c['chunks']}"
+            # The same GEMM shapes and rows; only copies and zero rows differ: the same bits.
+            assert c["fwd"], f"{where}: forward differs from the old padding"
+            assert c["grad_x"], f"{where}: input gradient differs from the old padding"
+            bad = [k for k, ok in c["grads"].items() if not ok]
+            assert not bad, f"{where}: gradients of {bad} differ from the old padding"
+
+
+# The ops with floating outputs of at least T*D elements (fp32) the EP path (chunks 1, CUDA autograd form) may
+# run beyond the single-device layer's: the gather of the tokens sent and of the
+# source-major permutation, the two exchanges' receive buffers (forward and backward),
+# the permutation's backward gather, and the sent tokens' gather backward (zeros, then
+# index_put accumulate: a token's gradient summed over the ranks it went to).
+_EP_EXTRA_OPS = {("fwd", "index"): 2, ("fwd", "new_empty"): 2, ("bwd", "new_empty"): 2, ("bwd", "index"): 1,
+                 ("bwd", "new_zeros"): 1, ("bwd", "index_put"): 1}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n", WORLDS)
+def test_no_full_size_copies_beyond_the_single_device_path(n: int) -> None:
+    for rank, r in enumerate(_results(n)):
+        ep, one = collections.Counter(r["big_ops"]["ep"]), collections.Counter(r["big_ops"]["one"])
+        extra = ep - one
+        # Before: a cat of the one returned piece, F.pad of the rows and its backward, the
+        # slice of the outputs' backward (zeros + copy), six zero-tail passes (where).
+        copies = {k: v for k, v in extra.items() if k[1] in ("cat", "constant_pad_nd", "slice_backward", "where", "clone", "copy", "_to_copy")}
+        assert not copies, f"world {n} rank {rank}: full-size copies or passes only on the EP path: {copies}"
+        over = extra - collections.Counter(_EP_EXTRA_OPS)
+        assert not over, f"world {n} rank {rank}: big ops beyond the expected EP extras: {dict(over)} (all extras: {dict(extra)})"
 
 
 @pytest.mark.timeout(600)

@@ -21,9 +21,12 @@ the expert GEMMs see the same rows in the same order and the forward is bitwise 
 unchunked row-sending path. The input gradient sums a token's row gradients per rank
 first (on the receiver), then over ranks: the same values, another fp summation order.
 
-On CUDA with autograd each piece's rows are padded to a multiple of 8 with zero rows
-(zeroed GEMM tails): the weight-gradient grouped GEMM needs 16-byte rows and would
-otherwise fall back to a per-expert loop with a host sync in the backward.
+On CUDA with autograd each piece's rows are padded to a multiple of 8 with zero rows:
+the weight-gradient grouped GEMM needs 16-byte rows and would otherwise fall back to a
+per-expert loop with a host sync in the backward. The gather that expands the tokens
+writes those rows itself, the GEMMs leave their outputs' pad rows undefined and nothing
+reads them (no pad copy, zeroed tails or output slice, forward or backward: the one-GPU
+path has none of those [R, D]- or [R, F]-sized passes either).
 
 Partial sums on the way back (``partial_return``: MoEConfig.kernels == 'fast'; CUDA,
 inference, chunks == 1, not in batch-invariant or debug mode): the gate values travel
@@ -257,10 +260,12 @@ class AllToAllDispatcher:
         return recv_rD, recv_ids_rK
 
     def _expand(
-        self, recv_rD: Float[Placed[Var[EP]], "r D"], recv_ids_rK: Int[Placed[Var[EP]], "r K"], p: ChunkPlan
+        self, recv_rD: Float[Placed[Var[EP]], "r D"], recv_ids_rK: Int[Placed[Var[EP]], "r K"], p: ChunkPlan,
+        pad: int = 0,
     ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " R"], Int[Placed[Var[EP]], " R"]]:
         """Received tokens -> expert-major rows (one gather), each row's position in
-        (source, token, k) order for the way back, and the inverse of that permutation."""
+        (source, token, k) order for the way back, and the inverse of that permutation.
+        pad > 0: the gather writes ``pad`` zero rows after the R rows (see _GatherPadded)."""
         K = recv_ids_rK.shape[-1]
         R = sum(p.recv_rows)
         order_R, key_N = self._expert_order(recv_ids_rK, R)
@@ -270,6 +275,12 @@ class AllToAllDispatcher:
         inv = torch.empty_like(back).scatter_(0, back, torch.arange(R, device=back.device, dtype=back.dtype))
         back_R = unchecked_cast(Placed[Var[EP]], back, reason="a permutation of the rows this rank received")
         inv_R = unchecked_cast(Placed[Var[EP]], inv, reason="its inverse")
+        if pad:
+            rows_RD = unchecked_cast(
+                Placed[Var[EP]], _GatherPadded.apply(recv_rD, order_R // K, pad),  # type: ignore[no-untyped-call]
+                reason="this rank's received tokens, expanded to rows, zero rows appended",
+            )
+            return rows_RD, back_R, inv_R
         return recv_rD[order_R // K], back_R, inv_R
 
     def _expert_order(
@@ -396,16 +407,16 @@ class AllToAllDispatcher:
         outs: list[torch.Tensor] = []
         for c, (p, ((recv_rD, recv_ids_rK), ev)) in enumerate(zip(plans, recvs)):
             st.use(ev, recv_rD, recv_ids_rK)
-            routed_RD, back_R, inv_R = self._expand(recv_rD, recv_ids_rK, p)
-            R = routed_RD.shape[0]
-            pad = -R % 8 if _pad_for_backward(x_TD) else 0
-            if pad:
-                # The CUDA weight-gradient GEMM needs 16-byte rows (else a per-expert
-                # loop with a host sync): zero rows past the last expert, zeroed in and out.
-                routed_RD = unchecked_cast(Placed[Var[EP]], F.pad(routed_RD, (0, 0, 0, pad)), reason="this rank's rows, zero rows appended")
-            out_RD = experts(routed_RD, p.counts_e, pad == 0)
-            if pad:
-                out_RD = out_RD[:R]
+            # The CUDA weight-gradient GEMM needs 16-byte rows (else a per-expert loop
+            # with a host sync): the gather itself appends zero rows past the last expert
+            # (no F.pad copy, no slice of the outputs: _Permute reads rows < R only and
+            # gives the pad rows a zero gradient). rows_exact=True even then: the GEMMs
+            # leave the outputs' pad rows undefined instead of zeroing whole [R, F] and
+            # [R, D] tensors (six full passes, fwd + bwd); nothing reads those rows (the
+            # grouped GEMMs, the weight gradients included, stop at the last offset).
+            pad = -sum(p.recv_rows) % 8 if _pad_for_backward(x_TD) else 0
+            routed_RD, back_R, inv_R = self._expand(recv_rD, recv_ids_rK, p, pad)
+            out_RD = experts(routed_RD, p.counts_e, True)
             source_major_RD = self._source_major(out_RD, back_R, inv_R)
             if tracked:
                 outs.append(C.all_to_all(source_major_RD, self.pctx, p.recv_rows, p.send_rows))
@@ -413,12 +424,12 @@ class AllToAllDispatcher:
                 link.ready[c] = st.main_mark()
                 outs.append(_GradWait.apply(source_major_RD, link, c))  # type: ignore[no-untyped-call]
         if tracked:
-            rows = torch.cat(outs)
+            rows = _cat(outs)
         else:
             splits = [(p.recv_rows, p.send_rows) for p in plans]
             rows = _ReturnAll.apply(self.pctx.backend, link, splits, *outs)  # type: ignore[no-untyped-call]
         rows_SD = unchecked_cast(Placed[Var[EP]], rows, reason="this rank's returned rows")
-        slots_S = unchecked_cast(Placed[Var[EP]], torch.cat([p.slots_S for p in plans]), reason="their slots")
+        slots_S = unchecked_cast(Placed[Var[EP]], _cat([p.slots_S for p in plans]), reason="their slots")
         return SentRows(rows_SD, slots_S)
 
 
@@ -432,20 +443,62 @@ def _pad_for_backward(x_TD: torch.Tensor) -> bool:
     return on and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without its full copy when there is one piece (chunks == 1)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+
 @spmd.register_local_autograd_function  # a permutation of this rank's rows: placements propagate
 class _Permute(torch.autograd.Function):
     """y = x[perm] (a gather of whole rows); backward: grad_x = grad_y[inv] (inv = perm's
-    inverse), a gather too, where indexing's own backward would scatter-add."""
+    inverse), a gather too, where indexing's own backward would scatter-add.
+
+    x may have rows past R = len(perm) (the pad rows of pipelined): they are not read,
+    and their gradient is zero, written by the gather itself (index 0, then zeroed: a
+    few rows) where a slice's backward would zero-fill and copy the whole [R, D]."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inv)
+        ctx.pad = x.shape[0] - perm.shape[0]
         return x[perm]
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (inv,) = ctx.saved_tensors
-        return g[inv], None, None
+        if not ctx.pad:
+            return g[inv], None, None
+        R = inv.shape[0]
+        gx = g[F.pad(inv, (0, ctx.pad))]
+        gx[R:].zero_()
+        return gx, None, None
+
+
+@spmd.register_local_autograd_function  # rows of this rank's received tokens: placements propagate
+class _GatherPadded(torch.autograd.Function):
+    """y = x[idx] followed by ``pad`` zero rows, in one gather (idx padded with row 0,
+    those rows then zeroed: a few rows) where F.pad after the gather copies all of
+    [R, D] again, and its backward once more. Backward: the very call indexing's own
+    backward makes (index_put_ accumulate into zeros, on the R real rows' gradient),
+    so the same kernel, order and bits; the pad rows' gradient is dropped."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, idx: torch.Tensor, pad: int) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = x.shape[0]
+        R = idx.shape[0]
+        if x.shape[0] == 0:  # then R == 0 too: nothing to gather
+            return x.new_zeros(pad, *x.shape[1:])
+        y = x[F.pad(idx, (0, pad))]
+        y[R:].zero_()
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (idx,) = ctx.saved_tensors
+        gx = g.new_zeros(ctx.rows, *g.shape[1:])
+        gx.index_put_((idx,), g[: idx.shape[0]], accumulate=True)
+        return gx, None, None
 
 
 class _Link:
@@ -491,7 +544,7 @@ class _ReturnAll(torch.autograd.Function):
             with st.comm_ctx():
                 backs.append(comm.all_to_all(x.contiguous(), send, recv))
         st.use(st.mark(), *backs)
-        return torch.cat(backs)
+        return _cat(backs)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
