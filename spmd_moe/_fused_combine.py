@@ -22,10 +22,11 @@ from spmd_moe.placement import EP, Placed, Var, unchecked_cast
 
 _kernel: Any = None
 _tried = False
+slot_row: Any = None  # spmd_moe.kernels._triton_common.slot_row once _build ran
 
 
 def _build() -> Any:
-    global _kernel, _tried
+    global _kernel, _tried, slot_row
     if _tried:
         return _kernel
     _tried = True
@@ -34,6 +35,7 @@ def _build() -> Any:
         import triton.language as tl
     except ImportError:
         return None
+    from spmd_moe.kernels._triton_common import slot_row  # a global (the interpreter sees no closure)
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def combine_kernel(  # type: ignore[no-untyped-def, unused-ignore]
@@ -43,15 +45,11 @@ def _build() -> Any:
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         in_d = offs < D
-        r0 = tl.load(row_of_slot_ptr + t * K)
-        w0 = tl.load(w_ptr + t * K)
-        x0 = tl.load(rows_ptr + r0 * D + offs, mask=in_d & (offs * 0 + r0 >= 0), other=0.0).to(tl.float32)
+        x0, w0, _ = slot_row(rows_ptr, row_of_slot_ptr, w_ptr, t, 0, K, D, offs, in_d)
         acc = (x0 * w0).to(tl.bfloat16).to(tl.float32)
         for k in tl.static_range(1, K):
-            r = tl.load(row_of_slot_ptr + t * K + k)
-            w = tl.load(w_ptr + t * K + k)
-            x = tl.load(rows_ptr + r * D + offs, mask=in_d & (offs * 0 + r >= 0), other=0.0).to(tl.float32)
-            term = (x * w).to(tl.bfloat16).to(tl.float32)
+            x, w, _ = slot_row(rows_ptr, row_of_slot_ptr, w_ptr, t, k, K, D, offs, in_d)
+            term = (x * w).to(tl.bfloat16).to(tl.float32)  # an unsent slot: 0 * w, as torch's
             acc = (acc + term).to(tl.bfloat16).to(tl.float32)
         tl.store(out_ptr + t * D + offs, acc.to(tl.bfloat16), mask=in_d)
 

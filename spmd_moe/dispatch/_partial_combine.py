@@ -27,10 +27,11 @@ import torch
 _kernel: Any = None
 _sum_kernel: Any = None
 _tried = False
+slot_row: Any = None  # spmd_moe.kernels._triton_common.slot_row once _build ran
 
 
 def _build() -> Any:
-    global _kernel, _sum_kernel, _tried
+    global _kernel, _sum_kernel, _tried, slot_row
     if _tried:
         return _kernel
     _tried = True
@@ -39,6 +40,7 @@ def _build() -> Any:
         import triton.language as tl
     except ImportError:
         return None
+    from spmd_moe.kernels._triton_common import slot_row  # a global (the interpreter sees no closure)
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def partial_kernel(  # type: ignore[no-untyped-def, unused-ignore]
@@ -50,11 +52,8 @@ def _build() -> Any:
         in_d = offs < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for k in tl.static_range(0, K):
-            r = tl.load(row_of_slot_ptr + t * K + k)
-            w = tl.load(w_ptr + t * K + k)
-            # Slots of other ranks' experts (r = -1): nothing is read, nothing added.
-            x = tl.load(rows_ptr + r * D + offs, mask=in_d & (offs * 0 + r >= 0), other=0.0).to(tl.float32)
-            acc += tl.where(offs * 0 + r >= 0, x * w, 0.0)
+            x, w, has_row = slot_row(rows_ptr, row_of_slot_ptr, w_ptr, t, k, K, D, offs, in_d)
+            acc += tl.where(has_row, x * w, 0.0)  # other ranks' experts' slots (no row): nothing added
         tl.store(out_ptr + t * D + offs, acc, mask=in_d)
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]

@@ -5,6 +5,8 @@
 import triton
 import triton.language as tl
 
+from spmd_moe.kernels._triton_common import route_scores, route_topk
+
 try:  # programmatic dependent launch (sm90+); used only where a kernel's PDL flag is set
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # an older Triton: the flag is never set there (decode.py checks HAS_PDL)
@@ -41,6 +43,49 @@ def rn_bf16(v):
     # NaN stays NaN (the GPU's NaN 0x7FFFFFFF would carry into the sign bit: -0.0).
     return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
 
+
+@triton.jit
+def swiglu_bf16(acc1, acc3):
+    """As torch: the two GEMM outputs rounded to bf16, silu rounded, the product rounded."""
+    a = rn_bf16(acc1)
+    b = rn_bf16(acc3)
+    return rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b)
+
+
+@triton.jit
+def expert_rows(u, uniq_ptr, count_ptr, slot_ptr, T, BLOCK_M: tl.constexpr):
+    """The u-th touched local expert e (int64) and its rows in the plan: in_m (the first
+    count[e] of BLOCK_M) and their slots t*K + k (int64; 0 where not in_m)."""
+    e = tl.load(uniq_ptr + u).to(tl.int64)
+    n = tl.load(count_ptr + e)
+    m_off = tl.arange(0, BLOCK_M)
+    in_m = m_off < n
+    slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+    return e, in_m, slots
+
+
+@triton.jit
+def up_acc(
+    x_ptr, w1_ptr, w3_ptr, tok, in_m, e, f_off, in_f, D, F, d_lo, d_hi,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """fp32 (x rows tok @ w1[e] block f_off .T, the same with w3[e]) over the columns
+    [d_lo, d_hi) of D, in BLOCK_D steps upwards (one x tile loaded for both dots)."""
+    acc1 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+    w_base = e * F * D
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        d_off = d0 + tl.arange(0, BLOCK_D)
+        in_d = d_off < d_hi
+        xt = tl.load(x_ptr + tok[:, None] * D + d_off[None, :], mask=in_m[:, None] & in_d[None, :], other=0.0)
+        wmask = in_f[:, None] & in_d[None, :]
+        w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
+        w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
+        acc1 = tl.dot(xt, tl.trans(w1t), acc1)
+        acc3 = tl.dot(xt, tl.trans(w3t), acc3)
+    return acc1, acc3
+
+
 @triton.jit
 def gate_kernel(
     x_ptr, w_ptr, logits_ptr, plan_ptr, D, E, PLAN_N,
@@ -74,40 +119,19 @@ def route_kernel(
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, FUSED_COMBINE: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """One token: scores, top-k by rank over all E (no serial K loop), weights, and the
-    plan of the local experts [e_start, e_start + num_local) in local ids; the token adds
-    to the load-balance counter only if row_lo <= t < row_hi. FUSED_COMBINE (the split
-    variant, whose down kernel combines): the token's number of local slots goes to
-    need_ptr, and a token without any gets its output row zeroed here."""
+    """One token: scores, top-k over all E, weights (route_scores, route_topk; ids and
+    weights stored in slot order), and the plan of the local experts [e_start, e_start +
+    num_local) in local ids; the token adds to the load-balance counter only if
+    row_lo <= t < row_hi. FUSED_COMBINE (the split variant, whose down kernel combines):
+    the token's number of local slots goes to need_ptr, and a token without any gets its
+    output row zeroed here."""
     pdl_enter(PDL)
     t = tl.program_id(0)
     e_off = tl.arange(0, BLOCK_E)
     in_e = e_off < E
-    logits = tl.load(logits_ptr + t * E + e_off, mask=in_e, other=0.0)
-    if SIGMOID:
-        scores = tl.sigmoid(logits)
-    else:
-        mx = tl.max(tl.where(in_e, logits, float("-inf")), axis=0)
-        p = tl.where(in_e, tl.exp(logits - mx), 0.0)
-        scores = p / tl.sum(p, axis=0)
-    choice = scores
-    if HAS_BIAS:
-        choice = choice + tl.load(bias_ptr + e_off, mask=in_e, other=0.0).to(tl.float32)
-    # NaN (a broken input) ranks as -inf: K distinct experts are always chosen.
-    choice = tl.where(in_e & (choice == choice), choice, float("-inf"))
-    # Top-k: above the K-th largest value, plus as many of the values equal to it as are
-    # still needed, lowest id first (a sort in registers; no serial loop over k).
-    kth = tl.sum(tl.where(e_off == K - 1, tl.sort(choice, descending=True), 0.0), axis=0)
-    above = choice > kth
-    tie = choice == kth
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)
-    sel = (above | (tie & (tie_rank <= K - tl.sum(above.to(tl.int32), axis=0)))) & in_e
-    w = tl.where(sel, scores, 0.0)
-    if NORM:
-        w = w / (tl.sum(w, axis=0) + 1e-20)
-    w = w * route_scale
-    # Slot k of the token = the k-th chosen expert in ascending id (the combine order).
-    k_pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    logits = tl.load(logits_ptr + t * E + e_off, mask=in_e, other=float("-inf"))
+    scores = route_scores(logits, in_e, SIGMOID)
+    sel, w, k_pos = route_topk(scores, e_off, in_e, bias_ptr, route_scale, K, HAS_BIAS, NORM)
     tl.store(ids_ptr + t * K + k_pos, e_off, mask=sel)
     tl.store(wts_ptr + t * K + k_pos, w, mask=sel)
     t_E = e_off * 0 + t  # (a vector: the interpreter rejects a scalar-broadcast mask here)
@@ -139,30 +163,12 @@ def up_kernel(
     pdl_enter(PDL)
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
-        e = tl.load(uniq_ptr + u).to(tl.int64)
-        n = tl.load(count_ptr + e)
-        m_off = tl.arange(0, BLOCK_M)
-        in_m = m_off < n
-        slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+        e, in_m, slots = expert_rows(u, uniq_ptr, count_ptr, slot_ptr, T, BLOCK_M)
         tok = slots // K
         f_off = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         in_f = f_off < F
-        acc1 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-        w_base = e * F * D
-        for d0 in range(0, D, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            in_d = d_off < D
-            xt = tl.load(x_ptr + tok[:, None] * D + d_off[None, :], mask=in_m[:, None] & in_d[None, :], other=0.0)
-            wmask = in_f[:, None] & in_d[None, :]
-            w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
-            w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
-            acc1 = tl.dot(xt, tl.trans(w1t), acc1)
-            acc3 = tl.dot(xt, tl.trans(w3t), acc3)
-        # As torch: bf16 GEMM outputs, silu rounded to bf16, the product rounded.
-        a = rn_bf16(acc1)
-        b = rn_bf16(acc3)
-        h = rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b)
+        acc1, acc3 = up_acc(x_ptr, w1_ptr, w3_ptr, tok, in_m, e, f_off, in_f, D, F, 0, D, BLOCK_M, BLOCK_F, BLOCK_D)
+        h = swiglu_bf16(acc1, acc3)
         tl.store(h_ptr + slots[:, None] * F + f_off[None, :], h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & in_f[None, :])
 
 @triton.jit
@@ -174,11 +180,7 @@ def down_kernel(
     pdl_enter(PDL)
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
-        e = tl.load(uniq_ptr + u).to(tl.int64)
-        n = tl.load(count_ptr + e)
-        m_off = tl.arange(0, BLOCK_M)
-        in_m = m_off < n
-        slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+        e, in_m, slots = expert_rows(u, uniq_ptr, count_ptr, slot_ptr, T, BLOCK_M)
         n_off = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = n_off < D
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -241,29 +243,15 @@ def up_split_kernel(
     pdl_enter(PDL)
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
-        e = tl.load(uniq_ptr + u).to(tl.int64)
-        n = tl.load(count_ptr + e)
-        m_off = tl.arange(0, BLOCK_M)
-        in_m = m_off < n
-        slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+        e, in_m, slots = expert_rows(u, uniq_ptr, count_ptr, slot_ptr, T, BLOCK_M)
         tok = slots // K
         f_off = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         in_f = f_off < F
         s = tl.program_id(2)
         d_lo = s * D_CHUNK
         d_hi = tl.minimum(d_lo + D_CHUNK, D)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-        w_base = e * F * D
-        for d0 in range(d_lo, d_hi, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            in_d = d_off < d_hi
-            xt = tl.load(x_ptr + tok[:, None] * D + d_off[None, :], mask=in_m[:, None] & in_d[None, :], other=0.0)
-            wmask = in_f[:, None] & in_d[None, :]
-            w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
-            w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wmask, other=0.0)
-            acc1 = tl.dot(xt, tl.trans(w1t), acc1)
-            acc3 = tl.dot(xt, tl.trans(w3t), acc3)
+        acc1, acc3 = up_acc(x_ptr, w1_ptr, w3_ptr, tok, in_m, e, f_off, in_f, D, F, d_lo, d_hi,
+                            BLOCK_M, BLOCK_F, BLOCK_D)
         pm = in_m[:, None] & in_f[None, :]
         p1 = p_ptr + (s * N + slots[:, None]) * F + f_off[None, :]
         tl.store(p1, acc1, mask=pm)
@@ -279,9 +267,7 @@ def up_split_kernel(
                 for j in tl.static_range(NSPLIT):  # chunk order, whichever program is last
                     a += tl.load(pa + j * N * F, mask=pm, other=0.0, cache_modifier=".cg")
                     b += tl.load(pa + (NSPLIT + j) * N * F, mask=pm, other=0.0, cache_modifier=".cg")
-                a = rn_bf16(a)
-                b = rn_bf16(b)
-                h = rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b)
+                h = swiglu_bf16(a, b)
                 tl.store(h_ptr + slots[:, None] * F + f_off[None, :], h.to(h_ptr.dtype.element_ty), mask=pm)
 
 
@@ -305,11 +291,7 @@ def down_split_kernel(
     pdl_enter(PDL)
     u = tl.program_id(0)
     if u < tl.load(nuniq_ptr):
-        e = tl.load(uniq_ptr + u).to(tl.int64)
-        n = tl.load(count_ptr + e)
-        m_off = tl.arange(0, BLOCK_M)
-        in_m = m_off < n
-        slots = tl.load(slot_ptr + e * T + m_off, mask=in_m, other=0).to(tl.int64)
+        e, in_m, slots = expert_rows(u, uniq_ptr, count_ptr, slot_ptr, T, BLOCK_M)
         nb = tl.program_id(1)
         n_off = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = n_off < D
@@ -329,10 +311,7 @@ def down_split_kernel(
                 for j in tl.static_range(NSPLIT_UP):  # unrolled: no inner loop in the F loop
                     a += tl.load(pa + j * N * F, mask=hm, other=0.0)
                     b += tl.load(pa + (NSPLIT_UP + j) * N * F, mask=hm, other=0.0)
-                # As torch: bf16 GEMM outputs, silu rounded to bf16, the product rounded.
-                a = rn_bf16(a)
-                b = rn_bf16(b)
-                h = rn_bf16(rn_bf16(a / (1.0 + tl.exp(-a))) * b).to(w2_ptr.dtype.element_ty)
+                h = swiglu_bf16(a, b).to(w2_ptr.dtype.element_ty)
             else:
                 h = tl.load(h_ptr + slots[:, None] * F + f_off[None, :], mask=hm, other=0.0)
             w2t = tl.load(w2_ptr + w_base + n_off[:, None] * F + f_off[None, :], mask=in_n[:, None] & in_f[None, :], other=0.0)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from spmd_moe.kernels._triton_common import route_scores, route_topk
+
 
 @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
 def _acc(  # type: ignore[no-untyped-def, unused-ignore]
@@ -196,37 +198,19 @@ def route_kernel(  # type: ignore[no-untyped-def, unused-ignore]
 ):
     """One token (one program): scores (softmax or sigmoid of its fp32 logits), top-k of
     scores + bias (ties: lowest id), gate values from the unbiased scores, renormalised
-    and scaled; the K ids stored in ascending order (the combine's order) with their
-    weights. Everything is a function of the token's own logits row. plan != 0 (the
-    one-rank decode form): also the plan of the grouped kernels (per expert: its count
-    and its slots t*K+k, by atomics; the order of slots inside an expert changes no
-    row's arithmetic) and the layer's load-balance counter."""
+    and scaled (route_scores, route_topk); the scores, and the K ids in ascending order
+    (the combine's order) with their weights, stored. Everything is a function of the
+    token's own logits row. plan != 0 (the one-rank decode form): also the plan of the
+    grouped kernels (per expert: its count and its slots t*K+k, by atomics; the order of
+    slots inside an expert changes no row's arithmetic) and the layer's load-balance
+    counter."""
     t = tl.program_id(0).to(tl.int64)
     e_off = tl.arange(0, BLOCK_E)
     in_e = e_off < E
     logits = tl.load(logits_ptr + t * E + e_off, mask=in_e, other=float("-inf"))
-    if SIGMOID:
-        scores = tl.where(in_e, tl.sigmoid(logits), 0.0)
-    else:
-        mx = tl.max(logits, axis=0)
-        p = tl.where(in_e, tl.exp(logits - mx), 0.0)
-        scores = p / tl.sum(p, axis=0)
+    scores = route_scores(logits, in_e, SIGMOID)
     tl.store(scores_ptr + t * E + e_off, scores, mask=in_e)
-    choice = scores
-    if HAS_BIAS:
-        choice = choice + tl.load(bias_ptr + e_off, mask=in_e, other=0.0).to(tl.float32)
-    # NaN (a broken input) ranks as -inf: K distinct experts are always chosen.
-    choice = tl.where(in_e & (choice == choice), choice, float("-inf"))
-    kth = tl.sum(tl.where(e_off == K - 1, tl.sort(choice, descending=True), 0.0), axis=0)
-    above = choice > kth
-    tie = choice == kth
-    tie_rank = tl.cumsum(tie.to(tl.int32), axis=0)
-    sel = (above | (tie & (tie_rank <= K - tl.sum(above.to(tl.int32), axis=0)))) & in_e
-    w = tl.where(sel, scores, 0.0)
-    if NORM:
-        w = w / (tl.sum(w, axis=0) + 1e-20)
-    w = w * route_scale
-    k_pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    sel, w, k_pos = route_topk(scores, e_off, in_e, bias_ptr, route_scale, K, HAS_BIAS, NORM)
     tl.store(ids_ptr + t * K + k_pos, e_off.to(tl.int64), mask=sel)
     tl.store(wts_ptr + t * K + k_pos, w, mask=sel)
     if plan != 0:
