@@ -17,7 +17,6 @@ G1=$([ "$NG" -ge 2 ] && echo 1 || echo 0)
  timeout $((148 - (SECONDS - T0))) python3 -m pytest -q -p no:cacheprovider -rf tests/test_batch_invariance.py \
    -k cuda > /tmp/b3/g0/inv_pytest.log 2>&1; echo "inv pytest rc=$?" >> /tmp/b3/g0/inv_pytest.log) &
 (export CUDA_VISIBLE_DEVICES=$G1 OUT=/tmp/b3/g1
- [ "$G1" = 0 ] && wait
  timeout 75 bash scripts/gpu/fused_bwd.sh > /tmp/b3/g1/fused_bwd.txt 2>&1
  timeout $((148 - (SECONDS - T0))) bash scripts/gpu/prefill_fwd.sh > /tmp/b3/g1/prefill.txt 2>&1) &
 wait; echo "== A $((SECONDS-T0)) s"
