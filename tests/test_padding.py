@@ -250,3 +250,24 @@ def test_padding_error_never_fires_on_one_rank(padding: str | None) -> None:
     for T in (0, 1, 3, 7):
         assert m(torch.randn(T, D)).shape == (T, D)
     assert int(m.tokens_per_expert_E.sum()) == (0 + 1 + 3 + 7) * K
+
+
+@pytest.mark.parametrize("num_experts", [8, 32766, 32767, 40000])
+def test_sort_slots_narrow_keys_keep_the_stable_order(num_experts: int) -> None:
+    """sort_slots sorts on int16 keys when every id fits (experts 0..E-1 and the pad id E),
+    int32 otherwise: the slot order must be the stable order of the ids themselves (token
+    order within an expert, pads last), at the edges of the int16 range too."""
+    from spmd_moe.dispatch.base import sort_slots
+
+    g = torch.Generator().manual_seed(num_experts)
+    T, Kk, pads = 300, 4, 5
+    lo = max(0, num_experts - 40)  # ids near the top of the range: where a narrow key would wrap
+    ids = torch.randint(lo, num_experts, (T, Kk), generator=g)
+    ids[-pads:] = num_experts  # pad tokens carry id E
+    order, n_sent = sort_slots(ids, pads, num_experts)
+    flat = ids.reshape(-1)
+    assert n_sent == (T - pads) * Kk
+    assert torch.equal(flat[order], torch.sort(flat).values), "not in expert order"
+    for e in flat.unique().tolist():  # stable: within an expert, slots ascending
+        slots = order[flat[order] == e]
+        assert torch.equal(slots, torch.sort(slots).values), f"expert {e}: token order lost"

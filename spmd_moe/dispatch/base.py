@@ -86,10 +86,14 @@ class Dispatcher(Protocol[S]):
         ...
 
 
-def sort_slots(expert_ids_TK: Placed[Var[EP]], num_pad_tokens: int) -> tuple[Placed[Var[EP]], int]:
+def sort_slots(expert_ids_TK: Placed[Var[EP]], num_pad_tokens: int, num_experts: int) -> tuple[Placed[Var[EP]], int]:
     """Slots in expert order (stable: token order within an expert) and how many to send."""
     T, K = expert_ids_TK.shape
-    order_N = torch.argsort(expert_ids_TK.reshape(-1), stable=True)
+    # A stable sort gives the same order on any key dtype that holds every id (experts
+    # and the pad id E); CUDA's radix sort makes one pass per key byte (H200, T*K =
+    # 262144: int64 keys 0.144 ms, int16 0.074 ms, docs/prefill_fwd_h200.json).
+    key_dt = torch.int16 if num_experts < 2**15 - 1 else torch.int32
+    order_N = torch.argsort(expert_ids_TK.reshape(-1).to(key_dt), stable=True)
     return order_N, (T - num_pad_tokens) * K
 
 

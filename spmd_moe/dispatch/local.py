@@ -38,7 +38,7 @@ class LocalDispatcher:
         num_pad_tokens: int,
     ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " E"], LocalState]:
         T, K = expert_ids_TK.shape
-        order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
+        order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens, self.num_experts)
         sent_slots_R = order_N[:num_sent]
         counts_E = count_per_expert(expert_ids_TK, self.num_experts)
         # int32 token index: indexing keeps its index for backward (half of int64's bytes).
