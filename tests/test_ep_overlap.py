@@ -86,7 +86,7 @@ class RowSendingDispatcher:
     def dispatch(self, x_TD: Any, expert_ids_TK: Any, num_pad_tokens: int) -> Any:
         n, e = self.pctx.size, self.num_local
         T, Kk = expert_ids_TK.shape
-        order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens)
+        order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens, self.num_experts)
         sent_slots_S = order_N[:num_sent]
         counts_ne = count_per_expert(expert_ids_TK, self.num_experts).view(n, e)
         recv_ne = C.all_to_all(counts_ne, self.pctx, [1] * n, [1] * n)
