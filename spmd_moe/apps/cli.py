@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None)
     b.add_argument("--full", action="store_true", help="GPU shapes (Qwen3-30B-A3B layer)")
+    b.add_argument("--out", default=None, help="also write the JSON here")
     pa = sub.add_parser("parity", help="trainer/generator parity figures")
     pa.add_argument("--json", action="store_true")
     from spmd_moe.apps.check_args import add_arguments as check_arguments

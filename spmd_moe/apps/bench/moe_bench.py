@@ -366,23 +366,33 @@ def _ratios(row: dict[str, Any]) -> None:
     row["fwd_over_gemm"] = row["spmd_fwd_ms"] / row["gemm_ms"]
 
 
+# Issue 12's goal column (one H200, CUDA graphs for decode): decode T -> the most x the
+# HBM floor, and the prefill T=32768 speedups over torchtitan (forward; forward+backward).
+DECODE_GOALS = {1: 2.5, 8: 2.0, 64: 1.5}
+PREFILL_FWD_GOAL, FWDBWD_GOAL = 2.0, 1.3
+
+
 def targets(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """The issue's targets, judged only on the full shapes on a GPU."""
     by_t = {r["T"]: r for r in rows}
     out: dict[str, Any] = {}
     if device.type != "cuda":
-        return {"note": "targets are judged on an H100 with --full"}
+        return {"note": "targets are judged on an H200 with --full"}
     r = by_t.get(32768)
     if r and "speedup_fwd_vs_titan" in r:
-        out["prefill_32768_fwd_speedup"] = {"value": r["speedup_fwd_vs_titan"], "target": ">= 2.0",
-                                            "met": r["speedup_fwd_vs_titan"] >= 2.0}
-    for T in (1, 8, 64):
+        out["prefill_32768_fwd_speedup"] = {"value": r["speedup_fwd_vs_titan"], "target": f">= {PREFILL_FWD_GOAL}",
+                                            "met": r["speedup_fwd_vs_titan"] >= PREFILL_FWD_GOAL}
+    if r and "speedup_fwdbwd_vs_titan" in r:
+        out["fwdbwd_32768_speedup"] = {"value": r["speedup_fwdbwd_vs_titan"], "target": f">= {FWDBWD_GOAL}",
+                                       "met": r["speedup_fwdbwd_vs_titan"] >= FWDBWD_GOAL}
+    for T, goal in DECODE_GOALS.items():
         r = by_t.get(T)
         if r and "fwd_over_floor" in r:
-            best = min(r["fwd_over_floor"], r.get("graph_fwd_over_floor", math.inf))
+            # vLLM runs decode in CUDA graphs: the graph figure is judged where it exists.
+            judged = r.get("graph_fwd_over_floor", r["fwd_over_floor"])
             out[f"decode_{T}_over_floor"] = {
                 "eager": r["fwd_over_floor"], "graph": r.get("graph_fwd_over_floor"),
-                "target": "<= 2.0", "met": best <= 2.0,
+                "target": f"<= {goal} (graph)", "met": judged <= goal,
             }
     return out
 
