@@ -1,5 +1,10 @@
 #!/bin/bash
 # TP2EP on the multi-GPU kinds (issue 13): one torchrun job per GPU count, results in $OUT.
+#   SF=1 bash scripts/gpu/tp2ep.sh   # session 6 (< 200 s on nvidia-h200-x2): ONLY the fixed-size
+#       exchange (no host read) against the split-size path, side by side (alternating rounds),
+#       T=4096 and 16384 per GPU, fwd and fwd+bwd, against one GPU; sync-debug of both; profiles.
+#       Writes $OUT/tp2ep_sf_<n>gpu.json and .log; prints the table last.
+#   SMOKE=1 SF=1 bash scripts/gpu/tp2ep.sh   # CPU dry run: gloo, 2 ranks, tiny shapes
 # Needs >= 2 GPUs (nvidia-h200-x2 or -x4); on one GPU it says so and exits in seconds.
 #   run(kind=nvidia-h200-x2, carry=[".whl"], command="bash scripts/gpu/tp2ep.sh")
 #       default (quick, one job capped at 170 s, about 1 min when nothing hangs): n = all GPUs,
@@ -16,6 +21,23 @@
 set -u
 source scripts/gpu/common.sh  # carried wheels, NCCL_NVLS_ENABLE=0 & co, $OUT, PYTHONPATH
 export OMP_NUM_THREADS=4
+if [ "${SF:-0}" = 1 ]; then
+  if [ "${SMOKE:-0}" = 1 ]; then ng=2; extra="--smoke"; else
+    ng=$(python3 -c "import torch; print(torch.cuda.device_count())"); extra=""
+    if [ "$ng" -lt 2 ]; then echo "tp2ep SF: needs >= 2 GPUs, this machine has $ng: nothing run"; exit 0; fi
+    ng=2  # EP=2: the issue's goal figures
+  fi
+  t0=$(date +%s)
+  timeout 180 torchrun --nproc-per-node $ng -m spmd_moe.apps.bench.tp2ep --sync-free $extra \
+      --prefill ${SF_T:-4096 16384} --rounds ${SF_ROUNDS:-3} --out "$OUT/tp2ep_sf_${ng}gpu.json" \
+      > /dev/null 2> "$OUT/tp2ep_sf_${ng}gpu.log"
+  rc=$?
+  echo "== SF n=$ng rc=$rc took $(( $(date +%s) - t0 )) s"
+  grep -E "^\[tp2ep" "$OUT/tp2ep_sf_${ng}gpu.log" | cut -c1-600
+  [ $rc -ne 0 ] && tail -30 "$OUT/tp2ep_sf_${ng}gpu.log" | cut -c1-300
+  [ -f "$OUT/tp2ep_sf_${ng}gpu.json" ] && python3 -m spmd_moe.apps.bench.tp2ep --table "$OUT/tp2ep_sf_${ng}gpu.json" 2>&1 | cut -c1-700
+  exit $rc
+fi
 python3 -c "import spmd_types, beartype" 2>/dev/null || echo "WARNING: spmd_types/beartype missing: carry .whl (see scripts/gpu_session.sh)"
 NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi topo -m 2>&1 | head -8

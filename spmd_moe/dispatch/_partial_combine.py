@@ -26,12 +26,13 @@ import torch
 
 _kernel: Any = None
 _sum_kernel: Any = None
+_gather_kernel: Any = None
 _tried = False
 slot_row: Any = None  # spmd_moe.kernels._triton_common.slot_row once _build ran
 
 
 def _build() -> Any:
-    global _kernel, _sum_kernel, _tried, slot_row
+    global _kernel, _sum_kernel, _gather_kernel, _tried, slot_row
     if _tried:
         return _kernel
     _tried = True
@@ -72,8 +73,21 @@ def _build() -> Any:
             acc = tl.where(sent, acc + x, acc)  # a rank the token did not go to adds nothing
         tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=in_d)
 
+    @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def gather_rows_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+        out_ptr, src_ptr, idx_ptr, count_ptr, D,
+        DIV: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        m = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        live = (offs * 0 + m) < tl.load(count_ptr)  # rows past the device count: not touched
+        src = tl.load(idx_ptr + m + offs * 0, mask=live, other=0) // DIV
+        x = tl.load(src_ptr + src * D + offs, mask=live & (offs < D))
+        tl.store(out_ptr + m * D + offs, x, mask=live & (offs < D))
+
     _kernel = partial_kernel
     _sum_kernel = sum_ranks_kernel
+    _gather_kernel = gather_rows_kernel
     return _kernel
 
 
@@ -134,3 +148,67 @@ def sum_over_ranks(
             y_TD.index_add_(0, tok_idx_S[off : off + cnt], parts_SD[off : off + cnt].float())
         off += cnt
     return y_TD.to(out_dtype)
+
+
+# ------------------------------------------------------------ the fixed-size exchange
+def _block(D: int) -> int:
+    return 1024 if D >= 1024 else max(16, 1 << (D - 1).bit_length())
+
+
+def gather_rows(src_ND: torch.Tensor, idx_M: torch.Tensor, div: int, count_1: torch.Tensor) -> torch.Tensor:
+    """[M, D]: row m is src_ND[idx_M[m] // div] for m < count_1[0] (a device count: no
+    host read); the rows past it are left undefined on CUDA (no work done for them) and
+    are the same gather elsewhere."""
+    M, D = idx_M.shape[0], src_ND.shape[-1]
+    if use_kernel(src_ND):
+        out_MD = torch.empty(M, D, dtype=src_ND.dtype, device=src_ND.device)
+        if M > 0 and D > 0:
+            block = _block(D)
+            _build()
+            _gather_kernel[(M, (D + block - 1) // block)](out_MD, src_ND.contiguous(), idx_M.contiguous(), count_1, D, DIV=div, BLOCK_D=block)
+        return out_MD
+    return src_ND[idx_M // div]
+
+
+def partial_sums_mapped(rows_MD: torch.Tensor, row_of_slot_X: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """[N, D] float32: part[t] = sum_k w[t, k] * rows_MD[row_of_slot[t*K + k]] over the
+    slots with a row (>= 0), ascending k, in fp32 (``partial_sums`` given the slot ->
+    row map itself: rows_MD may have undefined rows that no slot maps to)."""
+    N, K = weights_NK.shape
+    D = rows_MD.shape[-1]
+    dev = rows_MD.device
+    w_NK = weights_NK.float().contiguous()
+    if use_kernel(rows_MD):
+        out_ND = torch.empty(N, D, dtype=torch.float32, device=dev)
+        if N > 0 and D > 0:
+            block = _block(D)
+            _build()[(N, (D + block - 1) // block)](out_ND, rows_MD.contiguous(), row_of_slot_X.contiguous(), w_NK, D, K=K, BLOCK_D=block)
+        return out_ND
+    r_NK = row_of_slot_X.view(N, K)
+    acc_ND = torch.zeros(N, D, dtype=torch.float32, device=dev)
+    for k in range(K):  # ascending k, fp32, as the kernel; slots without a row add nothing
+        has = r_NK[:, k : k + 1] >= 0
+        x_ND = rows_MD[r_NK[:, k].clamp(min=0)].float() if rows_MD.shape[0] else acc_ND
+        acc_ND += torch.where(has, x_ND * w_NK[:, k : k + 1], 0.0)
+    return acc_ND
+
+
+def sum_over_ranks_at(parts_ND: torch.Tensor, pos_Tn: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``sum_over_ranks`` with the positions only (no host-side split sizes): [T, D] in
+    out_dtype, 0 + the sums at pos_Tn[t, 0], pos_Tn[t, 1], ... (-1: none) in fp32, one
+    rounding."""
+    T, n = pos_Tn.shape
+    D = parts_ND.shape[-1]
+    if use_kernel(parts_ND):
+        out_TD = torch.empty(T, D, dtype=out_dtype, device=parts_ND.device)
+        if T > 0 and D > 0:
+            block = _block(D)
+            _build()
+            _sum_kernel[(T, (D + block - 1) // block)](out_TD, parts_ND.contiguous(), pos_Tn.contiguous(), D, N_RANKS=n, BLOCK_D=block)
+        return out_TD
+    acc_TD = torch.zeros(T, D, dtype=torch.float32, device=parts_ND.device)
+    for j in range(n):  # rank order, as the kernel
+        p_T1 = pos_Tn[:, j : j + 1]
+        x_TD = parts_ND[p_T1.reshape(-1).clamp(min=0)].float() if parts_ND.shape[0] else acc_TD
+        acc_TD = torch.where(p_T1 >= 0, acc_TD + x_TD, acc_TD)
+    return acc_TD.to(out_dtype)

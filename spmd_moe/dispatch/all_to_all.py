@@ -49,6 +49,7 @@ stream) in the backward. On CPU the same code runs in order.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,7 @@ from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe.dispatch import _partial_combine as _pc
 from spmd_moe.checking import checked
-from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_per_expert, scatter_to_slots
+from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_ids, count_per_expert, scatter_to_slots
 from spmd_moe.errors import ConfigError, DistributedError
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
@@ -176,6 +177,10 @@ class AllToAllDispatcher:
             )
         self.chunks = chunks
         self.host_reads = 0  # host syncs issued (one per forward); tests read it
+        # The caller guarantees that every rank calls with the same number of tokens T
+        # (equal slices, e.g. layout 'replicated'): the fixed-size exchange (T rows per
+        # peer, no split sizes on the host) may then be used. See _weighted_fixed.
+        self.equal_tokens = False
 
     # ------------------------------------------------------------ planning
     def plan(self, x_TD: Float[Placed[Var[EP]], "T D"], expert_ids_TK: Int[Placed[Var[EP]], "T K"], chunks: int) -> list[ChunkPlan]:
@@ -349,6 +354,8 @@ class AllToAllDispatcher:
             return None
         if torch.is_grad_enabled() or not (x_TD.device.type == "cuda" or PARTIAL_ON_CPU):
             return None
+        if self.equal_tokens and sync_free():
+            return self._weighted_fixed(x_TD, expert_ids_TK, weights_TK, experts)
         T, K = expert_ids_TK.shape
         n, dev = self.pctx.size, x_TD.device
         # Before the host read: where each token's sum from rank j will sit in the returned
@@ -375,6 +382,91 @@ class AllToAllDispatcher:
         back_sD = C.all_to_all(part_rD, self.pctx, p.recv_tok, p.send_tok)
         # 0 + rank 0's sum + rank 1's + ... in fp32 (a fixed order), one rounding.
         y_TD = _pc.sum_over_ranks(back_sD, pos_Tn, p.tok_idx_S, p.send_tok, x_TD.dtype)
+        return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
+
+    # ------------------------------------------------------------ fixed-size exchange
+    def _fixed_plan(
+        self, expert_ids_TK: Int[Placed[Var[EP]], "T K"]
+    ) -> tuple[Int[Placed[Var[EP]], " N"], Int[Placed[Var[EP]], "T n"]]:
+        """The send buffer of the fixed-size exchange, on the device only: segment j (T
+        rows, N = n*T in all) holds the tokens going to rank j packed at its start, in
+        token order (a rank gets each token at most once, so T rows always suffice).
+        Returns each buffer row's token (T: no token, the rows past the segment's count)
+        and, per token and rank, its row in the buffer (-1: not sent there)."""
+        n, e = self.pctx.size, self.num_local
+        T = expert_ids_TK.shape[0]
+        dev = expert_ids_TK.device
+        ranks_n1 = torch.arange(n, device=dev).view(n, 1)
+        dest_TK = torch.div(expert_ids_TK, e, rounding_mode="floor")  # pads (id E): rank n, sent nowhere
+        hit_nT = (dest_TK.unsqueeze(0) == ranks_n1.unsqueeze(-1)).any(dim=2)
+        # A scan along the last dim of [n, T] (contiguous; down dim 0 of [T, n] was 1.5 ms).
+        row_nT = torch.where(hit_nT, torch.cumsum(hit_nT, dim=1) - 1 + ranks_n1 * T, n * T)
+        tok_all = torch.full((n * T + 1,), T, dtype=torch.int64, device=dev)
+        tok_all.scatter_(0, row_nT.reshape(-1), torch.arange(T, device=dev).repeat(n))  # row n*T: dropped
+        pos_Tn = torch.where(hit_nT, row_nT, -1).t().contiguous()
+        return (unchecked_cast(Placed[Var[EP]], tok_all[: n * T], reason="token of each row this rank sends"),
+                unchecked_cast(Placed[Var[EP]], pos_Tn, reason="where this rank's tokens sit in its send buffer"))
+
+    def _fixed_expert_order(
+        self, recv_ids_NK: Int[Placed[Var[EP]], "N K"]
+    ) -> tuple[Int[Placed[Var[EP]], " M"], Int[Placed[Var[EP]], " e"]]:
+        """The received slots (into N*K) in expert-major order, cut to M = N*min(K, e)
+        (no token has more local slots): the first sum(counts_e) are this rank's
+        experts' (source rank, then token order within an expert, as on the split-size
+        path), the rest belong to no local expert. And the rows per local expert."""
+        e, N, K = self.num_local, recv_ids_NK.shape[0], recv_ids_NK.shape[1]
+        local_NK = recv_ids_NK - self.start
+        key_X = torch.where((local_NK >= 0) & (local_NK < e), local_NK, e).reshape(-1)  # e: not here (or no token)
+        if e < 2**15:  # the same stable permutation on int16 keys (fewer radix passes on CUDA)
+            key_X = key_X.to(torch.int16)
+        order_M = torch.argsort(key_X, stable=True)[: N * min(K, e)]
+        counts_e = count_ids(key_X.to(torch.int64), e + 1)[:e]
+        return (unchecked_cast(Placed[Var[EP]], order_M, reason="slots of this rank's experts first"),
+                unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"))
+
+    def _weighted_fixed(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        weights_TK: Float[Placed[Var[EP]], "T K"],
+        experts: ExpertsFn,
+    ) -> Float[Placed[Var[EP]], "T D"]:
+        """``weighted`` with no host read: every exchange carries exactly T rows per
+        peer (equal splits; every rank has T tokens: ``equal_tokens``), the rows past a
+        segment's count carry expert id E (no expert) and are skipped by the receiver.
+        Every count stays on the device: the expert GEMMs get device offsets and the
+        [M, D] buffers are sized for the worst case (M = N*min(K, e)); the gather and the
+        partial sums stop at the device count, the GEMMs at the last offset."""
+        T, K = expert_ids_TK.shape
+        n, E, dev = self.pctx.size, self.num_experts, x_TD.device
+        tok_N, pos_Tn = self._fixed_plan(expert_ids_TK)
+        # Ids (< 2^24: exact in fp32) and gate values in one exchange; the unused rows get
+        # ids E (no expert anywhere) from the sentinel row T.
+        none_M = torch.cat([torch.full((1, K), float(E), device=dev), torch.zeros(1, K, device=dev)], dim=1)
+        meta_TM = torch.cat([torch.cat([expert_ids_TK.to(torch.float32), weights_TK.float()], dim=1), none_M])
+        send_meta_NM = unchecked_cast(Placed[Var[EP]], meta_TM[tok_N], reason="ids and gate values this rank sends")
+        # Unused rows copy the last token (never read): no sentinel row appended to x.
+        send_ND = unchecked_cast(Placed[Var[EP]], x_TD[tok_N.clamp(max=max(T - 1, 0))], reason="the tokens this rank sends")
+        splits = [T] * n
+        recv_ND = C.all_to_all(send_ND, self.pctx, splits, splits)
+        recv_meta_NM = C.all_to_all(send_meta_NM, self.pctx, splits, splits)
+        order_M, counts_e = self._fixed_expert_order(recv_meta_NM[:, :K].to(torch.int64))
+        rows_R = counts_e.sum().view(1)  # device count: rows past it belong to no local expert
+        routed_MD = unchecked_cast(
+            Placed[Var[EP]], _pc.gather_rows(recv_ND, order_M, K, rows_R),
+            reason="this rank's received tokens, expanded to expert-major rows",
+        )
+        out_MD = experts(routed_MD, counts_e, True)  # rows past the last offset: undefined, never read
+        N, M = recv_ND.shape[0], order_M.shape[0]
+        ar_M = torch.arange(M, device=dev)
+        row_of_slot_X = torch.full((N * K,), -1, dtype=torch.int64, device=dev)
+        row_of_slot_X.scatter_(0, order_M, torch.where(ar_M < rows_R, ar_M, -1))
+        part_ND = unchecked_cast(
+            Placed[Var[EP]], _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_meta_NM[:, K:]),
+            reason="per received row: the fp32 sum over this rank's experts",
+        )
+        back_ND = C.all_to_all(part_ND, self.pctx, splits, splits)
+        y_TD = _pc.sum_over_ranks_at(back_ND, pos_Tn, x_TD.dtype)
         return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
     def pipelined(
@@ -431,6 +523,12 @@ class AllToAllDispatcher:
         rows_SD = unchecked_cast(Placed[Var[EP]], rows, reason="this rank's returned rows")
         slots_S = unchecked_cast(Placed[Var[EP]], _cat([p.slots_S for p in plans]), reason="their slots")
         return SentRows(rows_SD, slots_S)
+
+
+def sync_free() -> bool:
+    """SPMD_MOE_EP_SYNC_FREE (default on): the fixed-size exchange where it applies
+    (``equal_tokens``); 0: the split-size path with its one host read per forward."""
+    return os.environ.get("SPMD_MOE_EP_SYNC_FREE", "1") != "0"
 
 
 PAD_ROWS_ON_CPU = False  # tests: run the CUDA row padding on the CPU too

@@ -239,6 +239,142 @@ def tables(paths: list[str]) -> None:
         print("\nprefill sync debug:", r.get("prefill_sync_debug"))
 
 
+def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor], dev: torch.device,
+                      dtype: torch.dtype, dump: Any) -> None:
+    """Issue 13, session 6: the fixed-size exchange (no host read: ``equal_tokens`` on the
+    all-to-all dispatcher, every rank here has T tokens) against the split-size path (one
+    host read) on the same layer, same tokens, timed alternately (new, old, new, old, ...
+    ``--rounds`` times; the median of the rounds' medians), and one GPU on the same
+    tokens; per_gpu = t(1 GPU) / t(n GPUs). Forward (inference, kernels 'fast') and
+    forward+backward. Then the host-sync proof (torch.cuda.set_sync_debug_mode('error'))
+    of both forwards and a profile of the new forward at the last T."""
+    import spmd_moe as sm
+
+    from spmd_moe.dispatch import all_to_all as a2a
+
+    a2a.PARTIAL_ON_CPU = not CUDA  # the smoke run takes the same paths on gloo
+    rank = dist.get_rank()
+    ep = sm.ParallelContext.from_group(dist.group.WORLD, "tp")
+    m1 = build(sm.ParallelContext.single(), "sequence", sd, dev)
+    mn = build(ep, "sequence", sd, dev, dispatcher="all_to_all")
+    disp = mn.prefill_dispatcher
+    rows = res.setdefault("sync_free", [])
+    for T in args.prefill:
+        gen = torch.Generator(device=dev).manual_seed(2000 + rank)
+        xs = [torch.randn(T, D, device=dev, generator=gen).to(dtype) for _ in range(4)]
+        gy = torch.randn(T, D, device=dev, generator=gen).to(dtype)
+        xg = [x.clone().requires_grad_(True) for x in xs]
+
+        def fwd(m: Any, fixed: bool) -> Any:
+            def step(i: int) -> None:
+                disp.equal_tokens = fixed
+                with torch.no_grad():
+                    m(xs[i % 4])
+            return step
+
+        def fb(m: Any, fixed: bool) -> Any:
+            def step(i: int) -> None:
+                disp.equal_tokens = fixed
+                for q in m.parameters():
+                    q.grad = None
+                m(xg[i % 4]).backward(gy)
+            return step
+
+        row: dict[str, Any] = {"T_per_gpu": T}
+        row["fwd_1gpu_ms"] = timed(fwd(m1, False), args.reps)
+        row["fwdbwd_1gpu_ms"] = timed(fb(m1, False), args.reps)
+        for mode, mk in (("fwd", fwd), ("fwdbwd", fb)):
+            new, old = [], []
+            for _ in range(args.rounds):
+                new.append(timed(mk(mn, True), args.reps))
+                old.append(timed(mk(mn, False), args.reps))
+            row[f"{mode}_new_ms"], row[f"{mode}_old_ms"] = statistics.median(new), statistics.median(old)
+            row[f"{mode}_new_rounds"], row[f"{mode}_old_rounds"] = new, old
+            for k in ("new", "old"):
+                row[f"per_gpu_{mode}_{k}"] = row[f"{mode}_1gpu_ms"] / row[f"{mode}_{k}_ms"]
+        with torch.no_grad():
+            y1 = m1(xs[0]).float()
+            disp.equal_tokens = True
+            reads0 = disp.host_reads
+            y_new = mn(xs[0]).float()
+            row["fwd_new_host_reads"] = disp.host_reads - reads0
+            disp.equal_tokens = False
+            y_old = mn(xs[0]).float()
+        row["fwd_max_abs_1gpu"] = float(y1.abs().max())
+        row["fwd_new_max_abs_diff_vs_1gpu"] = float((y_new - y1).abs().max())
+        row["fwd_old_max_abs_diff_vs_1gpu"] = float((y_old - y1).abs().max())
+        row["fwd_new_max_abs_diff_vs_old"] = float((y_new - y_old).abs().max())
+        row["fwd_new_bitwise_old"] = bool(torch.equal(y_new, y_old))
+        for k, fixed in (("new", True), ("old", False)):
+            disp.equal_tokens = fixed
+            with torch.no_grad():
+                row[f"sync_debug_fwd_{k}"] = sync_check(lambda: mn(xs[1]))
+            row[f"sync_debug_fwdbwd_{k}"] = sync_check(lambda: mn(xg[1]).backward(gy))
+        rows.append(row)
+        dump()
+        log(f"sync-free T={T}: fwd 1 GPU {row['fwd_1gpu_ms']:.3f}, new {row['fwd_new_ms']:.3f} ({row['per_gpu_fwd_new']:.2f}), "
+            f"old {row['fwd_old_ms']:.3f} ({row['per_gpu_fwd_old']:.2f}); f+b 1 GPU {row['fwdbwd_1gpu_ms']:.3f}, "
+            f"new {row['fwdbwd_new_ms']:.3f} ({row['per_gpu_fwdbwd_new']:.2f}), old {row['fwdbwd_old_ms']:.3f} "
+            f"({row['per_gpu_fwdbwd_old']:.2f}); diff new-1gpu {row['fwd_new_max_abs_diff_vs_1gpu']:.3g} "
+            f"old-1gpu {row['fwd_old_max_abs_diff_vs_1gpu']:.3g} (max|y| {row['fwd_max_abs_1gpu']:.3g}); "
+            f"syncs fwd new {row['sync_debug_fwd_new']['host_syncs']} old {row['sync_debug_fwd_old']['host_syncs']}, "
+            f"f+b new {row['sync_debug_fwdbwd_new']['host_syncs']} old {row['sync_debug_fwdbwd_old']['host_syncs']}")
+    # Profile of the new and the old forward (and fwd+bwd) at the last T: device time by kind.
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
+    first = True
+    for key, fixed, grad in (("profile_fwd_new", True, False), ("profile_fwd_old", False, False),
+                             ("profile_fwdbwd_new", True, True), ("profile_fwdbwd_old", False, True)):
+        disp.equal_tokens = fixed
+        x = xs[0].clone().requires_grad_(grad)
+
+        def call() -> None:
+            if grad:
+                mn(x).backward(gy)
+            else:
+                with torch.no_grad():
+                    mn(x)
+        try:
+            for _ in range(2):
+                call()
+            _sync()
+            if first:  # a throwaway session (see the main profile section)
+                with profile(activities=acts):
+                    call()
+                    _sync()
+                first = False
+            dist.barrier()
+            with profile(activities=acts) as prof:
+                for _ in range(3):
+                    call()
+                _sync()
+            res[key] = dict(overlap_summary(prof, 3), T=args.prefill[-1])
+        except Exception as e:  # noqa: BLE001 - recorded
+            res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        dump()
+        log(f"{key}: {json.dumps(res[key])[:700]}")
+
+
+def sync_free_table(r: dict[str, Any]) -> None:
+    print("\n| T per GPU | fwd 1 GPU | fwd n new / old | per-GPU fwd new / old (goal 0.80) | f+b 1 GPU | f+b n new / old | per-GPU f+b new / old (goal 0.75) | max abs diff new / old vs 1 GPU (max|y|) | host syncs fwd new / old | f+b new / old |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for w in r.get("sync_free", []):
+        print(f"| {w['T_per_gpu']} | {w['fwd_1gpu_ms']:.3f} | {w['fwd_new_ms']:.3f} / {w['fwd_old_ms']:.3f} | "
+              f"**{w['per_gpu_fwd_new']:.2f}** / {w['per_gpu_fwd_old']:.2f} | {w['fwdbwd_1gpu_ms']:.3f} | "
+              f"{w['fwdbwd_new_ms']:.3f} / {w['fwdbwd_old_ms']:.3f} | **{w['per_gpu_fwdbwd_new']:.2f}** / {w['per_gpu_fwdbwd_old']:.2f} | "
+              f"{w['fwd_new_max_abs_diff_vs_1gpu']:.3g} / {w['fwd_old_max_abs_diff_vs_1gpu']:.3g} ({w['fwd_max_abs_1gpu']:.3g}) | "
+              f"{w['sync_debug_fwd_new']['host_syncs']} / {w['sync_debug_fwd_old']['host_syncs']} | "
+              f"{w['sync_debug_fwdbwd_new']['host_syncs']} / {w['sync_debug_fwdbwd_old']['host_syncs']} |")
+    for key in ("profile_fwd_new", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
+        p = r.get(key)
+        if p and "error" in p:
+            print(f"{key}: {p['error']}")
+        elif p:
+            print(f"{key} (T={p['T']}): device {p.get('device_ms_per_call')} ms/call, span {p['device_span_ms_per_call']}, "
+                  f"NCCL {p['nccl_busy_ms_per_call']}, by kind {p.get('ms_per_call_by_kind')}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -249,9 +385,15 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--smoke", action="store_true", help="gloo on the CPU, a small layer: checks the script only")
     p.add_argument("--table", nargs="*", default=None, help="print markdown tables of these JSON files and exit")
+    p.add_argument("--sync-free", action="store_true", help="only the fixed-size vs split-size exchange section (issue 13, s6)")
+    p.add_argument("--rounds", type=int, default=3, help="--sync-free: alternating new/old timing rounds")
     args = p.parse_args()
     if args.table is not None:
-        tables(args.table)
+        for path in args.table:
+            if "sync_free" in json.load(open(path)):
+                sync_free_table(json.load(open(path)))
+            else:
+                tables([path])
         return 0
     global CUDA, D, F_, E, K
     if args.smoke:
@@ -282,6 +424,18 @@ def main() -> int:
         if rank == 0 and args.out:
             with open(args.out, "w") as f:
                 f.write(json.dumps(res, indent=1) + "\n")
+
+    if args.sync_free:
+        sync_free_section(args, res, sd, dev, dtype, dump)
+        dump()
+        log("done")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if CUDA:
+            os._exit(0)  # as at the end of main
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
 
     # ------------------------------------------------------------ prefill, layout 'sequence'
     m1 = build(one, "sequence", sd, dev)
