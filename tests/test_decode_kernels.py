@@ -360,6 +360,9 @@ def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> N
     """Route every T through `variant`, with tiles small enough that the test shapes are
     split: up over 4 D chunks (2 F blocks), down over 2 F chunks (2 D blocks); SwiGLU in
     the up kernel's last program per block or in every down program."""
+    if variant == "slot":
+        _use_slot(monkeypatch)
+        return
     monkeypatch.setitem(dk.SPLIT, "variant", variant)
     monkeypatch.setitem(dk.SPLIT, "max_t", dk.MAX_T)
     for key, v in {"up_f": 16, "up_d": 16, "up_split": 4, "down_n": 32, "down_f": 16, "down_split": 2,
@@ -420,7 +423,8 @@ def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch: CUDA (sm90+) only")
-@pytest.mark.parametrize(("T", "variant"), [(1, "tiled"), (5, "tiled"), (1, "split_fused"), (5, "split")])
+@pytest.mark.parametrize(("T", "variant"), [(1, "tiled"), (5, "tiled"), (1, "split_fused"), (5, "split"),
+                                            (1, "slot"), (5, "slot")])
 def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """LAUNCH['pdl'] only changes when the kernels launch: the output is bitwise the same
     with and without it, eager and replayed from a CUDA graph (where the launches
@@ -444,3 +448,138 @@ def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatc
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     assert torch.equal(outs[1][-1], outs[1][0]), "graph replay = eager"
+
+
+# ---- the slot design: the router in one kernel, experts per slot, down + combine ----
+
+def _use_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every T through the slot design, with tiles that split the test shapes: 4 gate
+    programs per token (so the router's counter sees 4 arrivals), 2 F blocks and 2 D
+    steps in up, 4 D blocks and 2 (unrolled) F steps in down."""
+    monkeypatch.setitem(dk.SLOT, "on", True)
+    monkeypatch.setitem(dk.SLOT, "max_t", dk.MAX_T)
+    for key, v in {"gate_e": 4, "up_f": 16, "up_d": 32, "down_n": 16, "down_f": 16}.items():
+        monkeypatch.setitem(dk.SLOT_TILES, key, v)
+
+
+@kernel_test
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("variant", ["softmax_norm_bias", "sigmoid_norm_shared"])
+def test_slot_matches_torch_path(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tolerance of the module docstring: each GEMV output is one fp32 sum rounded once to
+    bf16 as the torch GEMMs', in another order."""
+    _use_slot(monkeypatch)
+    score = "sigmoid" if variant.startswith("sigmoid") else "softmax"
+    fast, ref = _pair(score, True, "bias" in variant, "shared" in variant)
+    x = _x(T, seed=90 + T)
+    y_fast, y_ref = _run(fast, ref, x)
+    assert torch.equal(fast.tokens_per_expert_E, ref.tokens_per_expert_E), "routing differs"
+    assert float(fast.tokens_per_expert_E.sum()) == T * K
+    assert _ulps(y_fast, y_ref) <= 3.0, f"{_ulps(y_fast, y_ref):.2f} bf16 ulps from the torch path"
+
+
+@kernel_test
+@pytest.mark.parametrize("T", [1, 5])
+def test_slot_local_experts_and_counted_rows(T: int, monkeypatch: pytest.MonkeyPatch, poisoned_empty: None) -> None:
+    """As test_local_experts_and_counted_rows_match_float64_loop, on the slot design:
+    experts 4..11 of 16, some rows counted, fp32 and rounded output within 6 ulps of the
+    float64 loop, tokens without a local expert exact zeros (no h row of a non-local slot
+    is ever written: the poisoned buffers would show a read)."""
+    _use_slot(monkeypatch)
+    p = _raw(T, seed=20 + T)
+    local = range(4, 12)
+    rows = range(1, T) if T > 1 else range(0, 1)
+    ref, ids = _f64_reference(p, None, False, local)
+    y32, tpe = _call(p, None, False, local, count_rows=(rows.start, rows.stop), out_dtype=torch.float32)
+    assert y32.dtype == torch.float32
+    assert torch.equal(tpe.cpu(), _counts(ids, rows)), "count over count_rows, all E experts"
+    assert _ulps(y32.cpu(), ref) <= 6.0
+    y16, _ = _call(p, None, False, local)
+    assert _ulps(y16.double().cpu(), ref) <= 6.0
+    for t in [t for t in range(T) if not any(int(e) in local for e in ids[t])]:
+        assert not bool(y32[t].any()) and not bool(y16[t].any())
+
+
+@kernel_test
+def test_slot_every_token_on_the_same_experts(monkeypatch: pytest.MonkeyPatch, poisoned_empty: None) -> None:
+    """All 9 tokens on experts 12..15: the rank holding [8, 16) is within 6 ulps of the
+    float64 loop, the rank holding [0, 8) gives exact zeros and still counts every route."""
+    _use_slot(monkeypatch)
+    T = 9
+    p = _raw(T, seed=41)
+    bias = torch.zeros(E, device=p["x"].device)
+    bias[12:] = 100.0
+    ref, _ = _f64_reference(p, bias, True, range(8, 16))
+    y, tpe = _call(p, bias, True, range(8, 16))
+    assert _ulps(y.double().cpu(), ref) <= 6.0
+    assert tpe.cpu().tolist() == [0.0] * 12 + [float(T)] * 4
+    for out_dtype in (None, torch.float32):
+        y0, tpe0 = _call(p, bias, True, range(0, 8), out_dtype=out_dtype)
+        assert torch.equal(y0, torch.zeros_like(y0)), "no local expert: exact zeros"
+        assert torch.equal(tpe0, tpe)
+
+
+@kernel_test
+def test_slot_counters_reset_and_calls_repeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's per-token counters live across calls: the routing program sets them
+    back to 0, so a second call (T=6, then T=2 on the same counters) routes again and
+    gives the same bits; the counters are all zero after each call."""
+    _use_slot(monkeypatch)
+    for T in (6, 2):
+        p = _raw(T, seed=100 + T)
+        y1, c1 = _call(p, None, False)
+        assert not bool(dk._done_counters(p["x"].device).any())
+        y2, c2 = _call(p, None, False)
+        assert torch.equal(y1, y2) and torch.equal(c1, c2) and float(c1.sum()) == T * K
+
+
+@kernel_test
+def test_slot_nan_token_still_routes_to_k_distinct_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_slot(monkeypatch)
+    fast, ref = _pair("softmax", True, False, False)
+    x = _x(6, seed=9)
+    x[2] = float("nan")
+    with torch.no_grad():
+        y = fast(x)
+    assert float(fast.tokens_per_expert_E.sum()) == 6 * K
+    assert int(fast.tokens_per_expert_E.max()) <= 6
+    assert bool(torch.isnan(y[2]).all())
+    keep = [0, 1, 3, 4, 5]
+    _, y_ref = _run(fast, ref, x[keep])
+    assert _ulps(y[keep], y_ref) <= 3.0
+
+
+@kernel_test
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_slot_router_is_gate_plus_route_bitwise(sigmoid: bool) -> None:
+    """router_kernel runs gate_kernel's GEMV (same tiles, same order) and route_kernel's
+    routing on the same logits: logits, ids, weights and the counter are bitwise those of
+    the two kernels."""
+    ks = dk._build()
+    assert ks is not None
+    T = 5
+    p = _raw(T, seed=110)
+    dev = p["x"].device
+    bias = torch.linspace(-0.05, 0.05, E, device=dev)
+    kw = {"SIGMOID": sigmoid, "HAS_BIAS": True, "NORM": True}
+    scale = 1.5 if sigmoid else 1.0
+    outs = []
+    for fused in (True, False):
+        logits = torch.empty(T, E, device=dev)
+        ids = torch.empty(T, K, dtype=torch.int32, device=dev)
+        wts = torch.empty(T, K, device=dev)
+        tpe = torch.zeros(E, device=dev)
+        if fused:
+            ks["router"][(T, E // 4)](p["x"], p["gw"], logits, dk._done_counters(dev), bias, ids, wts, tpe,
+                                      D, E, scale, 0, T, K=K, BLOCK_EC=4, BLOCK_D=min(1024, D), BLOCK_E=E, **kw)
+        else:
+            plan = torch.empty(E + 1, dtype=torch.int32, device=dev)
+            ks["gate"][(T, E // 4)](p["x"], p["gw"], logits, plan, D, E, E + 1, BLOCK_EC=4, BLOCK_D=min(1024, D),
+                                    BLOCK_PLAN=16)
+            slot = torch.empty(E, T, dtype=torch.int32, device=dev)
+            ks["route"][(T,)](logits, bias, ids, wts, plan[:E], plan[E:], torch.empty(E, dtype=torch.int32, device=dev),
+                              slot, tpe, T, E, scale, 0, E, 0, T, torch.empty(T, dtype=torch.int32, device=dev),
+                              torch.empty(T, D, device=dev), D, K=K, BLOCK_E=E, FUSED_COMBINE=False, **kw)
+        outs.append((logits, ids, wts, tpe))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

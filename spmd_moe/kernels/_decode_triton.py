@@ -344,3 +344,119 @@ def down_split_kernel(
                     out = out + term
             tl.store(out_ptr + tok[:, None] * D + n_off[None, :], out.to(out_ptr.dtype.element_ty),
                      mask=last[:, None] & in_n[None, :])
+
+
+# ---- the slot design (T <= SLOT["max_t"]): router in one kernel, experts per slot, down + combine ----
+
+
+@triton.jit
+def router_kernel(
+    x_ptr, w_ptr, logits_ptr, done_ptr, bias_ptr, ids_ptr, wts_ptr, tpe_ptr,
+    D, E, route_scale, row_lo, row_hi,
+    K: tl.constexpr, BLOCK_EC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The whole router in one kernel. Program (t, block of BLOCK_EC experts): the gate
+    GEMV as gate_kernel (the same arithmetic: the same logits), then a per-token acq_rel
+    counter; the token's last program to finish routes it as route_kernel (ids and
+    weights in slot order, the load-balance counter for row_lo <= t < row_hi; no plan)
+    and sets the counter back to 0 for the next call or graph replay (the counters live
+    across calls, zero between them)."""
+    pdl_enter(PDL)
+    t = tl.program_id(0)
+    ec_off = tl.program_id(1) * BLOCK_EC + tl.arange(0, BLOCK_EC)
+    in_ec = ec_off < E
+    acc = tl.zeros([BLOCK_EC, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_off = d0 + tl.arange(0, BLOCK_D)
+        in_d = d_off < D
+        xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + ec_off[:, None] * D + d_off[None, :], mask=in_ec[:, None] & in_d[None, :], other=0.0)
+        acc += wv.to(tl.float32) * xv[None, :]
+    tl.store(logits_ptr + t * E + ec_off, tl.sum(acc, axis=1), mask=in_ec)
+    tl.debug_barrier()  # every thread's logits stored before the counter moves (release)
+    old = tl.atomic_add(done_ptr + t, 1, sem="acq_rel")
+    tl.debug_barrier()
+    if old == tl.num_programs(1) - 1:  # the token's last program: the others' logits are visible
+        tl.store(done_ptr + t, 0)
+        e_off = tl.arange(0, BLOCK_E)
+        in_e = e_off < E
+        logits = tl.load(logits_ptr + t * E + e_off, mask=in_e, other=float("-inf"), cache_modifier=".cg")
+        scores = route_scores(logits, in_e, SIGMOID)
+        sel, w, k_pos = route_topk(scores, e_off, in_e, bias_ptr, route_scale, K, HAS_BIAS, NORM)
+        tl.store(ids_ptr + t * K + k_pos, e_off, mask=sel)
+        tl.store(wts_ptr + t * K + k_pos, w, mask=sel)
+        t_E = e_off * 0 + t  # (a vector: the interpreter rejects a scalar-broadcast mask)
+        tl.atomic_add(tpe_ptr + e_off, 1.0, mask=sel & (t_E >= row_lo) & (t_E < row_hi))
+
+
+@triton.jit
+def up_slot_kernel(
+    x_ptr, w1_ptr, w3_ptr, h_ptr, ids_ptr, D, F, e_start, num_local,
+    K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """Program (slot n = t*K + k, F block): h[n] = SwiGLU(x[t] @ w1[e].T, x[t] @ w3[e].T)
+    on the block (GEMV: fp32 products summed per D step, then across the tile), e =
+    ids[n] - e_start; nothing for a non-local expert. One dependent load (the id) before
+    the weights stream; an expert picked by several tokens is read once per token."""
+    pdl_enter(PDL)
+    n = tl.program_id(0)
+    le = tl.load(ids_ptr + n) - e_start
+    if (le >= 0) & (le < num_local):
+        t = n // K
+        f_off = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        in_f = f_off < F
+        w_base = le.to(tl.int64) * F * D
+        acc1 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_off = d0 + tl.arange(0, BLOCK_D)
+            in_d = d_off < D
+            xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
+            wm = in_f[:, None] & in_d[None, :]
+            w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
+            w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
+            acc1 += w1t.to(tl.float32) * xv[None, :]
+            acc3 += w3t.to(tl.float32) * xv[None, :]
+        h = swiglu_bf16(tl.sum(acc1, axis=1), tl.sum(acc3, axis=1))
+        tl.store(h_ptr + n.to(tl.int64) * F + f_off, h.to(h_ptr.dtype.element_ty), mask=in_f)
+
+
+@triton.jit
+def down_combine_kernel(
+    h_ptr, w2_ptr, out_ptr, ids_ptr, wts_ptr, D, e_start, num_local,
+    F: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, ROUND: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Program (token t, D block): for k = 0..K-1 (ascending id) y = h[t*K + k] @ w2[e].T
+    on the block (GEMV, rounded to bf16 as the down GEMM's output), then the combine of
+    combine_kernel in the same order and rounding (ROUND) or in fp32. Non-local slots
+    add exact zeros (masked loads: no bytes read). F is a constexpr so that the loops
+    unroll and the loads of later experts can be issued early."""
+    pdl_enter(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    n_off = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = n_off < D
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in tl.static_range(K):
+        w = tl.load(wts_ptr + t * K + k)
+        le = tl.load(ids_ptr + t * K + k) - e_start
+        le_n = le + n_off * 0  # a vector (interpreter: no scalar masks)
+        loc_n = (le_n >= 0) & (le_n < num_local)
+        w_base = tl.where(loc_n, le_n, 0).to(tl.int64) * D * F
+        acc = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+        for f0 in tl.static_range(0, F, BLOCK_F):
+            f_off = f0 + tl.arange(0, BLOCK_F)
+            in_f = f_off < F
+            loc_f = (le + f_off * 0 >= 0) & (le + f_off * 0 < num_local)
+            hv = tl.load(h_ptr + (t * K + k) * F + f_off, mask=in_f & loc_f, other=0.0).to(tl.float32)
+            w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :],
+                          mask=(in_n & loc_n)[:, None] & in_f[None, :], other=0.0)
+            acc += w2t.to(tl.float32) * hv[None, :]
+        y = rn_bf16(tl.sum(acc, axis=1))
+        term = tl.where(loc_n, y * w, 0.0)
+        if ROUND:
+            out = rn_bf16(out + rn_bf16(term))  # k = 0: 0 + term = term, already rounded
+        else:
+            out = out + term
+    tl.store(out_ptr + t * D + n_off, out.to(out_ptr.dtype.element_ty), mask=in_n)

@@ -63,6 +63,26 @@ SPLIT_TILES: dict[str, Any] = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n":
 # the predecessor's tail. The arithmetic is unchanged (bitwise, a CUDA test).
 LAUNCH = {"pdl": False}
 
+# The slot design, for T <= SLOT["max_t"] when SLOT["on"] (takes precedence over SPLIT):
+# three kernels instead of five.
+#     router        the gate GEMV as above, and the last gate program of each token (a
+#                   per-token acq_rel counter, set back to 0 by that program) routes it:
+#                   no route kernel, no plan
+#     up (slots)    per (slot t*K + k, F block): one dependent load (the id), then the
+#                   weights stream (the plan's chain of dependent reads is gone); an
+#                   expert picked by several tokens is read once per token, so this is
+#                   for T = 1 (and small T)
+#     down+combine  per (token, D block): the K slots in ascending id, each GEMV output
+#                   rounded to bf16, then combined in combine_kernel's order and rounding
+# GEMVs (fp32 products summed per step, then across the tile) instead of tl.dot: the
+# same tolerance against the torch path as the other variants (only the K order of each
+# sum differs). The counters persist per device (_DONE), so calls of this design must not
+# run concurrently on two streams of one device.
+SLOT: dict[str, Any] = {"on": False, "max_t": 1}
+SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "up_warps": 4, "down_n": 16, "down_f": 256,
+                              "down_warps": 4, "stages": 3}
+_DONE: dict[tuple[str, int | None], torch.Tensor] = {}
+
 _kernels: dict[str, Any] | None = None
 _tried = False
 
@@ -80,7 +100,8 @@ def _build() -> dict[str, Any] | None:
     from spmd_moe.kernels import _decode_triton as k
 
     _kernels = {"gate": k.gate_kernel, "route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel,
-                "combine": k.combine_kernel, "up_split": k.up_split_kernel, "down_split": k.down_split_kernel}
+                "combine": k.combine_kernel, "up_split": k.up_split_kernel, "down_split": k.down_split_kernel,
+                "router": k.router_kernel, "up_slot": k.up_slot_kernel, "down_combine": k.down_combine_kernel}
     return _kernels
 
 
@@ -161,6 +182,15 @@ def routed_decode(
     N = T * K  # slots
     dev = x_TD.device
     x_TD = x_TD.contiguous()
+    rounded = out_dtype is None or out_dtype != torch.float32
+    out_TD = torch.empty(T, D, dtype=out_dtype or x_TD.dtype, device=dev)
+    pdl = bool(LAUNCH["pdl"] and dev.type == "cuda" and _pdl_ok(dev))
+    pk: dict[str, Any] = {"PDL": True, "launch_pdl": True} if pdl else {}
+    if SLOT["on"] and T <= SLOT["max_t"]:
+        _slot_decode(ks, x_TD, gate_w_ED, expert_bias_E, w1_EFD, w2_EDF, w3_EFD, out_TD, tokens_per_expert_E,
+                     K=K, score_func=score_func, route_norm=route_norm, route_scale=route_scale,
+                     expert_start=expert_start, lo=lo, hi=hi, rounded=rounded, pk=pk)
+        return out_TD
     variant = SPLIT["variant"] if T <= SPLIT["max_t"] else "tiled"
     assert variant in ("tiled", "split", "split_fused"), variant
     fused = variant == "split_fused"
@@ -181,11 +211,7 @@ def routed_decode(
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
     ids_TK = torch.empty(T, K, dtype=torch.int32, device=dev)
     wts_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
-    rounded = out_dtype is None or out_dtype != torch.float32
-    out_TD = torch.empty(T, D, dtype=out_dtype or x_TD.dtype, device=dev)
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
-    pdl = bool(LAUNCH["pdl"] and dev.type == "cuda" and _pdl_ok(dev))
-    pk: dict[str, Any] = {"PDL": True, "launch_pdl": True} if pdl else {}
     bec = tl_.get("gate_e", 4)  # experts per gate program (a D loop of up to 4096/bec columns per step)
     n_gate = T * triton_cdiv(E, bec)
     ks["gate"][(T, triton_cdiv(E, bec))](
@@ -245,6 +271,51 @@ def routed_decode(
             **pk,
         )
     return out_TD
+
+
+def _done_counters(dev: torch.device) -> torch.Tensor:
+    """The slot router's per-token counters on dev: zeroed once here, then set back to 0
+    by the kernel that used them (so a CUDA graph replays with no memset node)."""
+    key = (dev.type, dev.index)
+    if key not in _DONE:
+        _DONE[key] = torch.zeros(MAX_T, dtype=torch.int32, device=dev)
+    return _DONE[key]
+
+
+def _slot_decode(
+    ks: dict[str, Any], x_TD: torch.Tensor, gate_w_ED: torch.Tensor, expert_bias_E: torch.Tensor | None,
+    w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor, out_TD: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor, *, K: int, score_func: str, route_norm: bool, route_scale: float,
+    expert_start: int, lo: int, hi: int, rounded: bool, pk: dict[str, Any],
+) -> None:
+    """The slot design (see SLOT): router, up per slot, down + combine; writes out_TD."""
+    T, D = x_TD.shape
+    E = gate_w_ED.shape[0]
+    L, F, _ = w1_EFD.shape
+    dev = x_TD.device
+    tl_ = SLOT_TILES
+    logits_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
+    ids_TK = torch.empty(T, K, dtype=torch.int32, device=dev)
+    wts_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
+    h_NF = torch.empty(T * K, F, dtype=x_TD.dtype, device=dev)
+    bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
+    bec = tl_["gate_e"]
+    ks["router"][(T, triton_cdiv(E, bec))](
+        x_TD, gate_w_ED.contiguous(), logits_TE, _done_counters(dev), bias, ids_TK, wts_TK, tokens_per_expert_E,
+        D, E, float(route_scale), lo, hi,
+        K=K, BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_E=max(16, _pow2(E)),
+        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, num_warps=4, **pk,
+    )
+    ks["up_slot"][(T * K, triton_cdiv(F, tl_["up_f"]))](
+        x_TD, w1_EFD, w3_EFD, h_NF, ids_TK, D, F, expert_start, L,
+        K=K, BLOCK_F=tl_["up_f"], BLOCK_D=min(tl_["up_d"], _pow2(D)), num_warps=tl_["up_warps"],
+        num_stages=tl_["stages"], **pk,
+    )
+    ks["down_combine"][(T, triton_cdiv(D, tl_["down_n"]))](
+        h_NF, w2_EDF, out_TD, ids_TK, wts_TK, D, expert_start, L,
+        F=F, K=K, BLOCK_N=tl_["down_n"], BLOCK_F=min(tl_["down_f"], _pow2(F)), ROUND=rounded,
+        num_warps=tl_["down_warps"], num_stages=tl_["stages"], **pk,
+    )
 
 
 def triton_cdiv(a: int, b: int) -> int:

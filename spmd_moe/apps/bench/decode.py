@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from typing import Any
@@ -35,8 +36,10 @@ D, F, E, K = 2048, 768, 128, 8
 def _layer(kernels: KernelChoice, device: torch.device) -> Any:
     import spmd_moe as sm
 
+    # CPU dry run (--small, Triton's interpreter): the kernels take fp32 tensors holding bf16 values.
+    dt = torch.float32 if device.type == "cpu" and kernels == "fast" else torch.bfloat16
     cfg = sm.MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, score_func="softmax", route_norm=True,
-                       param_dtype=torch.bfloat16, kernels=kernels)
+                       param_dtype=dt, kernels=kernels)
     m = sm.MoE(cfg, device=device)
     m.init_states(seed=0)
     return m
@@ -129,6 +132,198 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["sweep"] = sweep(fast, device, args)
     res["wall_s"] = time.monotonic() - t_start
     return res
+
+
+ALT_VARIANTS = ["tiled", "tiled_pdl", "slot", "slot_pdl"]
+
+
+def _configure(v: str) -> None:
+    """Set spmd_moe.kernels.decode's switches for variant v ('tiled', 'split', 'split_fused',
+    'slot', each optionally '_pdl'); the slot design then applies up to MAX_T tokens."""
+    from spmd_moe.kernels import decode as dk
+
+    base = v.removesuffix("_pdl")
+    dk.SPLIT["variant"] = base if base in ("split", "split_fused") else "tiled"
+    dk.SLOT["on"] = base == "slot"
+    dk.SLOT["max_t"] = dk.MAX_T
+    dk.LAUNCH["pdl"] = v.endswith("_pdl")
+
+
+def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
+    """Per T: every variant's CUDA graph captured once, then timed in turn, round after
+    round (A B C A B C ...), so that drift and noise fall on all variants alike; the
+    figure is the median of the rounds' medians (all rounds kept). Outputs checked against
+    the torch path (eager) and the tiled variant; kernels and device time per variant."""
+    from spmd_moe.kernels import decode as dk
+
+    t_start = time.monotonic()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    fast, ref = _layer("fast", device), _layer("torchtitan", device)
+    ref.load_state_dict(fast.state_dict())
+    name = torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter, dry run)"
+    bps = nominal_hbm_bps(name) if cuda else 4.8e12
+    saved = (dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH))
+    res: dict[str, Any] = {"device": name, "hbm_Bps": bps, "mode": "alternating", "shape": [D, F, E, K],
+                           "rounds": args.rounds, "reps": args.reps, "tiles": dict(dk.TILES),
+                           "tiles_large_t": dict(dk.TILES_LARGE_T), "slot_tiles": dict(dk.SLOT_TILES),
+                           "defaults": {"split": saved[0], "slot": saved[1], "launch": saved[2]}, "rows": []}
+    g = torch.Generator(device=device).manual_seed(1)
+    for T in args.tokens:
+        xs = [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(8)]
+        if not cuda:
+            xs = [x.float() for x in xs]
+        with torch.no_grad():
+            ref.tokens_per_expert_E.zero_()
+            y_r = ref(xs[0].to(torch.bfloat16))
+            touched = int((ref.tokens_per_expert_E > 0).sum())
+            tpe_r = ref.tokens_per_expert_E.clone()
+        floor_ms = (touched * 3 * D * F * 2 + E * D * 2) / bps * 1e3
+        row: dict[str, Any] = {"T": T, "touched_experts": touched, "floor_ms": floor_ms,
+                               "max_abs_out": float(y_r.float().abs().max())}
+        reps: dict[str, Any] = {}
+        y_first: torch.Tensor | None = None
+        for v in args.alt_variants:
+            if v.startswith("slot") and T > args.slot_max_t:
+                continue
+            try:
+                _configure(v)
+                with torch.no_grad():
+                    fast.tokens_per_expert_E.zero_()
+                    y_f = fast(xs[0])
+                    row[f"{v}_routing_equal"] = bool(torch.equal(fast.tokens_per_expert_E, tpe_r))
+                row[f"{v}_max_abs_diff_vs_torch"] = float((y_f.float() - y_r.float()).abs().max())
+                if y_first is None:
+                    y_first = y_f
+                row[f"{v}_max_abs_diff_vs_{args.alt_variants[0]}"] = float((y_f.float() - y_first.float()).abs().max())
+                rep = try_graph(device, fast, xs) if cuda else _eager(fast, xs, v)
+                if rep is not None:
+                    reps[v] = rep
+                if cuda:
+                    n, ms, by_name = _kernels_of(fast, xs[0])
+                    row[f"{v}_kernels"], row[f"{v}_kernel_ms"], row[f"{v}_by_kernel_ms"] = n, ms, by_name
+            except Exception as e:  # one variant failing (build, launch) leaves the others' numbers
+                row[f"{v}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                dk.SPLIT.update(saved[0])
+                dk.SLOT.update(saved[1])
+                dk.LAUNCH.update(saved[2])
+        rounds: dict[str, list[float]] = {v: [] for v in reps}
+        for _ in range(args.rounds):  # graphs replay whatever the switches say now: they hold their kernels
+            for v, rep in reps.items():
+                rounds[v].append(timer(device, rep, args.reps, warmup=5))
+        for v, ts in rounds.items():
+            row[f"{v}_graph_ms"] = statistics.median(ts)
+            row[f"{v}_graph_ms_rounds"] = ts
+            row[f"{v}_over_floor"] = row[f"{v}_graph_ms"] / floor_ms
+        res["rows"].append(row)
+        print(json.dumps({k: x for k, x in row.items() if not k.endswith("by_kernel_ms")}), file=sys.stderr, flush=True)
+        _write(args.out, res)
+    if args.slot_sweep and cuda:
+        res["slot_sweep"] = slot_sweep(fast, device, args, t_start, res)
+    res["wall_s"] = time.monotonic() - t_start
+    return res
+
+
+def _eager(model: Any, xs: list[torch.Tensor], v: str) -> Any:
+    """The dry run's stand-in for a graph replay: an eager call with v's switches."""
+    from spmd_moe.kernels import decode as dk
+
+    def call(i: int) -> None:
+        saved = (dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH))
+        _configure(v)
+        try:
+            with torch.no_grad():
+                model(xs[i % len(xs)])
+        finally:
+            dk.SPLIT.update(saved[0])
+            dk.SLOT.update(saved[1])
+            dk.LAUNCH.update(saved[2])
+    return call
+
+
+def slot_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_start: float,
+               res_so_far: dict[str, Any]) -> list[dict[str, Any]]:
+    """SLOT_TILES choices at T=1 (slot_pdl), each timed alternating with the default
+    tiles (3 rounds each), until --budget-s of wall time: pick SLOT_TILES from this."""
+    from spmd_moe.kernels import decode as dk
+
+    base = dict(dk.SLOT_TILES)
+    g = torch.Generator(device=device).manual_seed(3)
+    xs = [torch.randn(1, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4)]
+    keys = ("up_f", "up_d", "up_warps", "down_n", "down_f", "down_warps", "stages", "gate_e")
+    choices: list[tuple[int, ...]] = [
+        (16, 128, 4, 16, 256, 4, 3, 4), (32, 256, 8, 16, 256, 4, 3, 4), (32, 128, 4, 8, 256, 4, 3, 4),
+        (32, 128, 4, 32, 256, 8, 3, 4), (16, 256, 4, 8, 256, 2, 3, 4), (32, 128, 4, 16, 128, 4, 3, 4),
+        (64, 64, 4, 16, 256, 4, 3, 4), (32, 128, 4, 16, 256, 4, 3, 2), (32, 128, 4, 16, 256, 4, 3, 8),
+        (16, 128, 2, 8, 128, 2, 3, 4), (32, 256, 4, 16, 512, 8, 3, 4), (8, 256, 2, 16, 256, 4, 3, 4),
+    ]
+    out: list[dict[str, Any]] = []
+    try:
+        _configure("slot_pdl")
+        base_rep = try_graph(device, fast, xs)
+        for ch in choices:
+            if time.monotonic() - t_start > args.budget_s or base_rep is None:
+                out.append({"stopped": "budget"})
+                break
+            dk.SLOT_TILES.update(dict(zip(keys, ch)))
+            row: dict[str, Any] = {"tiles": dict(zip(keys, ch))}
+            try:
+                rep = try_graph(device, fast, xs)
+                if rep is not None:
+                    a, b = [], []
+                    for _ in range(3):
+                        a.append(timer(device, base_rep, args.reps, warmup=5))
+                        b.append(timer(device, rep, args.reps, warmup=5))
+                    row["T1_ms"], row["T1_default_ms"] = statistics.median(b), statistics.median(a)
+            except Exception as e:  # a tile choice Triton cannot build: note it, go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            dk.SLOT_TILES.clear()
+            dk.SLOT_TILES.update(base)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            out.append(row)
+            _write(args.out, {**res_so_far, "slot_sweep": out})
+    finally:
+        dk.SLOT_TILES.clear()
+        dk.SLOT_TILES.update(base)
+        _configure("tiled")
+        dk.SLOT["on"] = res_so_far["defaults"]["slot"]["on"]
+        dk.SLOT["max_t"] = res_so_far["defaults"]["slot"]["max_t"]
+        dk.LAUNCH["pdl"] = res_so_far["defaults"]["launch"]["pdl"]
+    return out
+
+
+def summarize_alternating(res: dict[str, Any]) -> str:
+    """Per T: each variant's graph time (median of rounds, min-max of the round medians)
+    and x floor; the device time per kernel; the best slot tiles."""
+    lines = [f"{res.get('device')}  {res.get('rounds')} rounds x {res.get('reps')} replays, alternating;"
+             f" defaults {res.get('defaults')}"]
+    for row in res.get("rows", []):
+        lines.append(f"T={row['T']:<3} floor {row['floor_ms'] * 1e3:6.1f} us ({row['touched_experts']} experts)")
+        for v in ALT_VARIANTS + ["split", "split_fused", "split_pdl", "split_fused_pdl"]:
+            if f"{v}_error" in row:
+                lines.append(f"    {v:10s} ERROR {row[f'{v}_error'][:200]}")
+            if f"{v}_graph_ms" in row:
+                ts = row[f"{v}_graph_ms_rounds"]
+                by = row.get(f"{v}_by_kernel_ms", {})
+                lines.append(f"    {v:10s} {row[f'{v}_graph_ms'] * 1e3:6.1f} us  x{row[f'{v}_over_floor']:.2f} floor"
+                             f"  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})  diff vs torch "
+                             f"{row.get(f'{v}_max_abs_diff_vs_torch', float('nan')):.2g}  routing equal "
+                             f"{row.get(f'{v}_routing_equal')}  kernels(us): "
+                             + ", ".join(f"{k[:14]} {x * 1e3:.1f}" for k, x in by.items()))
+    sw = [r for r in res.get("slot_sweep", []) if r.get("T1_ms")]
+    for r in sorted(sw, key=lambda r: float(r["T1_ms"]) - float(r["T1_default_ms"]))[:5]:
+        lines.append(f"  slot sweep T=1 {r['T1_ms'] * 1e3:6.1f} us vs default tiles {r['T1_default_ms'] * 1e3:6.1f} us"
+                     f"  {r['tiles']}")
+    for r in res.get("slot_sweep", []):
+        if "error" in r:
+            lines.append(f"  slot sweep ERROR {r['tiles']}: {r['error'][:150]}")
+    for row in res.get("rows", []):
+        best = min((v for v in ALT_VARIANTS if f"{v}_graph_ms" in row), key=lambda v: row[f"{v}_graph_ms"], default=None)
+        if best:
+            lines.append(f"T={row['T']}: best {best} x{row[f'{best}_over_floor']:.2f} floor (goal"
+                         f" {'2.5' if row['T'] == 1 else '2.0' if row['T'] <= 8 else '1.5'})")
+    return "\n".join(lines)
 
 
 def _write(path: str | None, res: dict[str, Any]) -> None:
@@ -294,15 +489,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="kernel count and device time of the torch path too")
     p.add_argument("--budget-s", type=float, default=90.0, help="the split sweep stops after this much wall time")
     p.add_argument("--summarize", default=None, metavar="JSON", help="print the summary of an earlier run's JSON")
+    p.add_argument("--alternate", action="store_true",
+                   help="the --alt-variants timed in turn, --rounds rounds per T (run_alternating)")
+    p.add_argument("--alt-variants", nargs="+", default=ALT_VARIANTS,
+                   choices=ALT_VARIANTS + ["split", "split_fused", "split_pdl", "split_fused_pdl"])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--slot-max-t", type=int, default=8, help="T up to which the slot variants are timed")
+    p.add_argument("--slot-sweep", action="store_true", help="SLOT_TILES choices at T=1 (slot_pdl)")
+    p.add_argument("--small", action="store_true", help="tiny shapes (D=64 F=32 E=16 top-4): a dry run; on CPU"
+                   " with TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1")
     args = p.parse_args(argv)
     if args.summarize:
         with open(args.summarize) as f:
-            print(summarize(json.load(f)))
+            r = json.load(f)
+            print(summarize_alternating(r) if r.get("mode") == "alternating" else summarize(r))
         return 0
-    if not torch.cuda.is_available():
-        print(json.dumps({"skipped": "needs CUDA"}))
+    if args.small:
+        global D, F, E, K
+        D, F, E, K = 64, 32, 16, 4
+    if not torch.cuda.is_available() and not (args.small and args.alternate):
+        print(json.dumps({"skipped": "needs CUDA (or --small --alternate in Triton's interpreter)"}))
         return 0
-    res = run(args)
+    res = run_alternating(args) if args.alternate else run(args)
     _write(args.out, res)
     print(json.dumps(res, indent=1))
     return 0
