@@ -335,7 +335,15 @@ class MoE(nn.Module, Generic[L]):
             y_dec_TD = _bi.routed_decode(self, x_TD)
             if y_dec_TD is not None:
                 return y_dec_TD
-        weights_TK, expert_ids_TK, _ = self.router(x_TD, self._expert_bias())
+        bias_E = self._expert_bias()
+        # CUDA inference (kernels='fast', no routing replay): the fast router, whose ids come
+        # already ascending per token (spmd_moe.kernels.fast_route).
+        replay = self.forced_routes_TK is not None or self.record_routes
+        fast = None if replay else self.router.fast_route(x_TD, bias_E)
+        if fast is not None:
+            weights_TK, expert_ids_TK = fast
+        else:
+            weights_TK, expert_ids_TK, _ = self.router(x_TD, bias_E)
         if self.forced_routes_TK is not None:
             weights_TK, expert_ids_TK = self._forced(x_TD, expert_ids_TK)
         if self.record_routes:
@@ -343,12 +351,14 @@ class MoE(nn.Module, Generic[L]):
             # gate values in that order too, so the replay is bitwise for any top_k.
             self.recorded_routes.append(expert_ids_TK[: T - num_pad].detach().clone())
         if num_pad:
-            # Pad tokens get expert id E: sorted last, never sent, never counted.
+            # Pad tokens get expert id E (all K of them: the order stays ascending): sorted
+            # last, never sent, never counted.
             pad_mark_TK = torch.arange(T, device=x_TD.device).unsqueeze(1) >= T - num_pad
             expert_ids_TK = torch.where(pad_mark_TK, self.cfg.num_experts, expert_ids_TK)
-        # Ascending expert id within each token: a fixed summation order for combine.
-        expert_ids_TK, k_order_TK = expert_ids_TK.sort(dim=-1)
-        weights_TK = permute_k(weights_TK, k_order_TK)
+        if fast is None:
+            # Ascending expert id within each token: a fixed summation order for combine.
+            expert_ids_TK, k_order_TK = expert_ids_TK.sort(dim=-1)
+            weights_TK = permute_k(weights_TK, k_order_TK)
         dispatcher = self.decode_dispatcher if decode else self.prefill_dispatcher
         y_TD = self._experts_via(dispatcher, x_TD, expert_ids_TK, weights_TK, num_pad)
         self._count(expert_ids_TK)

@@ -18,9 +18,10 @@ from spmd_moe import _debug
 from spmd_moe import batch_invariant as _bi
 from spmd_moe.config import MoEConfig
 from spmd_moe.errors import RoutingError
+from spmd_moe.kernels import fast_route as _fr
 from spmd_moe.parallel import ParallelContext
 from spmd_moe import collectives as C
-from spmd_moe.placement import EP, Placed, Rep, Var, as_inv, as_rep
+from spmd_moe.placement import EP, Placed, Rep, Var, as_inv, as_rep, unchecked_cast
 from spmd_moe.checking import checked
 
 
@@ -83,6 +84,22 @@ class TopKRouter(nn.Module):
                 return fast
             return _bi.rowwise(lambda r_BD: self._route(r_BD, expert_bias_E, w_ED), x_TD)
         return self._route(x_TD, expert_bias_E, w_ED)
+
+    def fast_route(
+        self, x_TD: Float[Placed[Var[EP]], "T D"], expert_bias_E: Float[Placed[Rep[EP]], "E"] | None = None,
+    ) -> tuple[Float[Placed[Var[EP]], "T K"], Int[Placed[Var[EP]], "T K"]] | None:
+        """(weights_TK, expert_ids_TK) with the ids ascending per token (the combine's
+        order), from spmd_moe.kernels.fast_route where it applies (CUDA inference,
+        kernels='fast'; within fp32 rounding of forward's, not bitwise); else None."""
+        w_ED = self.gate.weight
+        if not _fr.applies(self.cfg.kernels, x_TD, w_ED, groups=self.cfg.num_expert_groups is not None):
+            return None
+        weights_TK, ids_TK = _fr.route(
+            x_TD, w_ED, expert_bias_E, top_k=self.cfg.top_k, score_func=self.cfg.score_func,
+            route_norm=self.cfg.route_norm, route_scale=self.cfg.route_scale,
+        )
+        why = "this rank's tokens, routed token by token"
+        return unchecked_cast(Placed[Var[EP]], weights_TK, reason=why), unchecked_cast(Placed[Var[EP]], ids_TK, reason=why)
 
     def _route(
         self,

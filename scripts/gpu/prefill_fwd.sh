@@ -1,19 +1,20 @@
 #!/bin/bash
 # Issue 12 "prefill T=32768 forward >= 2.0x torchtitan" on one H200: the inference forward
 # (no_grad) of the Qwen3-30B-A3B layer (D=2048, F=768, E=128, top-8, bf16) at T=4096 and 32768,
-#   fast        spmd_moe kernels='fast' (fused SwiGLU forward: fused_bwd.swiglu_forward)
-#   fast_nofuse the same layer with fused_bwd.FWD_INFERENCE=False (torch's silu + mul): the saving side by side
+#   fast        spmd_moe kernels='fast' (fast router: kernels/fast_route.py; fused SwiGLU forward)
+#   fast_router_off  the same layer with fast_route.FAST_ROUTER=False (the torch router + per-token
+#               sort): the router's saving side by side
 #   torch_ops   kernels='torchtitan' (the torch ops, bitwise torchtitan's)
 #   titan       torchtitan 0.3.0's own MoE
 # same weights, median of CUDA-event timings (spmd_moe.apps.bench.moe_bench.timer, 8 rotating
 # inputs), 3 rounds in turn (the reported figure: the median of the rounds' medians); a
-# SwiGLU-only timing on the [T*K, F] up-projection outputs (silu*mul vs the kernel); forward
-# bitwise checks (fast and fast_nofuse vs torch_ops, torch_ops vs titan); host syncs of one
-# fast forward; a per-kind kernel profile at T=32768 (gpu_profile.kernel_split) of fast,
-# fast_nofuse and titan; the timings of two candidate savings outside experts.py (argsort keys,
-# a histogram). Then, in the time left (<= 35 s), the CUDA run of the inference tests in
-# tests/test_fused_backward.py.
-# < 90 s:
+# router-only timings (torch router + sort vs the fast one, its GEMM (torch.mm out_dtype=fp32) and
+# its route kernel per launch shape); forward checks (fast_router_off and torch_ops bitwise; the
+# fast router's tokens routed otherwise than the torch router's, near-ties only); host syncs of
+# one fast forward; a per-kind kernel profile at T=32768 (gpu_profile.kernel_split) of fast,
+# fast_router_off and titan; one histogram (count_ids). Then, in the time left (<= 45 s), the
+# CUDA run of tests/test_fast_route.py and the inference tests of test_fused_backward.py.
+# < 120 s:
 #   run(kind=nvidia-h200, carry=[".whl"], command="bash scripts/gpu/prefill_fwd.sh")
 # Writes two files:
 #   $OUT/prefill_fwd.log   GPU/versions, pytest, bench progress
@@ -40,6 +41,7 @@ from spmd_moe.apps.bench import moe_bench as mb
 from spmd_moe.apps.bench.gpu_profile import host_syncs, kernel_split
 import spmd_moe as sm
 from spmd_moe.kernels import fused_bwd as fb
+from spmd_moe.kernels import fast_route as fr
 
 out_path = sys.argv[1]
 small = bool(os.environ.get("PREFILL_FWD_SMALL"))
@@ -62,23 +64,30 @@ def log(msg):
 
 def fwd(name, x):
     """One inference forward of the named variant ([T, D] in and out)."""
-    fb.FWD_INFERENCE = name != "fast_nofuse"
+    fr.FAST_ROUTER = name != "fast_router_off"
     try:
         if name == "titan":
             return titan(x.unsqueeze(0)).squeeze(0)
         return (ttk if name == "torch_ops" else fast)(x)
     finally:
-        fb.FWD_INFERENCE = True
+        fr.FAST_ROUTER = True
 
 
-names = ["fast", "fast_nofuse", "torch_ops"] + (["titan"] if titan is not None else [])
+def torch_router(x):
+    """The router as the layer ran it before: torch router, per-token sort, gather."""
+    w, ids, _ = fast.router(x, None)
+    ids, order = ids.sort(dim=-1)
+    return w.gather(-1, order), ids
+
+
+names = ["fast", "fast_router_off", "torch_ops"] + (["titan"] if titan is not None else [])
 for T in ((64, 256) if small else (4096, 32768)):
     reps = 3 if small else (30 if T <= 4096 else 15)
     xs = [torch.randn(T, sh.dim, device=dev, dtype=torch.bfloat16) for _ in range(8)]
     row = {"T": T}
     with torch.no_grad():
         y = {n: fwd(n, xs[0]) for n in names}
-        for a, b in (("fast", "torch_ops"), ("fast_nofuse", "torch_ops"), ("fast", "fast_nofuse"),
+        for a, b in (("fast", "torch_ops"), ("fast_router_off", "torch_ops"), ("fast", "fast_router_off"),
                      ("torch_ops", "titan"), ("fast", "titan")):
             if b in y:
                 row[f"fwd_bitwise_{a}_vs_{b}"] = bool(torch.equal(y[a], y[b]))
@@ -91,33 +100,45 @@ for T in ((64, 256) if small else (4096, 32768)):
         for n in names:
             row[f"{n}_fwd_ms"] = statistics.median(rounds[n])
             row[f"{n}_fwd_ms_rounds"] = rounds[n]
-        # SwiGLU alone on [T*K, F] bf16 (the up projections' outputs): torch's two kernels vs one
-        a1, a3 = (torch.randn(T * K, Fh, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        row["swiglu_torch_ms"] = mb.timer(dev, lambda i: F.silu(a1) * a3, reps)
-        if dev.type == "cuda":
-            row["swiglu_fused_ms"] = mb.timer(dev, lambda i: fb.swiglu_forward(a1, a3), reps)
-            row["swiglu_bitwise"] = bool(torch.equal(fb.swiglu_forward(a1, a3), F.silu(a1) * a3))
-            row["swiglu_fused_TBps"] = 3 * a1.numel() * 2 / (row["swiglu_fused_ms"] * 1e-3) / 1e12  # 2 reads + 1 write
-        del a1, a3
-        # Candidates outside experts.py (for the notes): the dispatcher's stable argsort of the
-        # T*K expert ids with narrower keys (cub's radix sort does a pass per key byte: the
-        # same permutation?), and one histogram (MoE._count repeats count_per_expert's).
+        # The router alone: before (torch router + sort + gather) vs the fast one, its parts.
+        xr = xs[0]
+        gw = fast.router.gate.weight
+        fr_on = fast.router.fast_route(xr, None)
+        row["fast_router_applies"] = fr_on is not None
+        if fr_on is not None:
+            w_t, ids_t = torch_router(xr)
+            same_T = (fr_on[1] == ids_t).all(-1)
+            row["router_tokens_routed_otherwise"] = int((~same_T).sum())  # near-ties (GEMM order)
+            rel = ((fr_on[0] - w_t).abs() / w_t.abs().clamp_min(1e-30))[same_T]
+            row["router_gate_max_rel_diff"] = float(rel.max()) if rel.numel() else 0.0
+            row["router_torch_ms"] = mb.timer(dev, lambda i: torch_router(xs[i % len(xs)]), reps)
+            row["router_fast_ms"] = mb.timer(dev, lambda i: fast.router.fast_route(xs[i % len(xs)], None), reps)
+            row["router_gemm_fp32_ms"] = mb.timer(dev, lambda i: F.linear(xs[i % len(xs)].float(), gw.float()), reps)
+            row["router_gemm_fast_ms"] = mb.timer(dev, lambda i: fr.logits(xs[i % len(xs)], gw), reps)
+            row["mm_out_dtype_available"] = fr._mm_dtype_ok
+            lg = fr.logits(xr, gw)
+            kw = dict(top_k=K, score_func=fast.cfg.score_func, route_norm=fast.cfg.route_norm, route_scale=fast.cfg.route_scale)
+            ref_route = fr.route_logits(lg, None, **kw)
+            saved = dict(fr.LAUNCH)
+            for tok, warps in ((1, 1), (4, 1), (8, 1), (4, 2), (16, 2), (8, 4)):
+                fr.LAUNCH.update(tokens=tok, warps=warps)
+                row[f"route_kernel_t{tok}_w{warps}_ms"] = mb.timer(dev, lambda i: fr.route_logits(lg, None, **kw), reps)
+                got = fr.route_logits(lg, None, **kw)
+                row[f"route_kernel_t{tok}_w{warps}_bitwise"] = bool(torch.equal(got[0], ref_route[0]) and torch.equal(got[1], ref_route[1]))
+            fr.LAUNCH.clear()
+            fr.LAUNCH.update(saved)
+            del lg, w_t, ids_t, ref_route
+        # One histogram (MoE._count repeats count_per_expert's): a candidate saving.
         from spmd_moe.dispatch.base import count_ids
         _, ids_TK, _ = fast.router(xs[0], None)
-        flat = ids_TK.sort(dim=-1).values.reshape(-1)
-        ref_perm = torch.argsort(flat, stable=True)
-        for kd in (torch.int64, torch.int32, torch.int16):
-            keys = flat.to(kd)
-            row[f"argsort_{str(kd)[6:]}_ms"] = mb.timer(dev, lambda i, keys=keys: torch.argsort(keys, stable=True), reps)
-            row[f"argsort_{str(kd)[6:]}_same_perm"] = bool(torch.equal(torch.argsort(keys, stable=True), ref_perm))
         row["count_ids_ms"] = mb.timer(dev, lambda i: count_ids(ids_TK, sh.experts + 1), reps)
-        del ids_TK, flat, ref_perm
+        del ids_TK
         if dev.type == "cuda":
             row["host_syncs_fast_fwd"] = host_syncs(lambda: fwd("fast", xs[1]))
     if "titan_fwd_ms" in row:
-        for n in ("fast", "fast_nofuse", "torch_ops"):
+        for n in ("fast", "fast_router_off", "torch_ops"):
             row[f"speedup_{n}_vs_titan"] = row["titan_fwd_ms"] / row[f"{n}_fwd_ms"]
-    row["speedup_fused_swiglu"] = row["fast_nofuse_fwd_ms"] / row["fast_fwd_ms"]
+    row["speedup_fast_router"] = row["fast_router_off_fwd_ms"] / row["fast_fwd_ms"]
     if T == 32768 and dev.type == "cuda":  # where the device time goes, one forward (3 profiled)
         from torch.profiler import ProfilerActivity, profile
         for n in names:
@@ -145,38 +166,43 @@ with open(out_path, "w") as f:
     json.dump(res, f, indent=1)
 PY
 echo "bench rc=$? in $((SECONDS - t0)) s"
-left=$((88 - (SECONDS - t0))); [ $left -gt 35 ] && left=35
+left=$((125 - (SECONDS - t0))); [ $left -gt 45 ] && left=45
 if [ -z "${PREFILL_FWD_SMALL:-}" ] && [ $left -ge 10 ]; then  # the CUDA run of the inference tests, in the time left
   echo "== pytest" >> "$LOG"
-  timeout $left python3 -m pytest -q -s -p no:cacheprovider tests/test_fused_backward.py \
-    -k "inference or swiglu_forward or applies" >> "$LOG" 2>&1
+  timeout $left python3 -m pytest -q -s -p no:cacheprovider tests/test_fast_route.py tests/test_fused_combine.py \
+    "tests/test_fused_backward.py::test_layer_inference_torch_ops_elsewhere" \
+    "tests/test_fused_backward.py::test_layer_inference_takes_fused_swiglu_forward" >> "$LOG" 2>&1
   echo "pytest rc=$? (cap ${left} s) at $((SECONDS - t0)) s"
   grep -E "passed|failed|error" "$LOG" | tail -2 | cut -c1-300
-  grep -E "layer inference T=|Error" "$LOG" | head -6 | cut -c1-200
+  grep -E "layer T=.*fast router|out_dtype=float32 available|Error|FAILED" "$LOG" | head -8 | cut -c1-200
 fi
 python3 - "$JSON" <<'PY' 2>/dev/null || tail -8 "$LOG"
 import json, sys
 r = json.load(open(sys.argv[1]))
 nan = float("nan")
 for x in r["rows"]:
-    print(f"T={x['T']:>5} fwd ms: fast {x['fast_fwd_ms']:.3f}  fast_nofuse {x['fast_nofuse_fwd_ms']:.3f}  "
+    print(f"T={x['T']:>5} fwd ms: fast {x['fast_fwd_ms']:.3f}  fast_router_off {x['fast_router_off_fwd_ms']:.3f}  "
           f"torch ops {x['torch_ops_fwd_ms']:.3f}  titan {x.get('titan_fwd_ms', nan):.3f}  -> x{x.get('speedup_fast_vs_titan', nan):.3f} "
-          f"vs titan (nofuse x{x.get('speedup_fast_nofuse_vs_titan', nan):.3f}); fused SwiGLU saves "
-          f"{x['fast_nofuse_fwd_ms'] - x['fast_fwd_ms']:.3f} ms (x{x['speedup_fused_swiglu']:.3f})")
-    print(f"  rounds fast {x['fast_fwd_ms_rounds']} nofuse {x['fast_nofuse_fwd_ms_rounds']}; SwiGLU alone: torch "
-          f"{x['swiglu_torch_ms']:.3f} ms, fused {x.get('swiglu_fused_ms', nan):.3f} ms, bitwise {x.get('swiglu_bitwise')}; "
-          f"host syncs {x.get('host_syncs_fast_fwd')}")
-    print(f"  fused SwiGLU {x.get('swiglu_fused_TBps', nan):.2f} TB/s; argsort of T*K ids ms: int64 {x['argsort_int64_ms']:.3f} "
-          f"int32 {x['argsort_int32_ms']:.3f} (same perm {x['argsort_int32_same_perm']}) int16 {x['argsort_int16_ms']:.3f} "
-          f"(same perm {x['argsort_int16_same_perm']}); one histogram (count_ids) {x['count_ids_ms']:.3f} ms")
+          f"vs titan (router off x{x.get('speedup_fast_router_off_vs_titan', nan):.3f}); fast router saves "
+          f"{x['fast_router_off_fwd_ms'] - x['fast_fwd_ms']:.3f} ms")
+    print(f"  rounds fast {x['fast_fwd_ms_rounds']} router_off {x['fast_router_off_fwd_ms_rounds']}; host syncs {x.get('host_syncs_fast_fwd')}")
+    if x.get("fast_router_applies"):
+        rk = {k[13:-3]: round(v, 4) for k, v in x.items() if k.startswith("route_kernel_") and k.endswith("_ms")}
+        print(f"  router ms: torch+sort {x['router_torch_ms']:.3f} fast {x['router_fast_ms']:.3f} | GEMM fp32 {x['router_gemm_fp32_ms']:.3f} "
+              f"bf16->fp32 {x['router_gemm_fast_ms']:.3f} (mm out_dtype {x['mm_out_dtype_available']}) | route kernel {rk} "
+              f"bitwise all {all(v for k, v in x.items() if k.endswith('_bitwise') and k.startswith('route_kernel_'))}")
+        print(f"  fast router vs torch router: {x['router_tokens_routed_otherwise']} of {x['T']} tokens routed otherwise (near-ties), "
+              f"gate values max rel diff {x['router_gate_max_rel_diff']:.3g}; one histogram {x['count_ids_ms']:.3f} ms")
+    else:
+        print("  fast router NOT applied")
     print(f"  bitwise: fast vs torch_ops {x['fwd_bitwise_fast_vs_torch_ops']} (max diff {x['fwd_max_abs_diff_fast_vs_torch_ops']:.3g}), "
-          f"nofuse vs torch_ops {x['fwd_bitwise_fast_nofuse_vs_torch_ops']}, torch_ops vs titan {x.get('fwd_bitwise_torch_ops_vs_titan')}, "
-          f"fast vs titan {x.get('fwd_bitwise_fast_vs_titan')}")
-    for n in ("fast", "fast_nofuse", "titan"):
+          f"router_off vs torch_ops {x['fwd_bitwise_fast_router_off_vs_torch_ops']}, torch_ops vs titan {x.get('fwd_bitwise_torch_ops_vs_titan')}, "
+          f"fast vs titan {x.get('fwd_bitwise_fast_vs_titan')} (max diff {x.get('fwd_max_abs_diff_fast_vs_titan', nan):.3g})")
+    for n in ("fast", "fast_router_off", "titan"):
         p = x.get(f"{n}_fwd_profile")
         if p:
             print(f"  {n}: {p['device_ms_per_call']} ms device, {p['kernels_per_call']:.0f} kernels; by kind {p['ms_per_call_by_kind']}")
-            print("    top: " + "; ".join(f"{k[:40]} {v}" for k, v in p["top_kernels_ms"][:6]))
+            print("    top: " + "; ".join(f"{k[:40]} {v}" for k, v in p["top_kernels_ms"][:8]))
 last = r["rows"][-1]
 print(f"T={last['T']} fwd {last.get('speedup_fast_vs_titan', nan):.2f} vs titan (goal 2.0)"
       f"{'' if last['T'] == 32768 else ' -- cut short before T=32768'} | torchtitan {r['torchtitan']}")

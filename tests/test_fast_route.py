@@ -1,0 +1,343 @@
+"""spmd_moe.kernels.fast_route (inference router: bf16 GEMM with fp32 output + one Triton
+route kernel) against a float64 loop and the torch router (TopKRouter._route).
+
+On CUDA it runs on bf16. On CPU the route kernel runs in Triton's interpreter (this file
+re-runs itself in a subprocess with TRITON_INTERPRET=1 and the opt-in
+SPMD_MOE_FAST_ROUTE_INTERPRET=1): there the layer is fp32 holding bf16 values and the
+logits come from the fp32 GEMM (the fallback), the same products.
+
+Tolerances, and why. delta_t: a bound on the error of token t's fp32 logits, gamma_D *
+max_e sum_d |x_d w_ed| with gamma_D = D * 2^-24 (fp32 summation over D in any order; the
+bf16 x bf16 products themselves are exact in fp32). Given exact fp32 logits (the kernel
+tests), delta_t = 0.
+* Choice (score + bias): softmax moves by at most 2 delta_t s_e <= 2 delta_t, sigmoid by
+  delta_t / 4; the kernel's exp and division add a few fp32 ulps (2^-20 for values <= 1).
+  The chosen experts must be the float64 top-k up to 2 * (2 delta_t + 2^-20) (either side
+  of the comparison may err): a near-tie may go either way, never more.
+* Gate values at the chosen ids: relative 4 delta_t + 2^-19 of the float64 value (the
+  score's error, then the renorm's sum and division), + 2^-21 absolute for tiny ones.
+* Ties that are exact in the logits: the lowest ids win (route_topk's rule; torch.topk
+  promises no order), ids ascending and distinct per token: asserted exactly.
+* The layer (fast router on vs off, the same ids): the output is linear in the gate values
+  (relative error <= 2^-19 each), so in fp32 within 2^-17 * max|y|; in bf16 each term
+  and each add of the combine may round the other way: K + 1 bf16 ulps (2^-7) of max|y|.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+import spmd_moe as sm
+from spmd_moe.kernels import fast_route as fr
+
+ON_CUDA = torch.cuda.is_available()
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Triton reads TRITON_INTERPRET when it is first imported: on CPU this file re-runs itself.
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_FAST_ROUTE_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not _triton_ok(), reason="needs Triton (CUDA or its interpreter)")
+kernel_test = pytest.mark.skipif(not ON_CUDA and not IN_INTERPRETER, reason="runs in the subprocess below")
+DEV = "cuda" if ON_CUDA else "cpu"
+DT = torch.bfloat16 if ON_CUDA else torch.float32  # the interpreter cannot load bf16
+D, F, E, K = 64, 32, 16, 4
+
+
+@pytest.mark.skipif(ON_CUDA or IN_INTERPRETER, reason="CPU only, once")
+def test_kernels_in_triton_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_FAST_ROUTE_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+# ------------------------------------------------------------------ float64 reference
+
+
+def _ref64(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, choice) in float64."""
+    lg = logits_TE.double().cpu()
+    s = torch.sigmoid(lg) if score == "sigmoid" else torch.softmax(lg, -1)
+    return s, s if bias_E is None else s + bias_E.double().cpu()
+
+
+def _check_routes(w_TK: torch.Tensor, ids_TK: torch.Tensor, logits64_TE: torch.Tensor, delta_T: torch.Tensor,
+                  bias_E: torch.Tensor | None, score: str, norm: bool, scale: float) -> int:
+    """Assert the tolerances of the module docstring; returns how many tokens took a
+    near-tie the other way than float64 (allowed)."""
+    T, k = ids_TK.shape
+    assert ids_TK.dtype == torch.int64 and w_TK.dtype == torch.float32
+    ids = ids_TK.cpu()
+    w = w_TK.double().cpu()
+    assert bool((ids[:, 1:] > ids[:, :-1]).all()), "ids not strictly ascending per token"
+    assert int(ids.min()) >= 0 and int(ids.max()) < logits64_TE.shape[1]
+    s, choice = _ref64(logits64_TE, bias_E, score)
+    d = delta_T.double().cpu()
+    tol_c = 2 * ((2 if score == "softmax" else 0.25) * d + 2.0**-20)
+    picked = torch.zeros_like(choice, dtype=torch.bool).scatter_(1, ids, True)
+    low_in = choice.masked_fill(~picked, float("inf")).min(1).values
+    high_out = choice.masked_fill(picked, float("-inf")).max(1).values
+    assert bool((low_in >= high_out - tol_c).all()), f"not the top-{k}: worst gap {float((high_out - low_in).max()):.3g}"
+    want = s.gather(1, ids)
+    if norm:
+        want = want / want.sum(-1, keepdim=True)
+    want = want * scale
+    tol_w = (4 * d[:, None] + 2.0**-19) * want.abs() + 2.0**-21
+    assert bool(((w - want).abs() <= tol_w).all()), f"gate values off: {float(((w - want).abs() / tol_w).max()):.3g} x tol"
+    top = torch.topk(choice, k, -1).indices.sort(-1).values
+    return int((top != ids).any(-1).sum())
+
+
+# ------------------------------------------------------------------ the route kernel alone
+
+ROUTE_CASES = {  # score, norm, bias, scale
+    "softmax": ("softmax", False, False, 1.0),
+    "softmax_norm_bias": ("softmax", True, True, 1.0),
+    "sigmoid_norm_scale": ("sigmoid", True, False, 2.5),
+    "sigmoid_bias_scale": ("sigmoid", False, True, 1.5),
+}
+
+
+def _bias(n: int, on: bool) -> torch.Tensor | None:
+    g = torch.Generator().manual_seed(11)
+    return (torch.randn(n, generator=g) * 0.05).to(DEV) if on else None
+
+
+def _route(lg: torch.Tensor, bias: torch.Tensor | None, k: int, score: str, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return fr.route_logits(lg, bias, top_k=k, score_func=score, route_norm=norm, route_scale=scale)
+
+
+@kernel_test
+@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("case", list(ROUTE_CASES))
+@pytest.mark.parametrize("e,k", [(16, 4), (12, 3), (128, 8)])
+def test_route_kernel_matches_float64(T: int, case: str, e: int, k: int) -> None:
+    """Odd T (programs of several tokens with a tail), E not a power of 2, Qwen3's 128/8."""
+    score, norm, bias_on, scale = ROUTE_CASES[case]
+    g = torch.Generator().manual_seed(T * 1000 + e)
+    lg = (torch.randn(T, e, generator=g) * 2).to(DEV)
+    bias = _bias(e, bias_on)
+    w, ids = _route(lg, bias, k, score, norm, scale)
+    flips = _check_routes(w, ids, lg, torch.zeros(T), bias, score, norm, scale)
+    assert flips == 0  # random fp32 logits: no near-ties at 2^-19
+
+
+@kernel_test
+@pytest.mark.parametrize("tokens,warps", [(1, 1), (4, 1), (3, 2)])
+def test_launch_shape_changes_no_bit(tokens: int, warps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens per program and warps only change which program routes a token, never its
+    arithmetic (each token's route reads only its own logits): bitwise."""
+    lg = torch.randn(37, 128, generator=torch.Generator().manual_seed(2)).to(DEV)
+    ref = _route(lg, None, 8, "softmax", True, 1.0)
+    monkeypatch.setitem(fr.LAUNCH, "tokens", tokens)
+    monkeypatch.setitem(fr.LAUNCH, "warps", warps)
+    got = _route(lg, None, 8, "softmax", True, 1.0)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@kernel_test
+def test_ties_go_to_the_lowest_ids() -> None:
+    lg = torch.zeros(4, E)
+    lg[1, [3, 5, 9, 12, 14]] = 1.0  # five tied for K=4 places: the four lowest
+    lg[2, 7] = 2.0
+    lg[2, [2, 6]] = 1.0
+    lg[2, [1, 4, 11]] = 0.5  # the K-th place tied three ways: 1 wins
+    lg[3] = -3.0  # all tied
+    w, ids = _route(lg.to(DEV), None, K, "softmax", True, 1.0)
+    assert ids.cpu().tolist() == [[0, 1, 2, 3], [3, 5, 9, 12], [1, 2, 6, 7], [0, 1, 2, 3]]
+    assert torch.allclose(w[0].cpu(), torch.full((K,), 0.25), rtol=2.0**-20, atol=0)
+    # Ties made by the bias: experts 5 and 6 tie (score + bias) for the last place.
+    bias = torch.zeros(E)
+    lg2 = torch.zeros(1, E)
+    lg2[0, :3] = 5.0
+    bias[5] = bias[6] = 0.25  # sigmoid(0) + 0.25 = 0.75 exactly, for both
+    _, ids2 = _route(lg2.to(DEV), bias.to(DEV), K, "sigmoid", False, 1.0)
+    assert ids2.cpu().tolist() == [[0, 1, 2, 5]]
+
+
+@kernel_test
+def test_nan_token_routes_to_k_distinct_experts_others_untouched() -> None:
+    """NaN logits (a broken input, debug mode off) rank as -inf: the token still gets K
+    distinct experts (its gate values are NaN); every other token's route is its own
+    (bitwise: a token's route reads only its logits)."""
+    lg = torch.randn(7, E, generator=torch.Generator().manual_seed(4)).to(DEV)
+    ref = _route(lg, None, K, "softmax", True, 1.0)
+    lg[3] = float("nan")
+    lg[5, 2] = float("nan")
+    w, ids = _route(lg, None, K, "softmax", True, 1.0)
+    for t in (3, 5):
+        assert ids[t].cpu().tolist() == list(range(K)) and bool(torch.isnan(w[t]).all())
+    keep = [0, 1, 2, 4, 6]
+    assert torch.equal(ids[keep], ref[1][keep]) and torch.equal(w[keep], ref[0][keep])
+    # sigmoid: a NaN logit ranks last, the rest route normally
+    ws, ids_s = _route(lg[5:6], None, K, "sigmoid", False, 1.0)
+    assert 2 not in ids_s[0].tolist() and bool(torch.isfinite(ws).all())
+
+
+@kernel_test
+def test_zero_tokens() -> None:
+    w, ids = _route(torch.empty(0, E, device=DEV), None, K, "softmax", True, 1.0)
+    assert w.shape == (0, K) and ids.shape == (0, K) and ids.dtype == torch.int64
+
+
+# ------------------------------------------------------------------ router and layer
+
+
+def _layers(score: str = "softmax", norm: bool = True, bias: bool = False, **kw: Any) -> sm.MoE:
+    cfg = sm.MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, score_func=score,  # type: ignore[arg-type]
+                       route_norm=norm, route_scale=1.5 if score == "sigmoid" else 1.0,
+                       load_balance_coeff=1e-3 if bias else None, param_dtype=DT, **kw)
+    m = sm.MoE(cfg, device=DEV)
+    m.init_states(seed=5, std=0.3)
+    if m.cfg.param_dtype == torch.float32:  # the interpreter's stand-in: bf16 values
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+    if bias:
+        assert m.expert_bias_E is not None
+        m.expert_bias_E.copy_(torch.linspace(-0.05, 0.05, E, device=DEV))
+    return m
+
+
+def _x(T: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(T, D, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(DT).to(DEV)
+
+
+def _delta(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """delta_t of the module docstring."""
+    return D * 2.0**-24 * (x.double().abs() @ w.double().abs().T).max(-1).values.cpu()
+
+
+@kernel_test
+@pytest.mark.parametrize("T", [1, 65, 200])
+@pytest.mark.parametrize("case", ["softmax_norm", "sigmoid_bias"])
+def test_router_matches_torch_router_and_float64(T: int, case: str) -> None:
+    sig = case.startswith("sigmoid")
+    m = _layers("sigmoid" if sig else "softmax", norm=not sig, bias="bias" in case)
+    x = _x(T, seed=T)
+    with torch.no_grad():
+        bias = m._expert_bias()
+        got = m.router.fast_route(x, bias)
+        assert got is not None
+        w_t, ids_t, _ = m.router._route(x, bias, m.router.gate.weight)  # the torch router
+    w, ids = got
+    gw = m.router.gate.weight
+    logits64 = x.double() @ gw.double().T
+    flips = _check_routes(w, ids, logits64, _delta(x, gw), bias, m.cfg.score_func, m.cfg.route_norm, m.cfg.route_scale)
+    srt, order = ids_t.sort(-1)
+    same_T = (srt == ids).all(-1)
+    assert int((~same_T).sum()) <= flips, "the torch router and the kernel disagree beyond near-ties"
+    w_perm = w_t.gather(-1, order)
+    # both within the float64 tolerance: within twice it of each other (here as 2^-18 relative + delta)
+    tol = (8 * _delta(x, gw)[:, None].to(w.device) + 2.0**-18) * w_perm.abs() + 2.0**-20
+    assert bool(((w - w_perm).abs() <= tol)[same_T].all())
+
+
+@kernel_test
+@pytest.mark.parametrize("T,bias", [(65, False), (129, True), (97, False)])
+def test_layer_fast_router_on_vs_off(T: int, bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer with the fast router (taken: counted) vs FAST_ROUTER off (the torch router
+    and the per-token sort): the same routes (counts), outputs within the docstring's
+    tolerance. T > 64: on CUDA smaller T take the decode kernels."""
+    m = _layers(bias=bias)
+    x = _x(T, seed=1)
+    calls = {"n": 0}
+    real = fr.route_logits
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fr, "route_logits", counting)
+    with torch.no_grad():
+        y = m(x)
+        c_fast = m.tokens_per_expert_E.clone()
+        assert calls["n"] == 1
+        monkeypatch.setattr(fr, "FAST_ROUTER", False)
+        m.tokens_per_expert_E.zero_()
+        y_ref = m(x)
+        assert calls["n"] == 1
+    assert torch.equal(c_fast, m.tokens_per_expert_E), "routing differs"
+    assert float(c_fast.sum()) == T * K
+    scale = float(y_ref.abs().max())
+    err = float((y.double() - y_ref.double()).abs().max())
+    print(f"layer T={T}: fast router vs torch router max diff {err:.3g} ({err / scale:.3g} of max|y|)")
+    assert err <= ((K + 1) * 2.0**-7 if DT == torch.bfloat16 else 2.0**-17) * scale
+
+
+@kernel_test
+def test_not_taken_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training, kernels='torchtitan', debug and batch-invariant mode, expert groups,
+    routing replay (recorded/forced), FAST_ROUTER off: the torch router."""
+    m = _layers()
+    x = _x(70)
+    calls = {"n": 0}
+    real = fr.route_logits
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fr, "route_logits", counting)
+    m(x)  # training (parameters require grad)
+    with torch.no_grad():
+        with sm.debug():
+            m(x)
+        with sm.batch_invariant_mode():
+            m(x)
+        m.record_routes = True
+        m(x)
+        m.record_routes = False
+        m.forced_routes_TK = m.recorded_routes[0]
+        m(x)
+        m.forced_routes_TK = None
+        tt = _layers(kernels="torchtitan")
+        tt(x)
+        grp = _layers(num_expert_groups=4, num_limited_groups=2)
+        grp(x)
+        monkeypatch.setattr(fr, "FAST_ROUTER", False)
+        m(x)
+        assert calls["n"] == 0
+        monkeypatch.setattr(fr, "FAST_ROUTER", True)
+        m(x)  # the control
+    assert calls["n"] == 1
+
+
+def test_cpu_layer_without_opt_in_keeps_torch_router(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPMD_MOE_FAST_ROUTE_INTERPRET", raising=False)
+    x = torch.randn(4, 8)
+    assert not fr.applies("fast", x, torch.randn(16, 8), groups=False)
+    if ON_CUDA:
+        xb = x.cuda().bfloat16()
+        assert fr.applies("fast", xb, torch.randn(16, 8, device="cuda", dtype=torch.bfloat16), groups=False)
+        assert not fr.applies("fast", xb.float(), torch.randn(16, 8, device="cuda"), groups=False)  # fp32 layer
+        assert not fr.applies("torchtitan", xb, torch.randn(16, 8, device="cuda", dtype=torch.bfloat16), groups=False)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA: the bf16 GEMM with fp32 output")
+def test_cuda_logits_within_the_fp32_gemm_bound() -> None:
+    """torch.mm(bf16, bf16, out_dtype=fp32) (or the fallback) vs float64: within delta_t
+    (the same exact products, summed in fp32). Prints which GEMM ran."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 2048, generator=g).to(torch.bfloat16).cuda()
+    w = (torch.randn(128, 2048, generator=g) * 0.02).to(torch.bfloat16).cuda()
+    lg = fr.logits(x, w)
+    assert lg.dtype == torch.float32
+    print(f"fast_route: torch.mm out_dtype=float32 available: {fr._mm_dtype_ok}")
+    ref = x.double() @ w.double().T
+    bound = 2048 * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+    assert bool(((lg.double() - ref).abs() <= bound).all())
