@@ -360,8 +360,8 @@ class MoE(nn.Module, Generic[L]):
             expert_ids_TK, k_order_TK = expert_ids_TK.sort(dim=-1)
             weights_TK = permute_k(weights_TK, k_order_TK)
         dispatcher = self.decode_dispatcher if decode else self.prefill_dispatcher
-        y_TD = self._experts_via(dispatcher, x_TD, expert_ids_TK, weights_TK, num_pad)
-        self._count(expert_ids_TK)
+        y_TD, counts_E = self._experts_via(dispatcher, x_TD, expert_ids_TK, weights_TK, num_pad)
+        self._count(expert_ids_TK, counts_E)
         return y_TD
 
     def _decode_kernel_applies(self, x_TD: torch.Tensor) -> bool:
@@ -390,25 +390,29 @@ class MoE(nn.Module, Generic[L]):
         expert_ids_TK: Int[Placed[Var[EP]], "T K"],
         weights_TK: Float[Placed[Var[EP]], "T K"],
         num_pad: int,
-    ) -> Float[Placed[Var[EP]], "T D"]:
-        """dispatch -> experts -> combine -> weighted sum over k."""
+    ) -> tuple[Float[Placed[Var[EP]], "T D"], Int[Placed[Var[EP]], " E"] | None]:
+        """dispatch -> experts -> combine -> weighted sum over k. Also returns the
+        dispatcher's counts of every expert's rows where they cover all E experts (one
+        rank), for _count (None: it counts itself)."""
         # A dispatcher that weights on the expert ranks (all_to_all, kernels='fast', CUDA
         # inference: fp32 partial sums travel back) returns the output itself.
         y_TD = dispatcher.weighted(x_TD, expert_ids_TK, weights_TK, num_pad, self.experts)
         if y_TD is not None:
-            return y_TD
+            return y_TD, None
         # A dispatcher that interleaves its exchanges with the expert GEMMs (all_to_all
         # with chunks > 1) runs the experts itself; the others return None here.
         piped = dispatcher.pipelined(x_TD, expert_ids_TK, num_pad, self.experts)
         if piped is not None:
-            return self._combine_rows(piped, weights_TK)
+            return self._combine_rows(piped, weights_TK), None
         routed_RD, counts_e, state = dispatcher.dispatch(x_TD, expert_ids_TK, num_pad)
+        # One rank: the local experts are all E, counted from the same ids.
+        counts_E = counts_e if isinstance(dispatcher, LocalDispatcher) and counts_e.shape[0] == self.cfg.num_experts else None
         out_RD = self.experts(routed_RD, counts_e, rows_exact=dispatcher.rows_exact)
         if _fc.usable(out_RD, weights_TK) or _fb.applies(self.cfg.kernels, out_RD, weights_TK):
             back = dispatcher.returned_rows(out_RD, state)
             if back is not None:
-                return self._combine_rows(back, weights_TK)
-        return _weighted_sum(dispatcher.combine(out_RD, state), weights_TK)
+                return self._combine_rows(back, weights_TK), counts_E
+        return _weighted_sum(dispatcher.combine(out_RD, state), weights_TK), counts_E
 
     def _combine_rows(self, back: SentRows, weights_TK: Float[Placed[Var[EP]], "T K"]) -> Float[Placed[Var[EP]], "T D"]:
         """Returned rows -> each slot -> weighted sum over k (fused on CUDA: inference, and
@@ -478,12 +482,15 @@ class MoE(nn.Module, Generic[L]):
                 )
         return forced.to(routed_ids_TK.device, torch.int64)
 
-    def _count(self, expert_ids_TK: Int[Placed[Var[EP]], "T K"]) -> None:
+    def _count(self, expert_ids_TK: Int[Placed[Var[EP]], "T K"], counts_E: Int[Placed[Var[EP]], " E"] | None = None) -> None:
+        """Add the tokens each expert got to the load-balance counter; counts_E: the same
+        histogram, already made by the dispatcher (one histogram a call, not two)."""
         # The counter is this rank's bookkeeping (Partial meaning, summed only by
         # global_tokens_per_expert): outside debug mode's tracking.
         with torch.no_grad(), untracked():
-            counts = count_ids(expert_ids_TK, self.cfg.num_experts + 1)  # no host sync
-            self.tokens_per_expert_E.add_(counts[: self.cfg.num_experts])  # int -> float in the add
+            if counts_E is None:
+                counts_E = count_ids(expert_ids_TK, self.cfg.num_experts + 1)[: self.cfg.num_experts]  # no host sync
+            self.tokens_per_expert_E.add_(counts_E)  # int -> float in the add
 
     def global_tokens_per_expert(self) -> Float[Placed[Rep[EP]], "E"]:
         """The counters summed over the expert axis (P -> R): global counts per expert."""

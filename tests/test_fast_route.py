@@ -341,3 +341,24 @@ def test_cuda_logits_within_the_fp32_gemm_bound() -> None:
     ref = x.double() @ w.double().T
     bound = 2048 * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
     assert bool(((lg.double() - ref).abs() <= bound).all())
+
+
+def test_one_histogram_per_call_on_one_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rank: the layer's load-balance counter reuses the dispatcher's per-expert counts
+    (the same ids; no second histogram) and still counts every routed slot."""
+    import spmd_moe.moe as moe_mod
+    from spmd_moe.dispatch.base import count_ids
+
+    cfg = sm.MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, load_balance_coeff=1e-3)
+    m = sm.MoE(cfg)
+    m.init_states(seed=1)
+    x = torch.randn(37, D, generator=torch.Generator().manual_seed(3))
+
+    def no_second_histogram(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("MoE._count made its own histogram")
+
+    monkeypatch.setattr(moe_mod, "count_ids", no_second_histogram)
+    with torch.no_grad():
+        m(x)
+        _, ids, _ = m.router(x, m.expert_bias_E)
+    assert torch.equal(m.tokens_per_expert_E, count_ids(ids, E + 1)[:E].float())
