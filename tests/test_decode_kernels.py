@@ -360,8 +360,8 @@ def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> N
     """Route every T through `variant`, with tiles small enough that the test shapes are
     split: up over 4 D chunks (2 F blocks), down over 2 F chunks (2 D blocks); SwiGLU in
     the up kernel's last program per block or in every down program."""
-    if variant == "slot":
-        _use_slot(monkeypatch)
+    if variant.startswith("slot"):
+        _use_slot(monkeypatch, {"slot": 0, "slot_dot": 1, "slot_flat": 2}[variant])
         return
     monkeypatch.setitem(dk.SPLIT, "variant", variant)
     monkeypatch.setitem(dk.SPLIT, "max_t", dk.MAX_T)
@@ -424,7 +424,7 @@ def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch: CUDA (sm90+) only")
 @pytest.mark.parametrize(("T", "variant"), [(1, "tiled"), (5, "tiled"), (1, "split_fused"), (5, "split"),
-                                            (1, "slot"), (5, "slot")])
+                                            (1, "slot"), (5, "slot"), (1, "slot_dot"), (5, "slot_flat")])
 def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """LAUNCH['pdl'] only changes when the kernels launch: the output is bitwise the same
     with and without it, eager and replayed from a CUDA graph (where the launches
@@ -452,23 +452,26 @@ def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatc
 
 # ---- the slot design: the router in one kernel, experts per slot, down + combine ----
 
-def _use_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+def _use_slot(monkeypatch: pytest.MonkeyPatch, dot: int = 0) -> None:
     """Every T through the slot design, with tiles that split the test shapes: 4 gate
     programs per token (so the router's counter sees 4 arrivals), 2 F blocks and 2 D
-    steps in up, 4 D blocks and 2 (unrolled) F steps in down."""
+    steps in up, 4 D blocks and 2 F steps in down; dot 0: GEMVs, 1: tl.dot, 2: tl.dot and
+    the down kernel's flat loop over (expert, F step)."""
     monkeypatch.setitem(dk.SLOT, "on", True)
     monkeypatch.setitem(dk.SLOT, "max_t", dk.MAX_T)
-    for key, v in {"gate_e": 4, "up_f": 16, "up_d": 32, "down_n": 16, "down_f": 16}.items():
+    for key, v in {"gate_e": 4, "up_f": 16, "up_d": 32, "down_n": 16, "down_f": 16, "up_dot": int(dot > 0),
+                   "down_dot": int(dot > 0), "down_flat": int(dot == 2)}.items():
         monkeypatch.setitem(dk.SLOT_TILES, key, v)
 
 
 @kernel_test
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("variant", ["softmax_norm_bias", "sigmoid_norm_shared"])
-def test_slot_matches_torch_path(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tolerance of the module docstring: each GEMV output is one fp32 sum rounded once to
-    bf16 as the torch GEMMs', in another order."""
-    _use_slot(monkeypatch)
+@pytest.mark.parametrize("dot", [0, 1, 2])
+def test_slot_matches_torch_path(T: int, variant: str, dot: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tolerance of the module docstring: each GEMV (or dot) output is one fp32 sum
+    rounded once to bf16 as the torch GEMMs', in another order."""
+    _use_slot(monkeypatch, dot)
     score = "sigmoid" if variant.startswith("sigmoid") else "softmax"
     fast, ref = _pair(score, True, "bias" in variant, "shared" in variant)
     x = _x(T, seed=90 + T)
@@ -479,13 +482,14 @@ def test_slot_matches_torch_path(T: int, variant: str, monkeypatch: pytest.Monke
 
 
 @kernel_test
-@pytest.mark.parametrize("T", [1, 5])
-def test_slot_local_experts_and_counted_rows(T: int, monkeypatch: pytest.MonkeyPatch, poisoned_empty: None) -> None:
+@pytest.mark.parametrize(("T", "dot"), [(1, 0), (5, 0), (5, 1), (5, 2)])
+def test_slot_local_experts_and_counted_rows(T: int, dot: int, monkeypatch: pytest.MonkeyPatch,
+                                            poisoned_empty: None) -> None:
     """As test_local_experts_and_counted_rows_match_float64_loop, on the slot design:
     experts 4..11 of 16, some rows counted, fp32 and rounded output within 6 ulps of the
     float64 loop, tokens without a local expert exact zeros (no h row of a non-local slot
     is ever written: the poisoned buffers would show a read)."""
-    _use_slot(monkeypatch)
+    _use_slot(monkeypatch, dot)
     p = _raw(T, seed=20 + T)
     local = range(4, 12)
     rows = range(1, T) if T > 1 else range(0, 1)

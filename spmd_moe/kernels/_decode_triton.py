@@ -393,12 +393,14 @@ def router_kernel(
 @triton.jit
 def up_slot_kernel(
     x_ptr, w1_ptr, w3_ptr, h_ptr, ids_ptr, D, F, e_start, num_local,
-    K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+    K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (slot n = t*K + k, F block): h[n] = SwiGLU(x[t] @ w1[e].T, x[t] @ w3[e].T)
-    on the block (GEMV: fp32 products summed per D step, then across the tile), e =
-    ids[n] - e_start; nothing for a non-local expert. One dependent load (the id) before
-    the weights stream; an expert picked by several tokens is read once per token."""
+    on the block, e = ids[n] - e_start; nothing for a non-local expert. One dependent load
+    (the id) before the weights stream; an expert picked by several tokens is read once
+    per token. Not DOT: a GEMV (fp32 products summed per D step, then across the tile);
+    DOT: up_acc's tl.dot on a 16-row tile holding x[t] in row 0 (the tiled up kernel's
+    arithmetic, which Triton's pipeliner streams through shared memory)."""
     pdl_enter(PDL)
     n = tl.program_id(0)
     le = tl.load(ids_ptr + n) - e_start
@@ -406,19 +408,28 @@ def up_slot_kernel(
         t = n // K
         f_off = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         in_f = f_off < F
-        w_base = le.to(tl.int64) * F * D
-        acc1 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            in_d = d_off < D
-            xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
-            wm = in_f[:, None] & in_d[None, :]
-            w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
-            w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
-            acc1 += w1t.to(tl.float32) * xv[None, :]
-            acc3 += w3t.to(tl.float32) * xv[None, :]
-        h = swiglu_bf16(tl.sum(acc1, axis=1), tl.sum(acc3, axis=1))
+        if DOT:
+            m_off = tl.arange(0, 16)
+            a1, a3 = up_acc(x_ptr, w1_ptr, w3_ptr, m_off * 0 + t, m_off == 0, le.to(tl.int64), f_off, in_f, D, F,
+                            0, D, 16, BLOCK_F, BLOCK_D)
+            acc1 = tl.sum(a1, axis=0)  # rows 1.. are exact zeros
+            acc3 = tl.sum(a3, axis=0)
+        else:
+            w_base = le.to(tl.int64) * F * D
+            g1 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
+            g3 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d_off = d0 + tl.arange(0, BLOCK_D)
+                in_d = d_off < D
+                xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
+                wm = in_f[:, None] & in_d[None, :]
+                w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
+                w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
+                g1 += w1t.to(tl.float32) * xv[None, :]
+                g3 += w3t.to(tl.float32) * xv[None, :]
+            acc1 = tl.sum(g1, axis=1)
+            acc3 = tl.sum(g3, axis=1)
+        h = swiglu_bf16(acc1, acc3)
         tl.store(h_ptr + n.to(tl.int64) * F + f_off, h.to(h_ptr.dtype.element_ty), mask=in_f)
 
 
@@ -426,37 +437,83 @@ def up_slot_kernel(
 def down_combine_kernel(
     h_ptr, w2_ptr, out_ptr, ids_ptr, wts_ptr, D, e_start, num_local,
     F: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, ROUND: tl.constexpr,
-    PDL: tl.constexpr = False,
+    DOT: tl.constexpr, FLAT: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Program (token t, D block): for k = 0..K-1 (ascending id) y = h[t*K + k] @ w2[e].T
     on the block (GEMV, rounded to bf16 as the down GEMM's output), then the combine of
     combine_kernel in the same order and rounding (ROUND) or in fp32. Non-local slots
     add exact zeros (masked loads: no bytes read). F is a constexpr so that the loops
-    unroll and the loads of later experts can be issued early."""
+    unroll and the loads of later experts can be issued early. DOT: each y by tl.dot on a
+    16-row tile holding h in row 0 (BLOCK_N >= 16), as the tiled down kernel. FLAT (tl.dot
+    always): one pipelined loop over every (expert, F step), see below."""
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     n_off = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = n_off < D
     out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in tl.static_range(K):
-        w = tl.load(wts_ptr + t * K + k)
-        le = tl.load(ids_ptr + t * K + k) - e_start
-        le_n = le + n_off * 0  # a vector (interpreter: no scalar masks)
-        loc_n = (le_n >= 0) & (le_n < num_local)
-        w_base = tl.where(loc_n, le_n, 0).to(tl.int64) * D * F
-        acc = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
-        for f0 in tl.static_range(0, F, BLOCK_F):
-            f_off = f0 + tl.arange(0, BLOCK_F)
+    if FLAT:
+        # One loop over (k, F step) pairs, so that Triton's pipeliner prefetches across the
+        # experts (the id read is its first stage); the combine step at each expert's last
+        # F step, by tl.where (the same values as the unrolled form below).
+        NF: tl.constexpr = (F + BLOCK_F - 1) // BLOCK_F
+        m_off = tl.arange(0, 16)
+        acc_d = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for j in range(0, K * NF):
+            k = j // NF
+            f_off = (j % NF) * BLOCK_F + tl.arange(0, BLOCK_F)
             in_f = f_off < F
+            le = tl.load(ids_ptr + t * K + k) - e_start
+            le_n = le + n_off * 0
+            loc_n = (le_n >= 0) & (le_n < num_local)
             loc_f = (le + f_off * 0 >= 0) & (le + f_off * 0 < num_local)
-            hv = tl.load(h_ptr + (t * K + k) * F + f_off, mask=in_f & loc_f, other=0.0).to(tl.float32)
+            w_base = tl.where(loc_n, le_n, 0).to(tl.int64) * D * F
+            ht = tl.load(h_ptr + (t * K + k) * F + m_off[:, None] * 0 + f_off[None, :],
+                         mask=(m_off == 0)[:, None] & (in_f & loc_f)[None, :], other=0.0)
             w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :],
                           mask=(in_n & loc_n)[:, None] & in_f[None, :], other=0.0)
-            acc += w2t.to(tl.float32) * hv[None, :]
-        y = rn_bf16(tl.sum(acc, axis=1))
-        term = tl.where(loc_n, y * w, 0.0)
-        if ROUND:
-            out = rn_bf16(out + rn_bf16(term))  # k = 0: 0 + term = term, already rounded
-        else:
-            out = out + term
+            acc_d = tl.dot(ht, tl.trans(w2t), acc_d)
+            end_n = (n_off * 0 + j % NF) == NF - 1  # a vector (interpreter: no scalar conditions in where)
+            y = rn_bf16(tl.sum(acc_d, axis=0))
+            term = tl.where(loc_n, y * tl.load(wts_ptr + t * K + k), 0.0)
+            if ROUND:
+                out = tl.where(end_n, rn_bf16(out + rn_bf16(term)), out)
+            else:
+                out = tl.where(end_n, out + term, out)
+            acc_d = tl.where(end_n[None, :], 0.0, acc_d)
+    else:
+        for k in tl.static_range(K):
+            w = tl.load(wts_ptr + t * K + k)
+            le = tl.load(ids_ptr + t * K + k) - e_start
+            le_n = le + n_off * 0  # a vector (interpreter: no scalar masks)
+            loc_n = (le_n >= 0) & (le_n < num_local)
+            w_base = tl.where(loc_n, le_n, 0).to(tl.int64) * D * F
+            if DOT:  # tl.dot on a 16-row tile holding h[t*K + k] in row 0
+                m_off = tl.arange(0, 16)
+                acc_d = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+                for f0 in tl.static_range(0, F, BLOCK_F):
+                    f_off = f0 + tl.arange(0, BLOCK_F)
+                    in_f = f_off < F
+                    loc_f = (le + f_off * 0 >= 0) & (le + f_off * 0 < num_local)
+                    ht = tl.load(h_ptr + (t * K + k) * F + m_off[:, None] * 0 + f_off[None, :],
+                                 mask=(m_off == 0)[:, None] & (in_f & loc_f)[None, :], other=0.0)
+                    w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :],
+                                  mask=(in_n & loc_n)[:, None] & in_f[None, :], other=0.0)
+                    acc_d = tl.dot(ht, tl.trans(w2t), acc_d)
+                y = rn_bf16(tl.sum(acc_d, axis=0))  # rows 1.. are exact zeros
+            else:
+                acc = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
+                for f0 in tl.static_range(0, F, BLOCK_F):
+                    f_off = f0 + tl.arange(0, BLOCK_F)
+                    in_f = f_off < F
+                    loc_f = (le + f_off * 0 >= 0) & (le + f_off * 0 < num_local)
+                    hv = tl.load(h_ptr + (t * K + k) * F + f_off, mask=in_f & loc_f, other=0.0).to(tl.float32)
+                    w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :],
+                                  mask=(in_n & loc_n)[:, None] & in_f[None, :], other=0.0)
+                    acc += w2t.to(tl.float32) * hv[None, :]
+                y = rn_bf16(tl.sum(acc, axis=1))
+            term = tl.where(loc_n, y * w, 0.0)
+            if ROUND:
+                out = rn_bf16(out + rn_bf16(term))  # k = 0: 0 + term = term, already rounded
+            else:
+                out = out + term
     tl.store(out_ptr + t * D + n_off, out.to(out_ptr.dtype.element_ty), mask=in_n)

@@ -79,8 +79,10 @@ LAUNCH = {"pdl": False}
 # sum differs). The counters persist per device (_DONE), so calls of this design must not
 # run concurrently on two streams of one device.
 SLOT: dict[str, Any] = {"on": False, "max_t": 1}
+# (up_dot / down_dot: 1 = tl.dot on a 16-row tile holding the one row, 0 = a GEMV in registers;
+# down_flat: 1 = the down kernel's K experts x F steps in one pipelined loop, with tl.dot.)
 SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "up_warps": 4, "down_n": 16, "down_f": 256,
-                              "down_warps": 4, "stages": 3}
+                              "down_warps": 4, "stages": 3, "up_dot": 0, "down_dot": 0, "down_flat": 0}
 _DONE: dict[tuple[str, int | None], torch.Tensor] = {}
 
 _kernels: dict[str, Any] | None = None
@@ -308,12 +310,13 @@ def _slot_decode(
     )
     ks["up_slot"][(T * K, triton_cdiv(F, tl_["up_f"]))](
         x_TD, w1_EFD, w3_EFD, h_NF, ids_TK, D, F, expert_start, L,
-        K=K, BLOCK_F=tl_["up_f"], BLOCK_D=min(tl_["up_d"], _pow2(D)), num_warps=tl_["up_warps"],
+        K=K, BLOCK_F=tl_["up_f"], BLOCK_D=min(tl_["up_d"], _pow2(D)), DOT=bool(tl_["up_dot"]), num_warps=tl_["up_warps"],
         num_stages=tl_["stages"], **pk,
     )
     ks["down_combine"][(T, triton_cdiv(D, tl_["down_n"]))](
         h_NF, w2_EDF, out_TD, ids_TK, wts_TK, D, expert_start, L,
-        F=F, K=K, BLOCK_N=tl_["down_n"], BLOCK_F=min(tl_["down_f"], _pow2(F)), ROUND=rounded,
+        F=F, K=K, BLOCK_N=tl_["down_n"], BLOCK_F=min(tl_["down_f"], _pow2(F)), ROUND=rounded, DOT=bool(tl_["down_dot"]),
+        FLAT=bool(tl_.get("down_flat", 0)),
         num_warps=tl_["down_warps"], num_stages=tl_["stages"], **pk,
     )
 

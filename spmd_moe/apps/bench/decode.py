@@ -134,19 +134,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-ALT_VARIANTS = ["tiled", "tiled_pdl", "slot", "slot_pdl"]
+ALT_VARIANTS = ["tiled", "tiled_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl"]
 
 
 def _configure(v: str) -> None:
     """Set spmd_moe.kernels.decode's switches for variant v ('tiled', 'split', 'split_fused',
-    'slot', each optionally '_pdl'); the slot design then applies up to MAX_T tokens."""
+    'slot', 'slot_dot' (SLOT_TILES up_dot = down_dot = 1), 'slot_flat' (and down_flat = 1),
+    each optionally '_pdl'); the slot design then applies up to MAX_T tokens."""
     from spmd_moe.kernels import decode as dk
 
     base = v.removesuffix("_pdl")
     dk.SPLIT["variant"] = base if base in ("split", "split_fused") else "tiled"
-    dk.SLOT["on"] = base == "slot"
+    dk.SLOT["on"] = base.startswith("slot")
     dk.SLOT["max_t"] = dk.MAX_T
+    if base in ("slot_dot", "slot_flat"):
+        dk.SLOT_TILES.update(up_dot=1, down_dot=1, down_flat=int(base == "slot_flat"))
     dk.LAUNCH["pdl"] = v.endswith("_pdl")
+
+
+def _switches() -> tuple[dict[str, Any], ...]:
+    from spmd_moe.kernels import decode as dk
+
+    return dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH), dict(dk.SLOT_TILES)
+
+
+def _restore(saved: tuple[dict[str, Any], ...]) -> None:
+    from spmd_moe.kernels import decode as dk
+
+    for d, old in zip((dk.SPLIT, dk.SLOT, dk.LAUNCH, dk.SLOT_TILES), saved):
+        d.clear()
+        d.update(old)
 
 
 def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,7 +180,7 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
     ref.load_state_dict(fast.state_dict())
     name = torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter, dry run)"
     bps = nominal_hbm_bps(name) if cuda else 4.8e12
-    saved = (dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH))
+    saved = _switches()
     res: dict[str, Any] = {"device": name, "hbm_Bps": bps, "mode": "alternating", "shape": [D, F, E, K],
                            "rounds": args.rounds, "reps": args.reps, "tiles": dict(dk.TILES),
                            "tiles_large_t": dict(dk.TILES_LARGE_T), "slot_tiles": dict(dk.SLOT_TILES),
@@ -205,9 +222,7 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as e:  # one variant failing (build, launch) leaves the others' numbers
                 row[f"{v}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             finally:
-                dk.SPLIT.update(saved[0])
-                dk.SLOT.update(saved[1])
-                dk.LAUNCH.update(saved[2])
+                _restore(saved)
         rounds: dict[str, list[float]] = {v: [] for v in reps}
         for _ in range(args.rounds):  # graphs replay whatever the switches say now: they hold their kernels
             for v, rep in reps.items():
@@ -230,15 +245,13 @@ def _eager(model: Any, xs: list[torch.Tensor], v: str) -> Any:
     from spmd_moe.kernels import decode as dk
 
     def call(i: int) -> None:
-        saved = (dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH))
+        saved = _switches()
         _configure(v)
         try:
             with torch.no_grad():
                 model(xs[i % len(xs)])
         finally:
-            dk.SPLIT.update(saved[0])
-            dk.SLOT.update(saved[1])
-            dk.LAUNCH.update(saved[2])
+            _restore(saved)
     return call
 
 
@@ -251,14 +264,19 @@ def slot_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_star
     base = dict(dk.SLOT_TILES)
     g = torch.Generator(device=device).manual_seed(3)
     xs = [torch.randn(1, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4)]
-    keys = ("up_f", "up_d", "up_warps", "down_n", "down_f", "down_warps", "stages", "gate_e")
+    keys = ("gate_e", "up_f", "up_d", "up_warps", "down_n", "down_f", "down_warps", "stages", "up_dot", "down_dot",
+            "down_flat")
     choices: list[tuple[int, ...]] = [
-        (16, 128, 4, 16, 256, 4, 3, 4), (32, 256, 8, 16, 256, 4, 3, 4), (32, 128, 4, 8, 256, 4, 3, 4),
-        (32, 128, 4, 32, 256, 8, 3, 4), (16, 256, 4, 8, 256, 2, 3, 4), (32, 128, 4, 16, 128, 4, 3, 4),
-        (64, 64, 4, 16, 256, 4, 3, 4), (32, 128, 4, 16, 256, 4, 3, 2), (32, 128, 4, 16, 256, 4, 3, 8),
-        (16, 128, 2, 8, 128, 2, 3, 4), (32, 256, 4, 16, 512, 8, 3, 4), (8, 256, 2, 16, 256, 4, 3, 4),
+        (4, 32, 128, 4, 16, 128, 4, 4, 1, 1, 1), (4, 32, 128, 4, 32, 128, 4, 4, 1, 1, 1),
+        (4, 32, 128, 4, 16, 256, 4, 3, 1, 1, 1),
+        (4, 32, 128, 4, 16, 128, 4, 3, 1, 1), (4, 32, 128, 4, 16, 128, 4, 4, 1, 1), (4, 32, 128, 4, 16, 256, 4, 3, 1, 0),
+        (4, 32, 128, 4, 16, 128, 4, 3, 0, 1), (4, 16, 128, 4, 16, 256, 4, 3, 0, 0), (4, 32, 256, 8, 16, 256, 4, 3, 0, 0),
+        (4, 32, 128, 4, 8, 256, 4, 3, 0, 0), (4, 32, 128, 4, 32, 256, 8, 3, 0, 0), (2, 32, 128, 4, 16, 256, 4, 3, 0, 0),
+        (8, 32, 128, 4, 16, 256, 4, 3, 0, 0), (4, 16, 128, 4, 16, 128, 4, 4, 1, 1), (4, 32, 128, 4, 32, 128, 4, 4, 1, 1),
+        (4, 32, 128, 4, 16, 512, 8, 3, 0, 0), (4, 16, 256, 4, 8, 256, 2, 3, 0, 0),
     ]
     out: list[dict[str, Any]] = []
+    saved = _switches()
     try:
         _configure("slot_pdl")
         base_rep = try_graph(device, fast, xs)
@@ -284,12 +302,7 @@ def slot_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_star
             out.append(row)
             _write(args.out, {**res_so_far, "slot_sweep": out})
     finally:
-        dk.SLOT_TILES.clear()
-        dk.SLOT_TILES.update(base)
-        _configure("tiled")
-        dk.SLOT["on"] = res_so_far["defaults"]["slot"]["on"]
-        dk.SLOT["max_t"] = res_so_far["defaults"]["slot"]["max_t"]
-        dk.LAUNCH["pdl"] = res_so_far["defaults"]["launch"]["pdl"]
+        _restore(saved)
     return out
 
 
@@ -302,11 +315,11 @@ def summarize_alternating(res: dict[str, Any]) -> str:
         lines.append(f"T={row['T']:<3} floor {row['floor_ms'] * 1e3:6.1f} us ({row['touched_experts']} experts)")
         for v in ALT_VARIANTS + ["split", "split_fused", "split_pdl", "split_fused_pdl"]:
             if f"{v}_error" in row:
-                lines.append(f"    {v:10s} ERROR {row[f'{v}_error'][:200]}")
+                lines.append(f"    {v:13s} ERROR {row[f'{v}_error'][:200]}")
             if f"{v}_graph_ms" in row:
                 ts = row[f"{v}_graph_ms_rounds"]
                 by = row.get(f"{v}_by_kernel_ms", {})
-                lines.append(f"    {v:10s} {row[f'{v}_graph_ms'] * 1e3:6.1f} us  x{row[f'{v}_over_floor']:.2f} floor"
+                lines.append(f"    {v:13s} {row[f'{v}_graph_ms'] * 1e3:6.1f} us  x{row[f'{v}_over_floor']:.2f} floor"
                              f"  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})  diff vs torch "
                              f"{row.get(f'{v}_max_abs_diff_vs_torch', float('nan')):.2g}  routing equal "
                              f"{row.get(f'{v}_routing_equal')}  kernels(us): "
