@@ -4,8 +4,9 @@ kernel for everything after it.
     logits_TE   x_TD @ w_ED.T, bf16 operands, fp32 accumulate and output (torch.mm with
                 out_dtype: tensor cores; no fp32 copy of x). A bf16 x bf16 product is exact
                 in fp32, so the logits are the torch router's up to the fp32 summation
-                order over D (fallback where out_dtype is missing: the torch router's own
-                fp32 GEMM on fp32 copies)
+                over D (order, and the tensor cores' truncating accumulation: within
+                D * 2^-23 * sum|x w|; routes can differ only at near-ties of that size).
+                Fallback where out_dtype is missing: the torch router's fp32 GEMM
     route       per token: softmax|sigmoid, + expert bias, top-k (ties to the lowest id;
                 NaN ranks as -inf), renorm, scale (route_scores / route_topk of
                 _triton_common, as the decode kernels): weights_TK fp32 and ids_TK int64
