@@ -123,9 +123,70 @@ def _forward_cases(rank: int, n: int) -> list[dict[str, Any]]:
     return out
 
 
+def _training_cases(rank: int, n: int) -> list[dict[str, Any]]:
+    """Forward + backward (autograd) through the fixed-size path against the single-device
+    layer: output, input gradient, router gate and every expert weight gradient."""
+    import torch.distributed as dist
+
+    import spmd_moe.dispatch.all_to_all as a2a
+    from test_ep_overlap import _gather_cat
+
+    a2a.PARTIAL_ON_CPU = True
+    out: list[dict[str, Any]] = []
+    try:
+        for layout, T, skew, top_k in [(lo, T, sk, 4) for lo in ("sequence", "replicated") for T in (0, 1, 7, 33)
+                                       for sk in ("none", "one_expert", "one_rank")] + [("sequence", 16, "none", 2)]:
+            cfg = make_cfg(dispatcher="all_to_all", padding="pad", top_k=top_k, load_balance_coeff=1e-3 if skew != "none" else None)
+            full, moe = build_pair(cfg, world_pctx(), layout, 90 + T, skew=skew)
+            moe.prefill_dispatcher.equal_tokens = True
+            x_all = torch.randn(n * T if layout == "sequence" else T, D, generator=torch.Generator().manual_seed(T + 9))
+            gy_all = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(T + 10))
+            sl = slice(rank * T, (rank + 1) * T) if layout == "sequence" else slice(0, T)
+            xr = x_all.clone().requires_grad_(True)
+            yr = full(xr)
+            (yr * gy_all).sum().backward()
+            with torch.no_grad():
+                moe(x_all[sl])  # first call: the header exchange
+            comm = moe.pctx.backend
+            orig = comm.all_to_all
+            sent: list[Any] = []
+
+            def spy(t: torch.Tensor, ins: list[int], outs: list[int]) -> torch.Tensor:
+                y = orig(t, ins, outs)
+                sent.append((tuple(t.shape), tuple(y.shape)))
+                return y
+
+            comm.all_to_all = spy
+            xi = x_all[sl].clone().requires_grad_(True)
+            scale = n if layout == "replicated" else 1  # every rank holds all T tokens' output there
+            try:
+                with count_host_reads() as reads:
+                    y = moe(xi)
+                    ((y * gy_all[sl]).sum() / scale).backward()
+            finally:
+                del comm.all_to_all
+            gx = xi.grad.clone() if xi.grad is not None else torch.zeros_like(xi)
+            if layout == "replicated":
+                dist.all_reduce(gx)
+            gate = moe.router.gate.weight.grad
+            gate = gate.clone() if gate is not None else torch.zeros_like(moe.router.gate.weight)
+            dist.all_reduce(gate)
+            errs = {"fwd": rel_err(y.detach(), yr.detach()[sl]), "grad_x": rel_err(gx, xr.grad[sl]),
+                    "grad_gate": rel_err(gate, full.router.gate.weight.grad)}
+            for pname in ("w1_EFD", "w2_EDF", "w3_EFD"):
+                g = getattr(moe.experts, pname).grad
+                g = g if g is not None else torch.zeros_like(getattr(moe.experts, pname))
+                errs[pname] = rel_err(_gather_cat(g, 0), getattr(full.experts, pname).grad)
+            out.append({"layout": layout, "T": T, "skew": skew, "top_k": top_k, "errs": errs,
+                        "reads": sum(reads.values()), "sent": sent})
+    finally:
+        a2a.PARTIAL_ON_CPU = False
+    return out
+
+
 def worker(rank: int, n: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res = {"fwd": _forward_cases(rank, n)}
+    res = {"fwd": _forward_cases(rank, n), "train": _training_cases(rank, n)}
     res["seconds"] = time.perf_counter() - t0
     return res
 
@@ -192,7 +253,7 @@ def test_fixed_size_kernels_in_triton_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_fixed"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "4 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    assert "5 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 _ON_KERNEL = pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")
@@ -221,6 +282,40 @@ def test_interp_fixed_gather_stops_at_the_device_count() -> None:
             torch.empty = orig_empty  # type: ignore[assignment]
         assert torch.equal(got[:count], src[idx[:count] // Kk]), (N, Kk, Dd)
         assert bool((got[count:] == 7.0).all()), "rows past the count were written"
+        # Scaled (the slot rows' gradient w * g): fp32 product, one rounding, as the torch form.
+        scale = torch.rand(M, generator=g).to(dev)
+        got_s = pc.gather_rows(src, idx, Kk, torch.tensor([count], device=dev), scale_X=scale)
+        assert torch.equal(got_s[:count], src[idx[:count] // Kk] * scale[idx[:count]].unsqueeze(-1)), (N, Kk, Dd)
+
+
+@_ON_KERNEL
+def test_interp_fixed_slot_weight_grads_match_torch() -> None:
+    """The gate values' gradient <g[t], row(slot t*K+k)> (kernel) against a float64 loop:
+    fp32 dot products (1e-6 relative of the largest), 0 for slots without a row even
+    where the rows past the count are NaN; K not a power of two."""
+    from spmd_moe.dispatch import _partial_combine as pc
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    for N, Kk, Dd in ((13, 4, 80), (5, 6, 2048), (0, 4, 16)):
+        X = N * Kk
+        R = X // 2
+        rows = torch.randn(R + 3, Dd, generator=g)
+        rows[R:] = float("nan")
+        slots = torch.randperm(X, generator=g)[:R]
+        row_of_slot = torch.full((X,), -1, dtype=torch.int64)
+        row_of_slot[slots] = torch.arange(R)
+        gr = torch.randn(N, Dd, generator=g)
+        got = pc.slot_weight_grads(gr.to(dev), rows.to(dev), row_of_slot.to(dev), Kk).cpu()
+        ref = torch.zeros(N, Kk, dtype=torch.float64)
+        for t in range(N):
+            for k in range(Kk):
+                r = int(row_of_slot[t * Kk + k])
+                if r >= 0:
+                    ref[t, k] = float((gr[t].double() * rows[r].double()).sum())
+        assert got.shape == (N, Kk) and bool(torch.isfinite(got).all())
+        if N:
+            assert rel_err(got, ref.float()) <= 1e-6
 
 
 @_ON_KERNEL
@@ -300,6 +395,23 @@ def _fixed_kernels_end_to_end(rank: int, n: int) -> list[str]:
                 err = rel_err(y, full(x_all)[sl])
             if err > FWD_TOL or reads or taken != 1 or len(sent) != 3:
                 bad.append(f"{layout} T={T} {skew}: rel err {err:.3g}, {reads} reads, taken {taken}, {len(sent)} exchanges")
+            # Training: the backward kernels (scaled gather, gate-value gradients, the
+            # unit-weight sums) against the single-device layer's gradients.
+            gy = torch.randn(x_all.shape, generator=torch.Generator().manual_seed(T + 1))
+            xr = x_all.clone().requires_grad_(True)
+            (full(xr) * gy).sum().backward()
+            xi = x_all[sl].clone().requires_grad_(True)
+            with count_host_reads() as reads_fb:
+                ((moe(xi) * gy[sl]).sum() / (n if layout == "replicated" else 1)).backward()
+            gx = xi.grad.clone() if xi.grad is not None else torch.zeros_like(xi)
+            gate = moe.router.gate.weight.grad.clone()
+            import torch.distributed as dist
+            if layout == "replicated":
+                dist.all_reduce(gx)
+            dist.all_reduce(gate)
+            errs = {"grad_x": rel_err(gx, xr.grad[sl]), "grad_gate": rel_err(gate, full.router.gate.weight.grad)}
+            if any(v > GRAD_TOL for v in errs.values()) or sum(reads_fb.values()):
+                bad.append(f"{layout} T={T} {skew} training: {errs}, {sum(reads_fb.values())} host reads")
     finally:
         a2a.PARTIAL_ON_CPU = False
     return bad
@@ -310,3 +422,27 @@ def test_interp_fixed_kernels_end_to_end() -> None:
     res = run_distributed(_fixed_kernels_end_to_end, 2, timeout=500, pg_timeout=300)
     bad = [f"rank {r}: {b}" for r, bs in enumerate(res) for b in bs]
     assert not bad, "\n".join(bad)
+
+
+GRAD_TOL = 1e-5  # the grid's gradient tolerance: sums over tokens and ranks in other orders (fp32)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("n", [2, 4])
+def test_fixed_size_training_matches_single_device(n: int) -> None:
+    """Forward 1e-6 and every gradient 1e-5 relative against the single-device layer (fp32:
+    the same products; sums over k, ranks and tokens in other orders), no host read in
+    forward + backward, and six exchanges (three each way), each of exactly n*T rows."""
+    bad = []
+    for rank, r in enumerate(_results(n)):
+        for c in r["train"]:
+            where = f"world {n} rank {rank} {c['layout']} T={c['T']} skew={c['skew']} top_k={c['top_k']}"
+            for k, v in c["errs"].items():
+                if v > (FWD_TOL if k == "fwd" else GRAD_TOL):
+                    bad.append(f"{where}: {k} rel err {v:.3g}")
+            if c["reads"]:
+                bad.append(f"{where}: {c['reads']} host reads in forward + backward")
+            N = c["sent"][0][0][0] if c["sent"] else -1
+            if len(c["sent"]) != 6 or any(s[0][0] != N or s[1][0] != N for s in c["sent"]):
+                bad.append(f"{where}: exchanges (in shape, out shape) {c['sent']}")
+    assert not bad, "\n".join(bad[:20])

@@ -27,12 +27,13 @@ import torch
 _kernel: Any = None
 _sum_kernel: Any = None
 _gather_kernel: Any = None
+_wgrad_kernel: Any = None
 _tried = False
 slot_row: Any = None  # spmd_moe.kernels._triton_common.slot_row once _build ran
 
 
 def _build() -> Any:
-    global _kernel, _sum_kernel, _gather_kernel, _tried, slot_row
+    global _kernel, _sum_kernel, _gather_kernel, _wgrad_kernel, _tried, slot_row
     if _tried:
         return _kernel
     _tried = True
@@ -55,7 +56,7 @@ def _build() -> Any:
         for k in tl.static_range(0, K):
             x, w, has_row = slot_row(rows_ptr, row_of_slot_ptr, w_ptr, t, k, K, D, offs, in_d)
             acc += tl.where(has_row, x * w, 0.0)  # other ranks' experts' slots (no row): nothing added
-        tl.store(out_ptr + t * D + offs, acc, mask=in_d)
+        tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=in_d)  # fp32 out: no-op
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def sum_ranks_kernel(  # type: ignore[no-untyped-def, unused-ignore]
@@ -75,19 +76,40 @@ def _build() -> Any:
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def gather_rows_kernel(  # type: ignore[no-untyped-def, unused-ignore]
-        out_ptr, src_ptr, idx_ptr, count_ptr, D,
-        DIV: tl.constexpr, BLOCK_D: tl.constexpr,
+        out_ptr, src_ptr, idx_ptr, count_ptr, scale_ptr, D,
+        DIV: tl.constexpr, SCALED: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         m = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         live = (offs * 0 + m) < tl.load(count_ptr)  # rows past the device count: not touched
-        src = tl.load(idx_ptr + m + offs * 0, mask=live, other=0) // DIV
-        x = tl.load(src_ptr + src * D + offs, mask=live & (offs < D))
+        i = tl.load(idx_ptr + m + offs * 0, mask=live, other=0)
+        x = tl.load(src_ptr + (i // DIV) * D + offs, mask=live & (offs < D))
+        if SCALED:  # out = src * scale[idx] in fp32, one rounding
+            x = (x.to(tl.float32) * tl.load(scale_ptr + i, mask=live, other=0.0)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + m * D + offs, x, mask=live & (offs < D))
+
+    @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def wgrad_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+        out_ptr, g_ptr, rows_ptr, row_of_slot_ptr, D,
+        K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        ks = tl.arange(0, KP)
+        r_K = tl.load(row_of_slot_ptr + t * K + ks, mask=ks < K, other=-1).to(tl.int64)
+        acc = tl.zeros([KP, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            in_d = offs < D
+            g = tl.load(g_ptr + t * D + offs, mask=in_d, other=0.0).to(tl.float32)
+            m2 = (r_K[:, None] >= 0) & in_d[None, :]
+            x = tl.load(rows_ptr + r_K[:, None] * D + offs[None, :], mask=m2, other=0.0).to(tl.float32)
+            acc += tl.where(m2, x * g[None, :], 0.0)  # slots without a row here: 0 (g may be anything)
+        tl.store(out_ptr + t * K + ks, tl.sum(acc, axis=1), mask=ks < K)
 
     _kernel = partial_kernel
     _sum_kernel = sum_ranks_kernel
     _gather_kernel = gather_rows_kernel
+    _wgrad_kernel = wgrad_kernel
     return _kernel
 
 
@@ -155,23 +177,58 @@ def _block(D: int) -> int:
     return 1024 if D >= 1024 else max(16, 1 << (D - 1).bit_length())
 
 
-def gather_rows(src_ND: torch.Tensor, idx_M: torch.Tensor, div: int, count_1: torch.Tensor) -> torch.Tensor:
-    """[M, D]: row m is src_ND[idx_M[m] // div] for m < count_1[0] (a device count: no
-    host read); the rows past it are left undefined on CUDA (no work done for them) and
-    are the same gather elsewhere."""
+def gather_rows(
+    src_ND: torch.Tensor, idx_M: torch.Tensor, div: int, count_1: torch.Tensor,
+    scale_X: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """[M, D]: row m is src_ND[idx_M[m] // div] (times scale_X[idx_M[m]] in fp32, rounded
+    once to out_dtype, when given) for m < count_1[0] (a device count: no host read); the
+    rows past it are left undefined on CUDA (no work done for them) and are the same
+    gather elsewhere."""
     M, D = idx_M.shape[0], src_ND.shape[-1]
+    dt = out_dtype or src_ND.dtype
     if use_kernel(src_ND):
-        out_MD = torch.empty(M, D, dtype=src_ND.dtype, device=src_ND.device)
+        out_MD = torch.empty(M, D, dtype=dt, device=src_ND.device)
         if M > 0 and D > 0:
             block = _block(D)
             _build()
-            _gather_kernel[(M, (D + block - 1) // block)](out_MD, src_ND.contiguous(), idx_M.contiguous(), count_1, D, DIV=div, BLOCK_D=block)
+            scale = scale_X.float().contiguous() if scale_X is not None else count_1
+            _gather_kernel[(M, (D + block - 1) // block)](
+                out_MD, src_ND.contiguous(), idx_M.contiguous(), count_1, scale, D,
+                DIV=div, SCALED=scale_X is not None, BLOCK_D=block)
         return out_MD
-    return src_ND[idx_M // div]
+    rows_MD = src_ND[idx_M // div]
+    if scale_X is None:
+        return rows_MD.to(dt)
+    return (rows_MD.float() * scale_X.float()[idx_M].unsqueeze(-1)).to(dt)
 
 
-def partial_sums_mapped(rows_MD: torch.Tensor, row_of_slot_X: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """[N, D] float32: part[t] = sum_k w[t, k] * rows_MD[row_of_slot[t*K + k]] over the
+def slot_weight_grads(g_ND: torch.Tensor, rows_MD: torch.Tensor, row_of_slot_X: torch.Tensor, K: int) -> torch.Tensor:
+    """[N, K] float32: <g_ND[t], rows_MD[row_of_slot[t*K + k]]> in fp32 (0 for a slot
+    without a row here): the gate values' gradient of ``partial_sums_mapped``."""
+    N, D = g_ND.shape
+    if use_kernel(g_ND):
+        out_NK = torch.empty(N, K, dtype=torch.float32, device=g_ND.device)
+        if N > 0:
+            kp = 1 << max(0, (K - 1).bit_length())
+            _build()
+            _wgrad_kernel[(N,)](out_NK, g_ND.contiguous(), rows_MD.contiguous(), row_of_slot_X.contiguous(), D,
+                                K=K, KP=kp, BLOCK_D=max(16, min(1 << max(0, (D - 1).bit_length()), 2048 // kp)))
+        return out_NK
+    r_NK = row_of_slot_X.view(N, K)
+    out_NK = torch.zeros(N, K, dtype=torch.float32, device=g_ND.device)
+    if rows_MD.shape[0] == 0:
+        return out_NK
+    for k in range(K):
+        x_ND = rows_MD[r_NK[:, k].clamp(min=0)].float()
+        out_NK[:, k] = torch.where(r_NK[:, k] >= 0, (x_ND * g_ND.float()).sum(-1), 0.0)
+    return out_NK
+
+
+def partial_sums_mapped(
+    rows_MD: torch.Tensor, row_of_slot_X: torch.Tensor, weights_NK: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[N, D] (float32 unless out_dtype: rounded once): part[t] = sum_k w[t, k] * rows_MD[row_of_slot[t*K + k]] over the
     slots with a row (>= 0), ascending k, in fp32 (``partial_sums`` given the slot ->
     row map itself: rows_MD may have undefined rows that no slot maps to)."""
     N, K = weights_NK.shape
@@ -179,7 +236,7 @@ def partial_sums_mapped(rows_MD: torch.Tensor, row_of_slot_X: torch.Tensor, weig
     dev = rows_MD.device
     w_NK = weights_NK.float().contiguous()
     if use_kernel(rows_MD):
-        out_ND = torch.empty(N, D, dtype=torch.float32, device=dev)
+        out_ND = torch.empty(N, D, dtype=out_dtype, device=dev)
         if N > 0 and D > 0:
             block = _block(D)
             _build()[(N, (D + block - 1) // block)](out_ND, rows_MD.contiguous(), row_of_slot_X.contiguous(), w_NK, D, K=K, BLOCK_D=block)
@@ -190,7 +247,7 @@ def partial_sums_mapped(rows_MD: torch.Tensor, row_of_slot_X: torch.Tensor, weig
         has = r_NK[:, k : k + 1] >= 0
         x_ND = rows_MD[r_NK[:, k].clamp(min=0)].float() if rows_MD.shape[0] else acc_ND
         acc_ND += torch.where(has, x_ND * w_NK[:, k : k + 1], 0.0)
-    return acc_ND
+    return acc_ND.to(out_dtype)
 
 
 def sum_over_ranks_at(parts_ND: torch.Tensor, pos_Tn: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

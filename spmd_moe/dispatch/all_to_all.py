@@ -352,10 +352,12 @@ class AllToAllDispatcher:
         del num_pad_tokens  # pads carry id E: owned by no rank, never sent
         if not self.partial_return or self.chunks != 1 or _bi._enabled or _debug._enabled or spmd.is_type_checking():
             return None
-        if torch.is_grad_enabled() or not (x_TD.device.type == "cuda" or PARTIAL_ON_CPU):
+        if not (x_TD.device.type == "cuda" or PARTIAL_ON_CPU):
             return None
-        if self.equal_tokens and sync_free():
+        if self.equal_tokens and sync_free():  # inference and training
             return self._weighted_fixed(x_TD, expert_ids_TK, weights_TK, experts)
+        if torch.is_grad_enabled():
+            return None
         T, K = expert_ids_TK.shape
         n, dev = self.pctx.size, x_TD.device
         # Before the host read: where each token's sum from rank j will sit in the returned
@@ -431,42 +433,18 @@ class AllToAllDispatcher:
         weights_TK: Float[Placed[Var[EP]], "T K"],
         experts: ExpertsFn,
     ) -> Float[Placed[Var[EP]], "T D"]:
-        """``weighted`` with no host read: every exchange carries exactly T rows per
-        peer (equal splits; every rank has T tokens: ``equal_tokens``), the rows past a
-        segment's count carry expert id E (no expert) and are skipped by the receiver.
-        Every count stays on the device: the expert GEMMs get device offsets and the
-        [M, D] buffers are sized for the worst case (M = N*min(K, e)); the gather and the
-        partial sums stop at the device count, the GEMMs at the last offset."""
-        T, K = expert_ids_TK.shape
-        n, E, dev = self.pctx.size, self.num_experts, x_TD.device
+        """``weighted`` with no host read, forward and backward: every exchange carries
+        exactly T rows per peer (equal splits; every rank has T tokens: ``equal_tokens``),
+        the rows past a segment's count carry expert id E (no expert) and are skipped by
+        the receiver. Every count stays on the device: the expert GEMMs get device offsets
+        and the [M, D] buffers are sized for the worst case (M = N*min(K, e), N = n*T);
+        the gathers and sums stop at the device count, the GEMMs at the last offset."""
         tok_N, pos_Tn = self._fixed_plan(expert_ids_TK)
-        # Ids (< 2^24: exact in fp32) and gate values in one exchange; the unused rows get
-        # ids E (no expert anywhere) from the sentinel row T.
-        none_M = torch.cat([torch.full((1, K), float(E), device=dev), torch.zeros(1, K, device=dev)], dim=1)
-        meta_TM = torch.cat([torch.cat([expert_ids_TK.to(torch.float32), weights_TK.float()], dim=1), none_M])
-        send_meta_NM = unchecked_cast(Placed[Var[EP]], meta_TM[tok_N], reason="ids and gate values this rank sends")
-        # Unused rows copy the last token (never read): no sentinel row appended to x.
-        send_ND = unchecked_cast(Placed[Var[EP]], x_TD[tok_N.clamp(max=max(T - 1, 0))], reason="the tokens this rank sends")
-        splits = [T] * n
-        recv_ND = C.all_to_all(send_ND, self.pctx, splits, splits)
-        recv_meta_NM = C.all_to_all(send_meta_NM, self.pctx, splits, splits)
-        order_M, counts_e = self._fixed_expert_order(recv_meta_NM[:, :K].to(torch.int64))
-        rows_R = counts_e.sum().view(1)  # device count: rows past it belong to no local expert
-        routed_MD = unchecked_cast(
-            Placed[Var[EP]], _pc.gather_rows(recv_ND, order_M, K, rows_R),
-            reason="this rank's received tokens, expanded to expert-major rows",
-        )
-        out_MD = experts(routed_MD, counts_e, True)  # rows past the last offset: undefined, never read
-        N, M = recv_ND.shape[0], order_M.shape[0]
-        ar_M = torch.arange(M, device=dev)
-        row_of_slot_X = torch.full((N * K,), -1, dtype=torch.int64, device=dev)
-        row_of_slot_X.scatter_(0, order_M, torch.where(ar_M < rows_R, ar_M, -1))
-        part_ND = unchecked_cast(
-            Placed[Var[EP]], _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_meta_NM[:, K:]),
-            reason="per received row: the fp32 sum over this rank's experts",
-        )
-        back_ND = C.all_to_all(part_ND, self.pctx, splits, splits)
-        y_TD = _pc.sum_over_ranks_at(back_ND, pos_Tn, x_TD.dtype)
+        routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _FixedDispatch.apply(  # type: ignore[no-untyped-call]
+            x_TD, weights_TK, expert_ids_TK, self, tok_N, pos_Tn)
+        out_MD = experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's received tokens, expanded to expert-major rows"),
+                         unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"), True)
+        y_TD = _FixedCombine.apply(out_MD, recv_w_NK, row_of_slot_X, order_M, rows_R, pos_Tn, tok_N, self.pctx, x_TD.dtype)  # type: ignore[no-untyped-call]
         return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
     def pipelined(
@@ -539,6 +517,102 @@ def _pad_for_backward(x_TD: torch.Tensor) -> bool:
     """CUDA with autograd: the expert rows are padded to a multiple of 8 (see pipelined)."""
     on = x_TD.device.type == "cuda" or PAD_ROWS_ON_CPU
     return on and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def _a2a_equal(pctx: ParallelContext[EP], x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The fixed-size exchange: ``rows`` rows of dim 0 to and from every rank (bytes only)."""
+    if pctx.size == 1:
+        return x
+    return pctx.backend.all_to_all(x.contiguous(), [rows] * pctx.size, [rows] * pctx.size)
+
+
+class _FixedDispatch(torch.autograd.Function):
+    """The fixed-size dispatch: the tokens and their (ids, gate values) go out T rows per
+    peer; the receiver expands them to expert-major rows (a gather that stops at the
+    device count). Outputs: the rows [M, D], the received gate values [N, K] (fp32,
+    differentiable), and (not differentiable) rows per local expert, the slot -> row map
+    (-1: no row here), the slot order and the device row count.
+
+    Backward, the mirror: on the receiver each received token's row gradients summed in
+    fp32 and rounded once (the partial-sum kernel with unit weights: no atomics), the
+    fixed-size exchange back, the sender's sum over ranks (fp32, rank order, one
+    rounding); the gate values' gradients travel back the same way."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, disp: AllToAllDispatcher,
+                tok_N: torch.Tensor, pos_Tn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        T, K = ids_TK.shape
+        E, dev = disp.num_experts, x_TD.device
+        # Ids (< 2^24: exact in fp32) and gate values in one exchange; the unused rows get
+        # ids E (no expert anywhere) from the sentinel row T.
+        none_M = torch.cat([torch.full((1, K), float(E), device=dev), torch.zeros(1, K, device=dev)], dim=1)
+        meta_TM = torch.cat([torch.cat([ids_TK.to(torch.float32), w_TK.float()], dim=1), none_M])
+        # Unused rows copy the last token (never read): no sentinel row appended to x.
+        recv_ND = _a2a_equal(disp.pctx, x_TD[tok_N.clamp(max=max(T - 1, 0))], T)
+        recv_meta_NM = _a2a_equal(disp.pctx, meta_TM[tok_N], T)
+        order_M, counts_e = disp._fixed_expert_order(
+            unchecked_cast(Placed[Var[EP]], recv_meta_NM[:, :K].to(torch.int64), reason="ids of the received tokens"))
+        rows_R = counts_e.sum().view(1)  # device count: rows past it belong to no local expert
+        N, M = recv_ND.shape[0], order_M.shape[0]
+        ar_M = torch.arange(M, device=dev)
+        row_of_slot_X = torch.full((N * K,), -1, dtype=torch.int64, device=dev)
+        row_of_slot_X.scatter_(0, order_M, torch.where(ar_M < rows_R, ar_M, -1))
+        # A multiple of 8 rows: the CUDA weight-gradient GEMM needs 16-byte rows (else a
+        # per-expert loop with a host read). The extra rows are past the count: not written.
+        order_M = F.pad(order_M, (0, -M % 8))
+        routed_MD = _pc.gather_rows(recv_ND, order_M, K, rows_R)
+        ctx.save_for_backward(row_of_slot_X, pos_Tn)
+        ctx.pctx, ctx.T, ctx.x_dtype, ctx.w_dtype = disp.pctx, T, x_TD.dtype, w_TK.dtype
+        ctx.mark_non_differentiable(counts_e, row_of_slot_X, order_M, rows_R)
+        return routed_MD, recv_meta_NM[:, K:].contiguous(), counts_e, row_of_slot_X, order_M, rows_R
+
+    @staticmethod
+    def backward(ctx: Any, g_MD: torch.Tensor | None, g_NK: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        row_of_slot_X, pos_Tn = ctx.saved_tensors
+        T = ctx.T
+        N = pos_Tn.shape[1] * T
+        K = row_of_slot_X.shape[0] // N if N else 0
+        g_x = g_w = None
+        if ctx.needs_input_grad[0] and g_MD is not None:
+            ones_NK = torch.ones(N, K, dtype=torch.float32, device=g_MD.device)
+            g_recv_ND = _pc.partial_sums_mapped(g_MD, row_of_slot_X, ones_NK, out_dtype=ctx.x_dtype)
+            g_x = _pc.sum_over_ranks_at(_a2a_equal(ctx.pctx, g_recv_ND, T), pos_Tn, ctx.x_dtype)
+        if ctx.needs_input_grad[1] and g_NK is not None:
+            g_w = _pc.sum_over_ranks_at(_a2a_equal(ctx.pctx, g_NK.float(), T), pos_Tn, ctx.w_dtype)
+        return g_x, g_w, None, None, None, None
+
+
+class _FixedCombine(torch.autograd.Function):
+    """The way back of the fixed-size path: the expert rank's fp32 partial sum per
+    received token (over its local slots, ascending k), the fixed-size exchange back,
+    the sender's sum over ranks in rank order, one rounding.
+
+    Backward: a token's sum from rank j has gradient g_y[t] (so the mirror exchange
+    carries g_y's own values, in its dtype: exact); each slot row's gradient is
+    w * g (fp32, one rounding; a gather that stops at the device count) and each gate
+    value's <g, row> in fp32."""
+
+    @staticmethod
+    def forward(ctx: Any, out_MD: torch.Tensor, w_NK: torch.Tensor, row_of_slot_X: torch.Tensor, order_M: torch.Tensor,
+                rows_R: torch.Tensor, pos_Tn: torch.Tensor, tok_N: torch.Tensor, pctx: ParallelContext[EP],
+                y_dtype: torch.dtype) -> torch.Tensor:
+        T = pos_Tn.shape[0]
+        part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK)
+        y_TD = _pc.sum_over_ranks_at(_a2a_equal(pctx, part_ND, T), pos_Tn, y_dtype)
+        ctx.save_for_backward(out_MD, w_NK, row_of_slot_X, order_M, rows_R, tok_N)
+        ctx.pctx, ctx.T = pctx, T
+        return y_TD
+
+    @staticmethod
+    def backward(ctx: Any, g_TD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        out_MD, w_NK, row_of_slot_X, order_M, rows_R, tok_N = ctx.saved_tensors
+        T, K = ctx.T, w_NK.shape[1]
+        # The rows this rank sent, in the same layout: token tok_N[r]'s gradient (rows past
+        # a segment's count: any token's, never read).
+        g_ND = _a2a_equal(ctx.pctx, g_TD.contiguous()[tok_N.clamp(max=max(T - 1, 0))], T)
+        g_out_MD = _pc.gather_rows(g_ND, order_M, K, rows_R, scale_X=w_NK.reshape(-1), out_dtype=out_MD.dtype)
+        g_w_NK = _pc.slot_weight_grads(g_ND, out_MD, row_of_slot_X, K)
+        return g_out_MD, g_w_NK, None, None, None, None, None, None, None
 
 
 def _cat(ts: list[torch.Tensor]) -> torch.Tensor:

@@ -305,6 +305,16 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         row["fwd_old_max_abs_diff_vs_1gpu"] = float((y_old - y1).abs().max())
         row["fwd_new_max_abs_diff_vs_old"] = float((y_new - y_old).abs().max())
         row["fwd_new_bitwise_old"] = bool(torch.equal(y_new, y_old))
+        # Input gradient of fwd+bwd: new and old against one GPU (bf16; the old path is not bitwise either).
+        gxs = {}
+        for k, m, fixed in (("1gpu", m1, False), ("new", mn, True), ("old", mn, False)):
+            disp.equal_tokens = fixed
+            xc = xs[0].clone().requires_grad_(True)
+            m(xc).backward(gy)
+            gxs[k] = xc.grad.float() if xc.grad is not None else torch.zeros_like(xc, dtype=torch.float32)
+        row["grad_x_max_abs_1gpu"] = float(gxs["1gpu"].abs().max())
+        row["grad_x_new_max_abs_diff_vs_1gpu"] = float((gxs["new"] - gxs["1gpu"]).abs().max())
+        row["grad_x_old_max_abs_diff_vs_1gpu"] = float((gxs["old"] - gxs["1gpu"]).abs().max())
         for k, fixed in (("new", True), ("old", False)):
             disp.equal_tokens = fixed
             with torch.no_grad():
@@ -316,7 +326,8 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
             f"old {row['fwd_old_ms']:.3f} ({row['per_gpu_fwd_old']:.2f}); f+b 1 GPU {row['fwdbwd_1gpu_ms']:.3f}, "
             f"new {row['fwdbwd_new_ms']:.3f} ({row['per_gpu_fwdbwd_new']:.2f}), old {row['fwdbwd_old_ms']:.3f} "
             f"({row['per_gpu_fwdbwd_old']:.2f}); diff new-1gpu {row['fwd_new_max_abs_diff_vs_1gpu']:.3g} "
-            f"old-1gpu {row['fwd_old_max_abs_diff_vs_1gpu']:.3g} (max|y| {row['fwd_max_abs_1gpu']:.3g}); "
+            f"old-1gpu {row['fwd_old_max_abs_diff_vs_1gpu']:.3g} (max|y| {row['fwd_max_abs_1gpu']:.3g}); grad_x diff new "
+            f"{row['grad_x_new_max_abs_diff_vs_1gpu']:.3g} old {row['grad_x_old_max_abs_diff_vs_1gpu']:.3g} (max {row['grad_x_max_abs_1gpu']:.3g}); "
             f"syncs fwd new {row['sync_debug_fwd_new']['host_syncs']} old {row['sync_debug_fwd_old']['host_syncs']}, "
             f"f+b new {row['sync_debug_fwdbwd_new']['host_syncs']} old {row['sync_debug_fwdbwd_old']['host_syncs']}")
     # Profile of the new and the old forward (and fwd+bwd) at the last T: device time by kind.
