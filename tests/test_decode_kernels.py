@@ -363,6 +363,9 @@ def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> N
     if variant.startswith("slot"):
         _use_slot(monkeypatch, {"slot": 0, "slot_dot": 1, "slot_flat": 2}[variant])
         return
+    if variant == "tiled_fr":
+        _use_fused_router(monkeypatch)
+        return
     monkeypatch.setitem(dk.SPLIT, "variant", variant)
     monkeypatch.setitem(dk.SPLIT, "max_t", dk.MAX_T)
     for key, v in {"up_f": 16, "up_d": 16, "up_split": 4, "down_n": 32, "down_f": 16, "down_split": 2,
@@ -424,7 +427,8 @@ def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch: CUDA (sm90+) only")
 @pytest.mark.parametrize(("T", "variant"), [(1, "tiled"), (5, "tiled"), (1, "split_fused"), (5, "split"),
-                                            (1, "slot"), (5, "slot"), (1, "slot_dot"), (5, "slot_flat")])
+                                            (1, "slot"), (5, "slot"), (1, "slot_dot"), (5, "slot_flat"),
+                                            (5, "tiled_fr")])
 def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """LAUNCH['pdl'] only changes when the kernels launch: the output is bitwise the same
     with and without it, eager and replayed from a CUDA graph (where the launches
@@ -555,13 +559,15 @@ def test_slot_nan_token_still_routes_to_k_distinct_experts(monkeypatch: pytest.M
 
 @kernel_test
 @pytest.mark.parametrize("sigmoid", [False, True])
-def test_slot_router_is_gate_plus_route_bitwise(sigmoid: bool) -> None:
+def test_router_kernel_is_gate_plus_route_bitwise(sigmoid: bool) -> None:
     """router_kernel runs gate_kernel's GEMV (same tiles, same order) and route_kernel's
-    routing on the same logits: logits, ids, weights and the counter are bitwise those of
-    the two kernels."""
+    routing and plan on the same logits: logits, ids, weights, the counter and the plan
+    (local experts 4..11) are those of the two kernels, bitwise (the order of the touched
+    experts and of an expert's slots may differ on the GPU, where atomics race: compared
+    as sets)."""
     ks = dk._build()
     assert ks is not None
-    T = 5
+    T, lo_e, L = 5, 4, 8
     p = _raw(T, seed=110)
     dev = p["x"].device
     bias = torch.linspace(-0.05, 0.05, E, device=dev)
@@ -573,17 +579,50 @@ def test_slot_router_is_gate_plus_route_bitwise(sigmoid: bool) -> None:
         ids = torch.empty(T, K, dtype=torch.int32, device=dev)
         wts = torch.empty(T, K, device=dev)
         tpe = torch.zeros(E, device=dev)
+        plan = torch.zeros(L + 1, dtype=torch.int32, device=dev)
+        uniq = torch.full((L,), -1, dtype=torch.int32, device=dev)
+        slot = torch.full((L, T), -1, dtype=torch.int32, device=dev)
         if fused:
             ks["router"][(T, E // 4)](p["x"], p["gw"], logits, dk._done_counters(dev), bias, ids, wts, tpe,
-                                      D, E, scale, 0, T, K=K, BLOCK_EC=4, BLOCK_D=min(1024, D), BLOCK_E=E, **kw)
+                                      plan[:L], plan[L:], uniq, slot, T, D, E, scale, 1, T, lo_e, L,
+                                      K=K, BLOCK_EC=4, BLOCK_D=min(1024, D), BLOCK_E=E, PLAN=True, **kw)
         else:
-            plan = torch.empty(E + 1, dtype=torch.int32, device=dev)
-            ks["gate"][(T, E // 4)](p["x"], p["gw"], logits, plan, D, E, E + 1, BLOCK_EC=4, BLOCK_D=min(1024, D),
+            ks["gate"][(T, E // 4)](p["x"], p["gw"], logits, plan, D, E, L + 1, BLOCK_EC=4, BLOCK_D=min(1024, D),
                                     BLOCK_PLAN=16)
-            slot = torch.empty(E, T, dtype=torch.int32, device=dev)
-            ks["route"][(T,)](logits, bias, ids, wts, plan[:E], plan[E:], torch.empty(E, dtype=torch.int32, device=dev),
-                              slot, tpe, T, E, scale, 0, E, 0, T, torch.empty(T, dtype=torch.int32, device=dev),
-                              torch.empty(T, D, device=dev), D, K=K, BLOCK_E=E, FUSED_COMBINE=False, **kw)
-        outs.append((logits, ids, wts, tpe))
+            ks["route"][(T,)](logits, bias, ids, wts, plan[:L], plan[L:], uniq, slot, tpe, T, E, scale, lo_e, L, 1, T,
+                              torch.empty(T, dtype=torch.int32, device=dev), torch.empty(T, D, device=dev), D,
+                              K=K, BLOCK_E=E, FUSED_COMBINE=False, **kw)
+        n = int(plan[L])
+        slots = [sorted(slot[e, :int(plan[e])].tolist()) for e in range(L)]
+        outs.append((logits, ids, wts, tpe, plan, sorted(uniq[:n].tolist()), slots))
+    assert outs[0][4][L] > 0, "some token has a local expert"
+    for a, b in zip(*outs):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert not bool(dk._done_counters(dev).any())
+
+
+def _use_fused_router(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(dk.ROUTER, "fused", True)
+
+
+@kernel_test
+@pytest.mark.parametrize("T", [1, 6, 17, 64])
+def test_tiled_with_fused_router_is_bitwise_the_tiled(T: int, monkeypatch: pytest.MonkeyPatch,
+                                                      poisoned_empty: None) -> None:
+    """ROUTER['fused']: the tiled kernels on router_kernel's plan give the bits of gate +
+    route (the same arithmetic per row; slot order inside an expert changes none),
+    rounded and fp32, over all experts and a local range with counted rows; called twice
+    (the plan counters are zeroed by the combine for the next call)."""
+    p = _raw(T, seed=120 + T)
+    bias = torch.linspace(-0.05, 0.05, E, device=p["x"].device)
+    outs = []
+    for fused in (False, True):
+        monkeypatch.setitem(dk.ROUTER, "fused", fused)
+        got = []
+        for _ in range(2):
+            for loc, kw in ((None, {}), (range(4, 12), {"out_dtype": torch.float32, "count_rows": (0, (T + 1) // 2)})):
+                got.extend(_call(p, bias, True, loc, **kw))
+        outs.append(got)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+    assert dk._PLAN and all(not bool(t.any()) for t in dk._PLAN.values())

@@ -196,16 +196,24 @@ def down_kernel(
 
 @triton.jit
 def combine_kernel(
-    out_ptr, y_ptr, wts_ptr, ids_ptr, e_start, num_local, D, N,
-    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False,
+    out_ptr, y_ptr, wts_ptr, ids_ptr, e_start, num_local, D, N, plan_ptr, PLAN_N,
+    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr, NSPLIT: tl.constexpr,
+    RESET_PLAN: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """ROUND: spmd_moe.moe's _weighted_sum, each weighted term and each add rounded to
     bf16, ascending k (= ascending expert id). Not ROUND: the same sum in fp32, unrounded
     (a partial sum for a later all-reduce). Slots of non-local experts add exact zeros
     (their y rows were never written, so they are not read). y of slot i is
     rn_bf16(sum over j < NSPLIT of y_ptr[j, i]) (the split variant's fp32 partials; with
-    NSPLIT = 1 and bf16 rows the rounding is the identity)."""
+    NSPLIT = 1 and bf16 rows the rounding is the identity). RESET_PLAN: program (0, 0)
+    zeroes the PLAN_N plan counters for the next call (router_kernel's PLAN; the up and
+    down kernels, their last readers, have finished)."""
     pdl_enter(PDL)
+    if RESET_PLAN:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            for p0 in range(0, PLAN_N, BLOCK_D):
+                p_off = p0 + tl.arange(0, BLOCK_D)
+                tl.store(plan_ptr + p_off, tl.zeros([BLOCK_D], dtype=tl.int32), mask=p_off < PLAN_N)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs < D
@@ -352,16 +360,20 @@ def down_split_kernel(
 @triton.jit
 def router_kernel(
     x_ptr, w_ptr, logits_ptr, done_ptr, bias_ptr, ids_ptr, wts_ptr, tpe_ptr,
-    D, E, route_scale, row_lo, row_hi,
+    count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
+    T, D, E, route_scale, row_lo, row_hi, e_start, num_local,
     K: tl.constexpr, BLOCK_EC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PLAN: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The whole router in one kernel. Program (t, block of BLOCK_EC experts): the gate
     GEMV as gate_kernel (the same arithmetic: the same logits), then a per-token acq_rel
     counter; the token's last program to finish routes it as route_kernel (ids and
     weights in slot order, the load-balance counter for row_lo <= t < row_hi; no plan)
     and sets the counter back to 0 for the next call or graph replay (the counters live
-    across calls, zero between them)."""
+    across calls, zero between them). PLAN (for the tiled up/down kernels): also
+    route_kernel's plan of the local experts; its counters (count, nuniq) must be zero on
+    entry: they live across calls too, and combine_kernel (RESET_PLAN) zeroes them."""
     pdl_enter(PDL)
     t = tl.program_id(0)
     ec_off = tl.program_id(1) * BLOCK_EC + tl.arange(0, BLOCK_EC)
@@ -388,6 +400,14 @@ def router_kernel(
         tl.store(wts_ptr + t * K + k_pos, w, mask=sel)
         t_E = e_off * 0 + t  # (a vector: the interpreter rejects a scalar-broadcast mask)
         tl.atomic_add(tpe_ptr + e_off, 1.0, mask=sel & (t_E >= row_lo) & (t_E < row_hi))
+        if PLAN:  # as route_kernel
+            le = e_off - e_start
+            local = sel & (le >= 0) & (le < num_local)
+            row = tl.atomic_add(count_ptr + le, 1, mask=local)
+            tl.store(slot_ptr + le.to(tl.int64) * T + row, t * K + k_pos, mask=local)
+            first = local & (row == 0)
+            u = tl.atomic_add(nuniq_ptr + e_off * 0, 1, mask=first)
+            tl.store(uniq_ptr + u, le, mask=first)
 
 
 @triton.jit

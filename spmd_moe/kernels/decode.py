@@ -85,6 +85,13 @@ SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "up_warps": 
                               "down_warps": 4, "stages": 3, "up_dot": 0, "down_dot": 0, "down_flat": 0}
 _DONE: dict[tuple[str, int | None], torch.Tensor] = {}
 
+# fused: the tiled kernels (T > SLOT["max_t"] or SLOT off) take their router from
+# router_kernel too (gate + route + plan in one kernel: 4 kernels). Its plan counters
+# persist per (device, local experts) (_PLAN) and combine_kernel zeroes them for the next
+# call. The arithmetic is the same as gate + route: bitwise the same output.
+ROUTER = {"fused": False}
+_PLAN: dict[tuple[str, int | None, int], torch.Tensor] = {}
+
 _kernels: dict[str, Any] | None = None
 _tried = False
 
@@ -204,7 +211,11 @@ def routed_decode(
     # the per-(token, D block) counters (split_fused); zeroed by the gate kernel.
     n_ucnt = L * num_fb if swiglu_up else 0
     plan_n = L + 1 + n_ucnt + (T * num_nb if fused else 0)
-    plan_i32 = torch.empty(plan_n, dtype=torch.int32, device=dev)
+    fused_router = bool(ROUTER["fused"]) and variant == "tiled"
+    if fused_router:
+        plan_i32 = _plan_counters(dev, L)  # zero here; combine_kernel zeroes it again
+    else:
+        plan_i32 = torch.empty(plan_n, dtype=torch.int32, device=dev)
     count_L, nuniq = plan_i32[:L], plan_i32[L:L + 1]
     ucnt_LB, cnt_TB = plan_i32[L + 1:L + 1 + n_ucnt], plan_i32[L + 1 + n_ucnt:]
     need_T = torch.empty(T, dtype=torch.int32, device=dev)
@@ -216,18 +227,23 @@ def routed_decode(
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
     bec = tl_.get("gate_e", 4)  # experts per gate program (a D loop of up to 4096/bec columns per step)
     n_gate = T * triton_cdiv(E, bec)
-    ks["gate"][(T, triton_cdiv(E, bec))](
-        x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, plan_n,
-        BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_PLAN=max(16, _pow2(triton_cdiv(plan_n, n_gate))), num_warps=4,
-        **pk,
-    )
-    ks["route"][(T,)](
-        logits_TE, bias, ids_TK, wts_TK, count_L, nuniq, uniq_U, slot_LT, tokens_per_expert_E,
-        T, E, float(route_scale), expert_start, L, lo, hi, need_T, out_TD, D,
-        K=K, BLOCK_E=max(16, _pow2(E)),
-        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm,
-        FUSED_COMBINE=fused, num_warps=8, **pk,
-    )
+    if fused_router:
+        _router(ks, x_TD, gate_w_ED, expert_bias_E, bias, logits_TE, ids_TK, wts_TK, tokens_per_expert_E,
+                (count_L, nuniq, uniq_U, slot_LT), K=K, score_func=score_func, route_norm=route_norm,
+                route_scale=route_scale, expert_start=expert_start, num_local=L, lo=lo, hi=hi, bec=bec, pk=pk)
+    else:
+        ks["gate"][(T, triton_cdiv(E, bec))](
+            x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, plan_n,
+            BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_PLAN=max(16, _pow2(triton_cdiv(plan_n, n_gate))),
+            num_warps=4, **pk,
+        )
+        ks["route"][(T,)](
+            logits_TE, bias, ids_TK, wts_TK, count_L, nuniq, uniq_U, slot_LT, tokens_per_expert_E,
+            T, E, float(route_scale), expert_start, L, lo, hi, need_T, out_TD, D,
+            K=K, BLOCK_E=max(16, _pow2(E)),
+            SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm,
+            FUSED_COMBINE=fused, num_warps=8, **pk,
+        )
     bm = max(16, _pow2(T))
     u_max = min(T * K, L)
     launch = {"num_warps": tl_["warps"], "num_stages": tl_["stages"]}
@@ -269,10 +285,41 @@ def routed_decode(
     if not fused:
         block = 1024 if D >= 1024 else max(16, _pow2(D))
         ks["combine"][(T, triton_cdiv(D, block))](
-            out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, N, K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=nsplit,
-            **pk,
+            out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, N, plan_i32, L + 1,
+            K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=nsplit, RESET_PLAN=fused_router, **pk,
         )
     return out_TD
+
+
+def _plan_counters(dev: torch.device, L: int) -> torch.Tensor:
+    """The fused router's plan counters (count per local expert, then the number of
+    touched experts) on dev: zeroed once here, then by combine_kernel after each call."""
+    key = (dev.type, dev.index, L)
+    if key not in _PLAN:
+        _PLAN[key] = torch.zeros(L + 1, dtype=torch.int32, device=dev)
+    return _PLAN[key]
+
+
+def _router(
+    ks: dict[str, Any], x_TD: torch.Tensor, gate_w_ED: torch.Tensor, expert_bias_E: torch.Tensor | None,
+    bias: torch.Tensor, logits_TE: torch.Tensor, ids_TK: torch.Tensor, wts_TK: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor, plan: tuple[torch.Tensor, ...] | None, *, K: int, score_func: str,
+    route_norm: bool, route_scale: float, expert_start: int, num_local: int, lo: int, hi: int, bec: int,
+    pk: dict[str, Any],
+) -> None:
+    """router_kernel: ids, weights, the load-balance counter and (plan = (count_L, nuniq,
+    uniq_U, slot_LT), zero counters on entry) the plan of the tiled kernels."""
+    T, D = x_TD.shape
+    E = gate_w_ED.shape[0]
+    dev = x_TD.device
+    count_L, nuniq, uniq_U, slot_LT = plan if plan is not None else (ids_TK,) * 4  # unread without PLAN
+    ks["router"][(T, triton_cdiv(E, bec))](
+        x_TD, gate_w_ED.contiguous(), logits_TE, _done_counters(dev), bias, ids_TK, wts_TK, tokens_per_expert_E,
+        count_L, nuniq, uniq_U, slot_LT, T, D, E, float(route_scale), lo, hi, expert_start, num_local,
+        K=K, BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_E=max(16, _pow2(E)),
+        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, PLAN=plan is not None,
+        num_warps=4, **pk,
+    )
 
 
 def _done_counters(dev: torch.device) -> torch.Tensor:
@@ -301,13 +348,9 @@ def _slot_decode(
     wts_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
     h_NF = torch.empty(T * K, F, dtype=x_TD.dtype, device=dev)
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
-    bec = tl_["gate_e"]
-    ks["router"][(T, triton_cdiv(E, bec))](
-        x_TD, gate_w_ED.contiguous(), logits_TE, _done_counters(dev), bias, ids_TK, wts_TK, tokens_per_expert_E,
-        D, E, float(route_scale), lo, hi,
-        K=K, BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_E=max(16, _pow2(E)),
-        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, num_warps=4, **pk,
-    )
+    _router(ks, x_TD, gate_w_ED, expert_bias_E, bias, logits_TE, ids_TK, wts_TK, tokens_per_expert_E, None,
+            K=K, score_func=score_func, route_norm=route_norm, route_scale=route_scale, expert_start=expert_start,
+            num_local=L, lo=lo, hi=hi, bec=tl_["gate_e"], pk=pk)
     ks["up_slot"][(T * K, triton_cdiv(F, tl_["up_f"]))](
         x_TD, w1_EFD, w3_EFD, h_NF, ids_TK, D, F, expert_start, L,
         K=K, BLOCK_F=tl_["up_f"], BLOCK_D=min(tl_["up_d"], _pow2(D)), DOT=bool(tl_["up_dot"]), num_warps=tl_["up_warps"],

@@ -134,18 +134,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-ALT_VARIANTS = ["tiled", "tiled_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl"]
+ALT_VARIANTS = ["tiled", "tiled_pdl", "tiled_fr", "tiled_fr_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl"]
 
 
 def _configure(v: str) -> None:
     """Set spmd_moe.kernels.decode's switches for variant v ('tiled', 'split', 'split_fused',
-    'slot', 'slot_dot' (SLOT_TILES up_dot = down_dot = 1), 'slot_flat' (and down_flat = 1),
-    each optionally '_pdl'); the slot design then applies up to MAX_T tokens."""
+    'tiled_fr' (tiled with ROUTER['fused']), 'slot', 'slot_dot' (SLOT_TILES up_dot = down_dot = 1),
+    'slot_flat' (and down_flat = 1), each optionally '_pdl'); the slot design then applies up
+    to MAX_T tokens."""
     from spmd_moe.kernels import decode as dk
 
     base = v.removesuffix("_pdl")
     dk.SPLIT["variant"] = base if base in ("split", "split_fused") else "tiled"
     dk.SLOT["on"] = base.startswith("slot")
+    dk.ROUTER["fused"] = base == "tiled_fr"
     dk.SLOT["max_t"] = dk.MAX_T
     if base in ("slot_dot", "slot_flat"):
         dk.SLOT_TILES.update(up_dot=1, down_dot=1, down_flat=int(base == "slot_flat"))
@@ -155,13 +157,13 @@ def _configure(v: str) -> None:
 def _switches() -> tuple[dict[str, Any], ...]:
     from spmd_moe.kernels import decode as dk
 
-    return dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH), dict(dk.SLOT_TILES)
+    return dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH), dict(dk.SLOT_TILES), dict(dk.ROUTER)
 
 
 def _restore(saved: tuple[dict[str, Any], ...]) -> None:
     from spmd_moe.kernels import decode as dk
 
-    for d, old in zip((dk.SPLIT, dk.SLOT, dk.LAUNCH, dk.SLOT_TILES), saved):
+    for d, old in zip((dk.SPLIT, dk.SLOT, dk.LAUNCH, dk.SLOT_TILES, dk.ROUTER), saved):
         d.clear()
         d.update(old)
 
@@ -184,7 +186,8 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"device": name, "hbm_Bps": bps, "mode": "alternating", "shape": [D, F, E, K],
                            "rounds": args.rounds, "reps": args.reps, "tiles": dict(dk.TILES),
                            "tiles_large_t": dict(dk.TILES_LARGE_T), "slot_tiles": dict(dk.SLOT_TILES),
-                           "defaults": {"split": saved[0], "slot": saved[1], "launch": saved[2]}, "rows": []}
+                           "defaults": {"split": saved[0], "slot": saved[1], "launch": saved[2],
+                                        "router": saved[4]}, "rows": []}
     g = torch.Generator(device=device).manual_seed(1)
     for T in args.tokens:
         xs = [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(8)]
