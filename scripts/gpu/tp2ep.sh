@@ -22,7 +22,7 @@ set -u
 source scripts/gpu/common.sh  # carried wheels, NCCL_NVLS_ENABLE=0 & co, $OUT, PYTHONPATH
 export OMP_NUM_THREADS=4
 if [ "${SF:-0}" = 1 ]; then
-  if [ "${SMOKE:-0}" = 1 ]; then ng=2; extra="--smoke"; else
+  if [ "${SMOKE:-0}" = 1 ]; then ng=2; extra="--smoke"; SF_ROUNDS=${SF_ROUNDS:-1}; SF_T=${SF_T:-4096}; else
     ng=$(python3 -c "import torch; print(torch.cuda.device_count())"); extra=""
     if [ "$ng" -lt 2 ]; then echo "tp2ep SF: needs >= 2 GPUs, this machine has $ng: nothing run"; exit 0; fi
     ng=2  # EP=2: the goal figures

@@ -250,14 +250,16 @@ def partial_sums_mapped(
     return acc_ND.to(out_dtype)
 
 
-def sum_over_ranks_at(parts_ND: torch.Tensor, pos_Tn: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def sum_over_ranks_at(
+    parts_ND: torch.Tensor, pos_Tn: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``sum_over_ranks`` with the positions only (no host-side split sizes): [T, D] in
     out_dtype, 0 + the sums at pos_Tn[t, 0], pos_Tn[t, 1], ... (-1: none) in fp32, one
-    rounding."""
+    rounding; written into ``out`` (contiguous [T, D]) when given."""
     T, n = pos_Tn.shape
     D = parts_ND.shape[-1]
     if use_kernel(parts_ND):
-        out_TD = torch.empty(T, D, dtype=out_dtype, device=parts_ND.device)
+        out_TD = torch.empty(T, D, dtype=out_dtype, device=parts_ND.device) if out is None else out
         if T > 0 and D > 0:
             block = _block(D)
             _build()
@@ -268,4 +270,4 @@ def sum_over_ranks_at(parts_ND: torch.Tensor, pos_Tn: torch.Tensor, out_dtype: t
         p_T1 = pos_Tn[:, j : j + 1]
         x_TD = parts_ND[p_T1.reshape(-1).clamp(min=0)].float() if parts_ND.shape[0] else acc_TD
         acc_TD = torch.where(p_T1 >= 0, acc_TD + x_TD, acc_TD)
-    return acc_TD.to(out_dtype)
+    return acc_TD.to(out_dtype) if out is None else out.copy_(acc_TD)

@@ -350,13 +350,14 @@ class AllToAllDispatcher:
         """The whole routed part with fp32 partial sums on the way back (see the module
         docstring), or None where it does not apply (the caller runs the row path)."""
         del num_pad_tokens  # pads carry id E: owned by no rank, never sent
-        if not self.partial_return or self.chunks != 1 or _bi._enabled or _debug._enabled or spmd.is_type_checking():
+        if not self.partial_return or _bi._enabled or _debug._enabled or spmd.is_type_checking():
             return None
         if not (x_TD.device.type == "cuda" or PARTIAL_ON_CPU):
             return None
-        if self.equal_tokens and sync_free():  # inference and training
+        # The fixed-size path: inference (in ``chunks`` pieces) and training (one piece).
+        if self.equal_tokens and sync_free() and (self.chunks == 1 or not torch.is_grad_enabled()):
             return self._weighted_fixed(x_TD, expert_ids_TK, weights_TK, experts)
-        if torch.is_grad_enabled():
+        if self.chunks != 1 or torch.is_grad_enabled():
             return None
         T, K = expert_ids_TK.shape
         n, dev = self.pctx.size, x_TD.device
@@ -439,12 +440,59 @@ class AllToAllDispatcher:
         the receiver. Every count stays on the device: the expert GEMMs get device offsets
         and the [M, D] buffers are sized for the worst case (M = N*min(K, e), N = n*T);
         the gathers and sums stop at the device count, the GEMMs at the last offset."""
+        if self.chunks > 1 and not torch.is_grad_enabled():
+            return self._weighted_fixed_pieces(x_TD, expert_ids_TK, weights_TK, experts)
         tok_N, pos_Tn = self._fixed_plan(expert_ids_TK)
         routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _FixedDispatch.apply(  # type: ignore[no-untyped-call]
             x_TD, weights_TK, expert_ids_TK, self, tok_N, pos_Tn)
         out_MD = experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's received tokens, expanded to expert-major rows"),
                          unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"), True)
         y_TD = _FixedCombine.apply(out_MD, recv_w_NK, row_of_slot_X, order_M, rows_R, pos_Tn, tok_N, self.pctx, x_TD.dtype)  # type: ignore[no-untyped-call]
+        return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
+
+    def _weighted_fixed_pieces(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+        weights_TK: Float[Placed[Var[EP]], "T K"],
+        experts: ExpertsFn,
+    ) -> Float[Placed[Var[EP]], "T D"]:
+        """Inference, ``chunks`` > 1: the fixed-size path on contiguous pieces of the
+        tokens (every rank splits its T the same way, so the pieces are equal too), the
+        exchanges on a side stream: every piece's dispatch first, then per piece its
+        experts and its return, so the dispatch of piece c+1 and the return of piece c-1
+        overlap the GEMMs of piece c. With no host read the host stays ahead of the GPU
+        (with the split sizes it did not: more pieces were slower). Each piece's output
+        is its own tokens' (the same sums as one piece: bitwise where the GEMMs are)."""
+        T, K = expert_ids_TK.shape
+        pctx, dev = self.pctx, x_TD.device
+        bounds = [T * c // self.chunks for c in range(self.chunks + 1)]
+        st = _Streams(dev, overlap=True)
+        y_TD = torch.empty(T, x_TD.shape[-1], dtype=x_TD.dtype, device=dev)
+        pieces = []
+        for t0, t1 in zip(bounds, bounds[1:]):
+            tok_N, pos_Tn = self._fixed_plan(unchecked_cast(Placed[Var[EP]], expert_ids_TK[t0:t1], reason="a piece of this rank's tokens"))
+            send = _fixed_send(self, x_TD[t0:t1], weights_TK[t0:t1], expert_ids_TK[t0:t1], tok_N)
+            pieces.append((t0, t1, pos_Tn, send))
+        st.to_comm(*(t for p in pieces for t in p[3]))
+        recvs = []
+        with st.comm_ctx():
+            for t0, t1, _, (send_ND, send_meta_NM) in pieces:
+                recv = (_a2a_equal(pctx, send_ND, t1 - t0), _a2a_equal(pctx, send_meta_NM, t1 - t0))
+                recvs.append((recv, st.mark()))
+        backs = []
+        for (t0, t1, _, _), ((recv_ND, recv_meta_NM), ev) in zip(pieces, recvs):
+            st.use(ev, recv_ND, recv_meta_NM)
+            routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, _ = _fixed_expand(self, recv_ND, recv_meta_NM)
+            out_MD = experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="a piece's received tokens, expanded"),
+                             unchecked_cast(Placed[Var[EP]], counts_e, reason="its rows per local expert"), True)
+            part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK)
+            st.comm_wait(st.main_mark(), part_ND)
+            with st.comm_ctx():
+                backs.append((_a2a_equal(pctx, part_ND, t1 - t0), st.mark()))
+        for (t0, t1, pos_Tn, _), (back_ND, ev) in zip(pieces, backs):
+            st.use(ev, back_ND)
+            _pc.sum_over_ranks_at(back_ND, pos_Tn, x_TD.dtype, out=y_TD[t0:t1])
         return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
     def pipelined(
@@ -526,6 +574,41 @@ def _a2a_equal(pctx: ParallelContext[EP], x: torch.Tensor, rows: int) -> torch.T
     return pctx.backend.all_to_all(x.contiguous(), [rows] * pctx.size, [rows] * pctx.size)
 
 
+def _fixed_send(
+    disp: AllToAllDispatcher, x_TD: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, tok_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The send buffers of the fixed-size exchange: [N, D] tokens, [N, 2K] fp32 (ids, gate
+    values). Ids (< 2^24: exact in fp32) and gate values travel in one exchange; the
+    unused rows get ids E (no expert anywhere) from a sentinel row, and copy the last
+    token (never read: no sentinel row appended to x)."""
+    T, K = ids_TK.shape
+    dev = x_TD.device
+    none_M = torch.cat([torch.full((1, K), float(disp.num_experts), device=dev), torch.zeros(1, K, device=dev)], dim=1)
+    meta_TM = torch.cat([torch.cat([ids_TK.to(torch.float32), w_TK.float()], dim=1), none_M])
+    return x_TD[tok_N.clamp(max=max(T - 1, 0))], meta_TM[tok_N]
+
+
+def _fixed_expand(disp: AllToAllDispatcher, recv_ND: torch.Tensor, recv_meta_NM: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Received tokens -> expert-major rows [M, D] (M a multiple of 8 >= N*min(K, e)),
+    with the received gate values [N, K], rows per local expert, the slot -> row map
+    (-1: no row here), the slot order and the device row count R (rows past it: left
+    undefined, nothing reads them)."""
+    K = recv_meta_NM.shape[1] // 2
+    dev = recv_ND.device
+    order_M, counts_e = disp._fixed_expert_order(
+        unchecked_cast(Placed[Var[EP]], recv_meta_NM[:, :K].to(torch.int64), reason="ids of the received tokens"))
+    rows_R = counts_e.sum().view(1)  # device count: rows past it belong to no local expert
+    N, M = recv_ND.shape[0], order_M.shape[0]
+    ar_M = torch.arange(M, device=dev)
+    row_of_slot_X = torch.full((N * K,), -1, dtype=torch.int64, device=dev)
+    row_of_slot_X.scatter_(0, order_M, torch.where(ar_M < rows_R, ar_M, -1))
+    # A multiple of 8 rows: the CUDA weight-gradient GEMM needs 16-byte rows (else a
+    # per-expert loop with a host read). The extra rows are past the count: not written.
+    order_M = F.pad(order_M, (0, -M % 8))
+    routed_MD = _pc.gather_rows(recv_ND, order_M, K, rows_R)
+    return routed_MD, recv_meta_NM[:, K:].contiguous(), counts_e, row_of_slot_X, order_M, rows_R
+
+
 class _FixedDispatch(torch.autograd.Function):
     """The fixed-size dispatch: the tokens and their (ids, gate values) go out T rows per
     peer; the receiver expands them to expert-major rows (a gather that stops at the
@@ -541,30 +624,14 @@ class _FixedDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_TD: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, disp: AllToAllDispatcher,
                 tok_N: torch.Tensor, pos_Tn: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        T, K = ids_TK.shape
-        E, dev = disp.num_experts, x_TD.device
-        # Ids (< 2^24: exact in fp32) and gate values in one exchange; the unused rows get
-        # ids E (no expert anywhere) from the sentinel row T.
-        none_M = torch.cat([torch.full((1, K), float(E), device=dev), torch.zeros(1, K, device=dev)], dim=1)
-        meta_TM = torch.cat([torch.cat([ids_TK.to(torch.float32), w_TK.float()], dim=1), none_M])
-        # Unused rows copy the last token (never read): no sentinel row appended to x.
-        recv_ND = _a2a_equal(disp.pctx, x_TD[tok_N.clamp(max=max(T - 1, 0))], T)
-        recv_meta_NM = _a2a_equal(disp.pctx, meta_TM[tok_N], T)
-        order_M, counts_e = disp._fixed_expert_order(
-            unchecked_cast(Placed[Var[EP]], recv_meta_NM[:, :K].to(torch.int64), reason="ids of the received tokens"))
-        rows_R = counts_e.sum().view(1)  # device count: rows past it belong to no local expert
-        N, M = recv_ND.shape[0], order_M.shape[0]
-        ar_M = torch.arange(M, device=dev)
-        row_of_slot_X = torch.full((N * K,), -1, dtype=torch.int64, device=dev)
-        row_of_slot_X.scatter_(0, order_M, torch.where(ar_M < rows_R, ar_M, -1))
-        # A multiple of 8 rows: the CUDA weight-gradient GEMM needs 16-byte rows (else a
-        # per-expert loop with a host read). The extra rows are past the count: not written.
-        order_M = F.pad(order_M, (0, -M % 8))
-        routed_MD = _pc.gather_rows(recv_ND, order_M, K, rows_R)
+        T = ids_TK.shape[0]
+        send_ND, send_meta_NM = _fixed_send(disp, x_TD, w_TK, ids_TK, tok_N)
+        recv_ND, recv_meta_NM = _a2a_equal(disp.pctx, send_ND, T), _a2a_equal(disp.pctx, send_meta_NM, T)
+        routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _fixed_expand(disp, recv_ND, recv_meta_NM)
         ctx.save_for_backward(row_of_slot_X, pos_Tn)
         ctx.pctx, ctx.T, ctx.x_dtype, ctx.w_dtype = disp.pctx, T, x_TD.dtype, w_TK.dtype
         ctx.mark_non_differentiable(counts_e, row_of_slot_X, order_M, rows_R)
-        return routed_MD, recv_meta_NM[:, K:].contiguous(), counts_e, row_of_slot_X, order_M, rows_R
+        return routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R
 
     @staticmethod
     def backward(ctx: Any, g_MD: torch.Tensor | None, g_NK: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:

@@ -265,9 +265,9 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         gy = torch.randn(T, D, device=dev, generator=gen).to(dtype)
         xg = [x.clone().requires_grad_(True) for x in xs]
 
-        def fwd(m: Any, fixed: bool) -> Any:
+        def fwd(m: Any, fixed: bool, chunks: int = 1) -> Any:
             def step(i: int) -> None:
-                disp.equal_tokens = fixed
+                disp.equal_tokens, disp.chunks = fixed, chunks
                 with torch.no_grad():
                     m(xs[i % 4])
             return step
@@ -283,14 +283,16 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         row: dict[str, Any] = {"T_per_gpu": T}
         row["fwd_1gpu_ms"] = timed(fwd(m1, False), args.reps)
         row["fwdbwd_1gpu_ms"] = timed(fb(m1, False), args.reps)
-        for mode, mk in (("fwd", fwd), ("fwdbwd", fb)):
-            new, old = [], []
+        for mode in ("fwd", "fwdbwd"):
+            # "new2": the fixed-size path in 2 pieces (inference only: exchanges overlap the GEMMs).
+            variants = {"new": (True, 1), "old": (False, 1)} if mode == "fwdbwd" else {"new": (True, 1), "new2": (True, 2), "old": (False, 1)}
+            times: dict[str, list[float]] = {k: [] for k in variants}
             for _ in range(args.rounds):
-                new.append(timed(mk(mn, True), args.reps))
-                old.append(timed(mk(mn, False), args.reps))
-            row[f"{mode}_new_ms"], row[f"{mode}_old_ms"] = statistics.median(new), statistics.median(old)
-            row[f"{mode}_new_rounds"], row[f"{mode}_old_rounds"] = new, old
-            for k in ("new", "old"):
+                for k, (fixed, chunks) in variants.items():
+                    times[k].append(timed(fwd(mn, fixed, chunks) if mode == "fwd" else fb(mn, fixed), args.reps))
+            disp.chunks = 1
+            for k, ts in times.items():
+                row[f"{mode}_{k}_ms"], row[f"{mode}_{k}_rounds"] = statistics.median(ts), ts
                 row[f"per_gpu_{mode}_{k}"] = row[f"{mode}_1gpu_ms"] / row[f"{mode}_{k}_ms"]
         with torch.no_grad():
             y1 = m1(xs[0]).float()
@@ -305,6 +307,10 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         row["fwd_old_max_abs_diff_vs_1gpu"] = float((y_old - y1).abs().max())
         row["fwd_new_max_abs_diff_vs_old"] = float((y_new - y_old).abs().max())
         row["fwd_new_bitwise_old"] = bool(torch.equal(y_new, y_old))
+        with torch.no_grad():
+            disp.equal_tokens, disp.chunks = True, 2
+            row["fwd_new2_max_abs_diff_vs_new"] = float((mn(xs[0]).float() - y_new).abs().max())
+            disp.chunks = 1
         # Input gradient of fwd+bwd: new and old against one GPU (bf16; the old path is not bitwise either).
         gxs = {}
         for k, m, fixed in (("1gpu", m1, False), ("new", mn, True), ("old", mn, False)):
@@ -323,6 +329,7 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         rows.append(row)
         dump()
         log(f"sync-free T={T}: fwd 1 GPU {row['fwd_1gpu_ms']:.3f}, new {row['fwd_new_ms']:.3f} ({row['per_gpu_fwd_new']:.2f}), "
+            f"new 2 pieces {row['fwd_new2_ms']:.3f} ({row['per_gpu_fwd_new2']:.2f}), "
             f"old {row['fwd_old_ms']:.3f} ({row['per_gpu_fwd_old']:.2f}); f+b 1 GPU {row['fwdbwd_1gpu_ms']:.3f}, "
             f"new {row['fwdbwd_new_ms']:.3f} ({row['per_gpu_fwdbwd_new']:.2f}), old {row['fwdbwd_old_ms']:.3f} "
             f"({row['per_gpu_fwdbwd_old']:.2f}); diff new-1gpu {row['fwd_new_max_abs_diff_vs_1gpu']:.3g} "
@@ -335,9 +342,9 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
 
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     first = True
-    for key, fixed, grad in (("profile_fwd_new", True, False), ("profile_fwd_old", False, False),
+    for key, fixed, grad in (("profile_fwd_new", True, False), ("profile_fwd_new2", True, False), ("profile_fwd_old", False, False),
                              ("profile_fwdbwd_new", True, True), ("profile_fwdbwd_old", False, True)):
-        disp.equal_tokens = fixed
+        disp.equal_tokens, disp.chunks = fixed, 2 if key.endswith("new2") else 1
         x = xs[0].clone().requires_grad_(grad)
 
         def call() -> None:
@@ -365,19 +372,35 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
             res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         dump()
         log(f"{key}: {json.dumps(res[key])[:700]}")
+    disp.chunks = 1
+    # The NCCL floor: the fixed-size exchanges alone (T rows per peer, self included), bf16 and fp32.
+    T = args.prefill[-1]
+    n = dist.get_world_size()
+    for name, dt in (("bf16", dtype), ("fp32", torch.float32)):
+        buf = torch.randn(n * T, D, device=dev).to(dt)
+        ms = timed(lambda i: ep.backend.all_to_all(buf, [T] * n, [T] * n), args.reps)
+        res[f"a2a_{name}_ms"] = ms
+        res[f"a2a_{name}_GBps_per_rank_out"] = (n - 1) * T * D * buf.element_size() / ms / 1e6
+    log(f"a2a alone at T={T}: bf16 {res['a2a_bf16_ms']:.3f} ms ({res['a2a_bf16_GBps_per_rank_out']:.0f} GB/s to peers), "
+        f"fp32 {res['a2a_fp32_ms']:.3f} ms ({res['a2a_fp32_GBps_per_rank_out']:.0f} GB/s)")
+    dump()
 
 
 def sync_free_table(r: dict[str, Any]) -> None:
-    print("\n| T per GPU | fwd 1 GPU | fwd n new / old | per-GPU fwd new / old (goal 0.80) | f+b 1 GPU | f+b n new / old | per-GPU f+b new / old (goal 0.75) | max abs diff new / old vs 1 GPU (max|y|) | host syncs fwd new / old | f+b new / old |")
+    print("\n| T per GPU | fwd 1 GPU | fwd n new / new 2 pieces / old | per-GPU fwd new / new2 / old (goal 0.80) | f+b 1 GPU | f+b n new / old | per-GPU f+b new / old (goal 0.75) | max abs diff new / old vs 1 GPU (max|y|) | host syncs fwd new / old | f+b new / old |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for w in r.get("sync_free", []):
-        print(f"| {w['T_per_gpu']} | {w['fwd_1gpu_ms']:.3f} | {w['fwd_new_ms']:.3f} / {w['fwd_old_ms']:.3f} | "
-              f"**{w['per_gpu_fwd_new']:.2f}** / {w['per_gpu_fwd_old']:.2f} | {w['fwdbwd_1gpu_ms']:.3f} | "
+        print(f"| {w['T_per_gpu']} | {w['fwd_1gpu_ms']:.3f} | {w['fwd_new_ms']:.3f} / {w.get('fwd_new2_ms', float('nan')):.3f} / {w['fwd_old_ms']:.3f} | "
+              f"**{w['per_gpu_fwd_new']:.2f}** / {w.get('per_gpu_fwd_new2', float('nan')):.2f} / {w['per_gpu_fwd_old']:.2f} | {w['fwdbwd_1gpu_ms']:.3f} | "
               f"{w['fwdbwd_new_ms']:.3f} / {w['fwdbwd_old_ms']:.3f} | **{w['per_gpu_fwdbwd_new']:.2f}** / {w['per_gpu_fwdbwd_old']:.2f} | "
               f"{w['fwd_new_max_abs_diff_vs_1gpu']:.3g} / {w['fwd_old_max_abs_diff_vs_1gpu']:.3g} ({w['fwd_max_abs_1gpu']:.3g}) | "
               f"{w['sync_debug_fwd_new']['host_syncs']} / {w['sync_debug_fwd_old']['host_syncs']} | "
               f"{w['sync_debug_fwdbwd_new']['host_syncs']} / {w['sync_debug_fwdbwd_old']['host_syncs']} |")
-    for key in ("profile_fwd_new", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
+    print("grad_x max abs diff vs 1 GPU new / old (max):", [(w["T_per_gpu"], w.get("grad_x_new_max_abs_diff_vs_1gpu"),
+          w.get("grad_x_old_max_abs_diff_vs_1gpu"), w.get("grad_x_max_abs_1gpu")) for w in r.get("sync_free", [])])
+    print("a2a alone (last T) ms bf16 / fp32:", r.get("a2a_bf16_ms"), r.get("a2a_fp32_ms"), "GB/s to peers:",
+          r.get("a2a_bf16_GBps_per_rank_out"), r.get("a2a_fp32_GBps_per_rank_out"))
+    for key in ("profile_fwd_new", "profile_fwd_new2", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
         p = r.get(key)
         if p and "error" in p:
             print(f"{key}: {p['error']}")
