@@ -475,7 +475,7 @@ def down_combine_kernel(
         # One loop over (k, F step) pairs, so that Triton's pipeliner prefetches across the
         # experts (the id read is its first stage); the combine step at each expert's last
         # F step, by tl.where (the same values as the unrolled form below).
-        NF: tl.constexpr = (F + BLOCK_F - 1) // BLOCK_F
+        NF = (F + BLOCK_F - 1) // BLOCK_F  # constexpr (F and BLOCK_F are)
         m_off = tl.arange(0, 16)
         acc_d = tl.zeros([16, BLOCK_N], dtype=tl.float32)
         for j in range(0, K * NF):
