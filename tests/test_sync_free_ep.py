@@ -277,11 +277,11 @@ def test_fixed_size_kernels_in_triton_interpreter() -> None:
     import subprocess
     import sys
 
-    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1", SPMD_MOE_FUSED_BWD_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_fixed"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "5 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    assert "6 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 _ON_KERNEL = pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")
@@ -401,6 +401,61 @@ def test_interp_fixed_sum_over_ranks_at_matches_torch() -> None:
             finally:
                 pc.use_kernel = pc_use  # type: ignore[assignment]
             assert torch.equal(got, ref), (T, n, odt)
+
+
+@_ON_KERNEL
+def test_interp_fixed_bounded_experts_are_bitwise_the_experts() -> None:
+    """The experts with the count-bounded SwiGLU against GroupedExperts itself on the
+    rows below the count (the rows past it NaN, as the worst-case buffers' may be):
+    forward, input gradient of those rows and every weight gradient, bitwise (the same
+    GEMM calls and SwiGLU arithmetic); and the bounded path was taken."""
+    import spmd_moe.dispatch.all_to_all as a2a
+    from spmd_moe.dispatch import _partial_combine as pc
+    from spmd_moe.experts import GroupedExperts
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    if dev == "cpu" and os.environ.get("SPMD_MOE_FUSED_BWD_INTERPRET") != "1":
+        pytest.skip("needs the fused kernels' interpreter opt-in")
+    from spmd_moe import ParallelContext
+
+    cfg = make_cfg(param_dtype=dt)
+    ex = GroupedExperts(cfg, ParallelContext.single(), device=torch.device(dev))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p_ in ex.parameters():
+            p_.copy_(torch.randn(p_.shape, generator=g) * 0.3)
+    counts = torch.tensor([3, 0, 5, 1, 0, 2, 4, 1], device=dev)
+    R = int(counts.sum())
+    M = R + 12
+    x = torch.randn(M, D, generator=g).to(dev, dt)
+    x[R:] = float("nan")
+    gy = torch.randn(R, D, generator=g).to(dev, dt)
+    calls = {"n": 0}
+    orig = pc.swiglu_bounded
+
+    def spy(*a: Any) -> torch.Tensor:
+        calls["n"] += 1
+        return orig(*a)
+
+    pc.swiglu_bounded = spy  # type: ignore[assignment]
+    try:
+        res = []
+        for bounded in (True, False):
+            for p_ in ex.parameters():
+                p_.grad = None
+            xi = x.clone().requires_grad_(True)
+            y = a2a._experts_bounded(ex, xi, counts, counts.sum().view(1)) if bounded else ex(xi, counts, True)
+            (y[:R] * gy).sum().backward()
+            with torch.no_grad():
+                y_inf = a2a._experts_bounded(ex, x, counts, counts.sum().view(1)) if bounded else ex(x, counts, True)
+            res.append((y[:R].detach(), y_inf[:R], xi.grad[:R], [p_.grad.clone() for p_ in ex.parameters()]))
+    finally:
+        pc.swiglu_bounded = orig  # type: ignore[assignment]
+    assert calls["n"] == 2, "the bounded SwiGLU was not taken"
+    (a, ai, ag, aw), (b, bi, bg, bw) = res
+    assert torch.equal(a, b) and torch.equal(ai, bi) and torch.equal(ag, bg)
+    assert all(torch.equal(u, v) for u, v in zip(aw, bw))
 
 
 def _fixed_kernels_end_to_end(rank: int, n: int) -> list[str]:

@@ -28,12 +28,17 @@ _kernel: Any = None
 _sum_kernel: Any = None
 _gather_kernel: Any = None
 _wgrad_kernel: Any = None
+_swiglu_fwd_kernel: Any = None
+_swiglu_bwd_kernel: Any = None
+exp_f32: Any = None  # spmd_moe.kernels._fused_bwd_triton.exp_f32 once _build ran
+rn_bf16: Any = None  # spmd_moe.kernels._decode_triton.rn_bf16 once _build ran
 _tried = False
 slot_row: Any = None  # spmd_moe.kernels._triton_common.slot_row once _build ran
 
 
 def _build() -> Any:
-    global _kernel, _sum_kernel, _gather_kernel, _wgrad_kernel, _tried, slot_row
+    global _kernel, _sum_kernel, _gather_kernel, _wgrad_kernel, _swiglu_fwd_kernel, _swiglu_bwd_kernel, _tried
+    global slot_row, exp_f32, rn_bf16
     if _tried:
         return _kernel
     _tried = True
@@ -43,6 +48,8 @@ def _build() -> Any:
     except ImportError:
         return None
     from spmd_moe.kernels._triton_common import slot_row  # a global (the interpreter sees no closure)
+    from spmd_moe.kernels._fused_bwd_triton import exp_f32
+    from spmd_moe.kernels._decode_triton import rn_bf16
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def partial_kernel(  # type: ignore[no-untyped-def, unused-ignore]
@@ -108,8 +115,53 @@ def _build() -> Any:
 
     _kernel = partial_kernel
     _sum_kernel = sum_ranks_kernel
+    @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def swiglu_fwd_bounded_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+        h_ptr, a1_ptr, a3_ptr, rows_ptr, F, BLOCK: tl.constexpr, ROUND: tl.constexpr,
+    ):
+        # spmd_moe.kernels._fused_bwd_triton.swiglu_fwd_kernel's arithmetic (the same bits),
+        # over the first rows_ptr[0] rows only (a device count).
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < tl.load(rows_ptr).to(tl.int64) * F
+        a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        s = tl.div_rn(a1, 1.0 + exp_f32(-a1))
+        if ROUND:
+            s = rn_bf16(s)
+        h = s * a3
+        if ROUND:
+            h = rn_bf16(h)
+        tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def swiglu_bwd_bounded_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+        ga1_ptr, ga3_ptr, g_ptr, a1_ptr, a3_ptr, rows_ptr, F, BLOCK: tl.constexpr, ROUND: tl.constexpr,
+    ):
+        # swiglu_bwd_kernel's arithmetic (the same bits), first rows_ptr[0] rows only.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < tl.load(rows_ptr).to(tl.int64) * F
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        e = exp_f32(-a1)
+        s = tl.div_rn(a1, 1.0 + e)
+        sig = tl.div_rn(1.0, 1.0 + e)
+        gs = g * a3
+        if ROUND:
+            s = rn_bf16(s)
+            gs = rn_bf16(gs)
+        ga3 = g * s
+        ga1 = gs * sig * (1.0 + a1 * (1.0 - sig))
+        if ROUND:
+            ga3 = rn_bf16(ga3)
+            ga1 = rn_bf16(ga1)
+        tl.store(ga1_ptr + offs, ga1.to(ga1_ptr.dtype.element_ty), mask=m)
+        tl.store(ga3_ptr + offs, ga3.to(ga3_ptr.dtype.element_ty), mask=m)
+
     _gather_kernel = gather_rows_kernel
     _wgrad_kernel = wgrad_kernel
+    _swiglu_fwd_kernel = swiglu_fwd_bounded_kernel
+    _swiglu_bwd_kernel = swiglu_bwd_bounded_kernel
     return _kernel
 
 
@@ -271,3 +323,42 @@ def sum_over_ranks_at(
         x_TD = parts_ND[p_T1.reshape(-1).clamp(min=0)].float() if parts_ND.shape[0] else acc_TD
         acc_TD = torch.where(p_T1 >= 0, acc_TD + x_TD, acc_TD)
     return acc_TD.to(out_dtype) if out is None else out.copy_(acc_TD)
+
+
+_SWIGLU_BLOCK = 1024
+
+
+class _BoundedSwiGLU(torch.autograd.Function):
+    """silu(a1) * a3 over the first rows_1[0] rows (a device count), the fused SwiGLU's
+    arithmetic (spmd_moe.kernels.fused_bwd.swiglu: the same bits on those rows); the rows
+    past the count are left undefined, forward and backward (nothing reads them: the
+    grouped GEMMs stop at the last offset)."""
+
+    @staticmethod
+    def forward(ctx: Any, a1_RF: torch.Tensor, a3_RF: torch.Tensor, rows_1: torch.Tensor, round_bf16: bool) -> torch.Tensor:
+        a1_RF, a3_RF = a1_RF.contiguous(), a3_RF.contiguous()
+        h_RF = torch.empty_like(a1_RF)
+        n, F = a1_RF.numel(), a1_RF.shape[-1]
+        if n:
+            _build()
+            _swiglu_fwd_kernel[((n + _SWIGLU_BLOCK - 1) // _SWIGLU_BLOCK,)](h_RF, a1_RF, a3_RF, rows_1, F, BLOCK=_SWIGLU_BLOCK, ROUND=round_bf16)
+        ctx.save_for_backward(a1_RF, a3_RF, rows_1)
+        ctx.round_bf16 = round_bf16
+        return h_RF
+
+    @staticmethod
+    def backward(ctx: Any, g_RF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        a1_RF, a3_RF, rows_1 = ctx.saved_tensors
+        g_RF = g_RF.contiguous()
+        ga1_RF, ga3_RF = torch.empty_like(a1_RF), torch.empty_like(a3_RF)
+        n, F = a1_RF.numel(), a1_RF.shape[-1]
+        if n:
+            _swiglu_bwd_kernel[((n + _SWIGLU_BLOCK - 1) // _SWIGLU_BLOCK,)](
+                ga1_RF, ga3_RF, g_RF, a1_RF, a3_RF, rows_1, F, BLOCK=_SWIGLU_BLOCK, ROUND=ctx.round_bf16)
+        return ga1_RF, ga3_RF, None, None
+
+
+def swiglu_bounded(a1_RF: torch.Tensor, a3_RF: torch.Tensor, rows_1: torch.Tensor, round_bf16: bool) -> torch.Tensor:
+    """See _BoundedSwiGLU (Triton: CUDA, or the interpreter in tests)."""
+    out: torch.Tensor = _BoundedSwiGLU.apply(a1_RF, a3_RF, rows_1, round_bf16)  # type: ignore[no-untyped-call]
+    return out

@@ -445,8 +445,7 @@ class AllToAllDispatcher:
         tok_N, pos_Tn = self._fixed_plan(expert_ids_TK)
         routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _FixedDispatch.apply(  # type: ignore[no-untyped-call]
             x_TD, weights_TK, expert_ids_TK, self, tok_N, pos_Tn)
-        out_MD = experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's received tokens, expanded to expert-major rows"),
-                         unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"), True)
+        out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
         y_TD = _FixedCombine.apply(out_MD, recv_w_NK, row_of_slot_X, order_M, rows_R, pos_Tn, tok_N, self.pctx, x_TD.dtype)  # type: ignore[no-untyped-call]
         return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
@@ -483,9 +482,8 @@ class AllToAllDispatcher:
         backs = []
         for (t0, t1, _, _), ((recv_ND, recv_meta_NM), ev) in zip(pieces, recvs):
             st.use(ev, recv_ND, recv_meta_NM)
-            routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, _ = _fixed_expand(self, recv_ND, recv_meta_NM)
-            out_MD = experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="a piece's received tokens, expanded"),
-                             unchecked_cast(Placed[Var[EP]], counts_e, reason="its rows per local expert"), True)
+            routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(self, recv_ND, recv_meta_NM)
+            out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
             part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK)
             st.comm_wait(st.main_mark(), part_ND)
             with st.comm_ctx():
@@ -572,6 +570,39 @@ def _a2a_equal(pctx: ParallelContext[EP], x: torch.Tensor, rows: int) -> torch.T
     if pctx.size == 1:
         return x
     return pctx.backend.all_to_all(x.contiguous(), [rows] * pctx.size, [rows] * pctx.size)
+
+
+def _experts_bounded(
+    experts: ExpertsFn, routed_MD: torch.Tensor, counts_e: torch.Tensor, rows_1: torch.Tensor
+) -> torch.Tensor:
+    """experts(routed_MD, counts_e, rows_exact=True) where the fused SwiGLU would run over
+    all M worst-case rows (2x the real rows at n=2, K=8, E=128; 4x at n=4): the same
+    three grouped GEMMs (device offsets: they stop at the last one) with a SwiGLU that
+    stops at the device row count (the same arithmetic, so the same bits on those rows).
+    Anything else (another experts module, an expert dtype cast, no fused kernels) runs
+    ``experts`` itself."""
+    from spmd_moe import experts as _ex
+    from spmd_moe.kernels import fused_bwd as _fb
+
+    def plain() -> torch.Tensor:
+        return experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's expert-major rows"),
+                       unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert"), True)
+
+    if type(experts) is not _ex.GroupedExperts or experts.cfg.expert_dtype not in (None, routed_MD.dtype):
+        return plain()
+    w1, w2, w3 = experts.w1_EFD, experts.w2_EDF, experts.w3_EFD
+    kernels = experts.cfg.kernels
+    fused = _fb.applies(kernels, w1, w3, routed_MD) or _fb.applies_forward(kernels, w1, w3, routed_MD)
+    if not fused or not _ex._grouped_mm_ok(routed_MD, w1) or not _pc.use_kernel(routed_MD):
+        return plain()
+    offs = torch.cumsum(counts_e, dim=0, dtype=torch.int32)  # once for the three GEMMs
+    x = unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's expert-major rows")
+    c = unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert")
+    a1_MF = _ex.grouped_mm(x, w1, c, zero_tail=False, offs_e=offs)
+    a3_MF = _ex.grouped_mm(x, w3, c, zero_tail=False, offs_e=offs)
+    h_MF = unchecked_cast(Placed[Var[EP]], _pc.swiglu_bounded(a1_MF, a3_MF, rows_1, routed_MD.dtype == torch.bfloat16),
+                          reason="elementwise on this rank's rows")
+    return _ex.grouped_mm(h_MF, w2, c, zero_tail=False, offs_e=offs)
 
 
 def _fixed_send(
