@@ -361,7 +361,7 @@ def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> N
     split: up over 4 D chunks (2 F blocks), down over 2 F chunks (2 D blocks); SwiGLU in
     the up kernel's last program per block or in every down program."""
     if variant.startswith("slot"):
-        _use_slot(monkeypatch, {"slot": 0, "slot_dot": 1, "slot_flat": 2}[variant])
+        _use_slot(monkeypatch, {"slot": 0, "slot_dot": 1, "slot_flat": 2, "slot_sep": 3}[variant])
         return
     if variant == "tiled_fr":
         _use_fused_router(monkeypatch)
@@ -427,7 +427,7 @@ def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch: CUDA (sm90+) only")
 @pytest.mark.parametrize(("T", "variant"), [(1, "tiled"), (5, "tiled"), (1, "split_fused"), (5, "split"),
-                                            (1, "slot"), (5, "slot"), (1, "slot_dot"), (5, "slot_flat"),
+                                            (1, "slot"), (5, "slot"), (1, "slot_dot"), (5, "slot_flat"), (1, "slot_sep"),
                                             (5, "tiled_fr")])
 def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """LAUNCH['pdl'] only changes when the kernels launch: the output is bitwise the same
@@ -460,18 +460,19 @@ def _use_slot(monkeypatch: pytest.MonkeyPatch, dot: int = 0) -> None:
     """Every T through the slot design, with tiles that split the test shapes: 4 gate
     programs per token (so the router's counter sees 4 arrivals), 2 F blocks and 2 D
     steps in up, 4 D blocks and 2 F steps in down; dot 0: GEMVs, 1: tl.dot, 2: tl.dot and
-    the down kernel's flat loop over (expert, F step)."""
+    the down kernel's flat loop over (expert, F step), 3: up by tl.dot, down per slot
+    (down_sep) and the combine kernel."""
     monkeypatch.setitem(dk.SLOT, "on", True)
     monkeypatch.setitem(dk.SLOT, "max_t", dk.MAX_T)
     for key, v in {"gate_e": 4, "up_f": 16, "up_d": 32, "down_n": 16, "down_f": 16, "up_dot": int(dot > 0),
-                   "down_dot": int(dot > 0), "down_flat": int(dot == 2)}.items():
+                   "down_dot": int(dot > 0), "down_flat": int(dot == 2), "down_sep": int(dot == 3)}.items():
         monkeypatch.setitem(dk.SLOT_TILES, key, v)
 
 
 @kernel_test
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("variant", ["softmax_norm_bias", "sigmoid_norm_shared"])
-@pytest.mark.parametrize("dot", [0, 1, 2])
+@pytest.mark.parametrize("dot", [0, 1, 2, 3])
 def test_slot_matches_torch_path(T: int, variant: str, dot: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tolerance of the module docstring: each GEMV (or dot) output is one fp32 sum
     rounded once to bf16 as the torch GEMMs', in another order."""
@@ -486,7 +487,7 @@ def test_slot_matches_torch_path(T: int, variant: str, dot: int, monkeypatch: py
 
 
 @kernel_test
-@pytest.mark.parametrize(("T", "dot"), [(1, 0), (5, 0), (5, 1), (5, 2)])
+@pytest.mark.parametrize(("T", "dot"), [(1, 0), (5, 0), (5, 1), (5, 2), (5, 3)])
 def test_slot_local_experts_and_counted_rows(T: int, dot: int, monkeypatch: pytest.MonkeyPatch,
                                             poisoned_empty: None) -> None:
     """As test_local_experts_and_counted_rows_match_float64_loop, on the slot design:
@@ -626,3 +627,22 @@ def test_tiled_with_fused_router_is_bitwise_the_tiled(T: int, monkeypatch: pytes
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     assert dk._PLAN and all(not bool(t.any()) for t in dk._PLAN.values())
+
+
+@kernel_test
+def test_slot_sep_is_bitwise_the_tiled_kernels_at_t1(monkeypatch: pytest.MonkeyPatch, poisoned_empty: None) -> None:
+    """At T=1 with TILES' tiles, the slot design with up_dot and down_sep runs the tiled
+    kernels' arithmetic (the same tl.dot tiles on the one row, the same combine): the
+    same bits, rounded and fp32, over all experts and a local range."""
+    p = _raw(1, seed=130)
+    outs = []
+    for slot in (False, True):
+        monkeypatch.setitem(dk.SLOT, "on", slot)
+        tiles = {"up_f": dk.TILES["up_f"], "up_d": dk.TILES["up_d"], "down_n": dk.TILES["down_n"],
+                 "down_f": dk.TILES["down_f"], "up_dot": 1, "down_sep": 1}
+        for key, v in tiles.items():
+            monkeypatch.setitem(dk.SLOT_TILES, key, v)
+        outs.append([_call(p, None, False, loc, out_dtype=od)[0] for loc in (None, range(4, 12))
+                     for od in (None, torch.float32)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

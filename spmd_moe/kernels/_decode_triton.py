@@ -428,12 +428,13 @@ def up_slot_kernel(
         t = n // K
         f_off = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         in_f = f_off < F
-        if DOT:
+        if DOT:  # row 0 of the tile stored as is: at T=1 the tiled up kernel's bits
             m_off = tl.arange(0, 16)
             a1, a3 = up_acc(x_ptr, w1_ptr, w3_ptr, m_off * 0 + t, m_off == 0, le.to(tl.int64), f_off, in_f, D, F,
                             0, D, 16, BLOCK_F, BLOCK_D)
-            acc1 = tl.sum(a1, axis=0)  # rows 1.. are exact zeros
-            acc3 = tl.sum(a3, axis=0)
+            h2 = swiglu_bf16(a1, a3)
+            tl.store(h_ptr + n.to(tl.int64) * F + m_off[:, None] * 0 + f_off[None, :], h2.to(h_ptr.dtype.element_ty),
+                     mask=(m_off == 0)[:, None] & in_f[None, :])
         else:
             w_base = le.to(tl.int64) * F * D
             g1 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
@@ -447,10 +448,39 @@ def up_slot_kernel(
                 w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
                 g1 += w1t.to(tl.float32) * xv[None, :]
                 g3 += w3t.to(tl.float32) * xv[None, :]
-            acc1 = tl.sum(g1, axis=1)
-            acc3 = tl.sum(g3, axis=1)
-        h = swiglu_bf16(acc1, acc3)
-        tl.store(h_ptr + n.to(tl.int64) * F + f_off, h.to(h_ptr.dtype.element_ty), mask=in_f)
+            h = swiglu_bf16(tl.sum(g1, axis=1), tl.sum(g3, axis=1))
+            tl.store(h_ptr + n.to(tl.int64) * F + f_off, h.to(h_ptr.dtype.element_ty), mask=in_f)
+
+
+@triton.jit
+def down_slot_kernel(
+    h_ptr, w2_ptr, y_ptr, ids_ptr, D, F, e_start, num_local,
+    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """Program (slot n, D block): y[n] = h[n] @ w2[e].T on the block, rounded to bf16, by
+    tl.dot on a 16-row tile holding h[n] in row 0 (down_kernel's arithmetic: at T=1 its
+    bits); nothing for a non-local expert (combine_kernel reads no y row of one). One
+    dependent load (the id) before the weights stream."""
+    pdl_enter(PDL)
+    n = tl.program_id(0)
+    le = tl.load(ids_ptr + n) - e_start
+    if (le >= 0) & (le < num_local):
+        n_off = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = n_off < D
+        m_off = tl.arange(0, 16)
+        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        w_base = le.to(tl.int64) * D * F
+        for f0 in range(0, F, BLOCK_F):
+            f_off = f0 + tl.arange(0, BLOCK_F)
+            in_f = f_off < F
+            ht = tl.load(h_ptr + n.to(tl.int64) * F + m_off[:, None] * 0 + f_off[None, :],
+                         mask=(m_off == 0)[:, None] & in_f[None, :], other=0.0)
+            w2t = tl.load(w2_ptr + w_base + n_off[:, None] * F + f_off[None, :], mask=in_n[:, None] & in_f[None, :],
+                          other=0.0)
+            acc = tl.dot(ht, tl.trans(w2t), acc)
+        y = rn_bf16(acc).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + n.to(tl.int64) * D + m_off[:, None] * 0 + n_off[None, :], y,
+                 mask=(m_off == 0)[:, None] & in_n[None, :])
 
 
 @triton.jit

@@ -80,9 +80,11 @@ LAUNCH = {"pdl": False}
 # run concurrently on two streams of one device.
 SLOT: dict[str, Any] = {"on": False, "max_t": 1}
 # (up_dot / down_dot: 1 = tl.dot on a 16-row tile holding the one row, 0 = a GEMV in registers;
-# down_flat: 1 = the down kernel's K experts x F steps in one pipelined loop, with tl.dot.)
+# down_flat: 1 = the down kernel's K experts x F steps in one pipelined loop, with tl.dot;
+# down_sep: 1 = down per (slot, D block) (tl.dot, pipelined, down_n x down_f tiles) and then
+# combine_kernel: 4 kernels; with up_dot and TILES' tiles, bitwise the tiled kernels at T=1.)
 SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "up_warps": 4, "down_n": 16, "down_f": 256,
-                              "down_warps": 4, "stages": 3, "up_dot": 0, "down_dot": 0, "down_flat": 0}
+                              "down_warps": 4, "stages": 3, "up_dot": 0, "down_dot": 0, "down_flat": 0, "down_sep": 0}
 _DONE: dict[tuple[str, int | None], torch.Tensor] = {}
 
 # fused: the tiled kernels (T > SLOT["max_t"] or SLOT off) take their router from
@@ -110,7 +112,8 @@ def _build() -> dict[str, Any] | None:
 
     _kernels = {"gate": k.gate_kernel, "route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel,
                 "combine": k.combine_kernel, "up_split": k.up_split_kernel, "down_split": k.down_split_kernel,
-                "router": k.router_kernel, "up_slot": k.up_slot_kernel, "down_combine": k.down_combine_kernel}
+                "router": k.router_kernel, "up_slot": k.up_slot_kernel, "down_combine": k.down_combine_kernel,
+                "down_slot": k.down_slot_kernel}
     return _kernels
 
 
@@ -353,9 +356,22 @@ def _slot_decode(
             num_local=L, lo=lo, hi=hi, bec=tl_["gate_e"], pk=pk)
     ks["up_slot"][(T * K, triton_cdiv(F, tl_["up_f"]))](
         x_TD, w1_EFD, w3_EFD, h_NF, ids_TK, D, F, expert_start, L,
-        K=K, BLOCK_F=tl_["up_f"], BLOCK_D=min(tl_["up_d"], _pow2(D)), DOT=bool(tl_["up_dot"]), num_warps=tl_["up_warps"],
+        K=K, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], DOT=bool(tl_["up_dot"]), num_warps=tl_["up_warps"],
         num_stages=tl_["stages"], **pk,
     )
+    if tl_.get("down_sep", 0):
+        y_ND = torch.empty(T * K, D, dtype=x_TD.dtype, device=dev)
+        ks["down_slot"][(T * K, triton_cdiv(D, tl_["down_n"]))](
+            h_NF, w2_EDF, y_ND, ids_TK, D, F, expert_start, L,
+            BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], num_warps=tl_["down_warps"],
+            num_stages=tl_["stages"], **pk,
+        )
+        block = 1024 if D >= 1024 else max(16, _pow2(D))
+        ks["combine"][(T, triton_cdiv(D, block))](
+            out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, T * K, ids_TK, 0,
+            K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=1, **pk,
+        )
+        return
     ks["down_combine"][(T, triton_cdiv(D, tl_["down_n"]))](
         h_NF, w2_EDF, out_TD, ids_TK, wts_TK, D, expert_start, L,
         F=F, K=K, BLOCK_N=tl_["down_n"], BLOCK_F=min(tl_["down_f"], _pow2(F)), ROUND=rounded, DOT=bool(tl_["down_dot"]),

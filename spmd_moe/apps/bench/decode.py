@@ -134,23 +134,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-ALT_VARIANTS = ["tiled", "tiled_pdl", "tiled_fr", "tiled_fr_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl"]
+ALT_VARIANTS = ["tiled", "tiled_pdl", "tiled_fr", "tiled_fr_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl",
+                "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl"]
 
 
 def _configure(v: str) -> None:
     """Set spmd_moe.kernels.decode's switches for variant v ('tiled', 'split', 'split_fused',
     'tiled_fr' (tiled with ROUTER['fused']), 'slot', 'slot_dot' (SLOT_TILES up_dot = down_dot = 1),
-    'slot_flat' (and down_flat = 1), each optionally '_pdl'); the slot design then applies up
-    to MAX_T tokens."""
+    'slot_flat' (and down_flat = 1), 'slot_sep' (up_dot, down_sep with TILES' tiles: the
+    tiled arithmetic at T=1 with one dependent read per program), 'slot_sep_fr' (slot_sep
+    at T=1 only, tiled with the fused router above), each optionally '_pdl'); the slot design
+    then applies up to MAX_T tokens."""
     from spmd_moe.kernels import decode as dk
 
     base = v.removesuffix("_pdl")
     dk.SPLIT["variant"] = base if base in ("split", "split_fused") else "tiled"
     dk.SLOT["on"] = base.startswith("slot")
-    dk.ROUTER["fused"] = base == "tiled_fr"
-    dk.SLOT["max_t"] = dk.MAX_T
+    dk.ROUTER["fused"] = base in ("tiled_fr", "slot_sep_fr")
+    dk.SLOT["max_t"] = 1 if base == "slot_sep_fr" else dk.MAX_T
     if base in ("slot_dot", "slot_flat"):
         dk.SLOT_TILES.update(up_dot=1, down_dot=1, down_flat=int(base == "slot_flat"))
+    if base in ("slot_sep", "slot_sep_fr"):
+        t = dk.TILES
+        dk.SLOT_TILES.update(up_dot=1, down_sep=1, up_f=t["up_f"], up_d=t["up_d"], down_n=t["down_n"],
+                             down_f=t["down_f"], up_warps=t["warps"], down_warps=t["warps"], stages=t["stages"])
     dk.LAUNCH["pdl"] = v.endswith("_pdl")
 
 
@@ -324,7 +331,8 @@ def summarize_alternating(res: dict[str, Any]) -> str:
                 by = row.get(f"{v}_by_kernel_ms", {})
                 lines.append(f"    {v:13s} {row[f'{v}_graph_ms'] * 1e3:6.1f} us  x{row[f'{v}_over_floor']:.2f} floor"
                              f"  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})  diff vs torch "
-                             f"{row.get(f'{v}_max_abs_diff_vs_torch', float('nan')):.2g}  routing equal "
+                             f"{row.get(f'{v}_max_abs_diff_vs_torch', float('nan')):.2g} (vs 1st variant "
+                             f"{row.get(next((k for k in row if k.startswith(f'{v}_max_abs_diff_vs_') and not k.endswith('torch')), ''), float('nan')):.2g})  routing equal "
                              f"{row.get(f'{v}_routing_equal')}  kernels(us): "
                              + ", ".join(f"{k[:14]} {x * 1e3:.1f}" for k, x in by.items()))
     sw = [r for r in res.get("slot_sweep", []) if r.get("T1_ms")]
