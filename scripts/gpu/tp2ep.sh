@@ -33,7 +33,7 @@ if [ "${SF:-0}" = 1 ]; then
       > /dev/null 2> "$OUT/tp2ep_sf_${ng}gpu.log"
   rc=$?
   echo "== SF n=$ng rc=$rc took $(( $(date +%s) - t0 )) s"
-  grep -E "^\[tp2ep" "$OUT/tp2ep_sf_${ng}gpu.log" | cut -c1-600
+  grep -E "^\[tp2ep" "$OUT/tp2ep_sf_${ng}gpu.log" | cut -c1-1800
   [ $rc -ne 0 ] && tail -30 "$OUT/tp2ep_sf_${ng}gpu.log" | cut -c1-300
   [ -f "$OUT/tp2ep_sf_${ng}gpu.json" ] && python3 -m spmd_moe.apps.bench.tp2ep --table "$OUT/tp2ep_sf_${ng}gpu.json" 2>&1 | cut -c1-700
   exit $rc
