@@ -38,6 +38,19 @@ and rounds once. Not bitwise the row path (one rounding instead of one per term 
 add): tests/test_ep_overlap.py states the tolerance. kernels='torchtitan', autograd,
 batch-invariant and debug mode keep the bitwise row path.
 
+The fixed-size exchange (no host read; ``equal_tokens``: the caller guarantees that every
+rank has the same T, e.g. layout 'replicated'; kernels='fast'; env SPMD_MOE_EP_SYNC_FREE=0
+turns it off): a rank sends each token at most once to each peer, so every exchange
+carries exactly T rows per peer (equal splits, nothing to read on the host). Rows past a
+destination's count carry expert id E (no expert) and are skipped. The receiver's
+buffers are sized for the worst case (M = n*T*min(K, e) rows) and every pass over them
+stops at the device count (Triton gathers, the SwiGLU, the partial sums; the grouped
+GEMMs at their last device offset), so the work is the real work. The way back is the
+fp32 partial sum per (token, expert rank), summed by the sender in rank order and
+rounded once, as above. Inference, in ``chunks`` pieces with the exchanges on a side
+stream; training (autograd, one piece): the backward is the mirror of each exchange
+(_FixedDispatch, _FixedCombine). tests/test_sync_free_ep.py states the tolerances.
+
 ``chunks`` > 1 (every rank the same): the tokens are split into that many contiguous
 pieces; all pieces' dispatch exchanges are issued first, then for each piece its expert
 GEMMs and its return exchange. On CUDA the exchanges run on a side stream ordered by
