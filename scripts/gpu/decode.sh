@@ -5,7 +5,10 @@
 #     fused router vs tiled (bitwise), PDL + CUDA graph replays, counters reset, slot vs torch path, EP arguments.
 #  2. python -m spmd_moe.apps.bench.decode --alternate (the rest of the 140 s): T = 1, 8, 64 (slot* at T <= 8);
 #     every variant's CUDA graph captured once, then timed in turn, 9 rounds (A B C D E A B C D E ...), median
-#     of the rounds' medians, x HBM floor, diffs vs the torch path, per-kernel device times. Variants:
+#     of the rounds' medians, x HBM floor, diffs vs the torch path, per-kernel device times. Two timings each:
+#     one layer a graph replay (as in sessions 3-5: includes the input copy kernel and the graph launch, so
+#     host-sensitive at T=1) and, second line, "per layer of 8 in one graph": 8 distinct layers (own weights)
+#     on 8 inputs captured in ONE graph, replay / 8 (a model's decode step; no copy, one launch). Variants:
 #       tiled          the 5 kernels of session 3 (gate, route, up, down, combine)
 #       tiled_pdl      the same with programmatic dependent launch
 #       tiled_fr_pdl   ROUTER['fused']: router_kernel (gate + route + plan) + tiled up/down/combine: 4 kernels
@@ -41,6 +44,6 @@ timeout 45 python3 -m pytest -q -p no:cacheprovider -rf \
 echo "pytest rc=$? in $((SECONDS - t0)) s:"; grep -E "passed|failed|FAILED|rror" "$OUT/decode.log" | tail -6 | cut -c1-300
 timeout $((140 - (SECONDS - t0))) python3 -m spmd_moe.apps.bench.decode --alternate --out "$OUT/decode_gpu.json" \
   --tokens 1 8 64 --alt-variants tiled tiled_pdl tiled_fr_pdl slot_sep_pdl slot_flat_pdl --rounds 9 \
-  --reps 200 --slot-max-t 8 2>> "$OUT/decode.log" >/dev/null
+  --reps 200 --slot-max-t 8 --stack 8 2>> "$OUT/decode.log" >/dev/null
 echo "bench rc=$? in $((SECONDS - t0)) s total"
 python3 -m spmd_moe.apps.bench.decode --summarize "$OUT/decode_gpu.json" 2>&1 | cut -c1-600
