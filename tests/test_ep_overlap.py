@@ -370,6 +370,7 @@ def _partial_return(rank: int, n: int) -> dict[str, Any]:
             cfg = make_cfg(dispatcher="all_to_all", padding="pad", shared_hidden_dim=16 if shared else None, top_k=4,
                            score_func="sigmoid" if shared else "softmax", route_norm=shared, param_dtype=dt)
             full, moe = build_pair(cfg, world_pctx(), layout, 40 + T)
+            moe.prefill_dispatcher.equal_tokens = False  # the split-size path (tests/test_sync_free_ep.py: the fixed-size one)
             comm = moe.pctx.backend
             orig = comm.all_to_all
 
@@ -425,6 +426,7 @@ def _partial_return(rank: int, n: int) -> dict[str, Any]:
                               ("autograd", {}, "grad"), ("chunks2", dict(ep_chunks=2), "no_grad"),
                               ("debug", {}, "debug"), ("batch_invariant", {}, "bi")):
             _, moe = build_pair(make_cfg(dispatcher="all_to_all", **kw), world_pctx(), "sequence", 2)
+            moe.prefill_dispatcher.equal_tokens = False
             calls = {"n": 0}
             orig_w = moe.prefill_dispatcher.weighted
 

@@ -129,6 +129,37 @@ def _forward_cases(rank: int, n: int) -> list[dict[str, Any]]:
             with torch.no_grad():
                 err = rel_err(y, full(x_all)[sl])
             out.append({"pieces": chunks, "layout": layout, "T": T, "rel": err, "reads": reads, "exchanges": len(sent), "taken": taken})
+        # Where it must not apply even with equal_tokens: the bitwise row path runs instead.
+        import spmd_moe
+
+        gates: dict[str, int] = {}
+        xg = torch.randn(12, D, generator=torch.Generator().manual_seed(1 + rank))
+        for name, kw, ctx in (("fast", {}, "no_grad"), ("fast_train", {}, "grad"), ("torchtitan", dict(kernels="torchtitan"), "no_grad"),
+                              ("train_chunks2", dict(ep_chunks=2), "grad"), ("debug", {}, "debug"), ("batch_invariant", {}, "bi")):
+            _, mg = build_pair(make_cfg(dispatcher="all_to_all", **kw), world_pctx(), "sequence", 2)
+            mg.prefill_dispatcher.equal_tokens = True
+            calls = {"n": 0}
+            orig_w = mg.prefill_dispatcher.weighted
+
+            def counted(*a: Any, _o: Any = orig_w, _c: Any = calls, **kw2: Any) -> Any:
+                r = _o(*a, **kw2)
+                _c["n"] += r is not None
+                return r
+
+            mg.prefill_dispatcher.weighted = counted
+            if ctx == "grad":
+                mg(xg.clone().requires_grad_(True))
+            elif ctx == "debug":
+                with torch.no_grad(), spmd_moe.debug():
+                    mg(xg)
+            elif ctx == "bi":
+                with torch.no_grad(), spmd_moe.batch_invariant_mode():
+                    mg(xg)
+            else:
+                with torch.no_grad():
+                    mg(xg)
+            gates[name] = calls["n"]
+        out.append({"gates": gates})
         # The switch: SPMD_MOE_EP_SYNC_FREE=0 takes the split-size path even with equal_tokens.
         _, moe = build_pair(make_cfg(dispatcher="all_to_all", top_k=4), world_pctx(), "sequence", 3)
         moe.prefill_dispatcher.equal_tokens = True
@@ -234,6 +265,11 @@ def test_fixed_size_forward_has_no_host_read(n: int) -> None:
                 w = f"world {n} rank {rank} {c['layout']} T={c['T']} pieces={c['pieces']}"
                 if c["rel"] > FWD_TOL or c["reads"] or c["taken"] != 1 or c["exchanges"] != 3 * c["pieces"]:
                     bad.append(f"{w}: rel {c['rel']:.3g}, {c['reads']} reads, taken {c['taken']}, {c['exchanges']} exchanges")
+                continue
+            if "gates" in c:
+                want = {"fast": 1, "fast_train": 1, "torchtitan": 0, "train_chunks2": 0, "debug": 0, "batch_invariant": 0}
+                if c["gates"] != want:
+                    bad.append(f"world {n} rank {rank}: taken where it must not be (or not where it must): {c['gates']}")
                 continue
             if c.get("switch_off"):
                 if c["reads"] != 1 or c["exchanges"] != 4:
