@@ -1,9 +1,10 @@
 #!/bin/bash
 # Issue 12 decode kernels on one GPU, session 6, < 150 s in all:
-#  1. CUDA run of 12 chosen tests of tests/test_decode_kernels.py (<= 45 s; run 1 showed ~3 s of compiles a
+#  1. CUDA run of 12 chosen tests of tests/test_decode_kernels.py (<= 42 s; run 1 showed ~3 s of compiles a
 #     test): the one-kernel router vs gate + route (bitwise), slot_sep vs tiled at T=1 (bitwise), tiled with the
 #     fused router vs tiled (bitwise), PDL + CUDA graph replays, counters reset, slot vs torch path, EP arguments.
-#  2. python -m spmd_moe.apps.bench.decode --alternate (the rest of the 140 s): T = 1, 8, 64 (slot* at T <= 8);
+#  2. python -m spmd_moe.apps.bench.decode --alternate (the rest of the 140 s): T = 1, 8, 64 (slot* at T = 1 only:
+#     above, an expert picked by several tokens is read once per token; kernel profile at T=1 only);
 #     every variant's CUDA graph captured once, then timed in turn, 9 rounds (A B C D E A B C D E ...), median
 #     of the rounds' medians, x HBM floor, diffs vs the torch path, per-kernel device times. Two timings each:
 #     one layer a graph replay (as in sessions 3-5: includes the input copy kernel and the graph launch, so
@@ -14,6 +15,7 @@
 #       tiled_fr_pdl   ROUTER['fused']: router_kernel (gate + route + plan) + tiled up/down/combine: 4 kernels
 #       slot_sep_pdl   SLOT (up_dot, down_sep, TILES' tiles): router_kernel, up per slot, down per slot, combine;
 #                      the tiled arithmetic at T=1 with one dependent read per program instead of the plan's chain
+#       slot_sep_s4_pdl  slot_sep_pdl with 4 pipeline stages (session 4's best sweep entry, unconfirmed)
 #       slot_flat_pdl  SLOT (up_dot, down_flat): router_kernel, up per slot, down + combine in one flat loop: 3 kernels
 # Files: $OUT/decode_gpu.json (rewritten after every T), $OUT/decode.log. Summary on stdout (last lines:
 # "T=1: best <variant> xN floor").
@@ -25,7 +27,7 @@ t0=$SECONDS
 if [ -n "${DECODE_SMALL:-}" ]; then
   export TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1
   timeout 120 python3 -m spmd_moe.apps.bench.decode --alternate --small --tokens 1 3 --rounds 2 --reps 2 \
-    --slot-max-t 3 --alt-variants tiled tiled_fr_pdl slot_sep_pdl slot_flat_pdl --out "$OUT/decode_gpu.json" 2> "$OUT/decode.log" >/dev/null
+    --slot-max-t 1 --alt-variants tiled tiled_fr_pdl slot_sep_pdl slot_sep_s4_pdl slot_flat_pdl --out "$OUT/decode_gpu.json" 2> "$OUT/decode.log" >/dev/null
   echo "dry-run bench rc=$? in $((SECONDS - t0)) s"
   python3 -m spmd_moe.apps.bench.decode --summarize "$OUT/decode_gpu.json" 2>&1 | cut -c1-400
   exit 0
@@ -33,7 +35,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 # Run 1 (23:13): 18 tests passed in 55 s and the run was cut (compiles ~3 s a test): now 12 chosen ones.
 T=tests/test_decode_kernels.py
-timeout 45 python3 -m pytest -q -p no:cacheprovider -rf \
+timeout 42 python3 -m pytest -q -p no:cacheprovider -rf \
   "$T::test_router_kernel_is_gate_plus_route_bitwise[False]" "$T::test_slot_sep_is_bitwise_the_tiled_kernels_at_t1" \
   "$T::test_tiled_with_fused_router_is_bitwise_the_tiled[1]" "$T::test_tiled_with_fused_router_is_bitwise_the_tiled[17]" \
   "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[1-slot_sep]" "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[5-tiled_fr]" \
@@ -43,7 +45,7 @@ timeout 45 python3 -m pytest -q -p no:cacheprovider -rf \
   > "$OUT/decode.log" 2>&1
 echo "pytest rc=$? in $((SECONDS - t0)) s:"; grep -E "passed|failed|FAILED|rror" "$OUT/decode.log" | tail -6 | cut -c1-300
 timeout $((140 - (SECONDS - t0))) python3 -m spmd_moe.apps.bench.decode --alternate --out "$OUT/decode_gpu.json" \
-  --tokens 1 8 64 --alt-variants tiled tiled_pdl tiled_fr_pdl slot_sep_pdl slot_flat_pdl --rounds 9 \
-  --reps 200 --slot-max-t 8 --stack 8 2>> "$OUT/decode.log" >/dev/null
+  --tokens 1 8 64 --alt-variants tiled tiled_pdl tiled_fr_pdl slot_sep_pdl slot_sep_s4_pdl slot_flat_pdl \
+  --rounds 9 --reps 200 --slot-max-t 1 --stack 8 --profile-tokens 1 2>> "$OUT/decode.log" >/dev/null
 echo "bench rc=$? in $((SECONDS - t0)) s total"
 python3 -m spmd_moe.apps.bench.decode --summarize "$OUT/decode_gpu.json" 2>&1 | cut -c1-600

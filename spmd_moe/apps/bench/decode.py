@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 ALT_VARIANTS = ["tiled", "tiled_pdl", "tiled_fr", "tiled_fr_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl",
                 "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl"]
+ALT_VARIANTS += [v.replace("_pdl", "_s4_pdl") for v in ALT_VARIANTS if v.endswith("_pdl")]  # 4 pipeline stages
 
 
 def _configure(v: str) -> None:
@@ -148,6 +149,8 @@ def _configure(v: str) -> None:
     from spmd_moe.kernels import decode as dk
 
     base = v.removesuffix("_pdl")
+    stages4 = base.endswith("_s4")
+    base = base.removesuffix("_s4")
     dk.SPLIT["variant"] = base if base in ("split", "split_fused") else "tiled"
     dk.SLOT["on"] = base.startswith("slot")
     dk.ROUTER["fused"] = base in ("tiled_fr", "slot_sep_fr")
@@ -158,19 +161,22 @@ def _configure(v: str) -> None:
         t = dk.TILES
         dk.SLOT_TILES.update(up_dot=1, down_sep=1, up_f=t["up_f"], up_d=t["up_d"], down_n=t["down_n"],
                              down_f=t["down_f"], up_warps=t["warps"], down_warps=t["warps"], stages=t["stages"])
+    if stages4:  # session 4's best tile sweep entry (42.5 us, unconfirmed): 4 pipeline stages
+        dk.SLOT_TILES["stages"] = 4
+        dk.TILES["stages"] = 4
     dk.LAUNCH["pdl"] = v.endswith("_pdl")
 
 
 def _switches() -> tuple[dict[str, Any], ...]:
     from spmd_moe.kernels import decode as dk
 
-    return dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH), dict(dk.SLOT_TILES), dict(dk.ROUTER)
+    return dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH), dict(dk.SLOT_TILES), dict(dk.ROUTER), dict(dk.TILES)
 
 
 def _restore(saved: tuple[dict[str, Any], ...]) -> None:
     from spmd_moe.kernels import decode as dk
 
-    for d, old in zip((dk.SPLIT, dk.SLOT, dk.LAUNCH, dk.SLOT_TILES, dk.ROUTER), saved):
+    for d, old in zip((dk.SPLIT, dk.SLOT, dk.LAUNCH, dk.SLOT_TILES, dk.ROUTER, dk.TILES), saved):
         d.clear()
         d.update(old)
 
@@ -237,7 +243,7 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
                     reps[v] = rep
                 if cuda and args.stack > 1:
                     stack_reps[v] = _stack_graph(device, stack, xs_s)
-                if cuda:
+                if cuda and T in args.profile_tokens:
                     n, ms, by_name = _kernels_of(fast, xs[0])
                     row[f"{v}_kernels"], row[f"{v}_kernel_ms"], row[f"{v}_by_kernel_ms"] = n, ms, by_name
             except Exception as e:  # one variant failing (build, launch) leaves the others' numbers
@@ -373,11 +379,11 @@ def summarize_alternating(res: dict[str, Any]) -> str:
         lines.append(f"T={row['T']:<3} floor {row['floor_ms'] * 1e3:6.1f} us ({row['touched_experts']} experts)")
         for v in ALT_VARIANTS + ["split", "split_fused", "split_pdl", "split_fused_pdl"]:
             if f"{v}_error" in row:
-                lines.append(f"    {v:13s} ERROR {row[f'{v}_error'][:200]}")
+                lines.append(f"    {v:15s} ERROR {row[f'{v}_error'][:200]}")
             if f"{v}_graph_ms" in row:
                 ts = row[f"{v}_graph_ms_rounds"]
                 by = row.get(f"{v}_by_kernel_ms", {})
-                lines.append(f"    {v:13s} {row[f'{v}_graph_ms'] * 1e3:6.1f} us  x{row[f'{v}_over_floor']:.2f} floor"
+                lines.append(f"    {v:15s} {row[f'{v}_graph_ms'] * 1e3:6.1f} us  x{row[f'{v}_over_floor']:.2f} floor"
                              f"  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})  diff vs torch "
                              f"{row.get(f'{v}_max_abs_diff_vs_torch', float('nan')):.2g} (vs 1st variant "
                              f"{row.get(next((k for k in row if k.startswith(f'{v}_max_abs_diff_vs_') and not k.endswith('torch')), ''), float('nan')):.2g})  routing equal "
@@ -385,7 +391,7 @@ def summarize_alternating(res: dict[str, Any]) -> str:
                              + ", ".join(f"{k[:14]} {x * 1e3:.1f}" for k, x in by.items()))
             if f"{v}_stack_ms" in row:
                 ts = row[f"{v}_stack_ms_rounds"]
-                lines.append(f"    {v:13s} {row[f'{v}_stack_ms'] * 1e3:6.1f} us  x{row[f'{v}_stack_over_floor']:.2f} floor"
+                lines.append(f"    {v:15s} {row[f'{v}_stack_ms'] * 1e3:6.1f} us  x{row[f'{v}_stack_over_floor']:.2f} floor"
                              f"  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})  per layer of {res.get('stack')} in one graph"
                              f" (floor {row['stack_floor_ms'] * 1e3:.1f} us)")
     sw = [r for r in res.get("slot_sweep", []) if r.get("T1_ms")]
@@ -575,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alt-variants", nargs="+", default=ALT_VARIANTS,
                    choices=ALT_VARIANTS + ["split", "split_fused", "split_pdl", "split_fused_pdl"])
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--profile-tokens", type=int, nargs="*", default=[1, 8, 64],
+                   help="T at which --alternate profiles each variant's kernels")
     p.add_argument("--stack", type=int, default=0, help="also time N distinct layers in one graph (per layer)")
     p.add_argument("--slot-max-t", type=int, default=8, help="T up to which the slot variants are timed")
     p.add_argument("--slot-sweep", action="store_true", help="SLOT_TILES choices at T=1 (slot_pdl)")
