@@ -146,12 +146,13 @@ def test_route_kernel_matches_float64(T: int, case: str, e: int, k: int) -> None
 
 @kernel_test
 @pytest.mark.parametrize("tokens,warps", [(1, 1), (8, 1), (3, 2)])
-def test_launch_shape(tokens: int, warps: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tokens per program only change which program routes a token, not its arithmetic
-    (the same code on its own lanes): bitwise at the same warps. More warps split a
-    token's 128 lanes over warps, another reduction tree for the softmax and renorm sums
-    (measured on an H200: other bits): the same ids, gate values within 2A."""
+def test_launch_shape_topk_kernel(tokens: int, warps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """route_kernel: tokens per program only change which program routes a token, not its
+    arithmetic (the same code on its own lanes): bitwise at the same warps. More warps
+    split a token's 128 lanes over warps, another reduction tree for the softmax and renorm
+    sums (measured on an H200: other bits): the same ids, gate values within 2A."""
     lg = torch.randn(37, 128, generator=torch.Generator().manual_seed(2)).to(DEV)
+    monkeypatch.setitem(fr.LAUNCH, "kernel", "topk")
     monkeypatch.setitem(fr.LAUNCH, "tokens", 4)
     monkeypatch.setitem(fr.LAUNCH, "warps", warps)
     ref = _route(lg, None, 8, "softmax", True, 1.0)
@@ -161,6 +162,33 @@ def test_launch_shape(tokens: int, warps: int, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(fr.LAUNCH, "warps", 1)
     one = _route(lg, None, 8, "softmax", True, 1.0)
     assert torch.equal(one[1], ref[1]) and bool(((one[0] - ref[0]).abs() <= 2 * A * ref[0].abs()).all())
+
+
+@kernel_test
+@pytest.mark.parametrize("case", list(ROUTE_CASES))
+@pytest.mark.parametrize("block_t,warps", [(16, 4), (4, 1), (64, 8)])
+def test_rows_kernel_same_experts_as_topk_kernel(case: str, block_t: int, warps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two route kernels (K rounds of a row max over a tile of tokens; route_topk's sort
+    per token) choose the same experts, bitwise, also on exact ties and NaN tokens; gate
+    values within 2A (other summation trees). Any tile shape and warps, a tail tile."""
+    score, norm, bias_on, scale = ROUTE_CASES[case]
+    lg = (torch.randn(70, 128, generator=torch.Generator().manual_seed(8)) * 2).to(DEV)
+    lg[3] = 0.0  # every expert tied
+    lg[4, 10:20] = 9.0  # ten tied for eight places
+    lg[5] = float("nan")
+    bias = _bias(128, bias_on)
+    monkeypatch.setitem(fr.LAUNCH, "kernel", "topk")
+    ref = _route(lg, bias, 8, score, norm, scale)
+    monkeypatch.setitem(fr.LAUNCH, "kernel", "rows")
+    monkeypatch.setitem(fr.LAUNCH, "block_t", block_t)
+    monkeypatch.setitem(fr.LAUNCH, "rows_warps", warps)
+    got = _route(lg, bias, 8, score, norm, scale)
+    assert torch.equal(got[1], ref[1])
+    if bias is None:  # (a bias breaks the ties)
+        assert got[1][3].tolist() == list(range(8)) and got[1][4].tolist() == list(range(10, 18))
+    assert got[1][5].tolist() == list(range(8))  # NaN: every lane -inf, the lowest ids
+    ok = ((got[0] - ref[0]).abs() <= 2 * A * ref[0].abs()) | (got[0].isnan() & ref[0].isnan())
+    assert bool(ok.all())
 
 
 @kernel_test

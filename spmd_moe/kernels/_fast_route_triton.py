@@ -29,3 +29,51 @@ def route_kernel(
         sel, w, k_pos = route_topk(scores, e_off, in_e, bias_ptr, route_scale, K, HAS_BIAS, NORM)
         tl.store(ids_ptr + t * K + k_pos, e_off.to(tl.int64), mask=sel & live)
         tl.store(wts_ptr + t * K + k_pos, w, mask=sel & live)
+
+
+@triton.jit
+def route_rows_kernel(
+    logits_ptr, bias_ptr, ids_ptr, wts_ptr, T, E, route_scale,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+):
+    """route_kernel's result for a [BLOCK_T, E] tile of tokens at once, with K rounds of
+    a row max (the highest choice not yet taken, lowest id among equals) in place of a
+    sort of each token's E lanes: the same experts (ties to the lowest id; NaN ranks as
+    -inf, so K distinct experts always), the same formulas for the gate values (sums in
+    another order: fp32 ulps). Stored at the chosen expert's rank in ascending id."""
+    t_off = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e_off = tl.arange(0, BLOCK_E)
+    in_t = t_off < T
+    in_e = e_off < E
+    in_e2 = (t_off[:, None] * 0 + e_off[None, :]) < E  # [BLOCK_T, BLOCK_E]
+    e2 = (t_off[:, None] * 0 + e_off[None, :]).to(tl.int32)
+    # (tokens past T: zeros, routed and not stored)
+    logits = tl.load(logits_ptr + t_off[:, None] * E + e_off[None, :], mask=in_t[:, None] & in_e[None, :], other=0.0)
+    if SIGMOID:
+        scores = tl.where(in_e2, tl.sigmoid(logits), 0.0)
+    else:
+        logits = tl.where(in_e2, logits, float("-inf"))
+        mx = tl.max(logits, axis=1)
+        p = tl.where(in_e2, tl.exp(logits - mx[:, None]), 0.0)
+        scores = p / tl.sum(p, axis=1)[:, None]
+    choice = scores
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + e_off, mask=in_e, other=0.0).to(tl.float32)[None, :]
+    choice = tl.where(in_e2 & (choice == choice), choice, float("-inf"))
+    sel = e2 < 0  # nothing taken yet
+    for _ in tl.static_range(K):
+        cand = tl.where(sel, float("-inf"), choice)
+        best = tl.max(cand, axis=1)
+        hit = (cand == best[:, None]) & in_e2 & (sel == 0)
+        pick = tl.min(tl.where(hit, e2, BLOCK_E), axis=1)
+        sel = sel | (e2 == pick[:, None])
+    w = tl.where(sel, scores, 0.0)
+    if NORM:
+        w = w / (tl.sum(w, axis=1)[:, None] + 1e-20)
+    w = w * route_scale
+    k_pos = tl.cumsum(sel.to(tl.int32), axis=1) - 1
+    out = t_off[:, None] * K + k_pos
+    keep = sel & in_t[:, None]
+    tl.store(ids_ptr + out, e2.to(tl.int64), mask=keep)
+    tl.store(wts_ptr + out, w, mask=keep)

@@ -8,10 +8,13 @@ kernel for everything after it.
                 D * 2^-23 * sum|x w|; routes can differ only at near-ties of that size).
                 Fallback where out_dtype is missing: the torch router's fp32 GEMM
     route       per token: softmax|sigmoid, + expert bias, top-k (ties to the lowest id;
-                NaN ranks as -inf), renorm, scale (route_scores / route_topk of
-                _triton_common, as the decode kernels): weights_TK fp32 and ids_TK int64
+                NaN ranks as -inf), renorm, scale: weights_TK fp32 and ids_TK int64
                 ALREADY in ascending expert id, the combine's order (spmd_moe.moe skips
-                its per-token sort and the gather of the gate values)
+                its per-token sort and the gather of the gate values). Two kernels, the
+                same experts (tests/test_fast_route.py): "rows" (default) routes a tile of
+                tokens with K rounds of a row max; "topk" one token at a time with
+                route_scores / route_topk of _triton_common (a sort of its E lanes, as the
+                decode kernels), ~3x the instructions
 
 It replaces the fp32 router GEMM, the x.float() copy, torch.topk, the gathers and the
 per-token sort (~0.8 ms of a 6 ms prefill forward at T=32768 on one H200). Not bitwise
@@ -38,8 +41,10 @@ from spmd_moe import batch_invariant as _bi
 # False: the torch router everywhere (the prefill bench's side-by-side switch).
 FAST_ROUTER: bool = os.environ.get("SPMD_MOE_FAST_ROUTER", "1") != "0"
 
-# Tokens per program of the route kernel, and its warps (128 experts: 4 lanes a thread).
-LAUNCH: dict[str, int] = {"tokens": 4, "warps": 1}
+# The route kernel: "rows" (route_rows_kernel: a tile of block_t tokens, K rounds of a
+# row max; default) or "topk" (route_kernel: route_topk's sort per token, `tokens` tokens
+# per program, one after another); its warps. The same experts either way.
+LAUNCH: dict[str, Any] = {"kernel": "rows", "block_t": 16, "tokens": 4, "warps": 1, "rows_warps": 4}
 
 _kernels: Any = None
 _tried = False
@@ -117,12 +122,15 @@ def route_logits(
     if bias_E is not None:
         assert bias_E.shape == (E,), (bias_E.shape, E)
         bias_E = bias_E.contiguous()
-    tok = LAUNCH["tokens"]
-    ks.route_kernel[(triton_cdiv(T, tok),)](
-        logits_TE, bias_E if bias_E is not None else logits_TE, ids_TK, wts_TK, T, E, float(route_scale),
-        K=top_k, BLOCK_E=max(16, 1 << (E - 1).bit_length()), TOKENS=tok,
-        SIGMOID=score_func == "sigmoid", HAS_BIAS=bias_E is not None, NORM=route_norm, num_warps=LAUNCH["warps"],
-    )
+    args = (logits_TE, bias_E if bias_E is not None else logits_TE, ids_TK, wts_TK, T, E, float(route_scale))
+    flags = {"K": top_k, "BLOCK_E": max(16, 1 << (E - 1).bit_length()), "SIGMOID": score_func == "sigmoid",
+             "HAS_BIAS": bias_E is not None, "NORM": route_norm}
+    if LAUNCH["kernel"] == "rows":
+        bt = LAUNCH["block_t"]
+        ks.route_rows_kernel[(triton_cdiv(T, bt),)](*args, BLOCK_T=bt, **flags, num_warps=LAUNCH["rows_warps"])
+    else:
+        tok = LAUNCH["tokens"]
+        ks.route_kernel[(triton_cdiv(T, tok),)](*args, TOKENS=tok, **flags, num_warps=LAUNCH["warps"])
     return wts_TK, ids_TK
 
 
