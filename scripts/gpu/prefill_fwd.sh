@@ -156,6 +156,16 @@ for T in ((64, 256) if small else (4096, 32768)):
                         fwd(n, xs[2])
                     torch.cuda.synchronize()
             row[f"{n}_fwd_profile"] = kernel_split(prof, 3)
+            # GPU span of the 3 calls (first kernel start to last end) vs busy: idle between kernels
+            from torch.autograd import DeviceType
+            evs = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            row[f"{n}_fwd_span_ms"] = (max(e.time_range.end for e in evs) - min(e.time_range.start for e in evs)) / 3e3
+        # The fast forward replayed from a CUDA graph (no host, no launch gaps; + a 128 MB input copy):
+        # near the profile's busy time = the wall-vs-busy gap is host/launch; near the eager time = clocks.
+        rep = mb.try_graph(dev, fast, xs)
+        if rep is not None:
+            row["fast_fwd_graph_ms"] = mb.timer(dev, rep, reps)
+            del rep
     res["rows"].append(row)
     log(f"T={T} " + json.dumps({k: v for k, v in row.items() if not k.endswith("_profile")}))
     with open(out_path, "w") as f:
@@ -203,10 +213,13 @@ for x in r["rows"]:
     print(f"  bitwise: fast vs torch_ops {x['fwd_bitwise_fast_vs_torch_ops']} (max diff {x['fwd_max_abs_diff_fast_vs_torch_ops']:.3g}), "
           f"router_off vs torch_ops {x['fwd_bitwise_fast_router_off_vs_torch_ops']}, torch_ops vs titan {x.get('fwd_bitwise_torch_ops_vs_titan')}, "
           f"fast vs titan {x.get('fwd_bitwise_fast_vs_titan')} (max diff {x.get('fwd_max_abs_diff_fast_vs_titan', nan):.3g})")
+    if "fast_fwd_graph_ms" in x:
+        print(f"  fast fwd in a CUDA graph {x['fast_fwd_graph_ms']:.3f} ms (eager {x['fast_fwd_ms']:.3f})")
     for n in ("fast", "fast_router_off", "titan"):
         p = x.get(f"{n}_fwd_profile")
         if p:
-            print(f"  {n}: {p['device_ms_per_call']} ms device, {p['kernels_per_call']:.0f} kernels; by kind {p['ms_per_call_by_kind']}")
+            print(f"  {n}: {p['device_ms_per_call']} ms device busy, span {x.get(f'{n}_fwd_span_ms', nan):.3f} ms, "
+                  f"{p['kernels_per_call']:.0f} kernels; by kind {p['ms_per_call_by_kind']}")
             print("    top: " + "; ".join(f"{k[:40]} {v}" for k, v in p["top_kernels_ms"][:8]))
 last = r["rows"][-1]
 print(f"T={last['T']} fwd {last.get('speedup_fast_vs_titan', nan):.2f} vs titan (goal 2.0)"
