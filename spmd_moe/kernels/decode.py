@@ -1,4 +1,5 @@
-"""Fused decode path for one GPU: router, expert SwiGLU and combine in five kernels.
+"""Fused decode path for one GPU: router, expert SwiGLU and combine in five kernels
+(fewer with ROUTER / SLOT below).
 
 For T <= MAX_T tokens on CUDA (inference, bf16 experts, one rank) the routed part of
 the layer is
@@ -64,27 +65,27 @@ SPLIT_TILES: dict[str, Any] = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n":
 LAUNCH = {"pdl": False}
 
 # The slot design, for T <= SLOT["max_t"] when SLOT["on"] (takes precedence over SPLIT):
-# three kernels instead of five.
-#     router        the gate GEMV as above, and the last gate program of each token (a
-#                   per-token acq_rel counter, set back to 0 by that program) routes it:
-#                   no route kernel, no plan
-#     up (slots)    per (slot t*K + k, F block): one dependent load (the id), then the
+#     router        router_kernel: the gate GEMV as above, and the last gate program of
+#                   each token (a per-token acq_rel counter, set back to 0 by that
+#                   program) routes it: no route kernel, no plan
+#     up (slots)    per (slot t*K + k, F block): one dependent read (the id), then the
 #                   weights stream (the plan's chain of dependent reads is gone); an
 #                   expert picked by several tokens is read once per token, so this is
 #                   for T = 1 (and small T)
-#     down+combine  per (token, D block): the K slots in ascending id, each GEMV output
-#                   rounded to bf16, then combined in combine_kernel's order and rounding
-# GEMVs (fp32 products summed per step, then across the tile) instead of tl.dot: the
-# same tolerance against the torch path as the other variants (only the K order of each
-# sum differs). The counters persist per device (_DONE), so calls of this design must not
-# run concurrently on two streams of one device.
+#     down          down_sep: per (slot, D block), one dependent read, then combine_kernel
+#                   (4 kernels); otherwise down + combine in one kernel per (token, D
+#                   block), the K slots in ascending id (3 kernels)
+# With up_dot and down_sep (the defaults) on TILES' tiles, each program runs the tiled
+# kernels' tl.dot on its one row: at T=1 bitwise the tiled output. GEMVs (up_dot /
+# down_dot 0) and the one-kernel down+combine (down_flat: one pipelined loop over every
+# (expert, F step)) sum in other orders: the tolerance of the other variants. The
+# counters persist per device (_DONE): calls must not run concurrently on two streams of
+# one device.
 SLOT: dict[str, Any] = {"on": False, "max_t": 1}
-# (up_dot / down_dot: 1 = tl.dot on a 16-row tile holding the one row, 0 = a GEMV in registers;
-# down_flat: 1 = the down kernel's K experts x F steps in one pipelined loop, with tl.dot;
-# down_sep: 1 = down per (slot, D block) (tl.dot, pipelined, down_n x down_f tiles) and then
-# combine_kernel: 4 kernels; with up_dot and TILES' tiles, bitwise the tiled kernels at T=1.)
-SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "up_warps": 4, "down_n": 16, "down_f": 256,
-                              "down_warps": 4, "stages": 3, "up_dot": 0, "down_dot": 0, "down_flat": 0, "down_sep": 0}
+# (up_dot / down_dot: 1 = tl.dot on a 16-row tile holding the one row, 0 = a GEMV in registers
+# (Triton does not pipeline those loads: slow on the H200, run 1); down_flat, down_sep: above.)
+SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "up_warps": 4, "down_n": 64, "down_f": 128,
+                              "down_warps": 4, "stages": 3, "up_dot": 1, "down_dot": 1, "down_flat": 0, "down_sep": 1}
 _DONE: dict[tuple[str, int | None], torch.Tensor] = {}
 
 # fused: the tiled kernels (T > SLOT["max_t"] or SLOT off) take their router from

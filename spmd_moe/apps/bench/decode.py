@@ -155,8 +155,9 @@ def _configure(v: str) -> None:
     dk.SLOT["on"] = base.startswith("slot")
     dk.ROUTER["fused"] = base in ("tiled_fr", "slot_sep_fr")
     dk.SLOT["max_t"] = 1 if base == "slot_sep_fr" else dk.MAX_T
-    if base in ("slot_dot", "slot_flat"):
-        dk.SLOT_TILES.update(up_dot=1, down_dot=1, down_flat=int(base == "slot_flat"))
+    if base in ("slot_dot", "slot_flat"):  # down + combine per (token, 16 columns of D)
+        dk.SLOT_TILES.update(up_dot=1, down_dot=1, down_flat=int(base == "slot_flat"), down_sep=0, down_n=16,
+                             down_f=256)
     if base in ("slot_sep", "slot_sep_fr"):
         t = dk.TILES
         dk.SLOT_TILES.update(up_dot=1, down_sep=1, up_f=t["up_f"], up_d=t["up_d"], down_n=t["down_n"],
