@@ -61,13 +61,14 @@ def route_rows_kernel(
     if HAS_BIAS:
         choice = choice + tl.load(bias_ptr + e_off, mask=in_e, other=0.0).to(tl.float32)[None, :]
     choice = tl.where(in_e2 & (choice == choice), choice, float("-inf"))
-    sel = e2 < 0  # nothing taken yet
+    taken = e2 * 0  # 1 where chosen
     for _ in tl.static_range(K):
-        cand = tl.where(sel, float("-inf"), choice)
+        cand = tl.where(taken != 0, float("-inf"), choice)
         best = tl.max(cand, axis=1)
-        hit = (cand == best[:, None]) & in_e2 & (sel == 0)
+        hit = (cand == best[:, None]) & in_e2 & (taken == 0)
         pick = tl.min(tl.where(hit, e2, BLOCK_E), axis=1)
-        sel = sel | (e2 == pick[:, None])
+        taken = tl.where(e2 == pick[:, None], 1, taken)
+    sel = taken != 0
     w = tl.where(sel, scores, 0.0)
     if NORM:
         w = w / (tl.sum(w, axis=1)[:, None] + 1e-20)
