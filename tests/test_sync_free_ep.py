@@ -332,7 +332,10 @@ def test_interp_fixed_gather_stops_at_the_device_count() -> None:
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    for N, Kk, Dd, count in ((11, 4, 80, 17), (6, 2, 2048, 12), (5, 4, 16, 0), (0, 4, 16, 0)):
+    programs = pc._GATHER_PROGRAMS
+    for N, Kk, Dd, count, progs in ((11, 4, 80, 17, programs), (11, 4, 80, 17, 3), (6, 2, 2048, 12, 5),
+                                    (5, 4, 16, 0, programs), (0, 4, 16, 0, programs)):
+        pc._GATHER_PROGRAMS = progs  # 3 or 5: each program loops over several rows
         src = torch.randn(N, Dd, generator=g).to(dev)
         M = N * Kk
         idx = torch.randperm(M, generator=g).to(dev)
@@ -350,6 +353,7 @@ def test_interp_fixed_gather_stops_at_the_device_count() -> None:
         scale = torch.rand(M, generator=g).to(dev)
         got_s = pc.gather_rows(src, idx, Kk, torch.tensor([count], device=dev), scale_X=scale)
         assert torch.equal(got_s[:count], src[idx[:count] // Kk] * scale[idx[:count]].unsqueeze(-1)), (N, Kk, Dd)
+    pc._GATHER_PROGRAMS = programs
 
 
 @_ON_KERNEL

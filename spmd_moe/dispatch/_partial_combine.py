@@ -86,14 +86,18 @@ def _build() -> Any:
         out_ptr, src_ptr, idx_ptr, count_ptr, scale_ptr, D,
         DIV: tl.constexpr, SCALED: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        m = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        live = (offs * 0 + m) < tl.load(count_ptr)  # rows past the device count: not touched
-        i = tl.load(idx_ptr + m + offs * 0, mask=live, other=0)
-        x = tl.load(src_ptr + (i // DIV) * D + offs, mask=live & (offs < D))
-        if SCALED:  # out = src * scale[idx] in fp32, one rounding
-            x = (x.to(tl.float32) * tl.load(scale_ptr + i, mask=live, other=0.0)).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + m * D + offs, x, mask=live & (offs < D))
+        in_d = offs < D
+        # A grid-stride loop up to the device count: no program is launched for the rows
+        # past it (a fixed grid over the worst case would start as many empty ones).
+        count = tl.load(count_ptr).to(tl.int32)
+        for m32 in range(tl.program_id(0), count, tl.num_programs(0)):
+            m = tl.zeros([BLOCK_D], dtype=tl.int64) + m32  # int64 addresses (the interpreter's m32 is an int)
+            i = tl.load(idx_ptr + m)
+            x = tl.load(src_ptr + (i // DIV) * D + offs, mask=in_d)
+            if SCALED:  # out = src * scale[idx] in fp32, one rounding
+                x = (x.to(tl.float32) * tl.load(scale_ptr + i)).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + m * D + offs, x, mask=in_d)
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def wgrad_kernel(  # type: ignore[no-untyped-def, unused-ignore]
@@ -225,6 +229,9 @@ def sum_over_ranks(
 
 
 # ------------------------------------------------------------ the fixed-size exchange
+_GATHER_PROGRAMS = 4096  # rows in flight of the count-bounded gather (each program loops over its rows)
+
+
 def _block(D: int) -> int:
     return 1024 if D >= 1024 else max(16, 1 << (D - 1).bit_length())
 
@@ -245,7 +252,7 @@ def gather_rows(
             block = _block(D)
             _build()
             scale = scale_X.float().contiguous() if scale_X is not None else count_1
-            _gather_kernel[(M, (D + block - 1) // block)](
+            _gather_kernel[(min(M, _GATHER_PROGRAMS), (D + block - 1) // block)](
                 out_MD, src_ND.contiguous(), idx_M.contiguous(), count_1, scale, D,
                 DIV=div, SCALED=scale_X is not None, BLOCK_D=block)
         return out_MD

@@ -78,7 +78,7 @@ from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe.dispatch import _partial_combine as _pc
 from spmd_moe.checking import checked
-from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_ids, count_per_expert, scatter_to_slots
+from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_per_expert, scatter_to_slots
 from spmd_moe.errors import ConfigError, DistributedError
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
@@ -435,8 +435,12 @@ class AllToAllDispatcher:
         key_X = torch.where((local_NK >= 0) & (local_NK < e), local_NK, e).reshape(-1)  # e: not here (or no token)
         if e < 2**15:  # the same stable permutation on int16 keys (fewer radix passes on CUDA)
             key_X = key_X.to(torch.int16)
-        order_M = torch.argsort(key_X, stable=True)[: N * min(K, e)]
-        counts_e = count_ids(key_X.to(torch.int64), e + 1)[:e]
+        sorted_X, order_X = torch.sort(key_X, stable=True)
+        order_M = order_X[: N * min(K, e)]
+        # Rows per expert from the sorted keys' boundaries: e+1 binary searches, where a
+        # scatter_add of N*K ones into e+1 counters contends on a few addresses.
+        bounds_b = torch.searchsorted(sorted_X, torch.arange(e + 1, device=key_X.device, dtype=key_X.dtype))
+        counts_e = torch.diff(bounds_b)
         return (unchecked_cast(Placed[Var[EP]], order_M, reason="slots of this rank's experts first"),
                 unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"))
 
