@@ -465,7 +465,7 @@ def test_interp_fixed_bounded_experts_are_bitwise_the_experts() -> None:
     with torch.no_grad():
         for p_ in ex.parameters():
             p_.copy_(torch.randn(p_.shape, generator=g) * 0.3)
-    counts = torch.tensor([3, 0, 5, 1, 0, 2, 4, 1], device=dev)
+    counts = torch.tensor([3, 0, 5, 1, 0, 2, 4, 2], device=dev)  # 17 rows x F=24: the count ends mid-block
     R = int(counts.sum())
     M = R + 12
     x = torch.randn(M, D, generator=g).to(dev, dt)
@@ -479,6 +479,9 @@ def test_interp_fixed_bounded_experts_are_bitwise_the_experts() -> None:
         return orig(*a)
 
     pc.swiglu_bounded = spy  # type: ignore[assignment]
+    block, programs = pc._SWIGLU_BLOCK, pc._SWIGLU_PROGRAMS
+    # Small blocks, 3 programs: each loops over several blocks, the count ends mid-block.
+    pc._SWIGLU_BLOCK, pc._SWIGLU_PROGRAMS = 64, 3
     try:
         res = []
         for bounded in (True, False):
@@ -492,6 +495,7 @@ def test_interp_fixed_bounded_experts_are_bitwise_the_experts() -> None:
             res.append((y[:R].detach(), y_inf[:R], xi.grad[:R], [p_.grad.clone() for p_ in ex.parameters()]))
     finally:
         pc.swiglu_bounded = orig  # type: ignore[assignment]
+        pc._SWIGLU_BLOCK, pc._SWIGLU_PROGRAMS = block, programs
     assert calls["n"] == 2, "the bounded SwiGLU was not taken"
     (a, ai, ag, aw), (b, bi, bg, bw) = res
     assert torch.equal(a, b) and torch.equal(ai, bi) and torch.equal(ag, bg)

@@ -125,42 +125,47 @@ def _build() -> Any:
     ):
         # spmd_moe.kernels._fused_bwd_triton.swiglu_fwd_kernel's arithmetic (the same bits),
         # over the first rows_ptr[0] rows only (a device count).
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < tl.load(rows_ptr).to(tl.int64) * F
-        a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        s = tl.div_rn(a1, 1.0 + exp_f32(-a1))
-        if ROUND:
-            s = rn_bf16(s)
-        h = s * a3
-        if ROUND:
-            h = rn_bf16(h)
-        tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=m)
+        n = tl.load(rows_ptr).to(tl.int64) * F
+        # A grid-stride loop up to the live elements: no program for the rows past the count.
+        for b in range(tl.program_id(0), tl.cdiv(n, BLOCK).to(tl.int32), tl.num_programs(0)):
+            offs = (tl.zeros([BLOCK], dtype=tl.int64) + b) * BLOCK + tl.arange(0, BLOCK)
+            m = offs < n
+            a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            s = tl.div_rn(a1, 1.0 + exp_f32(-a1))
+            if ROUND:
+                s = rn_bf16(s)
+            h = s * a3
+            if ROUND:
+                h = rn_bf16(h)
+            tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def swiglu_bwd_bounded_kernel(  # type: ignore[no-untyped-def, unused-ignore]
         ga1_ptr, ga3_ptr, g_ptr, a1_ptr, a3_ptr, rows_ptr, F, BLOCK: tl.constexpr, ROUND: tl.constexpr,
     ):
         # swiglu_bwd_kernel's arithmetic (the same bits), first rows_ptr[0] rows only.
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < tl.load(rows_ptr).to(tl.int64) * F
-        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        e = exp_f32(-a1)
-        s = tl.div_rn(a1, 1.0 + e)
-        sig = tl.div_rn(1.0, 1.0 + e)
-        gs = g * a3
-        if ROUND:
-            s = rn_bf16(s)
-            gs = rn_bf16(gs)
-        ga3 = g * s
-        ga1 = gs * sig * (1.0 + a1 * (1.0 - sig))
-        if ROUND:
-            ga3 = rn_bf16(ga3)
-            ga1 = rn_bf16(ga1)
-        tl.store(ga1_ptr + offs, ga1.to(ga1_ptr.dtype.element_ty), mask=m)
-        tl.store(ga3_ptr + offs, ga3.to(ga3_ptr.dtype.element_ty), mask=m)
+        n = tl.load(rows_ptr).to(tl.int64) * F
+        for b in range(tl.program_id(0), tl.cdiv(n, BLOCK).to(tl.int32), tl.num_programs(0)):
+            offs = (tl.zeros([BLOCK], dtype=tl.int64) + b) * BLOCK + tl.arange(0, BLOCK)
+            m = offs < n
+            g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            e = exp_f32(-a1)
+            s = tl.div_rn(a1, 1.0 + e)
+            sig = tl.div_rn(1.0, 1.0 + e)
+            gs = g * a3
+            if ROUND:
+                s = rn_bf16(s)
+                gs = rn_bf16(gs)
+            ga3 = g * s
+            ga1 = gs * sig * (1.0 + a1 * (1.0 - sig))
+            if ROUND:
+                ga3 = rn_bf16(ga3)
+                ga1 = rn_bf16(ga1)
+            tl.store(ga1_ptr + offs, ga1.to(ga1_ptr.dtype.element_ty), mask=m)
+            tl.store(ga3_ptr + offs, ga3.to(ga3_ptr.dtype.element_ty), mask=m)
 
     _gather_kernel = gather_rows_kernel
     _wgrad_kernel = wgrad_kernel
@@ -333,6 +338,7 @@ def sum_over_ranks_at(
 
 
 _SWIGLU_BLOCK = 1024
+_SWIGLU_PROGRAMS = 8192  # blocks in flight (each program loops over its blocks up to the live rows)
 
 
 class _BoundedSwiGLU(torch.autograd.Function):
@@ -348,7 +354,7 @@ class _BoundedSwiGLU(torch.autograd.Function):
         n, F = a1_RF.numel(), a1_RF.shape[-1]
         if n:
             _build()
-            _swiglu_fwd_kernel[((n + _SWIGLU_BLOCK - 1) // _SWIGLU_BLOCK,)](h_RF, a1_RF, a3_RF, rows_1, F, BLOCK=_SWIGLU_BLOCK, ROUND=round_bf16)
+            _swiglu_fwd_kernel[(min((n + _SWIGLU_BLOCK - 1) // _SWIGLU_BLOCK, _SWIGLU_PROGRAMS),)](h_RF, a1_RF, a3_RF, rows_1, F, BLOCK=_SWIGLU_BLOCK, ROUND=round_bf16)
         ctx.save_for_backward(a1_RF, a3_RF, rows_1)
         ctx.round_bf16 = round_bf16
         return h_RF
@@ -360,7 +366,7 @@ class _BoundedSwiGLU(torch.autograd.Function):
         ga1_RF, ga3_RF = torch.empty_like(a1_RF), torch.empty_like(a3_RF)
         n, F = a1_RF.numel(), a1_RF.shape[-1]
         if n:
-            _swiglu_bwd_kernel[((n + _SWIGLU_BLOCK - 1) // _SWIGLU_BLOCK,)](
+            _swiglu_bwd_kernel[(min((n + _SWIGLU_BLOCK - 1) // _SWIGLU_BLOCK, _SWIGLU_PROGRAMS),)](
                 ga1_RF, ga3_RF, g_RF, a1_RF, a3_RF, rows_1, F, BLOCK=_SWIGLU_BLOCK, ROUND=ctx.round_bf16)
         return ga1_RF, ga3_RF, None, None
 
