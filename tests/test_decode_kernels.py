@@ -361,7 +361,7 @@ def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> N
     split: up over 4 D chunks (2 F blocks), down over 2 F chunks (2 D blocks); SwiGLU in
     the up kernel's last program per block or in every down program."""
     if variant.startswith("slot"):
-        _use_slot(monkeypatch, {"slot": 0, "slot_dot": 1, "slot_flat": 2, "slot_sep": 3}[variant])
+        _use_slot(monkeypatch, {"slot": 0, "slot_dot": 1, "slot_flat": 2, "slot_sep": 3, "slot_pre": 4}[variant])
         return
     if variant == "tiled_fr":
         _use_fused_router(monkeypatch)
@@ -427,7 +427,7 @@ def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch: CUDA (sm90+) only")
 @pytest.mark.parametrize(("T", "variant"), [(1, "tiled"), (5, "tiled"), (1, "split_fused"), (5, "split"),
-                                            (1, "slot"), (5, "slot"), (1, "slot_dot"), (5, "slot_flat"), (1, "slot_sep"),
+                                            (1, "slot"), (5, "slot"), (1, "slot_dot"), (5, "slot_flat"), (1, "slot_sep"), (1, "slot_pre"),
                                             (5, "tiled_fr")])
 def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """LAUNCH['pdl'] only changes when the kernels launch: the output is bitwise the same
@@ -461,18 +461,19 @@ def _use_slot(monkeypatch: pytest.MonkeyPatch, dot: int = 0) -> None:
     programs per token (so the router's counter sees 4 arrivals), 2 F blocks and 2 D
     steps in up, 4 D blocks and 2 F steps in down; dot 0: GEMVs, 1: tl.dot, 2: tl.dot and
     the down kernel's flat loop over (expert, F step), 3: up by tl.dot, down per slot
-    (down_sep) and the combine kernel."""
+    (down_sep) and the combine kernel, 4: 3 with the w2 block read before the PDL wait."""
     monkeypatch.setitem(dk.SLOT, "on", True)
     monkeypatch.setitem(dk.SLOT, "max_t", dk.MAX_T)
     for key, v in {"gate_e": 4, "up_f": 16, "up_d": 32, "down_n": 16, "down_f": 16, "up_dot": int(dot > 0),
-                   "down_dot": int(dot > 0), "down_flat": int(dot == 2), "down_sep": int(dot == 3)}.items():
+                   "down_dot": int(dot > 0), "down_flat": int(dot == 2), "down_sep": int(dot >= 3),
+                   "down_pre": int(dot == 4)}.items():
         monkeypatch.setitem(dk.SLOT_TILES, key, v)
 
 
 @kernel_test
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("variant", ["softmax_norm_bias", "sigmoid_norm_shared"])
-@pytest.mark.parametrize("dot", [0, 1, 2, 3])
+@pytest.mark.parametrize("dot", [0, 1, 2, 3, 4])
 def test_slot_matches_torch_path(T: int, variant: str, dot: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tolerance of the module docstring: each GEMV (or dot) output is one fp32 sum
     rounded once to bf16 as the torch GEMMs', in another order."""
@@ -487,7 +488,7 @@ def test_slot_matches_torch_path(T: int, variant: str, dot: int, monkeypatch: py
 
 
 @kernel_test
-@pytest.mark.parametrize(("T", "dot"), [(1, 0), (5, 0), (5, 1), (5, 2), (5, 3)])
+@pytest.mark.parametrize(("T", "dot"), [(1, 0), (5, 0), (5, 1), (5, 2), (5, 3), (5, 4)])
 def test_slot_local_experts_and_counted_rows(T: int, dot: int, monkeypatch: pytest.MonkeyPatch,
                                             poisoned_empty: None) -> None:
     """As test_local_experts_and_counted_rows_match_float64_loop, on the slot design:

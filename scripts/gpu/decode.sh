@@ -16,6 +16,8 @@
 #       slot_sep_pdl   SLOT (up_dot, down_sep, TILES' tiles): router_kernel, up per slot, down per slot, combine;
 #                      the tiled arithmetic at T=1 with one dependent read per program instead of the plan's chain
 #       slot_sep_s4_pdl  slot_sep_pdl with 4 pipeline stages (session 4's best sweep entry, unconfirmed)
+#       slot_pre_pdl   slot_sep_pdl whose down kernel reads its [16, F] w2 block BEFORE its PDL wait: the down
+#                      weights stream while the up kernel runs (one tl.dot over F: tolerance, not bitwise)
 #       slot_flat_pdl  SLOT (up_dot, down_flat): router_kernel, up per slot, down + combine in one flat loop: 3 kernels
 # Files: $OUT/decode_gpu.json (rewritten after every T), $OUT/decode.log. Summary on stdout (last lines:
 # "T=1: best <variant> xN floor").
@@ -27,7 +29,7 @@ t0=$SECONDS
 if [ -n "${DECODE_SMALL:-}" ]; then
   export TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1
   timeout 120 python3 -m spmd_moe.apps.bench.decode --alternate --small --tokens 1 3 --rounds 2 --reps 2 \
-    --slot-max-t 1 --alt-variants tiled tiled_fr_pdl slot_sep_pdl slot_sep_s4_pdl slot_flat_pdl --out "$OUT/decode_gpu.json" 2> "$OUT/decode.log" >/dev/null
+    --slot-max-t 1 --alt-variants tiled tiled_fr_pdl slot_sep_pdl slot_pre_pdl slot_flat_pdl --out "$OUT/decode_gpu.json" 2> "$OUT/decode.log" >/dev/null
   echo "dry-run bench rc=$? in $((SECONDS - t0)) s"
   python3 -m spmd_moe.apps.bench.decode --summarize "$OUT/decode_gpu.json" 2>&1 | cut -c1-400
   exit 0
@@ -41,11 +43,11 @@ timeout 42 python3 -m pytest -q -p no:cacheprovider -rf \
   "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[1-slot_sep]" "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[5-tiled_fr]" \
   "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[5-slot_flat]" "$T::test_slot_counters_reset_and_calls_repeat" \
   "$T::test_slot_matches_torch_path[3-softmax_norm_bias-1]" "$T::test_slot_matches_torch_path[2-sigmoid_norm_shared-8]" \
-  "$T::test_slot_local_experts_and_counted_rows[5-3]" "$T::test_slot_local_experts_and_counted_rows[5-2]" \
+  "$T::test_slot_local_experts_and_counted_rows[5-3]" "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[1-slot_pre]" \
   > "$OUT/decode.log" 2>&1
 echo "pytest rc=$? in $((SECONDS - t0)) s:"; grep -E "passed|failed|FAILED|rror" "$OUT/decode.log" | tail -6 | cut -c1-300
 timeout $((140 - (SECONDS - t0))) python3 -m spmd_moe.apps.bench.decode --alternate --out "$OUT/decode_gpu.json" \
-  --tokens 1 8 64 --alt-variants tiled tiled_pdl tiled_fr_pdl slot_sep_pdl slot_sep_s4_pdl slot_flat_pdl \
+  --tokens 1 8 64 --alt-variants tiled tiled_pdl tiled_fr_pdl slot_sep_pdl slot_sep_s4_pdl slot_pre_pdl slot_flat_pdl \
   --rounds 9 --reps 200 --slot-max-t 1 --stack 8 --profile-tokens 1 2>> "$OUT/decode.log" >/dev/null
 echo "bench rc=$? in $((SECONDS - t0)) s total"
 python3 -m spmd_moe.apps.bench.decode --summarize "$OUT/decode_gpu.json" 2>&1 | cut -c1-600

@@ -453,6 +453,37 @@ def up_slot_kernel(
 
 
 @triton.jit
+def down_slot_pre_kernel(
+    h_ptr, w2_ptr, y_ptr, ids_ptr, D, F, e_start, num_local,
+    BLOCK_N: tl.constexpr, BLOCK_FP: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """down_slot_kernel with the weights read BEFORE the PDL wait: the id (the router
+    finished before the up kernel passed its own wait, which is what let this kernel
+    launch) and the whole [BLOCK_N, F] block of w2 (F <= BLOCK_FP) are loaded while the
+    up kernel still runs, so the two kernels' weight streams overlap; after the wait, h
+    and one tl.dot over F (another summation order than down_slot_kernel: the tolerance
+    of the other variants). Nothing before the wait writes memory."""
+    n = tl.program_id(0)
+    le = tl.load(ids_ptr + n) - e_start
+    n_off = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    f_off = tl.arange(0, BLOCK_FP)
+    in_f = f_off < F
+    le_n = le + n_off * 0  # a vector (interpreter: no scalar masks)
+    loc_n = (le_n >= 0) & (le_n < num_local) & (n_off < D)
+    w_base = tl.where(loc_n, le_n, 0).to(tl.int64) * D * F
+    w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :], mask=loc_n[:, None] & in_f[None, :],
+                  other=0.0)
+    pdl_enter(PDL)
+    if (le >= 0) & (le < num_local):
+        m_off = tl.arange(0, 16)
+        ht = tl.load(h_ptr + n.to(tl.int64) * F + m_off[:, None] * 0 + f_off[None, :],
+                     mask=(m_off == 0)[:, None] & in_f[None, :], other=0.0)
+        acc = tl.dot(ht, tl.trans(w2t))
+        tl.store(y_ptr + n.to(tl.int64) * D + m_off[:, None] * 0 + n_off[None, :], rn_bf16(acc).to(y_ptr.dtype.element_ty),
+                 mask=(m_off == 0)[:, None] & (n_off < D)[None, :])
+
+
+@triton.jit
 def down_slot_kernel(
     h_ptr, w2_ptr, y_ptr, ids_ptr, D, F, e_start, num_local,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PDL: tl.constexpr = False,

@@ -83,9 +83,12 @@ LAUNCH = {"pdl": False}
 # one device.
 SLOT: dict[str, Any] = {"on": False, "max_t": 1}
 # (up_dot / down_dot: 1 = tl.dot on a 16-row tile holding the one row, 0 = a GEMV in registers
-# (Triton does not pipeline those loads: slow on the H200, run 1); down_flat, down_sep: above.)
+# (Triton does not pipeline those loads: slow on the H200, run 1); down_flat, down_sep: above;
+# down_pre (with down_sep): each down program reads its whole [down_n, F] w2 block before its
+# PDL wait, so that the down weights stream while the up kernel runs; one tl.dot over F.)
 SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "up_warps": 4, "down_n": 64, "down_f": 128,
-                              "down_warps": 4, "stages": 3, "up_dot": 1, "down_dot": 1, "down_flat": 0, "down_sep": 1}
+                              "down_warps": 4, "stages": 3, "up_dot": 1, "down_dot": 1, "down_flat": 0, "down_sep": 1,
+                              "down_pre": 0}
 _DONE: dict[tuple[str, int | None], torch.Tensor] = {}
 
 # fused: the tiled kernels (T > SLOT["max_t"] or SLOT off) take their router from
@@ -114,7 +117,7 @@ def _build() -> dict[str, Any] | None:
     _kernels = {"gate": k.gate_kernel, "route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel,
                 "combine": k.combine_kernel, "up_split": k.up_split_kernel, "down_split": k.down_split_kernel,
                 "router": k.router_kernel, "up_slot": k.up_slot_kernel, "down_combine": k.down_combine_kernel,
-                "down_slot": k.down_slot_kernel}
+                "down_slot": k.down_slot_kernel, "down_slot_pre": k.down_slot_pre_kernel}
     return _kernels
 
 
@@ -362,11 +365,17 @@ def _slot_decode(
     )
     if tl_.get("down_sep", 0):
         y_ND = torch.empty(T * K, D, dtype=x_TD.dtype, device=dev)
-        ks["down_slot"][(T * K, triton_cdiv(D, tl_["down_n"]))](
-            h_NF, w2_EDF, y_ND, ids_TK, D, F, expert_start, L,
-            BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], num_warps=tl_["down_warps"],
-            num_stages=tl_["stages"], **pk,
-        )
+        if tl_.get("down_pre", 0):  # the w2 block read before the PDL wait (overlaps the up kernel)
+            ks["down_slot_pre"][(T * K, triton_cdiv(D, tl_["down_n"]))](
+                h_NF, w2_EDF, y_ND, ids_TK, D, F, expert_start, L,
+                BLOCK_N=tl_["down_n"], BLOCK_FP=_pow2(F), num_warps=tl_["down_warps"], **pk,
+            )
+        else:
+            ks["down_slot"][(T * K, triton_cdiv(D, tl_["down_n"]))](
+                h_NF, w2_EDF, y_ND, ids_TK, D, F, expert_start, L,
+                BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], num_warps=tl_["down_warps"],
+                num_stages=tl_["stages"], **pk,
+            )
         block = 1024 if D >= 1024 else max(16, _pow2(D))
         ks["combine"][(T, triton_cdiv(D, block))](
             out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, T * K, ids_TK, 0,

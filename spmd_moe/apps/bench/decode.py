@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 ALT_VARIANTS = ["tiled", "tiled_pdl", "tiled_fr", "tiled_fr_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl",
-                "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl"]
+                "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl", "slot_pre", "slot_pre_pdl"]
 ALT_VARIANTS += [v.replace("_pdl", "_s4_pdl") for v in ALT_VARIANTS if v.endswith("_pdl")]  # 4 pipeline stages
 
 
@@ -144,7 +144,8 @@ def _configure(v: str) -> None:
     'tiled_fr' (tiled with ROUTER['fused']), 'slot', 'slot_dot' (SLOT_TILES up_dot = down_dot = 1),
     'slot_flat' (and down_flat = 1), 'slot_sep' (up_dot, down_sep with TILES' tiles: the
     tiled arithmetic at T=1 with one dependent read per program), 'slot_sep_fr' (slot_sep
-    at T=1 only, tiled with the fused router above), each optionally '_pdl'); the slot design
+    at T=1 only, tiled with the fused router above), 'slot_pre' (slot_sep whose down kernel
+    reads its w2 block before the PDL wait), each optionally '_pdl'); the slot design
     then applies up to MAX_T tokens."""
     from spmd_moe.kernels import decode as dk
 
@@ -158,10 +159,12 @@ def _configure(v: str) -> None:
     if base in ("slot_dot", "slot_flat"):  # down + combine per (token, 16 columns of D)
         dk.SLOT_TILES.update(up_dot=1, down_dot=1, down_flat=int(base == "slot_flat"), down_sep=0, down_n=16,
                              down_f=256)
-    if base in ("slot_sep", "slot_sep_fr"):
+    if base in ("slot_sep", "slot_sep_fr", "slot_pre"):
         t = dk.TILES
         dk.SLOT_TILES.update(up_dot=1, down_sep=1, up_f=t["up_f"], up_d=t["up_d"], down_n=t["down_n"],
                              down_f=t["down_f"], up_warps=t["warps"], down_warps=t["warps"], stages=t["stages"])
+    if base == "slot_pre":  # slot_sep, the down kernel reading its w2 block before the PDL wait
+        dk.SLOT_TILES.update(down_pre=1, down_n=16, down_warps=8)
     if stages4:  # session 4's best tile sweep entry (42.5 us, unconfirmed): 4 pipeline stages
         dk.SLOT_TILES["stages"] = 4
         dk.TILES["stages"] = 4
