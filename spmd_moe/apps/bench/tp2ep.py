@@ -361,6 +361,36 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
     log(f"a2a alone at T={T}: bf16 {res['a2a_bf16_ms']:.3f} ms ({res['a2a_bf16_GBps_per_rank_out']:.0f} GB/s to peers), "
         f"fp32 {res['a2a_fp32_ms']:.3f} ms ({res['a2a_fp32_GBps_per_rank_out']:.0f} GB/s)")
     dump()
+    if CUDA:  # last: a capture that fails cannot spoil the figures above (all written already)
+        _sync_free_graphs(args, rows, m1, mn, dev, dtype, dump)
+
+
+def _sync_free_graphs(args: Any, rows: list[dict[str, Any]], m1: Any, mn: Any, dev: torch.device,
+                      dtype: torch.dtype, dump: Any) -> None:
+    """No host read, so the forward can be captured in a CUDA graph: the replay has no
+    host issue cost at all (1 GPU too, where it captures). Both clocks, per T."""
+    disp = mn.prefill_dispatcher
+    for row in rows:
+        T = row["T_per_gpu"]
+        x = torch.randn(T, D, device=dev).to(dtype)
+        for k, model, fixed, chunks in (("1gpu_graph", m1, False, 1), ("new_graph", mn, True, 1), ("new2_graph", mn, True, 2)):
+            disp.equal_tokens, disp.chunks = fixed, chunks
+
+            def f(xx: torch.Tensor, _m: Any = model) -> Any:
+                with torch.no_grad():
+                    return _m(xx)
+            try:
+                g, _ = graph_of(f, x)
+                row[f"fwd_{k}_b2b_ms"] = timed_b2b(lambda i: g.replay(), args.reps)
+                row[f"fwd_{k}_ms"] = timed(lambda i: g.replay(), args.reps)
+            except Exception as e:  # noqa: BLE001 - recorded
+                row[f"fwd_{k}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"T={T} {k}: {row.get(f'fwd_{k}_b2b_ms', row.get(f'fwd_{k}_error'))}")
+        for k in ("new_graph", "new2_graph"):
+            if f"fwd_{k}_b2b_ms" in row and "fwd_1gpu_graph_b2b_ms" in row:
+                row[f"per_gpu_fwd_{k}_b2b"] = row["fwd_1gpu_graph_b2b_ms"] / row[f"fwd_{k}_b2b_ms"]
+        dump()
+    disp.equal_tokens, disp.chunks = False, 1
 
 
 def _sync_free_checks(row: dict[str, Any], m1: Any, mn: Any, xs: list[torch.Tensor], xg: list[torch.Tensor], gy: torch.Tensor) -> None:
@@ -458,6 +488,13 @@ def sync_free_table(r: dict[str, Any]) -> None:
                   f"**{f(w, f'per_gpu_fwd_new2{suf}', '.2f')}** / {f(w, f'per_gpu_fwd_new4{suf}', '.2f')} / {f(w, f'per_gpu_fwd_old{suf}', '.2f')} | "
                   f"{f(w, f'fwdbwd_1gpu_{clock}')} | {f(w, f'fwdbwd_new_{clock}')} / {f(w, f'fwdbwd_old_{clock}')} | "
                   f"**{f(w, f'per_gpu_fwdbwd_new{suf}', '.2f')}** / {f(w, f'per_gpu_fwdbwd_old{suf}', '.2f')} |")
+    print("\nforward in a CUDA graph (possible with no host read), replays back to back / synced per replay:\n")
+    print("| T per GPU | 1 GPU graph | 2 GPUs new graph / new2 graph | per-GPU new / new2 (b2b, graph vs graph) |")
+    print("|---|---|---|---|")
+    for w in r.get("sync_free", []):
+        print(f"| {w['T_per_gpu']} | {f(w, 'fwd_1gpu_graph_b2b_ms')} / {f(w, 'fwd_1gpu_graph_ms')} | "
+              f"{f(w, 'fwd_new_graph_b2b_ms')} / {f(w, 'fwd_new_graph_ms')}, {f(w, 'fwd_new2_graph_b2b_ms')} / {f(w, 'fwd_new2_graph_ms')} | "
+              f"**{f(w, 'per_gpu_fwd_new_graph_b2b', '.2f')}** / **{f(w, 'per_gpu_fwd_new2_graph_b2b', '.2f')}** |")
     print("\n| T per GPU | max abs diff new / old vs 1 GPU (max abs y) | new2 vs new | host syncs fwd new / new2 / old | f+b new / old |")
     print("|---|---|---|---|---|")
     for w in r.get("sync_free", []):
