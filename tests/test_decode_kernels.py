@@ -560,13 +560,13 @@ def test_slot_nan_token_still_routes_to_k_distinct_experts(monkeypatch: pytest.M
 
 
 @kernel_test
-@pytest.mark.parametrize("sigmoid", [False, True])
-def test_router_kernel_is_gate_plus_route_bitwise(sigmoid: bool) -> None:
+@pytest.mark.parametrize(("sigmoid", "pre"), [(False, False), (True, False), (False, True)])
+def test_router_kernel_is_gate_plus_route_bitwise(sigmoid: bool, pre: bool) -> None:
     """router_kernel runs gate_kernel's GEMV (same tiles, same order) and route_kernel's
     routing and plan on the same logits: logits, ids, weights, the counter and the plan
     (local experts 4..11) are those of the two kernels, bitwise (the order of the touched
     experts and of an expert's slots may differ on the GPU, where atomics race: compared
-    as sets)."""
+    as sets). pre: the gate rows read before the PDL wait, 2 D steps (ROUTER['gate_pre'])."""
     ks = dk._build()
     assert ks is not None
     T, lo_e, L = 5, 4, 8
@@ -587,10 +587,11 @@ def test_router_kernel_is_gate_plus_route_bitwise(sigmoid: bool) -> None:
         if fused:
             ks["router"][(T, E // 4)](p["x"], p["gw"], logits, dk._done_counters(dev), bias, ids, wts, tpe,
                                       plan[:L], plan[L:], uniq, slot, T, D, E, scale, 1, T, lo_e, L,
-                                      K=K, BLOCK_EC=4, BLOCK_D=min(1024, D), BLOCK_E=E, PLAN=True, **kw)
+                                      K=K, BLOCK_EC=4, BLOCK_D=D // 2 if pre else D, BLOCK_E=E, PLAN=True,
+                                      GATE_PRE=pre, NS=2 if pre else 1, **kw)
         else:
-            ks["gate"][(T, E // 4)](p["x"], p["gw"], logits, plan, D, E, L + 1, BLOCK_EC=4, BLOCK_D=min(1024, D),
-                                    BLOCK_PLAN=16)
+            ks["gate"][(T, E // 4)](p["x"], p["gw"], logits, plan, D, E, L + 1, BLOCK_EC=4,
+                                    BLOCK_D=D // 2 if pre else D, BLOCK_PLAN=16)
             ks["route"][(T,)](logits, bias, ids, wts, plan[:L], plan[L:], uniq, slot, tpe, T, E, scale, lo_e, L, 1, T,
                               torch.empty(T, dtype=torch.int32, device=dev), torch.empty(T, D, device=dev), D,
                               K=K, BLOCK_E=E, FUSED_COMBINE=False, **kw)

@@ -18,6 +18,8 @@
 #       slot_sep_s4_pdl  slot_sep_pdl with 4 pipeline stages (session 4's best sweep entry, unconfirmed)
 #       slot_pre_pdl   slot_sep_pdl whose down kernel reads its [16, F] w2 block BEFORE its PDL wait: the down
 #                      weights stream while the up kernel runs (one tl.dot over F: tolerance, not bitwise)
+#       slot_pre_gp_pdl  slot_pre_pdl whose router_kernel also reads its gate rows before its PDL wait (ROUTER
+#                      ['gate_pre']; the same logits): they stream while the previous kernel finishes
 #       slot_flat_pdl  SLOT (up_dot, down_flat): router_kernel, up per slot, down + combine in one flat loop: 3 kernels
 # Files: $OUT/decode_gpu.json (rewritten after every T), $OUT/decode.log. Summary on stdout (last lines:
 # "T=1: best <variant> xN floor").
@@ -29,7 +31,7 @@ t0=$SECONDS
 if [ -n "${DECODE_SMALL:-}" ]; then
   export TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1
   timeout 120 python3 -m spmd_moe.apps.bench.decode --alternate --small --tokens 1 3 --rounds 2 --reps 2 \
-    --slot-max-t 1 --alt-variants tiled tiled_fr_pdl slot_sep_pdl slot_pre_pdl slot_flat_pdl --out "$OUT/decode_gpu.json" 2> "$OUT/decode.log" >/dev/null
+    --slot-max-t 1 --alt-variants tiled tiled_fr_pdl slot_sep_pdl slot_pre_gp_pdl slot_flat_pdl --out "$OUT/decode_gpu.json" 2> "$OUT/decode.log" >/dev/null
   echo "dry-run bench rc=$? in $((SECONDS - t0)) s"
   python3 -m spmd_moe.apps.bench.decode --summarize "$OUT/decode_gpu.json" 2>&1 | cut -c1-400
   exit 0
@@ -38,7 +40,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 # Run 1 (23:13): 18 tests passed in 55 s and the run was cut (compiles ~3 s a test): now 12 chosen ones.
 T=tests/test_decode_kernels.py
 timeout 42 python3 -m pytest -q -p no:cacheprovider -rf \
-  "$T::test_router_kernel_is_gate_plus_route_bitwise[False]" "$T::test_slot_sep_is_bitwise_the_tiled_kernels_at_t1" \
+  "$T::test_router_kernel_is_gate_plus_route_bitwise[False-True]" "$T::test_slot_sep_is_bitwise_the_tiled_kernels_at_t1" \
   "$T::test_tiled_with_fused_router_is_bitwise_the_tiled[1]" "$T::test_tiled_with_fused_router_is_bitwise_the_tiled[17]" \
   "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[1-slot_sep]" "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[5-tiled_fr]" \
   "$T::test_pdl_changes_no_bit_eager_or_in_a_graph[5-slot_flat]" "$T::test_slot_counters_reset_and_calls_repeat" \
@@ -47,7 +49,7 @@ timeout 42 python3 -m pytest -q -p no:cacheprovider -rf \
   > "$OUT/decode.log" 2>&1
 echo "pytest rc=$? in $((SECONDS - t0)) s:"; grep -E "passed|failed|FAILED|rror" "$OUT/decode.log" | tail -6 | cut -c1-300
 timeout $((140 - (SECONDS - t0))) python3 -m spmd_moe.apps.bench.decode --alternate --out "$OUT/decode_gpu.json" \
-  --tokens 1 8 64 --alt-variants tiled tiled_pdl tiled_fr_pdl slot_sep_pdl slot_sep_s4_pdl slot_pre_pdl slot_flat_pdl \
-  --rounds 9 --reps 200 --slot-max-t 1 --stack 8 --profile-tokens 1 2>> "$OUT/decode.log" >/dev/null
+  --tokens 1 8 64 --alt-variants tiled tiled_pdl tiled_fr_pdl slot_sep_pdl slot_sep_s4_pdl slot_pre_pdl slot_pre_gp_pdl \
+  slot_flat_pdl --rounds 9 --reps 200 --slot-max-t 1 --stack 8 --profile-tokens 1 2>> "$OUT/decode.log" >/dev/null
 echo "bench rc=$? in $((SECONDS - t0)) s total"
 python3 -m spmd_moe.apps.bench.decode --summarize "$OUT/decode_gpu.json" 2>&1 | cut -c1-600

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 ALT_VARIANTS = ["tiled", "tiled_pdl", "tiled_fr", "tiled_fr_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl",
-                "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl", "slot_pre", "slot_pre_pdl"]
+                "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl", "slot_pre", "slot_pre_pdl",
+                "slot_pre_gp", "slot_pre_gp_pdl"]
 ALT_VARIANTS += [v.replace("_pdl", "_s4_pdl") for v in ALT_VARIANTS if v.endswith("_pdl")]  # 4 pipeline stages
 
 
@@ -145,13 +146,17 @@ def _configure(v: str) -> None:
     'slot_flat' (and down_flat = 1), 'slot_sep' (up_dot, down_sep with TILES' tiles: the
     tiled arithmetic at T=1 with one dependent read per program), 'slot_sep_fr' (slot_sep
     at T=1 only, tiled with the fused router above), 'slot_pre' (slot_sep whose down kernel
-    reads its w2 block before the PDL wait), each optionally '_pdl'); the slot design
+    reads its w2 block before the PDL wait), 'slot_pre_gp' (and router_kernel reads its gate
+    rows before the PDL wait), each optionally '_pdl'); the slot design
     then applies up to MAX_T tokens."""
     from spmd_moe.kernels import decode as dk
 
     base = v.removesuffix("_pdl")
     stages4 = base.endswith("_s4")
     base = base.removesuffix("_s4")
+    gate_pre = base.endswith("_gp")
+    base = base.removesuffix("_gp")
+    dk.ROUTER["gate_pre"] = gate_pre
     dk.SPLIT["variant"] = base if base in ("split", "split_fused") else "tiled"
     dk.SLOT["on"] = base.startswith("slot")
     dk.ROUTER["fused"] = base in ("tiled_fr", "slot_sep_fr")
