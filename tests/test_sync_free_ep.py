@@ -317,7 +317,7 @@ def test_fixed_size_kernels_in_triton_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_fixed"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "6 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    assert "7 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 _ON_KERNEL = pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")
@@ -500,6 +500,33 @@ def test_interp_fixed_bounded_experts_are_bitwise_the_experts() -> None:
     (a, ai, ag, aw), (b, bi, bg, bw) = res
     assert torch.equal(a, b) and torch.equal(ai, bi) and torch.equal(ag, bg)
     assert all(torch.equal(u, v) for u, v in zip(aw, bw))
+
+
+@_ON_KERNEL
+def test_interp_fixed_plan_kernel_matches_torch() -> None:
+    """The send plan in one kernel against its torch form, exactly (integers): tokens
+    going to every rank, to some, pads (id E: nowhere), several blocks of tokens (the
+    running scan's carry), T=1."""
+    from types import SimpleNamespace
+
+    from spmd_moe.dispatch import _partial_combine as pc
+    from spmd_moe.dispatch.all_to_all import AllToAllDispatcher
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(6)
+    for T, n, e, Kk in ((1, 2, 4, 2), (37, 2, 4, 3), (600, 4, 2, 4), (300, 2, 64, 8)):
+        E = n * e
+        ids = torch.stack([torch.randperm(E, generator=g)[:Kk] for _ in range(T)]).sort(-1).values
+        ids[T // 3] = E  # a pad token
+        fake = SimpleNamespace(pctx=SimpleNamespace(size=n), num_local=e)
+        got = AllToAllDispatcher._fixed_plan(fake, ids.to(dev))  # type: ignore[arg-type]
+        orig = pc.use_kernel
+        try:
+            pc.use_kernel = lambda *_: False  # type: ignore[assignment]  # the torch form
+            ref = AllToAllDispatcher._fixed_plan(fake, ids)  # type: ignore[arg-type]
+        finally:
+            pc.use_kernel = orig  # type: ignore[assignment]
+        assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1]), (T, n, e, Kk)
 
 
 def _fixed_kernels_end_to_end(rank: int, n: int) -> list[str]:

@@ -30,6 +30,7 @@ _gather_kernel: Any = None
 _wgrad_kernel: Any = None
 _swiglu_fwd_kernel: Any = None
 _swiglu_bwd_kernel: Any = None
+_plan_kernel: Any = None
 exp_f32: Any = None  # spmd_moe.kernels._fused_bwd_triton.exp_f32 once _build ran
 rn_bf16: Any = None  # spmd_moe.kernels._decode_triton.rn_bf16 once _build ran
 _tried = False
@@ -37,7 +38,7 @@ slot_row: Any = None  # spmd_moe.kernels._triton_common.slot_row once _build ran
 
 
 def _build() -> Any:
-    global _kernel, _sum_kernel, _gather_kernel, _wgrad_kernel, _swiglu_fwd_kernel, _swiglu_bwd_kernel, _tried
+    global _kernel, _sum_kernel, _gather_kernel, _wgrad_kernel, _swiglu_fwd_kernel, _swiglu_bwd_kernel, _plan_kernel, _tried
     global slot_row, exp_f32, rn_bf16
     if _tried:
         return _kernel
@@ -167,8 +168,35 @@ def _build() -> Any:
             tl.store(ga1_ptr + offs, ga1.to(ga1_ptr.dtype.element_ty), mask=m)
             tl.store(ga3_ptr + offs, ga3.to(ga3_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
+    def plan_kernel(  # type: ignore[no-untyped-def, unused-ignore]
+        tok_ptr, pos_ptr, ids_ptr, T, E_LOCAL,
+        K: tl.constexpr, KP: tl.constexpr, N_RANKS: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program per destination rank j: its tokens in token order, packed at the
+        # start of segment j (a running scan over blocks of tokens); the segment's other
+        # rows get token T (none); pos[t, j] = the row of token t, or -1.
+        j = tl.program_id(0)
+        ks = tl.arange(0, KP)
+        carry = tl.zeros([1], dtype=tl.int64)
+        for t0 in range(0, T, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            in_t = t < T
+            ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * K + ks[None, :], mask=in_t[:, None] & (ks < K)[None, :], other=-1)
+            hit_b = tl.max(((ids >= 0) & (ids // E_LOCAL == j)).to(tl.int32), axis=1) > 0
+            hit_b = hit_b & in_t
+            c = tl.cumsum(hit_b.to(tl.int64), axis=0)  # inclusive
+            row = j * T + carry + c - 1
+            tl.store(pos_ptr + t.to(tl.int64) * N_RANKS + j, tl.where(hit_b, row, -1), mask=in_t)
+            tl.store(tok_ptr + row, t.to(tl.int64), mask=hit_b)
+            carry += tl.sum(hit_b.to(tl.int64), axis=0)
+        for r0 in range(0, T, BLOCK):  # the rows past the count: no token
+            r = r0 + tl.arange(0, BLOCK)
+            tl.store(tok_ptr + j * T + r, tl.full([BLOCK], 0, tl.int64) + T, mask=(r < T) & (r >= carry))
+
     _gather_kernel = gather_rows_kernel
     _wgrad_kernel = wgrad_kernel
+    _plan_kernel = plan_kernel
     _swiglu_fwd_kernel = swiglu_fwd_bounded_kernel
     _swiglu_bwd_kernel = swiglu_bwd_bounded_kernel
     return _kernel
@@ -375,3 +403,18 @@ def swiglu_bounded(a1_RF: torch.Tensor, a3_RF: torch.Tensor, rows_1: torch.Tenso
     """See _BoundedSwiGLU (Triton: CUDA, or the interpreter in tests)."""
     out: torch.Tensor = _BoundedSwiGLU.apply(a1_RF, a3_RF, rows_1, round_bf16)  # type: ignore[no-untyped-call]
     return out
+
+
+def fixed_plan(ids_TK: torch.Tensor, num_local: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fixed-size exchange's send plan in one kernel (AllToAllDispatcher._fixed_plan's
+    torch form, the same values): each buffer row's token [n*T] (T: none) and each token's
+    row per rank [T, n] (-1: not sent there). None where the kernel does not run."""
+    if not use_kernel(ids_TK) or ids_TK.shape[0] == 0:
+        return None
+    T, K = ids_TK.shape
+    tok_N = torch.empty(n * T, dtype=torch.int64, device=ids_TK.device)
+    pos_Tn = torch.empty(T, n, dtype=torch.int64, device=ids_TK.device)
+    _build()
+    _plan_kernel[(n,)](tok_N, pos_Tn, ids_TK.contiguous(), T, num_local,
+                       K=K, KP=1 << max(0, (K - 1).bit_length()), N_RANKS=n, BLOCK=256)
+    return tok_N, pos_Tn

@@ -412,6 +412,10 @@ class AllToAllDispatcher:
         n, e = self.pctx.size, self.num_local
         T = expert_ids_TK.shape[0]
         dev = expert_ids_TK.device
+        planned = _pc.fixed_plan(expert_ids_TK, e, n)  # CUDA: one kernel (the same values)
+        if planned is not None:
+            return (unchecked_cast(Placed[Var[EP]], planned[0], reason="token of each row this rank sends"),
+                    unchecked_cast(Placed[Var[EP]], planned[1], reason="where this rank's tokens sit in its send buffer"))
         ranks_n1 = torch.arange(n, device=dev).view(n, 1)
         dest_TK = torch.div(expert_ids_TK, e, rounding_mode="floor")  # pads (id E): rank n, sent nowhere
         hit_nT = (dest_TK.unsqueeze(0) == ranks_n1.unsqueeze(-1)).any(dim=2)
