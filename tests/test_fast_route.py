@@ -267,7 +267,11 @@ def _delta(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @kernel_test
 @pytest.mark.parametrize("T", [1, 65, 200])
 @pytest.mark.parametrize("case", ["softmax_norm", "sigmoid_bias"])
-def test_router_matches_torch_router_and_float64(T: int, case: str) -> None:
+@pytest.mark.parametrize("kernel", ["rows", "topk", "fused"])
+def test_router_matches_torch_router_and_float64(T: int, case: str, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each route kernel ("fused": the gate GEMM inside, in tl.dot's order) against the
+    torch router and float64, with the GEMM's delta_t."""
+    monkeypatch.setitem(fr.LAUNCH, "kernel", kernel)
     sig = case.startswith("sigmoid")
     m = _layers("sigmoid" if sig else "softmax", norm=not sig, bias="bias" in case)
     x = _x(T, seed=T)

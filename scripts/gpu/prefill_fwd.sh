@@ -65,12 +65,14 @@ def log(msg):
 def fwd(name, x):
     """One inference forward of the named variant ([T, D] in and out)."""
     fr.FAST_ROUTER = name != "fast_router_off"
+    fr.LAUNCH["kernel"] = "fused" if name == "fast_fused_gate" else "rows"
     try:
         if name == "titan":
             return titan(x.unsqueeze(0)).squeeze(0)
         return (ttk if name == "torch_ops" else fast)(x)
     finally:
         fr.FAST_ROUTER = True
+        fr.LAUNCH["kernel"] = "rows"
 
 
 def torch_router(x):
@@ -81,13 +83,21 @@ def torch_router(x):
 
 
 names = ["fast", "fast_router_off", "torch_ops"] + (["titan"] if titan is not None else [])
+# fast_fused_gate: the fast router with the gate GEMM inside the route kernel (opt-in; dropped if it fails)
+try:
+    with torch.no_grad():
+        fwd("fast_fused_gate", torch.randn(4096 if not small else 64, sh.dim, device=dev, dtype=torch.bfloat16))
+    names.insert(1, "fast_fused_gate")
+except Exception as e:
+    print(f"fast_fused_gate unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    res["fused_gate_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 for T in ((64, 256) if small else (4096, 32768)):
     reps = 3 if small else (30 if T <= 4096 else 15)
     xs = [torch.randn(T, sh.dim, device=dev, dtype=torch.bfloat16) for _ in range(8)]
     row = {"T": T}
     with torch.no_grad():
         y = {n: fwd(n, xs[0]) for n in names}
-        for a, b in (("fast", "torch_ops"), ("fast_router_off", "torch_ops"), ("fast", "fast_router_off"),
+        for a, b in (("fast", "torch_ops"), ("fast_router_off", "torch_ops"), ("fast", "fast_router_off"), ("fast_fused_gate", "fast"),
                      ("torch_ops", "titan"), ("fast", "titan")):
             if b in y:
                 row[f"fwd_bitwise_{a}_vs_{b}"] = bool(torch.equal(y[a], y[b]))
@@ -129,6 +139,15 @@ for T in ((64, 256) if small else (4096, 32768)):
                 ref_route = ref_route or got
                 row[f"route_kernel_{name}_same_ids"] = bool(torch.equal(got[1], ref_route[1]))
                 row[f"route_kernel_{name}_w_rel"] = float(((got[0] - ref_route[0]).abs() / ref_route[0].abs().clamp_min(1e-30)).max())
+            for bt, bd, fw in ((64, 64, 8), (128, 64, 8), (64, 128, 4)):  # the fused gate GEMM + route kernel
+                name = f"fused_t{bt}_d{bd}_w{fw}"
+                try:
+                    fr.LAUNCH.update(kernel="fused", fused_t=bt, fused_d=bd, fused_warps=fw)
+                    row[f"router_{name}_ms"] = mb.timer(dev, lambda i: fr.route(xs[i % len(xs)], gw, None, **kw), reps)
+                    got = fr.route(xr, gw, None, **kw)
+                    row[f"router_{name}_tokens_routed_otherwise"] = int((got[1] != ref_route[1]).any(-1).sum())
+                except Exception as e:
+                    row[f"router_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             fr.LAUNCH.clear()
             fr.LAUNCH.update(saved)
             del lg, w_t, ids_t, ref_route
@@ -140,13 +159,14 @@ for T in ((64, 256) if small else (4096, 32768)):
         if dev.type == "cuda":
             row["host_syncs_fast_fwd"] = host_syncs(lambda: fwd("fast", xs[1]))
     if "titan_fwd_ms" in row:
-        for n in ("fast", "fast_router_off", "torch_ops"):
-            row[f"speedup_{n}_vs_titan"] = row["titan_fwd_ms"] / row[f"{n}_fwd_ms"]
+        for n in ("fast", "fast_fused_gate", "fast_router_off", "torch_ops"):
+            if f"{n}_fwd_ms" in row:
+                row[f"speedup_{n}_vs_titan"] = row["titan_fwd_ms"] / row[f"{n}_fwd_ms"]
     row["speedup_fast_router"] = row["fast_router_off_fwd_ms"] / row["fast_fwd_ms"]
     if T == 32768 and dev.type == "cuda":  # where the device time goes, one forward (3 profiled)
         from torch.profiler import ProfilerActivity, profile
         for n in names:
-            if n == "torch_ops":
+            if n in ("torch_ops", "fast_fused_gate"):
                 continue
             with torch.no_grad():
                 fwd(n, xs[2])
@@ -200,6 +220,13 @@ for x in r["rows"]:
           f"vs titan (router off x{x.get('speedup_fast_router_off_vs_titan', nan):.3f}); fast router saves "
           f"{x['fast_router_off_fwd_ms'] - x['fast_fwd_ms']:.3f} ms")
     print(f"  rounds fast {x['fast_fwd_ms_rounds']} router_off {x['fast_router_off_fwd_ms_rounds']}; host syncs {x.get('host_syncs_fast_fwd')}")
+    if "fast_fused_gate_fwd_ms" in x:
+        print(f"  fast_fused_gate (gate GEMM inside the route kernel) {x['fast_fused_gate_fwd_ms']:.3f} ms -> "
+              f"x{x.get('speedup_fast_fused_gate_vs_titan', nan):.3f} vs titan; rounds {x['fast_fused_gate_fwd_ms_rounds']}; "
+              f"max diff vs fast {x.get('fwd_max_abs_diff_fast_fused_gate_vs_fast', nan):.3g}")
+    fz = {k[7:]: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items() if k.startswith("router_fused_")}
+    if fz:
+        print(f"  router fused gate+route: {fz}")
     if x.get("fast_router_applies"):
         rk = {k[13:-3]: round(v, 4) for k, v in x.items() if k.startswith("route_kernel_") and k.endswith("_ms")}
         wrel = max((v for k, v in x.items() if k.startswith("route_kernel_") and k.endswith("_w_rel")), default=nan)

@@ -45,7 +45,10 @@ FAST_ROUTER: bool = os.environ.get("SPMD_MOE_FAST_ROUTER", "1") != "0"
 # The route kernel: "rows" (route_rows_kernel: a tile of block_t tokens, K rounds of a
 # row max; default) or "topk" (route_kernel: route_topk's sort per token, `tokens` tokens
 # per program, one after another); its warps. The same experts either way.
-LAUNCH: dict[str, Any] = {"kernel": "rows", "block_t": 16, "tokens": 4, "warps": 1, "rows_warps": 4}
+# "fused" (gate_route_kernel, opt-in): the gate GEMM in the same kernel (tiles of
+# fused_t tokens, fused_d columns a step), no logits in memory.
+LAUNCH: dict[str, Any] = {"kernel": "rows", "block_t": 16, "tokens": 4, "warps": 1, "rows_warps": 4,
+                          "fused_t": 64, "fused_d": 64, "fused_warps": 8, "fused_stages": 3}
 
 _kernels: Any = None
 _tried = False
@@ -139,9 +142,40 @@ def route(
     x_TD: torch.Tensor, w_ED: torch.Tensor, bias_E: torch.Tensor | None, *, top_k: int, score_func: str,
     route_norm: bool, route_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights_TK fp32, ids_TK int64), ids ascending per token: the GEMM, then the kernel."""
+    """(weights_TK fp32, ids_TK int64), ids ascending per token: the GEMM, then the kernel
+    (LAUNCH["kernel"] "fused": one kernel for both)."""
+    if LAUNCH["kernel"] == "fused":
+        return _gate_route(x_TD, w_ED, bias_E, top_k=top_k, score_func=score_func, route_norm=route_norm,
+                           route_scale=route_scale)
     return route_logits(logits(x_TD, w_ED), bias_E, top_k=top_k, score_func=score_func, route_norm=route_norm,
                         route_scale=route_scale)
+
+
+def _gate_route(
+    x_TD: torch.Tensor, w_ED: torch.Tensor, bias_E: torch.Tensor | None, *, top_k: int, score_func: str,
+    route_norm: bool, route_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """route() in one kernel (gate_route_kernel)."""
+    ks = _build()
+    assert ks is not None, "call applies() first"
+    T, D = x_TD.shape
+    E = w_ED.shape[0]
+    assert 0 < top_k <= E and w_ED.shape[1] == D, (top_k, w_ED.shape, D)
+    ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=x_TD.device)
+    wts_TK = torch.empty(T, top_k, dtype=torch.float32, device=x_TD.device)
+    if T == 0:
+        return wts_TK, ids_TK
+    if bias_E is not None:
+        assert bias_E.shape == (E,), (bias_E.shape, E)
+        bias_E = bias_E.contiguous()
+    bt, bd = LAUNCH["fused_t"], LAUNCH["fused_d"]
+    ks.gate_route_kernel[(triton_cdiv(T, bt),)](
+        x_TD.contiguous(), w_ED.contiguous(), bias_E if bias_E is not None else wts_TK, ids_TK, wts_TK, T, E, D,
+        float(route_scale), K=top_k, BLOCK_T=bt, BLOCK_E=max(16, 1 << (E - 1).bit_length()), BLOCK_D=bd,
+        SIGMOID=score_func == "sigmoid", HAS_BIAS=bias_E is not None, NORM=route_norm,
+        IEEE=x_TD.dtype == torch.float32, num_warps=LAUNCH["fused_warps"], num_stages=LAUNCH["fused_stages"],
+    )
+    return wts_TK, ids_TK
 
 
 def triton_cdiv(a: int, b: int) -> int:
