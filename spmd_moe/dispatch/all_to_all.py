@@ -633,10 +633,9 @@ def _fixed_send(
     values). Ids (< 2^24: exact in fp32) and gate values travel in one exchange; the
     unused rows get ids E (no expert anywhere) from a sentinel row, and copy the last
     token (never read: no sentinel row appended to x)."""
-    T, K = ids_TK.shape
-    dev = x_TD.device
-    none_M = torch.cat([torch.full((1, K), float(disp.num_experts), device=dev), torch.zeros(1, K, device=dev)], dim=1)
-    meta_TM = torch.cat([torch.cat([ids_TK.to(torch.float32), w_TK.float()], dim=1), none_M])
+    T = ids_TK.shape[0]
+    # Row T: the sentinel, E everywhere (its gate values are never read: no expert has it).
+    meta_TM = F.pad(torch.cat([ids_TK.to(torch.float32), w_TK.float()], dim=1), (0, 0, 0, 1), value=float(disp.num_experts))
     return x_TD[tok_N.clamp(max=max(T - 1, 0))], meta_TM[tok_N]
 
 
