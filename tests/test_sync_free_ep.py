@@ -24,7 +24,9 @@ token, every token goes to the last rank: the other ranks' experts get nothing):
   weights) 1e-5 relative against the single-device layer, no host read in forward +
   backward, three exchanges each way;
 * SPMD_MOE_EP_SYNC_FREE=0 and ``equal_tokens`` False: the split-size path (one host
-  read, four exchanges).
+  read, four exchanges);
+* debug mode checks the promise (every rank the same T) on every call: unequal T raises
+  DistributedError on every rank, in bounded time.
 * the CUDA kernels in Triton's interpreter (subprocess): the count-bounded gather (rows
   past the count not written), the mapped partial sums (undefined rows never leak), the
   gate-value gradients, the sum over ranks (bitwise its torch form), and the whole path
@@ -576,6 +578,41 @@ def test_interp_fixed_kernels_end_to_end() -> None:
     res = run_distributed(_fixed_kernels_end_to_end, 2, timeout=500, pg_timeout=300)
     bad = [f"rank {r}: {b}" for r, bs in enumerate(res) for b in bs]
     assert not bad, "\n".join(bad)
+
+
+def _debug_promise(rank: int, n: int) -> dict[str, Any]:
+    """Debug mode with equal_tokens set: equal T runs (the row path), unequal T raises on
+    every rank."""
+    import spmd_moe
+    from spmd_moe.errors import DistributedError
+
+    _, moe = build_pair(make_cfg(dispatcher="all_to_all", top_k=2), world_pctx(), "sequence", 4)
+    moe.prefill_dispatcher.equal_tokens = True
+    out: dict[str, Any] = {}
+    with torch.no_grad(), spmd_moe.debug():
+        moe(torch.randn(6, D))
+        out["equal_ok"] = True
+        try:
+            moe(torch.randn(5 + 2 * rank, D))
+            out["unequal"] = None
+        except DistributedError as e:
+            out["unequal"] = str(e)
+    return out
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("n", [2, 4])
+def test_debug_mode_catches_unequal_tokens(n: int) -> None:
+    """The promise behind equal_tokens, checked in debug mode on every call: ranks with
+    different T raise DistributedError on every rank (naming the counts and the fix), in
+    bounded time, instead of the fixed-size exchange hanging with debug off."""
+    res = run_distributed(_debug_promise, n, timeout=150, pg_timeout=30)
+    counts = [5 + 2 * r for r in range(n)]
+    for rank, r in enumerate(res):
+        assert r["equal_ok"]
+        msg = r["unequal"]
+        assert msg is not None, f"rank {rank}: no error"
+        assert f"T={5 + 2 * rank}" in msg and str(counts) in msg and "Fix:" in msg, msg
 
 
 GRAD_TOL = 1e-5  # the grid's gradient tolerance: sums over tokens and ranks in other orders (fp32)

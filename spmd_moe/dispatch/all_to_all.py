@@ -77,8 +77,9 @@ from spmd_moe import _debug
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe.dispatch import _partial_combine as _pc
-from spmd_moe.checking import checked
+from spmd_moe.checking import checked, untracked
 from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_per_expert, scatter_to_slots
+from spmd_moe.dispatch.validate import _header_device
 from spmd_moe.errors import ConfigError, DistributedError
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
@@ -363,6 +364,8 @@ class AllToAllDispatcher:
         """The whole routed part with fp32 partial sums on the way back (see the module
         docstring), or None where it does not apply (the caller runs the row path)."""
         del num_pad_tokens  # pads carry id E: owned by no rank, never sent
+        if self.equal_tokens and _debug._enabled:
+            self._check_equal_tokens(x_TD.shape[0])
         if not self.partial_return or _bi._enabled or _debug._enabled or spmd.is_type_checking():
             return None
         if not (x_TD.device.type == "cuda" or PARTIAL_ON_CPU):
@@ -401,6 +404,26 @@ class AllToAllDispatcher:
         return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
     # ------------------------------------------------------------ fixed-size exchange
+    def _check_equal_tokens(self, T: int) -> None:
+        """Debug mode (where the fixed-size path is not taken; a host read is fine): the
+        promise behind ``equal_tokens``, every rank the same T, checked on every call. With
+        debug off a broken promise would leave the fixed-size exchange waiting for rows
+        that never come (NCCL hangs); here every rank raises, naming the counts."""
+        pctx = self.pctx
+        if pctx.size == 1:
+            return
+        with untracked():  # metadata, not placed data
+            mine = torch.tensor([T], dtype=torch.int64, device=_header_device(pctx))
+            counts = pctx.backend.all_gather(mine).tolist()
+        if len(set(counts)) > 1:
+            raise DistributedError(
+                f"AllToAllDispatcher: equal_tokens on axis '{pctx.name}': expected every rank to pass the same "
+                f"number of tokens, got T={T} on this rank ({pctx.rank}) and {counts} on ranks 0..{pctx.size - 1}. "
+                "Fix: pad every rank's tokens to the same T, or turn equal tokens off (MoEConfig.ep_equal_tokens="
+                "False; layout 'sequence' with unequal slices). With debug mode off the fixed-size exchange would hang."
+            )
+
+
     def _fixed_plan(
         self, expert_ids_TK: Int[Placed[Var[EP]], "T K"]
     ) -> tuple[Int[Placed[Var[EP]], " N"], Int[Placed[Var[EP]], "T n"]]:
