@@ -14,8 +14,9 @@ kernel for everything after it.
                 same experts (tests/test_fast_route.py): "rows" (default) routes a tile of
                 tokens with K rounds of a row max; "topk" one token at a time with
                 route_scores / route_topk of _triton_common (a sort of its E lanes, as the
-                decode kernels; a sort per token, more work: both timed in
-                scripts/gpu/prefill_fwd.sh)
+                decode kernels: more work per token). Opt-in "fused": the gate GEMM inside
+                the rows kernel (tl.dot), no logits in memory. All timed side by side in
+                scripts/gpu/prefill_fwd.sh
 
 It replaces the fp32 router GEMM, the x.float() copy, torch.topk, the gathers and the
 per-token sort (~0.8 ms of a 6 ms prefill forward at T=32768 on one H200). Not bitwise
