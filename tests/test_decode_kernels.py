@@ -363,6 +363,7 @@ def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> N
     if variant.startswith("slot"):
         _use_slot(monkeypatch, {"slot": 0, "slot_dot": 1, "slot_flat": 2, "slot_sep": 3, "slot_pre": 4}[variant])
         return
+    monkeypatch.setitem(dk.SLOT, "on", False)  # (whatever the defaults: the variant named)
     if variant == "tiled_fr":
         _use_fused_router(monkeypatch)
         return
@@ -618,6 +619,7 @@ def test_tiled_with_fused_router_is_bitwise_the_tiled(T: int, monkeypatch: pytes
     (the plan counters are zeroed by the combine for the next call)."""
     p = _raw(T, seed=120 + T)
     bias = torch.linspace(-0.05, 0.05, E, device=p["x"].device)
+    monkeypatch.setitem(dk.SLOT, "on", False)
     outs = []
     for fused in (False, True):
         monkeypatch.setitem(dk.ROUTER, "fused", fused)
