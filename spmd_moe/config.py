@@ -41,6 +41,13 @@ class MoEConfig:
         (decode; no host sync) or 'auto' (all_gather when T <= decode_max_tokens).
     ep_chunks: pieces the all_to_all dispatcher splits each rank's tokens into, so that
         the exchanges of one piece overlap the expert GEMMs of another (1: no split).
+    ep_equal_tokens: the caller promises that every rank of the expert axis always passes
+        the same number of tokens in the 'sequence' layout (torchtitan: a fixed local batch
+        x sequence length). The prefill exchange then has a fixed size and needs no host
+        read (kernels='fast'; spmd_moe.dispatch.all_to_all), and the layer exchanges no
+        per-rank counts. The replicated layouts have equal chunks by construction. Debug
+        mode checks the promise on every call; with debug off a broken promise is not
+        detected (NCCL would see mismatched sizes).
     kernels: 'fast' (default: on CUDA, the fused Triton kernels where they apply, e.g.
         spmd_moe.kernels.decode for inference at T <= 64 on one rank) or 'torchtitan'
         (torch ops only, the kernel choice that is bitwise equal to torchtitan 0.3.0).
@@ -64,6 +71,7 @@ class MoEConfig:
     dispatcher: DispatchKind = "auto"
     decode_max_tokens: int = 16
     ep_chunks: int = 1
+    ep_equal_tokens: bool = False
     kernels: KernelChoice = "fast"
 
     def __post_init__(self) -> None:

@@ -175,7 +175,11 @@ class MoE(nn.Module, Generic[L]):
         if pctx.size == 1:
             self.prefill_dispatcher = self.decode_dispatcher = LocalDispatcher(cfg.num_experts, pctx)
         else:
-            self.prefill_dispatcher = AllToAllDispatcher(cfg.num_experts, pctx, chunks=cfg.ep_chunks, partial_return=cfg.kernels == "fast")
+            a2a = AllToAllDispatcher(cfg.num_experts, pctx, chunks=cfg.ep_chunks, partial_return=cfg.kernels == "fast")
+            # Equal per-rank token counts (the replicated layouts' chunks; 'sequence' where the
+            # caller promises them): the fixed-size exchange, with no host read.
+            a2a.equal_tokens = layout != "sequence" or cfg.ep_equal_tokens
+            self.prefill_dispatcher = a2a
             self.decode_dispatcher = AllGatherDispatcher(cfg.num_experts, pctx)
         # Routing replay: record each call's expert ids, or force them.
         self.record_routes = False

@@ -40,7 +40,7 @@ from spmd_moe import collectives as C
 from spmd_moe.checking import untracked
 from spmd_moe.config import MoEConfig
 from spmd_moe.dispatch.validate import exchange_header
-from spmd_moe.errors import PaddingError
+from spmd_moe.errors import DistributedError, PaddingError
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Rep, Var
 
@@ -129,7 +129,18 @@ class TokenLayout:
         if self.peers_checked and not _debug._enabled and not needs_equal and self.cfg.dispatcher == "all_to_all":
             # Config agreed on the first call; nothing here depends on the others' counts.
             return SequenceSlice(x_TD, 0, False)
+        if self.peers_checked and not _debug._enabled and self.cfg.ep_equal_tokens:
+            # Every rank has T tokens (the caller's promise, checked in debug mode): no
+            # count exchange, so no host read before the fixed-size exchange.
+            return SequenceSlice(x_TD, 0, self.use_decode(T))
         counts = self.check_peers(-1, local_tokens=T)
+        if self.cfg.ep_equal_tokens and len(set(counts)) > 1:
+            raise DistributedError(
+                f"{self.name}: MoEConfig.ep_equal_tokens on axis '{self.pctx.name}': expected every "
+                f"rank to pass the same token count, got {counts} (rank {self.pctx.rank}: {T}). "
+                "Fix: give every rank the same number of tokens (pad them), or build the layer "
+                "with ep_equal_tokens=False."
+            )
         decode = self.use_decode(max(counts))
         T_eq = T
         if (decode or needs_equal) and len(set(counts)) > 1:
