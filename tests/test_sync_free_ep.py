@@ -25,6 +25,7 @@ token, every token goes to the last rank: the other ranks' experts get nothing):
   backward, three exchanges each way;
 * SPMD_MOE_EP_SYNC_FREE=0 and ``equal_tokens`` False: the split-size path (one host
   read, four exchanges);
+* SPMD_MOE_EP_RETURN=low: the partial sums return in bf16 (n+1 roundings), 3 bf16 ulps;
 * debug mode checks the promise (every rank the same T) on every call: unequal T raises
   DistributedError on every rank, in bounded time.
 * the CUDA kernels in Triton's interpreter (subprocess): the count-bounded gather (rows
@@ -117,6 +118,26 @@ def _forward_cases(rank: int, n: int) -> list[dict[str, Any]]:
                 ref = _float64_routed(full, x_all.double())[sl]
                 rec["ulps"] = float((y.double() - ref).abs().max()) / (max(float(ref.abs().max()), 1e-30) * 2.0**-8)
             out.append(rec)
+        # SPMD_MOE_EP_RETURN=low: the partial sums go back in bf16 (the layer's dtype),
+        # rounded per rank, then summed in fp32 and rounded again: n+1 roundings, the same
+        # 3 bf16 ulps of max|y| against the float64 loop; the return exchange is bf16.
+        os.environ["SPMD_MOE_EP_RETURN"] = "low"
+        try:
+            for layout, T in (("sequence", 32), ("replicated", 9)):
+                cfg = make_cfg(dispatcher="all_to_all", padding="pad", top_k=4, param_dtype=torch.bfloat16)
+                full, moe = build_pair(cfg, world_pctx(), layout, 30 + T)
+                moe.prefill_dispatcher.equal_tokens = True
+                x_all = torch.randn(n * T if layout == "sequence" else T, D, generator=torch.Generator().manual_seed(T + 8)).to(torch.bfloat16)
+                sl = slice(rank * T, (rank + 1) * T) if layout == "sequence" else slice(0, T)
+                with torch.no_grad():
+                    moe(x_all[sl])
+                y, reads, sent, taken = _run(moe, x_all[sl])
+                ref = _float64_routed(full, x_all.double())[sl].detach()
+                ulps = float((y.double() - ref).abs().max()) / (max(float(ref.abs().max()), 1e-30) * 2.0**-8)
+                out.append({"low_return": True, "layout": layout, "T": T, "ulps": ulps, "reads": reads, "taken": taken,
+                            "return_dtype": sent[2][1] if len(sent) == 3 else None})
+        finally:
+            del os.environ["SPMD_MOE_EP_RETURN"]
         # Inference in pieces (ep_chunks): every piece its own fixed-size exchanges; 5
         # pieces of 7 tokens leave some empty.
         for layout, T, chunks in (("sequence", 7, 5), ("sequence", 33, 2), ("replicated", 20, 3), ("sequence", 0, 2)):
@@ -267,6 +288,11 @@ def test_fixed_size_forward_has_no_host_read(n: int) -> None:
                 w = f"world {n} rank {rank} {c['layout']} T={c['T']} pieces={c['pieces']}"
                 if c["rel"] > FWD_TOL or c["reads"] or c["taken"] != 1 or c["exchanges"] != 3 * c["pieces"]:
                     bad.append(f"{w}: rel {c['rel']:.3g}, {c['reads']} reads, taken {c['taken']}, {c['exchanges']} exchanges")
+                continue
+            if c.get("low_return"):
+                w = f"world {n} rank {rank} {c['layout']} T={c['T']} SPMD_MOE_EP_RETURN=low"
+                if c["ulps"] > 3.0 or c["reads"] or c["taken"] != 1 or c["return_dtype"] != torch.bfloat16:
+                    bad.append(f"{w}: {c['ulps']:.2f} ulps, {c['reads']} reads, taken {c['taken']}, return {c['return_dtype']}")
                 continue
             if "gates" in c:
                 want = {"fast": 1, "fast_train": 1, "torchtitan": 0, "train_chunks2": 0, "debug": 0, "batch_invariant": 0}

@@ -528,7 +528,7 @@ class AllToAllDispatcher:
             st.use(ev, recv_ND, recv_meta_NM)
             routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(self, recv_ND, recv_meta_NM)
             out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
-            part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK)
+            part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=return_dtype(x_TD.dtype))
             st.comm_wait(st.main_mark(), part_ND)
             with st.comm_ctx():
                 backs.append((_a2a_equal(pctx, part_ND, t1 - t0), st.mark()))
@@ -597,6 +597,14 @@ def sync_free() -> bool:
     """SPMD_MOE_EP_SYNC_FREE (default on): the fixed-size exchange where it applies
     (``equal_tokens``); 0: the split-size path with its one host read per forward."""
     return os.environ.get("SPMD_MOE_EP_SYNC_FREE", "1") != "0"
+
+
+def return_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the partial sums on the fixed-size path's way back: fp32 (default: the
+    sender rounds once), or with SPMD_MOE_EP_RETURN=low the layer's own dtype (half the
+    bytes of the largest exchange; each rank's partial sum is rounded before the sender's
+    fp32 sum rounds again: n+1 roundings instead of one, still fewer than the row path's)."""
+    return x_dtype if os.environ.get("SPMD_MOE_EP_RETURN", "fp32") == "low" else torch.float32
 
 
 PAD_ROWS_ON_CPU = False  # tests: run the CUDA row padding on the CPU too
@@ -738,7 +746,7 @@ class _FixedCombine(torch.autograd.Function):
                 rows_R: torch.Tensor, pos_Tn: torch.Tensor, tok_N: torch.Tensor, pctx: ParallelContext[EP],
                 y_dtype: torch.dtype) -> torch.Tensor:
         T = pos_Tn.shape[0]
-        part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK)
+        part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK, out_dtype=return_dtype(y_dtype))
         y_TD = _pc.sum_over_ranks_at(_a2a_equal(pctx, part_ND, T), pos_Tn, y_dtype)
         ctx.save_for_backward(out_MD, w_NK, row_of_slot_X, order_M, rows_R, tok_N)
         ctx.pctx, ctx.T = pctx, T
