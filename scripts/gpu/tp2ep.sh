@@ -7,9 +7,10 @@
 #   SMOKE=1 SF=1 bash scripts/gpu/tp2ep.sh   # CPU dry run: gloo, 2 ranks, tiny shapes
 # Needs >= 2 GPUs (nvidia-h200-x2 or -x4); on one GPU it says so and exits in seconds.
 #   run(kind=nvidia-h200-x2, carry=[".whl"], command="bash scripts/gpu/tp2ep.sh")
-#       default (quick, one job capped at 170 s, about 1 min when nothing hangs): n = all GPUs,
-#       prefill T=4096 and 16384 with ep_chunks 1 and 2, decode T=8 and 64 (eager + CUDA
-#       graphs + sync-debug), profiles (fwd, fwd+bwd, fwd at 2 pieces). No probe.
+#       default (quick, one job capped at 190 s): n = all GPUs, the sync-free prefill section
+#       (--sync-free: fixed-size exchange vs split sizes, T=4096 and 16384, fwd and fwd+bwd, two
+#       clocks, CUDA graphs, sync-debug, profiles; per_gpu_throughput_fwd / _fwdbwd per T in
+#       "prefill") then decode T=8 and 64 (eager + CUDA graphs + sync-debug). No probe.
 #   FULL=1 bash scripts/gpu/tp2ep.sh    # T=4096 and 16384, ep_chunks 1 2 4, and on x4 a second
 #                                       # job with n=2 (about 4 to 7 minutes), then the probe
 #   PROBE=1 adds the NVSHMEM probe (40 s cap); TP_SIZES="2" picks the GPU counts.
@@ -28,7 +29,7 @@ if [ "${SF:-0}" = 1 ]; then
     ng=2  # EP=2: the issue's goal figures
   fi
   t0=$(date +%s)
-  timeout 180 torchrun --nproc-per-node $ng -m spmd_moe.apps.bench.tp2ep --sync-free $extra \
+  timeout 180 torchrun --nproc-per-node $ng -m spmd_moe.apps.bench.tp2ep --sync-free $extra --decode \
       --prefill ${SF_T:-4096 16384} --rounds ${SF_ROUNDS:-3} --out "$OUT/tp2ep_sf_${ng}gpu.json" \
       > /dev/null 2> "$OUT/tp2ep_sf_${ng}gpu.log"
   rc=$?
@@ -45,8 +46,9 @@ if [ "$NG" -lt 2 ]; then echo "tp2ep: needs >= 2 GPUs, this machine has $NG: not
 if [ "${FULL:-0}" = 1 ]; then
   SIZES=${TP_SIZES:-"$NG $( [ "$NG" -gt 2 ] && echo 2 )"}; CAP=170; FIRST=""; TRACE=${TRACE:-1}; PROBE=${PROBE:-1}
 else
-  # chunks 4 was slower than 1 and 2 at both T (s4 run 1): not in the quick profile.
-  SIZES=${TP_SIZES:-"$NG"}; CAP=170; FIRST="--prefill 4096 16384 --chunks 1 2"; TRACE=${TRACE:-0}; PROBE=${PROBE:-0}
+  # Session 6: the sync-free prefill section (fixed-size exchange vs split sizes, both clocks, fwd and
+  # f+b, graphs, profiles; per_gpu_throughput_fwd / _fwdbwd from it) and the decode section, one job.
+  SIZES=${TP_SIZES:-"$NG"}; CAP=190; FIRST="--sync-free --prefill 4096 16384"; TRACE=${TRACE:-0}; PROBE=${PROBE:-0}
 fi
 for ng in $SIZES; do
   [ "$ng" -ge 2 ] && [ "$NG" -ge "$ng" ] || continue
