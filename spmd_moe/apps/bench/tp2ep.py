@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 D, F_, E, K = 2048, 768, 128, 8
+SM_CARVEOUT = 16  # the 'new2c' variant: SMs the grouped GEMMs leave to NCCL
 CUDA = True  # False: --smoke (gloo on the CPU, small layer): checks the script, times nothing real
 
 
@@ -301,11 +302,22 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         xg = [x.clone().requires_grad_(True) for x in xs]
 
         def fwd(m: Any, fixed: bool, chunks: int = 1, ret: str = "fp32") -> Any:
+            # chunks -2: 2 pieces with SM_CARVEOUT SMs left free by the persistent grouped GEMMs
+            # (torch's experimental SM carveout, honoured by its CUTLASS grouped GEMM), so that the
+            # NCCL kernel of the next piece finds SMs to run on while the GEMMs run.
+            carve = chunks < 0
+
             def step(i: int) -> None:
-                disp.equal_tokens, disp.chunks = fixed, chunks
+                disp.equal_tokens, disp.chunks = fixed, abs(chunks)
                 os.environ["SPMD_MOE_EP_RETURN"] = ret
-                with torch.no_grad():
-                    m(xs[i % 4])
+                if carve:
+                    torch._C._set_sm_carveout_experimental(SM_CARVEOUT)
+                try:
+                    with torch.no_grad():
+                        m(xs[i % 4])
+                finally:
+                    if carve:
+                        torch._C._set_sm_carveout_experimental(None)
             return step
 
         def fb(m: Any, fixed: bool, ret: str = "fp32") -> Any:
@@ -326,6 +338,8 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
             variants = {"1gpu": (None, 1, "fp32"), "new": (True, 1, "fp32"), "newbf": (True, 1, "low"), "old": (False, 1, "fp32")}
             if mode == "fwd":
                 variants["new2"] = (True, 2, "fp32")
+                if CUDA and hasattr(torch._C, "_set_sm_carveout_experimental"):
+                    variants["new2c"] = (True, -2, "fp32")
             times: dict[str, list[float]] = {k: [] for k in variants}
             b2b: dict[str, list[float]] = {k: [] for k in variants}
             for _ in range(args.rounds):
@@ -450,17 +464,27 @@ def _sync_free_profiles(args: Any, res: dict[str, Any], mn: Any, x0: torch.Tenso
     disp = mn.prefill_dispatcher
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     first = True
-    for key, fixed, grad in (("profile_fwd_new", True, False), ("profile_fwd_new2", True, False), ("profile_fwd_old", False, False),
-                             ("profile_fwdbwd_new", True, True), ("profile_fwdbwd_old", False, True)):
-        disp.equal_tokens, disp.chunks = fixed, 2 if key.endswith("new2") else 1
+    carve_ok = CUDA and hasattr(torch._C, "_set_sm_carveout_experimental")
+    for key, fixed, grad in (("profile_fwd_new", True, False), ("profile_fwd_new2", True, False), ("profile_fwd_new2c", True, False),
+                             ("profile_fwd_old", False, False), ("profile_fwdbwd_new", True, True), ("profile_fwdbwd_old", False, True)):
+        if key.endswith("new2c") and not carve_ok:
+            continue
+        disp.equal_tokens, disp.chunks = fixed, 2 if key.endswith(("new2", "new2c")) else 1
         x = x0.clone().requires_grad_(grad)
+        carve = key.endswith("new2c")
 
         def call() -> None:
-            if grad:
-                mn(x).backward(gy)
-            else:
-                with torch.no_grad():
-                    mn(x)
+            if carve:
+                torch._C._set_sm_carveout_experimental(SM_CARVEOUT)
+            try:
+                if grad:
+                    mn(x).backward(gy)
+                else:
+                    with torch.no_grad():
+                        mn(x)
+            finally:
+                if carve:
+                    torch._C._set_sm_carveout_experimental(None)
         try:
             for _ in range(2):
                 call()
@@ -494,12 +518,13 @@ def sync_free_table(r: dict[str, Any]) -> None:
     for clock, suf, note in (("b2b_ms", "_b2b", "calls back to back, one sync at the end (a layer in a model)"),
                              ("ms", "", "synced after every call (includes the host's issue time)")):
         print(f"\n{note}; per-GPU = t(1 GPU) / t(2 GPUs), goals fwd 0.80, f+b 0.75:\n")
-        print("| T per GPU | fwd 1 GPU | fwd 2 GPUs new / newbf / new2 / old | per-GPU fwd new / newbf / new2 / old | f+b 1 GPU | f+b new / newbf / old | per-GPU f+b new / newbf / old |")
+        print("| T per GPU | fwd 1 GPU | fwd 2 GPUs new / newbf / new2 / new2c / old | per-GPU fwd new / newbf / new2 / new2c / old | f+b 1 GPU | f+b new / newbf / old | per-GPU f+b new / newbf / old |")
         print("|---|---|---|---|---|---|---|")
         for w in r.get("sync_free", []):
             print(f"| {w['T_per_gpu']} | {f(w, f'fwd_1gpu_{clock}')} | {f(w, f'fwd_new_{clock}')} / {f(w, f'fwd_newbf_{clock}')} / "
-                  f"{f(w, f'fwd_new2_{clock}')} / {f(w, f'fwd_old_{clock}')} | **{f(w, f'per_gpu_fwd_new{suf}', '.2f')}** / "
-                  f"**{f(w, f'per_gpu_fwd_newbf{suf}', '.2f')}** / {f(w, f'per_gpu_fwd_new2{suf}', '.2f')} / {f(w, f'per_gpu_fwd_old{suf}', '.2f')} | "
+                  f"{f(w, f'fwd_new2_{clock}')} / {f(w, f'fwd_new2c_{clock}')} / {f(w, f'fwd_old_{clock}')} | **{f(w, f'per_gpu_fwd_new{suf}', '.2f')}** / "
+                  f"**{f(w, f'per_gpu_fwd_newbf{suf}', '.2f')}** / {f(w, f'per_gpu_fwd_new2{suf}', '.2f')} / {f(w, f'per_gpu_fwd_new2c{suf}', '.2f')} / "
+                  f"{f(w, f'per_gpu_fwd_old{suf}', '.2f')} | "
                   f"{f(w, f'fwdbwd_1gpu_{clock}')} | {f(w, f'fwdbwd_new_{clock}')} / {f(w, f'fwdbwd_newbf_{clock}')} / {f(w, f'fwdbwd_old_{clock}')} | "
                   f"**{f(w, f'per_gpu_fwdbwd_new{suf}', '.2f')}** / {f(w, f'per_gpu_fwdbwd_newbf{suf}', '.2f')} / {f(w, f'per_gpu_fwdbwd_old{suf}', '.2f')} |")
     print("\nforward in a CUDA graph (possible with no host read), replays back to back / synced per replay:\n")
@@ -510,7 +535,8 @@ def sync_free_table(r: dict[str, Any]) -> None:
               f"{f(w, 'fwd_new_graph_b2b_ms')} / {f(w, 'fwd_new_graph_ms')}, {f(w, 'fwd_new2_graph_b2b_ms')} / {f(w, 'fwd_new2_graph_ms')} | "
               f"**{f(w, 'per_gpu_fwd_new_graph_b2b', '.2f')}** / **{f(w, 'per_gpu_fwd_new2_graph_b2b', '.2f')}** |")
     print("\nnew = fixed-size exchange (no host read), fp32 partial sums back; newbf = the same with bf16 partial sums "
-          "(SPMD_MOE_EP_RETURN=low); new2 = new in 2 pieces (inference); old = split sizes (one host read per forward).")
+          "(SPMD_MOE_EP_RETURN=low); new2 = new in 2 pieces (inference); new2c = new2 with 16 SMs carved out of the GEMMs for NCCL; "
+          "old = split sizes (one host read per forward).")
     print("\n| T per GPU | max abs diff new / newbf / old vs 1 GPU (max abs y) | new2 vs new | host syncs fwd new / new2 / old | f+b new / old |")
     print("|---|---|---|---|---|")
     for w in r.get("sync_free", []):
@@ -528,7 +554,7 @@ def sync_free_table(r: dict[str, Any]) -> None:
           w.get("grad_x_old_max_abs_diff_vs_1gpu"), w.get("grad_x_max_abs_1gpu")) for w in r.get("sync_free", [])])
     print("a2a alone (last T) ms bf16 / fp32:", r.get("a2a_bf16_ms"), r.get("a2a_fp32_ms"), "GB/s to peers:",
           r.get("a2a_bf16_GBps_per_rank_out"), r.get("a2a_fp32_GBps_per_rank_out"))
-    for key in ("profile_fwd_new", "profile_fwd_new2", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
+    for key in ("profile_fwd_new", "profile_fwd_new2", "profile_fwd_new2c", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
         p = r.get(key)
         if p and "error" in p:
             print(f"{key}: {p['error']}")
