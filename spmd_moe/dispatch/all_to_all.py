@@ -527,7 +527,8 @@ class AllToAllDispatcher:
         for (t0, t1, _, _), ((recv_ND, recv_meta_NM), ev) in zip(pieces, recvs):
             st.use(ev, recv_ND, recv_meta_NM)
             routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(self, recv_ND, recv_meta_NM)
-            out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
+            with _sm_carveout(dev):
+                out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
             part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=return_dtype(x_TD.dtype))
             st.comm_wait(st.main_mark(), part_ND)
             with st.comm_ctx():
@@ -597,6 +598,23 @@ def sync_free() -> bool:
     """SPMD_MOE_EP_SYNC_FREE (default on): the fixed-size exchange where it applies
     (``equal_tokens``); 0: the split-size path with its one host read per forward."""
     return os.environ.get("SPMD_MOE_EP_SYNC_FREE", "1") != "0"
+
+
+@contextlib.contextmanager
+def _sm_carveout(dev: torch.device) -> Iterator[None]:
+    """SPMD_MOE_EP_SM_CARVEOUT=k (CUDA, pieces only; default off): the persistent grouped
+    GEMMs leave k SMs free (torch's experimental SM carveout) so that the NCCL kernel of
+    the next piece's exchange can run beside them; the previous setting is restored."""
+    k = int(os.environ.get("SPMD_MOE_EP_SM_CARVEOUT", "0") or 0)
+    if k <= 0 or dev.type != "cuda" or not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        yield
+        return
+    prev = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(k)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(prev)
 
 
 def return_dtype(x_dtype: torch.dtype) -> torch.dtype:

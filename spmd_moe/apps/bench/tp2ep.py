@@ -310,14 +310,12 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
             def step(i: int) -> None:
                 disp.equal_tokens, disp.chunks = fixed, abs(chunks)
                 os.environ["SPMD_MOE_EP_RETURN"] = ret
-                if carve:
-                    torch._C._set_sm_carveout_experimental(SM_CARVEOUT)
+                os.environ["SPMD_MOE_EP_SM_CARVEOUT"] = str(SM_CARVEOUT if carve else 0)  # the library's switch (pieces' GEMMs)
                 try:
                     with torch.no_grad():
                         m(xs[i % 4])
                 finally:
-                    if carve:
-                        torch._C._set_sm_carveout_experimental(None)
+                    os.environ["SPMD_MOE_EP_SM_CARVEOUT"] = "0"
             return step
 
         def fb(m: Any, fixed: bool, ret: str = "fp32") -> Any:
@@ -474,8 +472,7 @@ def _sync_free_profiles(args: Any, res: dict[str, Any], mn: Any, x0: torch.Tenso
         carve = key.endswith("new2c")
 
         def call() -> None:
-            if carve:
-                torch._C._set_sm_carveout_experimental(SM_CARVEOUT)
+            os.environ["SPMD_MOE_EP_SM_CARVEOUT"] = str(SM_CARVEOUT if carve else 0)
             try:
                 if grad:
                     mn(x).backward(gy)
@@ -483,8 +480,7 @@ def _sync_free_profiles(args: Any, res: dict[str, Any], mn: Any, x0: torch.Tenso
                     with torch.no_grad():
                         mn(x)
             finally:
-                if carve:
-                    torch._C._set_sm_carveout_experimental(None)
+                os.environ["SPMD_MOE_EP_SM_CARVEOUT"] = "0"
         try:
             for _ in range(2):
                 call()
