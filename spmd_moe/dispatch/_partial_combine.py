@@ -15,6 +15,15 @@ token was not sent to skipped, then one rounding: the same fp32 adds as the torc
 bitwise). Elsewhere (CPU tests) the same sums with torch ops; Triton's interpreter runs
 the kernels for the tests that opt in (TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1,
 fp32 tensors).
+
+The fixed-size exchange (all_to_all.py, no host read) adds kernels that read a device
+count instead of a host size, so no work is done for the rows of its worst-case buffers
+past the count: ``fixed_plan`` (the send plan: a running scan per destination),
+``gather_rows`` (expand to expert-major rows; scaled, the slot rows' gradient),
+``partial_sums_mapped`` (the partial sums given the slot -> row map), ``slot_weight_grads``
+(the gate values' gradient), ``swiglu_bounded`` (the fused SwiGLU's arithmetic up to the
+row count, forward and backward) and ``sum_over_ranks_at`` (the sender's sum from the
+positions alone). Each has a torch form for the CPU with the same values.
 """
 
 from __future__ import annotations
