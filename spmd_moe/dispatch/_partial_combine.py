@@ -23,7 +23,9 @@ past the count: ``fixed_plan`` (the send plan: a running scan per destination),
 ``partial_sums_mapped`` (the partial sums given the slot -> row map), ``slot_weight_grads``
 (the gate values' gradient), ``swiglu_bounded`` (the fused SwiGLU's arithmetic up to the
 row count, forward and backward) and ``sum_over_ranks_at`` (the sender's sum from the
-positions alone). Each has a torch form for the CPU with the same values.
+positions alone). Each but swiglu_bounded has a torch form for the CPU with the same
+values (fixed_plan's is AllToAllDispatcher._fixed_plan); where the fused kernels do not
+run, GroupedExperts itself replaces swiglu_bounded.
 """
 
 from __future__ import annotations
