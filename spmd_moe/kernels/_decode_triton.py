@@ -364,7 +364,7 @@ def router_kernel(
     T, D, E, route_scale, row_lo, row_hi, e_start, num_local,
     K: tl.constexpr, BLOCK_EC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PLAN: tl.constexpr,
-    GATE_PRE: tl.constexpr = False, NS: tl.constexpr = 1, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """The whole router in one kernel. Program (t, block of BLOCK_EC experts): the gate
     GEMV as gate_kernel (the same arithmetic: the same logits), then a per-token acq_rel
@@ -373,33 +373,18 @@ def router_kernel(
     and sets the counter back to 0 for the next call or graph replay (the counters live
     across calls, zero between them). PLAN (for the tiled up/down kernels): also
     route_kernel's plan of the local experts; its counters (count, nuniq) must be zero on
-    entry: they live across calls too, and combine_kernel (RESET_PLAN) zeroes them.
-    GATE_PRE: the program's gate rows (NS >= D / BLOCK_D steps of BLOCK_D columns) are read
-    BEFORE the PDL wait (they do not depend on the previous kernel), then summed step by
-    step as the loop below (each step's slice taken out exactly): the same logits."""
+    entry: they live across calls too, and combine_kernel (RESET_PLAN) zeroes them."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     ec_off = tl.program_id(1) * BLOCK_EC + tl.arange(0, BLOCK_EC)
     in_ec = ec_off < E
     acc = tl.zeros([BLOCK_EC, BLOCK_D], dtype=tl.float32)
-    if GATE_PRE:
-        s_off = tl.arange(0, NS)
-        d2 = s_off[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # [NS, BLOCK_D] columns
-        w3 = tl.load(w_ptr + ec_off[:, None, None] * D + d2[None, :, :],
-                     mask=in_ec[:, None, None] & (d2 < D)[None, :, :], other=0.0).to(tl.float32)
-        pdl_enter(PDL)
-        x2 = tl.load(x_ptr + t * D + d2, mask=d2 < D, other=0.0).to(tl.float32)
-        for s in tl.static_range(NS):
-            wv = tl.sum(tl.where((s_off == s)[None, :, None], w3, 0.0), axis=1)  # exact: one term is not 0
-            xv = tl.sum(tl.where((s_off == s)[:, None], x2, 0.0), axis=0)
-            acc += wv * xv[None, :]
-    else:
-        pdl_enter(PDL)
-        for d0 in range(0, D, BLOCK_D):
-            d_off = d0 + tl.arange(0, BLOCK_D)
-            in_d = d_off < D
-            xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + ec_off[:, None] * D + d_off[None, :], mask=in_ec[:, None] & in_d[None, :], other=0.0)
-            acc += wv.to(tl.float32) * xv[None, :]
+    for d0 in range(0, D, BLOCK_D):
+        d_off = d0 + tl.arange(0, BLOCK_D)
+        in_d = d_off < D
+        xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + ec_off[:, None] * D + d_off[None, :], mask=in_ec[:, None] & in_d[None, :], other=0.0)
+        acc += wv.to(tl.float32) * xv[None, :]
     tl.store(logits_ptr + t * E + ec_off, tl.sum(acc, axis=1), mask=in_ec)
     tl.debug_barrier()  # every thread's logits stored before the counter moves (release)
     old = tl.atomic_add(done_ptr + t, 1, sem="acq_rel")

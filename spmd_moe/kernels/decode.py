@@ -95,9 +95,7 @@ _DONE: dict[tuple[str, int | None], torch.Tensor] = {}
 # router_kernel too (gate + route + plan in one kernel: 4 kernels). Its plan counters
 # persist per (device, local experts) (_PLAN) and combine_kernel zeroes them for the next
 # call. The arithmetic is the same as gate + route: bitwise the same output.
-# gate_pre: router_kernel reads its gate rows before its PDL wait (with LAUNCH["pdl"]: they
-# stream while the previous kernel, e.g. the previous layer's combine, finishes).
-ROUTER = {"fused": False, "gate_pre": False}
+ROUTER = {"fused": False}
 _PLAN: dict[tuple[str, int | None, int], torch.Tensor] = {}
 
 _kernels: dict[str, Any] | None = None
@@ -322,13 +320,12 @@ def _router(
     E = gate_w_ED.shape[0]
     dev = x_TD.device
     count_L, nuniq, uniq_U, slot_LT = plan if plan is not None else (ids_TK,) * 4  # unread without PLAN
-    bd = min(4096 // bec, _pow2(D))
     ks["router"][(T, triton_cdiv(E, bec))](
         x_TD, gate_w_ED.contiguous(), logits_TE, _done_counters(dev), bias, ids_TK, wts_TK, tokens_per_expert_E,
         count_L, nuniq, uniq_U, slot_LT, T, D, E, float(route_scale), lo, hi, expert_start, num_local,
-        K=K, BLOCK_EC=bec, BLOCK_D=bd, BLOCK_E=max(16, _pow2(E)),
+        K=K, BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_E=max(16, _pow2(E)),
         SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, PLAN=plan is not None,
-        GATE_PRE=bool(ROUTER["gate_pre"]), NS=_pow2(triton_cdiv(D, bd)), num_warps=4, **pk,
+        num_warps=4, **pk,
     )
 
 

@@ -33,7 +33,7 @@ from spmd_moe.config import KernelChoice
 D, F, E, K = 2048, 768, 128, 8
 
 
-def _layer(kernels: KernelChoice, device: torch.device, seed: int = 0) -> Any:
+def _layer(kernels: KernelChoice, device: torch.device, init: bool = True) -> Any:
     import spmd_moe as sm
 
     # CPU dry run (--small, Triton's interpreter): the kernels take fp32 tensors holding bf16 values.
@@ -41,7 +41,8 @@ def _layer(kernels: KernelChoice, device: torch.device, seed: int = 0) -> Any:
     cfg = sm.MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, score_func="softmax", route_norm=True,
                        param_dtype=dt, kernels=kernels)
     m = sm.MoE(cfg, device=device)
-    m.init_states(seed=seed)
+    if init:  # (seeded on the host expert by expert: seconds per layer; copies are cheap)
+        m.init_states(seed=0)
     return m
 
 
@@ -135,8 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 ALT_VARIANTS = ["tiled", "tiled_pdl", "tiled_fr", "tiled_fr_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl",
-                "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl", "slot_pre", "slot_pre_pdl",
-                "slot_pre_gp", "slot_pre_gp_pdl"]
+                "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl", "slot_pre", "slot_pre_pdl"]
 ALT_VARIANTS += [v.replace("_pdl", "_s4_pdl") for v in ALT_VARIANTS if v.endswith("_pdl")]  # 4 pipeline stages
 
 
@@ -146,17 +146,13 @@ def _configure(v: str) -> None:
     'slot_flat' (and down_flat = 1), 'slot_sep' (up_dot, down_sep with TILES' tiles: the
     tiled arithmetic at T=1 with one dependent read per program), 'slot_sep_fr' (slot_sep
     at T=1 only, tiled with the fused router above), 'slot_pre' (slot_sep whose down kernel
-    reads its w2 block before the PDL wait), 'slot_pre_gp' (and router_kernel reads its gate
-    rows before the PDL wait), each optionally '_pdl'); the slot design
+    reads its w2 block before the PDL wait), each optionally '_pdl'); the slot design
     then applies up to MAX_T tokens."""
     from spmd_moe.kernels import decode as dk
 
     base = v.removesuffix("_pdl")
     stages4 = base.endswith("_s4")
     base = base.removesuffix("_s4")
-    gate_pre = base.endswith("_gp")
-    base = base.removesuffix("_gp")
-    dk.ROUTER["gate_pre"] = gate_pre
     dk.SPLIT["variant"] = base if base in ("split", "split_fused") else "tiled"
     dk.SLOT["on"] = base.startswith("slot")
     dk.ROUTER["fused"] = base in ("tiled_fr", "slot_sep_fr")
@@ -200,7 +196,7 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    fast, ref = _layer("fast", device), _layer("torchtitan", device)
+    fast, ref = _layer("fast", device), _layer("torchtitan", device, init=False)
     ref.load_state_dict(fast.state_dict())
     name = torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter, dry run)"
     bps = nominal_hbm_bps(name) if cuda else 4.8e12
@@ -211,10 +207,14 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
                            "defaults": {"split": saved[0], "slot": saved[1], "launch": saved[2],
                                         "router": saved[4]}, "rows": []}
     g = torch.Generator(device=device).manual_seed(1)
-    # --stack N: N distinct layers (own weights: no L2 reuse between calls) on N inputs in ONE graph, as
-    # in a model's decode step; per-layer time = replay / N: no per-replay graph launch or input copy.
-    stack = [fast] + [_layer("fast", device, seed=i + 1) for i in range(args.stack - 1)] if cuda and args.stack > 1 else []
-    res["stack"] = args.stack if stack else 0
+    # --stack N: N distinct layers (own copies of the weights: other addresses, so no L2 reuse between
+    # calls) on N inputs in ONE graph, as in a model's decode step; per-layer time = replay / N: no
+    # per-replay graph launch or input copy.
+    stack = [fast]
+    for _ in range(args.stack - 1 if cuda else 0):
+        stack.append(_layer("fast", device, init=False))
+        stack[-1].load_state_dict(fast.state_dict())
+    res["stack"] = len(stack) if len(stack) > 1 else 0
     for T in args.tokens:
         xs = [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(8)]
         if not cuda:
@@ -229,10 +229,11 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
                                "max_abs_out": float(y_r.float().abs().max())}
         reps: dict[str, Any] = {}
         stack_reps: dict[str, Any] = {}
-        if cuda and args.stack > 1:
+        if len(stack) > 1:
             xs_s = [xs[0]] + [torch.randn(T, D, device=device, generator=g, dtype=torch.bfloat16)
-                              for _ in range(args.stack - 1)]
+                              for _ in range(len(stack) - 1)]
             row["stack_floor_ms"] = _stack_floor_ms(stack, xs_s, bps)
+        res["rows"].append(row)  # filled in as it goes; the JSON is rewritten after each step
         y_first: torch.Tensor | None = None
         for v in args.alt_variants:
             if v.startswith("slot") and T > args.slot_max_t:
@@ -250,7 +251,7 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
                 rep = try_graph(device, fast, xs) if cuda else _eager(fast, xs, v)
                 if rep is not None:
                     reps[v] = rep
-                if cuda and args.stack > 1:
+                if len(stack) > 1:
                     stack_reps[v] = _stack_graph(device, stack, xs_s)
                 if cuda and T in args.profile_tokens:
                     n, ms, by_name = _kernels_of(fast, xs[0])
@@ -259,28 +260,34 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
                 row[f"{v}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             finally:
                 _restore(saved)
+            print(json.dumps({"T": T, "variant": v, "wall_s": time.monotonic() - t_start}), file=sys.stderr, flush=True)
+            _write(args.out, res)
         rounds: dict[str, list[float]] = {v: [] for v in reps}
         srounds: dict[str, list[float]] = {v: [] for v in stack_reps}
         for _ in range(args.rounds):  # graphs replay whatever the switches say now: they hold their kernels
             for v, rep in reps.items():
                 rounds[v].append(timer(device, rep, args.reps, warmup=5))
             for v, rep in stack_reps.items():
-                srounds[v].append(timer(device, rep, max(10, args.reps // 4), warmup=3) / args.stack)
-        for v, ts in srounds.items():
-            row[f"{v}_stack_ms"] = statistics.median(ts)
-            row[f"{v}_stack_ms_rounds"] = ts
-            row[f"{v}_stack_over_floor"] = row[f"{v}_stack_ms"] / row["stack_floor_ms"]
-        for v, ts in rounds.items():
-            row[f"{v}_graph_ms"] = statistics.median(ts)
-            row[f"{v}_graph_ms_rounds"] = ts
-            row[f"{v}_over_floor"] = row[f"{v}_graph_ms"] / floor_ms
-        res["rows"].append(row)
-        print(json.dumps({k: x for k, x in row.items() if not k.endswith("by_kernel_ms")}), file=sys.stderr, flush=True)
-        _write(args.out, res)
+                srounds[v].append(timer(device, rep, max(10, args.reps // 4), warmup=3) / len(stack))
+            _rounds_into(row, rounds, srounds, floor_ms)
+            _write(args.out, res)
     if args.slot_sweep and cuda:
         res["slot_sweep"] = slot_sweep(fast, device, args, t_start, res)
     res["wall_s"] = time.monotonic() - t_start
     return res
+
+
+def _rounds_into(row: dict[str, Any], rounds: dict[str, list[float]], srounds: dict[str, list[float]],
+                 floor_ms: float) -> None:
+    """The medians of the rounds so far (one layer a replay; stacked layers)."""
+    for v, ts in srounds.items():
+            row[f"{v}_stack_ms"] = statistics.median(ts)
+            row[f"{v}_stack_ms_rounds"] = ts
+            row[f"{v}_stack_over_floor"] = row[f"{v}_stack_ms"] / row["stack_floor_ms"]
+    for v, ts in rounds.items():
+        row[f"{v}_graph_ms"] = statistics.median(ts)
+        row[f"{v}_graph_ms_rounds"] = ts
+        row[f"{v}_over_floor"] = row[f"{v}_graph_ms"] / floor_ms
 
 
 def _stack_floor_ms(layers: list[Any], xs: list[torch.Tensor], bps: float) -> float:
@@ -599,6 +606,11 @@ def main(argv: list[str] | None = None) -> int:
                    " with TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1")
     args = p.parse_args(argv)
     if args.summarize:
+        import os
+
+        if not os.path.exists(args.summarize):
+            print(f"no {args.summarize}: the bench wrote nothing (see the log)")
+            return 0
         with open(args.summarize) as f:
             r = json.load(f)
             print(summarize_alternating(r) if r.get("mode") == "alternating" else summarize(r))
