@@ -240,6 +240,45 @@ def try_graph(device: torch.device, model: Callable[[torch.Tensor], torch.Tensor
     return replay
 
 
+STACK = 8  # layers in one CUDA graph for the per-layer decode figure (a model's decode step is one graph)
+
+
+def try_graph_stack(device: torch.device, model: torch.nn.Module, xs: list[torch.Tensor],
+                    call: Callable[[torch.nn.Module, torch.Tensor], object] | None = None) -> Callable[[int], object] | None:
+    """One CUDA graph of len(xs) copies of model (their own weights, at other addresses: no
+    L2 reuse between layers), copy i on static input i, as a model's decode step runs its
+    layers; replay(i) replays the whole stack (divide its time by len(xs)). No per-layer graph
+    launch or input copy, which the one-layer replay of try_graph pays. None if it fails."""
+    if device.type != "cuda":
+        return None
+    import copy
+
+    run = call or (lambda m, x: m(x))
+    try:
+        layers = [model] + [copy.deepcopy(model) for _ in range(len(xs) - 1)]
+        s = torch.cuda.Stream(device)
+        s.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):
+                for m, x in zip(layers, xs):
+                    run(m, x)
+        torch.cuda.current_stream(device).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            for m, x in zip(layers, xs):
+                run(m, x)
+    except Exception as e:
+        log(f"stacked CUDA graph failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        torch.cuda.synchronize(device)
+        return None
+
+    def replay(i: int) -> None:
+        graph.replay()
+
+    replay.layers = layers  # type: ignore[attr-defined]  # keep the copies alive with the graph
+    return replay
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -317,6 +356,15 @@ def run(args: Any) -> dict[str, Any]:
                 rep_t = try_graph(device, lambda x: titan(x.unsqueeze(0)), xs)
                 if rep_t is not None:
                     row["titan_fwd_graph_ms"] = timer(device, rep_t, reps)
+            if T <= 64:  # per layer in a graph of STACK layers (copies), as a model's decode step
+                for name, model, call in (("spmd", spmd, None), ("titan", titan, lambda m, x: m(x.unsqueeze(0)))):
+                    if model is None or f"{name}_fwd_graph_ms" not in row:  # no one-layer graph: none stacked
+                        continue
+                    rep_s = try_graph_stack(device, model, xs[:STACK], call)
+                    if rep_s is not None:
+                        row[f"{name}_fwd_graph_stack_ms"] = timer(device, rep_s, max(10, reps // 4)) / STACK
+                    del rep_s
+                    torch.cuda.empty_cache()
 
         # forward + backward (input and weight gradients)
         def fwd_bwd(model: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn.Parameter], three_d: bool) -> Callable[[int], object]:
@@ -363,6 +411,8 @@ def _ratios(row: dict[str, Any]) -> None:
         row["fwd_over_floor"] = row["spmd_fwd_ms"] / row["floor_ms"]
         if "spmd_fwd_graph_ms" in row:
             row["graph_fwd_over_floor"] = row["spmd_fwd_graph_ms"] / row["floor_ms"]
+        if "spmd_fwd_graph_stack_ms" in row:
+            row["graph_stack_fwd_over_floor"] = row["spmd_fwd_graph_stack_ms"] / row["floor_ms"]
     row["fwd_over_gemm"] = row["spmd_fwd_ms"] / row["gemm_ms"]
 
 
@@ -388,11 +438,16 @@ def targets(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     for T, goal in DECODE_GOALS.items():
         r = by_t.get(T)
         if r and "fwd_over_floor" in r:
-            # vLLM runs decode in CUDA graphs: the graph figure is judged where it exists.
-            judged = r.get("graph_fwd_over_floor", r["fwd_over_floor"])
+            # vLLM runs a decode step as one CUDA graph of all layers: judged per layer in a
+            # graph of STACK layers; the one-layer replay (plus its launch and input copy) is
+            # reported beside it, with its own verdict.
+            one = r.get("graph_fwd_over_floor", r["fwd_over_floor"])
+            judged = r.get("graph_stack_fwd_over_floor", one)
             out[f"decode_{T}_over_floor"] = {
-                "eager": r["fwd_over_floor"], "graph": r.get("graph_fwd_over_floor"),
-                "target": f"<= {goal} (graph)", "met": judged <= goal,
+                "eager": r["fwd_over_floor"], "graph_one_layer": r.get("graph_fwd_over_floor"),
+                "graph_per_layer_of_stack": r.get("graph_stack_fwd_over_floor"),
+                "target": f"<= {goal} (per layer, {STACK} layers in one CUDA graph)", "met": judged <= goal,
+                "met_one_layer_replay": one <= goal,
             }
     return out
 
@@ -419,6 +474,8 @@ def table(res: dict[str, Any]) -> str:
             ("speedup_fwd_vs_titan", "x titan", "{:.2f}"), ("gemm_ms", "GEMMs", "{:.3f}"),
             ("floor_ms", "HBM floor", "{:.3f}"), ("spmd_fwd_graph_ms", "spmd graph", "{:.3f}"),
             ("titan_fwd_graph_ms", "titan graph", "{:.3f}"),
+            ("spmd_fwd_graph_stack_ms", f"spmd graph/layer of {STACK}", "{:.4f}"),
+            ("titan_fwd_graph_stack_ms", f"titan graph/layer of {STACK}", "{:.4f}"),
             ("spmd_fwdbwd_ms", "spmd f+b", "{:.3f}"), ("titan_fwdbwd_ms", "titan f+b", "{:.3f}"),
             ("speedup_fwdbwd_vs_titan", "x titan f+b", "{:.2f}"), ("rel_err_vs_titan", "rel err", "{:.1e}")]
     cols = [c for c in cols if any(c[0] in r for r in res["rows"])]
@@ -438,6 +495,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     T = [r["T"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     series_fwd = [("spmd_fwd_ms", "spmd_moe fwd (eager)", "o-"), ("spmd_fwd_graph_ms", "spmd_moe fwd (CUDA graph)", "o--"),
+                  ("spmd_fwd_graph_stack_ms", f"spmd_moe fwd (per layer, {STACK} in one graph)", "o:"),
                   ("titan_fwd_ms", "torchtitan 0.3.0 fwd", "s-"), ("gemm_ms", "raw grouped GEMMs", "^:"),
                   ("floor_ms", "HBM weight-read floor", "k-")]
     series_bwd = [("spmd_fwdbwd_ms", "spmd_moe fwd+bwd", "o-"), ("titan_fwdbwd_ms", "torchtitan fwd+bwd", "s-")]
