@@ -340,10 +340,18 @@ def run(args: Any) -> dict[str, Any]:
         with torch.no_grad():
             row["gemm_ms"] = timer(device, lambda i: raw_grouped_gemms(
                 routed[i % n_inputs][0], routed[i % n_inputs][1], ex.w1_EFD, ex.w2_EDF, ex.w3_EFD), reps)
-            row["spmd_fwd_ms"] = timer(device, lambda i: spmd(xs[i % n_inputs]), reps)
-            if titan is not None:
-                xs3 = [x.unsqueeze(0) for x in xs]
-                row["titan_fwd_ms"] = timer(device, lambda i: titan(xs3[i % n_inputs]), reps)
+            # GPU: spmd_moe and torchtitan in turn, 3 rounds, the median of the rounds' medians
+            # (clock and host drift then fall on both alike).
+            xs3 = [x.unsqueeze(0) for x in xs]
+            rounds: dict[str, list[float]] = {"spmd": [], "titan": []}
+            for _ in range(3 if device.type == "cuda" else 1):
+                rounds["spmd"].append(timer(device, lambda i: spmd(xs[i % n_inputs]), reps))
+                if titan is not None:
+                    rounds["titan"].append(timer(device, lambda i: titan(xs3[i % n_inputs]), reps))
+            for name, ts in rounds.items():
+                if ts:
+                    row[f"{name}_fwd_ms"] = statistics.median(ts)
+                    row[f"{name}_fwd_ms_rounds"] = ts
         log(f"T={T} ({ti + 1}/{len(sh.tokens)}) fwd: spmd {row['spmd_fwd_ms']:.3f} ms, "
             f"titan {row.get('titan_fwd_ms', float('nan')):.3f} ms, gemms {row['gemm_ms']:.3f} ms")
 
