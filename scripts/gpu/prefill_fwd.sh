@@ -12,9 +12,9 @@
 # its route kernel per launch shape); forward checks (fast_router_off and torch_ops bitwise; the
 # fast router's tokens routed otherwise than the torch router's, near-ties only); host syncs of
 # one fast forward; a per-kind kernel profile at T=32768 (gpu_profile.kernel_split) of fast,
-# fast_router_off and titan; one histogram (count_ids). Then, in the time left (<= 55 s), the
+# fast_router_off and titan; one histogram (count_ids). Then, in the time left (<= 50 s), the
 # CUDA run of tests/test_fast_route.py and the inference tests of test_fused_backward.py.
-# < 145 s:
+# < 120 s:
 #   run(kind=nvidia-h200, carry=[".whl"], command="bash scripts/gpu/prefill_fwd.sh")
 # Writes two files:
 #   $OUT/prefill_fwd.log   GPU/versions, pytest, bench progress
@@ -200,7 +200,7 @@ with open(out_path, "w") as f:
     json.dump(res, f, indent=1)
 PY
 echo "bench rc=$? in $((SECONDS - t0)) s"
-left=$((140 - (SECONDS - t0))); [ $left -gt 55 ] && left=55
+left=$((112 - (SECONDS - t0))); [ $left -gt 50 ] && left=50
 if [ -z "${PREFILL_FWD_SMALL:-}" ] && [ $left -ge 10 ]; then  # the CUDA run of the inference tests, in the time left
   echo "== pytest" >> "$LOG"
   timeout $left python3 -m pytest -q -s -p no:cacheprovider tests/test_fast_route.py tests/test_fused_combine.py \
