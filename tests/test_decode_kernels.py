@@ -360,13 +360,10 @@ def _use(monkeypatch: pytest.MonkeyPatch, variant: str, swiglu: str = "up") -> N
     """Route every T through `variant`, with tiles small enough that the test shapes are
     split: up over 4 D chunks (2 F blocks), down over 2 F chunks (2 D blocks); SwiGLU in
     the up kernel's last program per block or in every down program."""
-    if variant.startswith("slot"):
-        _use_slot(monkeypatch, {"slot": 0, "slot_dot": 1, "slot_flat": 2, "slot_sep": 3, "slot_pre": 4}[variant])
+    if variant == "slot":
+        _use_slot(monkeypatch)
         return
     monkeypatch.setitem(dk.SLOT, "on", False)  # (whatever the defaults: the variant named)
-    if variant == "tiled_fr":
-        _use_fused_router(monkeypatch)
-        return
     monkeypatch.setitem(dk.SPLIT, "variant", variant)
     monkeypatch.setitem(dk.SPLIT, "max_t", dk.MAX_T)
     for key, v in {"up_f": 16, "up_d": 16, "up_split": 4, "down_n": 32, "down_f": 16, "down_split": 2,
@@ -428,8 +425,7 @@ def test_split_fused_one_expert_takes_every_token(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.skipif(not ON_CUDA, reason="programmatic dependent launch: CUDA (sm90+) only")
 @pytest.mark.parametrize(("T", "variant"), [(1, "tiled"), (5, "tiled"), (1, "split_fused"), (5, "split"),
-                                            (1, "slot"), (5, "slot"), (1, "slot_dot"), (5, "slot_flat"), (1, "slot_sep"), (1, "slot_pre"),
-                                            (5, "tiled_fr")])
+                                            (1, "slot"), (5, "slot")])
 def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """LAUNCH['pdl'] only changes when the kernels launch: the output is bitwise the same
     with and without it, eager and replayed from a CUDA graph (where the launches
@@ -455,30 +451,25 @@ def test_pdl_changes_no_bit_eager_or_in_a_graph(T: int, variant: str, monkeypatc
     assert torch.equal(outs[1][-1], outs[1][0]), "graph replay = eager"
 
 
-# ---- the slot design: the router in one kernel, experts per slot, down + combine ----
+# ---- the slot design: the router in one kernel, up and down per slot ----
 
-def _use_slot(monkeypatch: pytest.MonkeyPatch, dot: int = 0) -> None:
+def _use_slot(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every T through the slot design, with tiles that split the test shapes: 4 gate
     programs per token (so the router's counter sees 4 arrivals), 2 F blocks and 2 D
-    steps in up, 4 D blocks and 2 F steps in down; dot 0: GEMVs, 1: tl.dot, 2: tl.dot and
-    the down kernel's flat loop over (expert, F step), 3: up by tl.dot, down per slot
-    (down_sep) and the combine kernel, 4: 3 with the w2 block read before the PDL wait."""
+    steps in up, 4 D blocks and 2 F steps in down."""
     monkeypatch.setitem(dk.SLOT, "on", True)
     monkeypatch.setitem(dk.SLOT, "max_t", dk.MAX_T)
-    for key, v in {"gate_e": 4, "up_f": 16, "up_d": 32, "down_n": 16, "down_f": 16, "up_dot": int(dot > 0),
-                   "down_dot": int(dot > 0), "down_flat": int(dot == 2), "down_sep": int(dot >= 3),
-                   "down_pre": int(dot == 4)}.items():
+    for key, v in {"gate_e": 4, "up_f": 16, "up_d": 32, "down_n": 16, "down_f": 16}.items():
         monkeypatch.setitem(dk.SLOT_TILES, key, v)
 
 
 @kernel_test
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("variant", ["softmax_norm_bias", "sigmoid_norm_shared"])
-@pytest.mark.parametrize("dot", [0, 1, 2, 3, 4])
-def test_slot_matches_torch_path(T: int, variant: str, dot: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tolerance of the module docstring: each GEMV (or dot) output is one fp32 sum
-    rounded once to bf16 as the torch GEMMs', in another order."""
-    _use_slot(monkeypatch, dot)
+def test_slot_matches_torch_path(T: int, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tolerance of the module docstring: each GEMM output is one fp32 sum rounded once to
+    bf16 as the torch GEMMs', in another order."""
+    _use_slot(monkeypatch)
     score = "sigmoid" if variant.startswith("sigmoid") else "softmax"
     fast, ref = _pair(score, True, "bias" in variant, "shared" in variant)
     x = _x(T, seed=90 + T)
@@ -489,14 +480,13 @@ def test_slot_matches_torch_path(T: int, variant: str, dot: int, monkeypatch: py
 
 
 @kernel_test
-@pytest.mark.parametrize(("T", "dot"), [(1, 0), (5, 0), (5, 1), (5, 2), (5, 3), (5, 4)])
-def test_slot_local_experts_and_counted_rows(T: int, dot: int, monkeypatch: pytest.MonkeyPatch,
-                                            poisoned_empty: None) -> None:
+@pytest.mark.parametrize("T", [1, 5])
+def test_slot_local_experts_and_counted_rows(T: int, monkeypatch: pytest.MonkeyPatch, poisoned_empty: None) -> None:
     """As test_local_experts_and_counted_rows_match_float64_loop, on the slot design:
     experts 4..11 of 16, some rows counted, fp32 and rounded output within 6 ulps of the
-    float64 loop, tokens without a local expert exact zeros (no h row of a non-local slot
-    is ever written: the poisoned buffers would show a read)."""
-    _use_slot(monkeypatch, dot)
+    float64 loop, tokens without a local expert exact zeros (no h or y row of a non-local
+    slot is ever written: the poisoned buffers would show a read)."""
+    _use_slot(monkeypatch)
     p = _raw(T, seed=20 + T)
     local = range(4, 12)
     rows = range(1, T) if T > 1 else range(0, 1)
@@ -563,14 +553,12 @@ def test_slot_nan_token_still_routes_to_k_distinct_experts(monkeypatch: pytest.M
 @kernel_test
 @pytest.mark.parametrize("sigmoid", [False, True])
 def test_router_kernel_is_gate_plus_route_bitwise(sigmoid: bool) -> None:
-    """router_kernel runs gate_kernel's GEMV (same tiles, same order) and route_kernel's
-    routing and plan on the same logits: logits, ids, weights, the counter and the plan
-    (local experts 4..11) are those of the two kernels, bitwise (the order of the touched
-    experts and of an expert's slots may differ on the GPU, where atomics race: compared
-    as sets)."""
+    """router_kernel runs gate_kernel's GEMV (same tiles, same order; 2 D steps here) and
+    route_kernel's routing on the same logits: logits, ids, weights and the counter are
+    those of the two kernels, bitwise, and its per-token counters are back at zero."""
     ks = dk._build()
     assert ks is not None
-    T, lo_e, L = 5, 4, 8
+    T = 5
     p = _raw(T, seed=110)
     dev = p["x"].device
     bias = torch.linspace(-0.05, 0.05, E, device=dev)
@@ -582,67 +570,33 @@ def test_router_kernel_is_gate_plus_route_bitwise(sigmoid: bool) -> None:
         ids = torch.empty(T, K, dtype=torch.int32, device=dev)
         wts = torch.empty(T, K, device=dev)
         tpe = torch.zeros(E, device=dev)
-        plan = torch.zeros(L + 1, dtype=torch.int32, device=dev)
-        uniq = torch.full((L,), -1, dtype=torch.int32, device=dev)
-        slot = torch.full((L, T), -1, dtype=torch.int32, device=dev)
         if fused:
             ks["router"][(T, E // 4)](p["x"], p["gw"], logits, dk._done_counters(dev), bias, ids, wts, tpe,
-                                      plan[:L], plan[L:], uniq, slot, T, D, E, scale, 1, T, lo_e, L,
-                                      K=K, BLOCK_EC=4, BLOCK_D=D // 2, BLOCK_E=E, PLAN=True, **kw)
+                                      D, E, scale, 1, T, K=K, BLOCK_EC=4, BLOCK_D=D // 2, BLOCK_E=E, **kw)
         else:
-            ks["gate"][(T, E // 4)](p["x"], p["gw"], logits, plan, D, E, L + 1, BLOCK_EC=4, BLOCK_D=D // 2,
+            plan = torch.empty(E + 1, dtype=torch.int32, device=dev)
+            ks["gate"][(T, E // 4)](p["x"], p["gw"], logits, plan, D, E, E + 1, BLOCK_EC=4, BLOCK_D=D // 2,
                                     BLOCK_PLAN=16)
-            ks["route"][(T,)](logits, bias, ids, wts, plan[:L], plan[L:], uniq, slot, tpe, T, E, scale, lo_e, L, 1, T,
+            ks["route"][(T,)](logits, bias, ids, wts, plan[:E], plan[E:], torch.empty(E, dtype=torch.int32, device=dev),
+                              torch.empty(E, T, dtype=torch.int32, device=dev), tpe, T, E, scale, 0, E, 1, T,
                               torch.empty(T, dtype=torch.int32, device=dev), torch.empty(T, D, device=dev), D,
                               K=K, BLOCK_E=E, FUSED_COMBINE=False, **kw)
-        n = int(plan[L])
-        slots = [sorted(slot[e, :int(plan[e])].tolist()) for e in range(L)]
-        outs.append((logits, ids, wts, tpe, plan, sorted(uniq[:n].tolist()), slots))
-    assert outs[0][4][L] > 0, "some token has a local expert"
-    for name, a, b in zip(("logits", "ids", "weights", "counter", "plan", "touched", "slots"), *outs):
-        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), f"{name} differs"
+        outs.append((logits, ids, wts, tpe))
+    for name, a, b in zip(("logits", "ids", "weights", "counter"), *outs):
+        assert torch.equal(a, b), f"{name} differs"
     assert not bool(dk._done_counters(dev).any())
 
-
-def _use_fused_router(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(dk.ROUTER, "fused", True)
-
-
 @kernel_test
-@pytest.mark.parametrize("T", [1, 6, 17, 64])
-def test_tiled_with_fused_router_is_bitwise_the_tiled(T: int, monkeypatch: pytest.MonkeyPatch,
-                                                      poisoned_empty: None) -> None:
-    """ROUTER['fused']: the tiled kernels on router_kernel's plan give the bits of gate +
-    route (the same arithmetic per row; slot order inside an expert changes none),
-    rounded and fp32, over all experts and a local range with counted rows; called twice
-    (the plan counters are zeroed by the combine for the next call)."""
-    p = _raw(T, seed=120 + T)
-    bias = torch.linspace(-0.05, 0.05, E, device=p["x"].device)
-    monkeypatch.setitem(dk.SLOT, "on", False)
-    outs = []
-    for fused in (False, True):
-        monkeypatch.setitem(dk.ROUTER, "fused", fused)
-        got = []
-        for _ in range(2):
-            for loc, kw in ((None, {}), (range(4, 12), {"out_dtype": torch.float32, "count_rows": (0, (T + 1) // 2)})):
-                got.extend(_call(p, bias, True, loc, **kw))
-        outs.append(got)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
-    assert dk._PLAN and all(not bool(t.any()) for t in dk._PLAN.values())
-
-
-@kernel_test
-def test_slot_sep_is_bitwise_the_tiled_kernels_at_t1(monkeypatch: pytest.MonkeyPatch, poisoned_empty: None) -> None:
-    """At T=1 with TILES' tiles, the slot design with up_dot and down_sep runs the tiled
-    kernels' arithmetic (the same tl.dot tiles on the one row, the same combine): the
-    same bits, rounded and fp32, over all experts and a local range."""
+def test_slot_is_bitwise_the_tiled_kernels_at_t1(monkeypatch: pytest.MonkeyPatch, poisoned_empty: None) -> None:
+    """At T=1 with TILES' tiles, the slot design runs the tiled kernels' arithmetic (the
+    same tl.dot tiles on the one row, the same combine): the same bits, rounded and fp32,
+    over all experts and a local range."""
     p = _raw(1, seed=130)
     outs = []
     for slot in (False, True):
         monkeypatch.setitem(dk.SLOT, "on", slot)
         tiles = {"up_f": dk.TILES["up_f"], "up_d": dk.TILES["up_d"], "down_n": dk.TILES["down_n"],
-                 "down_f": dk.TILES["down_f"], "up_dot": 1, "down_sep": 1}
+                 "down_f": dk.TILES["down_f"]}
         for key, v in tiles.items():
             monkeypatch.setitem(dk.SLOT_TILES, key, v)
         outs.append([_call(p, None, False, loc, out_dtype=od)[0] for loc in (None, range(4, 12))

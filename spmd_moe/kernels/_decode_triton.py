@@ -196,24 +196,16 @@ def down_kernel(
 
 @triton.jit
 def combine_kernel(
-    out_ptr, y_ptr, wts_ptr, ids_ptr, e_start, num_local, D, N, plan_ptr, PLAN_N,
-    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr, NSPLIT: tl.constexpr,
-    RESET_PLAN: tl.constexpr = False, PDL: tl.constexpr = False,
+    out_ptr, y_ptr, wts_ptr, ids_ptr, e_start, num_local, D, N,
+    K: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """ROUND: spmd_moe.moe's _weighted_sum, each weighted term and each add rounded to
     bf16, ascending k (= ascending expert id). Not ROUND: the same sum in fp32, unrounded
     (a partial sum for a later all-reduce). Slots of non-local experts add exact zeros
     (their y rows were never written, so they are not read). y of slot i is
     rn_bf16(sum over j < NSPLIT of y_ptr[j, i]) (the split variant's fp32 partials; with
-    NSPLIT = 1 and bf16 rows the rounding is the identity). RESET_PLAN: program (0, 0)
-    zeroes the PLAN_N plan counters for the next call (router_kernel's PLAN; the up and
-    down kernels, their last readers, have finished)."""
+    NSPLIT = 1 and bf16 rows the rounding is the identity)."""
     pdl_enter(PDL)
-    if RESET_PLAN:
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            for p0 in range(0, PLAN_N, BLOCK_D):
-                p_off = p0 + tl.arange(0, BLOCK_D)
-                tl.store(plan_ptr + p_off, tl.zeros([BLOCK_D], dtype=tl.int32), mask=p_off < PLAN_N)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs < D
@@ -354,26 +346,22 @@ def down_split_kernel(
                      mask=last[:, None] & in_n[None, :])
 
 
-# ---- the slot design (T <= SLOT["max_t"]): router in one kernel, experts per slot, down + combine ----
+# ---- the slot design (T <= SLOT["max_t"]): router in one kernel, up and down per slot ----
 
 
 @triton.jit
 def router_kernel(
     x_ptr, w_ptr, logits_ptr, done_ptr, bias_ptr, ids_ptr, wts_ptr, tpe_ptr,
-    count_ptr, nuniq_ptr, uniq_ptr, slot_ptr,
-    T, D, E, route_scale, row_lo, row_hi, e_start, num_local,
+    D, E, route_scale, row_lo, row_hi,
     K: tl.constexpr, BLOCK_EC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PLAN: tl.constexpr,
-    PDL: tl.constexpr = False,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The whole router in one kernel. Program (t, block of BLOCK_EC experts): the gate
     GEMV as gate_kernel (the same arithmetic: the same logits), then a per-token acq_rel
     counter; the token's last program to finish routes it as route_kernel (ids and
     weights in slot order, the load-balance counter for row_lo <= t < row_hi; no plan)
     and sets the counter back to 0 for the next call or graph replay (the counters live
-    across calls, zero between them). PLAN (for the tiled up/down kernels): also
-    route_kernel's plan of the local experts; its counters (count, nuniq) must be zero on
-    entry: they live across calls too, and combine_kernel (RESET_PLAN) zeroes them."""
+    across calls, zero between them)."""
     pdl_enter(PDL)
     t = tl.program_id(0)
     ec_off = tl.program_id(1) * BLOCK_EC + tl.arange(0, BLOCK_EC)
@@ -400,27 +388,20 @@ def router_kernel(
         tl.store(wts_ptr + t * K + k_pos, w, mask=sel)
         t_E = e_off * 0 + t  # (a vector: the interpreter rejects a scalar-broadcast mask)
         tl.atomic_add(tpe_ptr + e_off, 1.0, mask=sel & (t_E >= row_lo) & (t_E < row_hi))
-        if PLAN:  # as route_kernel
-            le = e_off - e_start
-            local = sel & (le >= 0) & (le < num_local)
-            row = tl.atomic_add(count_ptr + le, 1, mask=local)
-            tl.store(slot_ptr + le.to(tl.int64) * T + row, t * K + k_pos, mask=local)
-            first = local & (row == 0)
-            u = tl.atomic_add(nuniq_ptr + e_off * 0, 1, mask=first)
-            tl.store(uniq_ptr + u, le, mask=first)
 
 
 @triton.jit
 def up_slot_kernel(
     x_ptr, w1_ptr, w3_ptr, h_ptr, ids_ptr, D, F, e_start, num_local,
-    K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
+    K: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (slot n = t*K + k, F block): h[n] = SwiGLU(x[t] @ w1[e].T, x[t] @ w3[e].T)
-    on the block, e = ids[n] - e_start; nothing for a non-local expert. One dependent load
-    (the id) before the weights stream; an expert picked by several tokens is read once
-    per token. Not DOT: a GEMV (fp32 products summed per D step, then across the tile);
-    DOT: up_acc's tl.dot on a 16-row tile holding x[t] in row 0 (the tiled up kernel's
-    arithmetic, which Triton's pipeliner streams through shared memory)."""
+    on the block, e = ids[n] - e_start; nothing for a non-local expert. One dependent read
+    (the id) before the weights stream, instead of the plan's chain; an expert picked by
+    several tokens is read once per token. up_acc's tl.dot on a 16-row tile holding x[t]
+    in row 0, and row 0 stored as is: at T=1 the bits of up_kernel with the same tiles.
+    (A GEMV in registers instead was 1.7x slower on the H200: Triton does not pipeline
+    loads that feed no tl.dot.)"""
     pdl_enter(PDL)
     n = tl.program_id(0)
     le = tl.load(ids_ptr + n) - e_start
@@ -428,59 +409,12 @@ def up_slot_kernel(
         t = n // K
         f_off = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         in_f = f_off < F
-        if DOT:  # row 0 of the tile stored as is: at T=1 the tiled up kernel's bits
-            m_off = tl.arange(0, 16)
-            a1, a3 = up_acc(x_ptr, w1_ptr, w3_ptr, m_off * 0 + t, m_off == 0, le.to(tl.int64), f_off, in_f, D, F,
-                            0, D, 16, BLOCK_F, BLOCK_D)
-            h2 = swiglu_bf16(a1, a3)
-            tl.store(h_ptr + n.to(tl.int64) * F + m_off[:, None] * 0 + f_off[None, :], h2.to(h_ptr.dtype.element_ty),
-                     mask=(m_off == 0)[:, None] & in_f[None, :])
-        else:
-            w_base = le.to(tl.int64) * F * D
-            g1 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
-            g3 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d_off = d0 + tl.arange(0, BLOCK_D)
-                in_d = d_off < D
-                xv = tl.load(x_ptr + t * D + d_off, mask=in_d, other=0.0).to(tl.float32)
-                wm = in_f[:, None] & in_d[None, :]
-                w1t = tl.load(w1_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
-                w3t = tl.load(w3_ptr + w_base + f_off[:, None] * D + d_off[None, :], mask=wm, other=0.0)
-                g1 += w1t.to(tl.float32) * xv[None, :]
-                g3 += w3t.to(tl.float32) * xv[None, :]
-            h = swiglu_bf16(tl.sum(g1, axis=1), tl.sum(g3, axis=1))
-            tl.store(h_ptr + n.to(tl.int64) * F + f_off, h.to(h_ptr.dtype.element_ty), mask=in_f)
-
-
-@triton.jit
-def down_slot_pre_kernel(
-    h_ptr, w2_ptr, y_ptr, ids_ptr, D, F, e_start, num_local,
-    BLOCK_N: tl.constexpr, BLOCK_FP: tl.constexpr, PDL: tl.constexpr = False,
-):
-    """down_slot_kernel with the weights read BEFORE the PDL wait: the id (the router
-    finished before the up kernel passed its own wait, which is what let this kernel
-    launch) and the whole [BLOCK_N, F] block of w2 (F <= BLOCK_FP) are loaded while the
-    up kernel still runs, so the two kernels' weight streams overlap; after the wait, h
-    and one tl.dot over F (another summation order than down_slot_kernel: the tolerance
-    of the other variants). Nothing before the wait writes memory."""
-    n = tl.program_id(0)
-    le = tl.load(ids_ptr + n) - e_start
-    n_off = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    f_off = tl.arange(0, BLOCK_FP)
-    in_f = f_off < F
-    le_n = le + n_off * 0  # a vector (interpreter: no scalar masks)
-    loc_n = (le_n >= 0) & (le_n < num_local) & (n_off < D)
-    w_base = tl.where(loc_n, le_n, 0).to(tl.int64) * D * F
-    w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :], mask=loc_n[:, None] & in_f[None, :],
-                  other=0.0)
-    pdl_enter(PDL)
-    if (le >= 0) & (le < num_local):
         m_off = tl.arange(0, 16)
-        ht = tl.load(h_ptr + n.to(tl.int64) * F + m_off[:, None] * 0 + f_off[None, :],
-                     mask=(m_off == 0)[:, None] & in_f[None, :], other=0.0)
-        acc = tl.dot(ht, tl.trans(w2t))
-        tl.store(y_ptr + n.to(tl.int64) * D + m_off[:, None] * 0 + n_off[None, :], rn_bf16(acc).to(y_ptr.dtype.element_ty),
-                 mask=(m_off == 0)[:, None] & (n_off < D)[None, :])
+        a1, a3 = up_acc(x_ptr, w1_ptr, w3_ptr, m_off * 0 + t, m_off == 0, le.to(tl.int64), f_off, in_f, D, F,
+                        0, D, 16, BLOCK_F, BLOCK_D)
+        h = swiglu_bf16(a1, a3)
+        tl.store(h_ptr + n.to(tl.int64) * F + m_off[:, None] * 0 + f_off[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=(m_off == 0)[:, None] & in_f[None, :])
 
 
 @triton.jit
@@ -512,89 +446,3 @@ def down_slot_kernel(
         y = rn_bf16(acc).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + n.to(tl.int64) * D + m_off[:, None] * 0 + n_off[None, :], y,
                  mask=(m_off == 0)[:, None] & in_n[None, :])
-
-
-@triton.jit
-def down_combine_kernel(
-    h_ptr, w2_ptr, out_ptr, ids_ptr, wts_ptr, D, e_start, num_local,
-    F: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, ROUND: tl.constexpr,
-    DOT: tl.constexpr, FLAT: tl.constexpr = False, PDL: tl.constexpr = False,
-):
-    """Program (token t, D block): for k = 0..K-1 (ascending id) y = h[t*K + k] @ w2[e].T
-    on the block (GEMV, rounded to bf16 as the down GEMM's output), then the combine of
-    combine_kernel in the same order and rounding (ROUND) or in fp32. Non-local slots
-    add exact zeros (masked loads: no bytes read). F is a constexpr so that the loops
-    unroll and the loads of later experts can be issued early. DOT: each y by tl.dot on a
-    16-row tile holding h in row 0 (BLOCK_N >= 16), as the tiled down kernel. FLAT (tl.dot
-    always): one pipelined loop over every (expert, F step), see below."""
-    pdl_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    n_off = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_n = n_off < D
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if FLAT:
-        # One loop over (k, F step) pairs, so that Triton's pipeliner prefetches across the
-        # experts (the id read is its first stage); the combine step at each expert's last
-        # F step, by tl.where (the same values as the unrolled form below).
-        NF = (F + BLOCK_F - 1) // BLOCK_F  # constexpr (F and BLOCK_F are)
-        m_off = tl.arange(0, 16)
-        acc_d = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-        for j in range(0, K * NF):
-            k = j // NF
-            f_off = (j % NF) * BLOCK_F + tl.arange(0, BLOCK_F)
-            in_f = f_off < F
-            le = tl.load(ids_ptr + t * K + k) - e_start
-            le_n = le + n_off * 0
-            loc_n = (le_n >= 0) & (le_n < num_local)
-            loc_f = (le + f_off * 0 >= 0) & (le + f_off * 0 < num_local)
-            w_base = tl.where(loc_n, le_n, 0).to(tl.int64) * D * F
-            ht = tl.load(h_ptr + (t * K + k) * F + m_off[:, None] * 0 + f_off[None, :],
-                         mask=(m_off == 0)[:, None] & (in_f & loc_f)[None, :], other=0.0)
-            w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :],
-                          mask=(in_n & loc_n)[:, None] & in_f[None, :], other=0.0)
-            acc_d = tl.dot(ht, tl.trans(w2t), acc_d)
-            end_n = (n_off * 0 + j % NF) == NF - 1  # a vector (interpreter: no scalar conditions in where)
-            y = rn_bf16(tl.sum(acc_d, axis=0))
-            term = tl.where(loc_n, y * tl.load(wts_ptr + t * K + k), 0.0)
-            if ROUND:
-                out = tl.where(end_n, rn_bf16(out + rn_bf16(term)), out)
-            else:
-                out = tl.where(end_n, out + term, out)
-            acc_d = tl.where(end_n[None, :], 0.0, acc_d)
-    else:
-        for k in tl.static_range(K):
-            w = tl.load(wts_ptr + t * K + k)
-            le = tl.load(ids_ptr + t * K + k) - e_start
-            le_n = le + n_off * 0  # a vector (interpreter: no scalar masks)
-            loc_n = (le_n >= 0) & (le_n < num_local)
-            w_base = tl.where(loc_n, le_n, 0).to(tl.int64) * D * F
-            if DOT:  # tl.dot on a 16-row tile holding h[t*K + k] in row 0
-                m_off = tl.arange(0, 16)
-                acc_d = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-                for f0 in tl.static_range(0, F, BLOCK_F):
-                    f_off = f0 + tl.arange(0, BLOCK_F)
-                    in_f = f_off < F
-                    loc_f = (le + f_off * 0 >= 0) & (le + f_off * 0 < num_local)
-                    ht = tl.load(h_ptr + (t * K + k) * F + m_off[:, None] * 0 + f_off[None, :],
-                                 mask=(m_off == 0)[:, None] & (in_f & loc_f)[None, :], other=0.0)
-                    w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :],
-                                  mask=(in_n & loc_n)[:, None] & in_f[None, :], other=0.0)
-                    acc_d = tl.dot(ht, tl.trans(w2t), acc_d)
-                y = rn_bf16(tl.sum(acc_d, axis=0))  # rows 1.. are exact zeros
-            else:
-                acc = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
-                for f0 in tl.static_range(0, F, BLOCK_F):
-                    f_off = f0 + tl.arange(0, BLOCK_F)
-                    in_f = f_off < F
-                    loc_f = (le + f_off * 0 >= 0) & (le + f_off * 0 < num_local)
-                    hv = tl.load(h_ptr + (t * K + k) * F + f_off, mask=in_f & loc_f, other=0.0).to(tl.float32)
-                    w2t = tl.load(w2_ptr + w_base[:, None] + n_off[:, None] * F + f_off[None, :],
-                                  mask=(in_n & loc_n)[:, None] & in_f[None, :], other=0.0)
-                    acc += w2t.to(tl.float32) * hv[None, :]
-                y = rn_bf16(tl.sum(acc, axis=1))
-            term = tl.where(loc_n, y * w, 0.0)
-            if ROUND:
-                out = rn_bf16(out + rn_bf16(term))  # k = 0: 0 + term = term, already rounded
-            else:
-                out = out + term
-    tl.store(out_ptr + t * D + n_off, out.to(out_ptr.dtype.element_ty), mask=in_n)

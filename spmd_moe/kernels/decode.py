@@ -1,5 +1,5 @@
 """Fused decode path for one GPU: router, expert SwiGLU and combine in five kernels
-(fewer with ROUTER / SLOT below).
+(four at T=1: SLOT below).
 
 For T <= MAX_T tokens on CUDA (inference, bf16 experts, one rank) the routed part of
 the layer is
@@ -61,42 +61,29 @@ SPLIT_TILES: dict[str, Any] = {"up_f": 32, "up_d": 128, "up_split": 4, "down_n":
 # pdl: programmatic dependent launch between the kernels (any variant; CUDA, sm90+): each
 # kernel waits for its predecessor at its very start (before any memory access) and lets
 # its successor launch once all its programs have started, so launch latency overlaps
-# the predecessor's tail. The arithmetic is unchanged (bitwise, a CUDA test).
-LAUNCH = {"pdl": False}
+# the predecessor's tail. The arithmetic is unchanged (bitwise, a CUDA test). On since
+# session 6 (H200 run 3, alternating, graph replays: T=8 142.4 -> 140.0 us, T=64 329.6 ->
+# 329.1, T=1 tiled 44.6 -> 43.2).
+LAUNCH = {"pdl": True}
 
 # The slot design, for T <= SLOT["max_t"] when SLOT["on"] (takes precedence over SPLIT):
-#     router        router_kernel: the gate GEMV as above, and the last gate program of
-#                   each token (a per-token acq_rel counter, set back to 0 by that
-#                   program) routes it: no route kernel, no plan
-#     up (slots)    per (slot t*K + k, F block): one dependent read (the id), then the
-#                   weights stream (the plan's chain of dependent reads is gone); an
-#                   expert picked by several tokens is read once per token, so this is
-#                   for T = 1 (and small T)
-#     down          down_sep: per (slot, D block), one dependent read, then combine_kernel
-#                   (4 kernels); otherwise down + combine in one kernel per (token, D
-#                   block), the K slots in ascending id (3 kernels)
-# With up_dot and down_sep (the defaults) on TILES' tiles, each program runs the tiled
-# kernels' tl.dot on its one row: at T=1 bitwise the tiled output. GEMVs (up_dot /
-# down_dot 0) and the one-kernel down+combine (down_flat: one pipelined loop over every
-# (expert, F step)) sum in other orders: the tolerance of the other variants. The
-# counters persist per device (_DONE): calls must not run concurrently on two streams of
-# one device.
-SLOT: dict[str, Any] = {"on": False, "max_t": 1}
-# (up_dot / down_dot: 1 = tl.dot on a 16-row tile holding the one row, 0 = a GEMV in registers
-# (Triton does not pipeline those loads: slow on the H200, run 1); down_flat, down_sep: above;
-# down_pre (with down_sep): each down program reads its whole [down_n, F] w2 block before its
-# PDL wait, so that the down weights stream while the up kernel runs; one tl.dot over F.)
-SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "up_warps": 4, "down_n": 64, "down_f": 128,
-                              "down_warps": 4, "stages": 3, "up_dot": 1, "down_dot": 1, "down_flat": 0, "down_sep": 1,
-                              "down_pre": 0}
+# four kernels instead of five.
+#     router   router_kernel: the gate GEMV as gate_kernel, and the last gate program of
+#              each token (a per-token acq_rel counter, set back to 0 by that program)
+#              routes it as route_kernel: the same ids and weights, no plan
+#     up       per (slot t*K + k, F block): one dependent read (the id), then the weights
+#              stream (the plan's chain of dependent reads is gone)
+#     down     per (slot, D block): the same
+#     combine  combine_kernel
+# Each program runs the tiled kernels' tl.dot on its one row: with TILES' tiles, at T=1
+# bitwise the tiled output. An expert picked by several tokens is read once per token, so
+# this is for T = 1. H200 (run 3, one layer a graph replay / per layer of 8 in one graph):
+# 42.3 / 34.9 us with PDL vs tiled 44.6 / 38.5 (tiled + PDL 43.2 / 36.6). The counters
+# persist per device (_DONE): calls must not run concurrently on two streams of one device.
+SLOT: dict[str, Any] = {"on": True, "max_t": 1}
+SLOT_TILES: dict[str, int] = {"gate_e": 4, "up_f": 32, "up_d": 128, "down_n": 64, "down_f": 128, "warps": 4,
+                              "stages": 3}
 _DONE: dict[tuple[str, int | None], torch.Tensor] = {}
-
-# fused: the tiled kernels (T > SLOT["max_t"] or SLOT off) take their router from
-# router_kernel too (gate + route + plan in one kernel: 4 kernels). Its plan counters
-# persist per (device, local experts) (_PLAN) and combine_kernel zeroes them for the next
-# call. The arithmetic is the same as gate + route: bitwise the same output.
-ROUTER = {"fused": False}
-_PLAN: dict[tuple[str, int | None, int], torch.Tensor] = {}
 
 _kernels: dict[str, Any] | None = None
 _tried = False
@@ -116,8 +103,7 @@ def _build() -> dict[str, Any] | None:
 
     _kernels = {"gate": k.gate_kernel, "route": k.route_kernel, "up": k.up_kernel, "down": k.down_kernel,
                 "combine": k.combine_kernel, "up_split": k.up_split_kernel, "down_split": k.down_split_kernel,
-                "router": k.router_kernel, "up_slot": k.up_slot_kernel, "down_combine": k.down_combine_kernel,
-                "down_slot": k.down_slot_kernel, "down_slot_pre": k.down_slot_pre_kernel}
+                "router": k.router_kernel, "up_slot": k.up_slot_kernel, "down_slot": k.down_slot_kernel}
     return _kernels
 
 
@@ -218,11 +204,7 @@ def routed_decode(
     # the per-(token, D block) counters (split_fused); zeroed by the gate kernel.
     n_ucnt = L * num_fb if swiglu_up else 0
     plan_n = L + 1 + n_ucnt + (T * num_nb if fused else 0)
-    fused_router = bool(ROUTER["fused"]) and variant == "tiled"
-    if fused_router:
-        plan_i32 = _plan_counters(dev, L)  # zero here; combine_kernel zeroes it again
-    else:
-        plan_i32 = torch.empty(plan_n, dtype=torch.int32, device=dev)
+    plan_i32 = torch.empty(plan_n, dtype=torch.int32, device=dev)
     count_L, nuniq = plan_i32[:L], plan_i32[L:L + 1]
     ucnt_LB, cnt_TB = plan_i32[L + 1:L + 1 + n_ucnt], plan_i32[L + 1 + n_ucnt:]
     need_T = torch.empty(T, dtype=torch.int32, device=dev)
@@ -234,23 +216,18 @@ def routed_decode(
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
     bec = tl_.get("gate_e", 4)  # experts per gate program (a D loop of up to 4096/bec columns per step)
     n_gate = T * triton_cdiv(E, bec)
-    if fused_router:
-        _router(ks, x_TD, gate_w_ED, expert_bias_E, bias, logits_TE, ids_TK, wts_TK, tokens_per_expert_E,
-                (count_L, nuniq, uniq_U, slot_LT), K=K, score_func=score_func, route_norm=route_norm,
-                route_scale=route_scale, expert_start=expert_start, num_local=L, lo=lo, hi=hi, bec=bec, pk=pk)
-    else:
-        ks["gate"][(T, triton_cdiv(E, bec))](
-            x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, plan_n,
-            BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_PLAN=max(16, _pow2(triton_cdiv(plan_n, n_gate))),
-            num_warps=4, **pk,
-        )
-        ks["route"][(T,)](
-            logits_TE, bias, ids_TK, wts_TK, count_L, nuniq, uniq_U, slot_LT, tokens_per_expert_E,
-            T, E, float(route_scale), expert_start, L, lo, hi, need_T, out_TD, D,
-            K=K, BLOCK_E=max(16, _pow2(E)),
-            SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm,
-            FUSED_COMBINE=fused, num_warps=8, **pk,
-        )
+    ks["gate"][(T, triton_cdiv(E, bec))](
+        x_TD, gate_w_ED.contiguous(), logits_TE, plan_i32, D, E, plan_n,
+        BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_PLAN=max(16, _pow2(triton_cdiv(plan_n, n_gate))), num_warps=4,
+        **pk,
+    )
+    ks["route"][(T,)](
+        logits_TE, bias, ids_TK, wts_TK, count_L, nuniq, uniq_U, slot_LT, tokens_per_expert_E,
+        T, E, float(route_scale), expert_start, L, lo, hi, need_T, out_TD, D,
+        K=K, BLOCK_E=max(16, _pow2(E)),
+        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm,
+        FUSED_COMBINE=fused, num_warps=8, **pk,
+    )
     bm = max(16, _pow2(T))
     u_max = min(T * K, L)
     launch = {"num_warps": tl_["warps"], "num_stages": tl_["stages"]}
@@ -292,40 +269,26 @@ def routed_decode(
     if not fused:
         block = 1024 if D >= 1024 else max(16, _pow2(D))
         ks["combine"][(T, triton_cdiv(D, block))](
-            out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, N, plan_i32, L + 1,
-            K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=nsplit, RESET_PLAN=fused_router, **pk,
+            out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, N, K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=nsplit,
+            **pk,
         )
     return out_TD
-
-
-def _plan_counters(dev: torch.device, L: int) -> torch.Tensor:
-    """The fused router's plan counters (count per local expert, then the number of
-    touched experts) on dev: zeroed once here, then by combine_kernel after each call."""
-    key = (dev.type, dev.index, L)
-    if key not in _PLAN:
-        _PLAN[key] = torch.zeros(L + 1, dtype=torch.int32, device=dev)
-    return _PLAN[key]
 
 
 def _router(
     ks: dict[str, Any], x_TD: torch.Tensor, gate_w_ED: torch.Tensor, expert_bias_E: torch.Tensor | None,
     bias: torch.Tensor, logits_TE: torch.Tensor, ids_TK: torch.Tensor, wts_TK: torch.Tensor,
-    tokens_per_expert_E: torch.Tensor, plan: tuple[torch.Tensor, ...] | None, *, K: int, score_func: str,
-    route_norm: bool, route_scale: float, expert_start: int, num_local: int, lo: int, hi: int, bec: int,
-    pk: dict[str, Any],
+    tokens_per_expert_E: torch.Tensor, *, K: int, score_func: str, route_norm: bool, route_scale: float,
+    lo: int, hi: int, bec: int, pk: dict[str, Any],
 ) -> None:
-    """router_kernel: ids, weights, the load-balance counter and (plan = (count_L, nuniq,
-    uniq_U, slot_LT), zero counters on entry) the plan of the tiled kernels."""
+    """router_kernel: ids and weights in slot order, the load-balance counter."""
     T, D = x_TD.shape
     E = gate_w_ED.shape[0]
-    dev = x_TD.device
-    count_L, nuniq, uniq_U, slot_LT = plan if plan is not None else (ids_TK,) * 4  # unread without PLAN
     ks["router"][(T, triton_cdiv(E, bec))](
-        x_TD, gate_w_ED.contiguous(), logits_TE, _done_counters(dev), bias, ids_TK, wts_TK, tokens_per_expert_E,
-        count_L, nuniq, uniq_U, slot_LT, T, D, E, float(route_scale), lo, hi, expert_start, num_local,
+        x_TD, gate_w_ED.contiguous(), logits_TE, _done_counters(x_TD.device), bias, ids_TK, wts_TK,
+        tokens_per_expert_E, D, E, float(route_scale), lo, hi,
         K=K, BLOCK_EC=bec, BLOCK_D=min(4096 // bec, _pow2(D)), BLOCK_E=max(16, _pow2(E)),
-        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, PLAN=plan is not None,
-        num_warps=4, **pk,
+        SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias_E is not None, NORM=route_norm, num_warps=4, **pk,
     )
 
 
@@ -344,49 +307,33 @@ def _slot_decode(
     tokens_per_expert_E: torch.Tensor, *, K: int, score_func: str, route_norm: bool, route_scale: float,
     expert_start: int, lo: int, hi: int, rounded: bool, pk: dict[str, Any],
 ) -> None:
-    """The slot design (see SLOT): router, up per slot, down + combine; writes out_TD."""
+    """The slot design (see SLOT): router, up and down per slot, combine; writes out_TD."""
     T, D = x_TD.shape
     E = gate_w_ED.shape[0]
     L, F, _ = w1_EFD.shape
     dev = x_TD.device
     tl_ = SLOT_TILES
+    launch = {"num_warps": tl_["warps"], "num_stages": tl_["stages"]}
     logits_TE = torch.empty(T, E, dtype=torch.float32, device=dev)
     ids_TK = torch.empty(T, K, dtype=torch.int32, device=dev)
     wts_TK = torch.empty(T, K, dtype=torch.float32, device=dev)
     h_NF = torch.empty(T * K, F, dtype=x_TD.dtype, device=dev)
+    y_ND = torch.empty(T * K, D, dtype=x_TD.dtype, device=dev)
     bias = expert_bias_E if expert_bias_E is not None else wts_TK  # unread when HAS_BIAS is False
-    _router(ks, x_TD, gate_w_ED, expert_bias_E, bias, logits_TE, ids_TK, wts_TK, tokens_per_expert_E, None,
-            K=K, score_func=score_func, route_norm=route_norm, route_scale=route_scale, expert_start=expert_start,
-            num_local=L, lo=lo, hi=hi, bec=tl_["gate_e"], pk=pk)
+    _router(ks, x_TD, gate_w_ED, expert_bias_E, bias, logits_TE, ids_TK, wts_TK, tokens_per_expert_E,
+            K=K, score_func=score_func, route_norm=route_norm, route_scale=route_scale, lo=lo, hi=hi,
+            bec=tl_["gate_e"], pk=pk)
     ks["up_slot"][(T * K, triton_cdiv(F, tl_["up_f"]))](
         x_TD, w1_EFD, w3_EFD, h_NF, ids_TK, D, F, expert_start, L,
-        K=K, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], DOT=bool(tl_["up_dot"]), num_warps=tl_["up_warps"],
-        num_stages=tl_["stages"], **pk,
+        K=K, BLOCK_F=tl_["up_f"], BLOCK_D=tl_["up_d"], **launch, **pk,
     )
-    if tl_.get("down_sep", 0):
-        y_ND = torch.empty(T * K, D, dtype=x_TD.dtype, device=dev)
-        if tl_.get("down_pre", 0):  # the w2 block read before the PDL wait (overlaps the up kernel)
-            ks["down_slot_pre"][(T * K, triton_cdiv(D, tl_["down_n"]))](
-                h_NF, w2_EDF, y_ND, ids_TK, D, F, expert_start, L,
-                BLOCK_N=tl_["down_n"], BLOCK_FP=_pow2(F), num_warps=tl_["down_warps"], **pk,
-            )
-        else:
-            ks["down_slot"][(T * K, triton_cdiv(D, tl_["down_n"]))](
-                h_NF, w2_EDF, y_ND, ids_TK, D, F, expert_start, L,
-                BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], num_warps=tl_["down_warps"],
-                num_stages=tl_["stages"], **pk,
-            )
-        block = 1024 if D >= 1024 else max(16, _pow2(D))
-        ks["combine"][(T, triton_cdiv(D, block))](
-            out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, T * K, ids_TK, 0,
-            K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=1, **pk,
-        )
-        return
-    ks["down_combine"][(T, triton_cdiv(D, tl_["down_n"]))](
-        h_NF, w2_EDF, out_TD, ids_TK, wts_TK, D, expert_start, L,
-        F=F, K=K, BLOCK_N=tl_["down_n"], BLOCK_F=min(tl_["down_f"], _pow2(F)), ROUND=rounded, DOT=bool(tl_["down_dot"]),
-        FLAT=bool(tl_.get("down_flat", 0)),
-        num_warps=tl_["down_warps"], num_stages=tl_["stages"], **pk,
+    ks["down_slot"][(T * K, triton_cdiv(D, tl_["down_n"]))](
+        h_NF, w2_EDF, y_ND, ids_TK, D, F, expert_start, L,
+        BLOCK_N=tl_["down_n"], BLOCK_F=tl_["down_f"], **launch, **pk,
+    )
+    block = 1024 if D >= 1024 else max(16, _pow2(D))
+    ks["combine"][(T, triton_cdiv(D, block))](
+        out_TD, y_ND, wts_TK, ids_TK, expert_start, L, D, T * K, K=K, BLOCK_D=block, ROUND=rounded, NSPLIT=1, **pk,
     )
 
 

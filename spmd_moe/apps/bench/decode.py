@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref.load_state_dict(fast.state_dict())
     bps = nominal_hbm_bps(torch.cuda.get_device_name(device))
     dk.SPLIT["max_t"] = args.split_max_t
+    dk.SLOT["on"] = False  # this mode times the session-3..5 variants; --alternate has the slot design
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "hbm_Bps": bps, "rows": [],
                            "tiles": dict(dk.TILES), "tiles_large_t": dict(dk.TILES_LARGE_T),
                            "split": dict(dk.SPLIT), "split_tiles": dict(dk.SPLIT_TILES), "launch": dict(dk.LAUNCH)}
@@ -135,53 +136,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-ALT_VARIANTS = ["tiled", "tiled_pdl", "tiled_fr", "tiled_fr_pdl", "slot", "slot_pdl", "slot_dot", "slot_dot_pdl", "slot_flat", "slot_flat_pdl",
-                "slot_sep", "slot_sep_pdl", "slot_sep_fr", "slot_sep_fr_pdl", "slot_pre", "slot_pre_pdl"]
-ALT_VARIANTS += [v.replace("_pdl", "_s4_pdl") for v in ALT_VARIANTS if v.endswith("_pdl")]  # 4 pipeline stages
+ALT_VARIANTS = ["tiled", "tiled_pdl", "slot", "slot_pdl", "tiled_s4_pdl", "slot_s4_pdl"]
 
 
 def _configure(v: str) -> None:
-    """Set spmd_moe.kernels.decode's switches for variant v ('tiled', 'split', 'split_fused',
-    'tiled_fr' (tiled with ROUTER['fused']), 'slot', 'slot_dot' (SLOT_TILES up_dot = down_dot = 1),
-    'slot_flat' (and down_flat = 1), 'slot_sep' (up_dot, down_sep with TILES' tiles: the
-    tiled arithmetic at T=1 with one dependent read per program), 'slot_sep_fr' (slot_sep
-    at T=1 only, tiled with the fused router above), 'slot_pre' (slot_sep whose down kernel
-    reads its w2 block before the PDL wait), each optionally '_pdl'); the slot design
-    then applies up to MAX_T tokens."""
+    """Set spmd_moe.kernels.decode's switches for variant v: 'tiled' (the five kernels at
+    every T), 'split', 'split_fused', 'slot' (the slot design up to MAX_T tokens), each
+    optionally '_s4' (4 pipeline stages) and '_pdl' (programmatic dependent launch)."""
     from spmd_moe.kernels import decode as dk
 
     base = v.removesuffix("_pdl")
     stages4 = base.endswith("_s4")
     base = base.removesuffix("_s4")
     dk.SPLIT["variant"] = base if base in ("split", "split_fused") else "tiled"
-    dk.SLOT["on"] = base.startswith("slot")
-    dk.ROUTER["fused"] = base in ("tiled_fr", "slot_sep_fr")
-    dk.SLOT["max_t"] = 1 if base == "slot_sep_fr" else dk.MAX_T
-    if base in ("slot_dot", "slot_flat"):  # down + combine per (token, 16 columns of D)
-        dk.SLOT_TILES.update(up_dot=1, down_dot=1, down_flat=int(base == "slot_flat"), down_sep=0, down_n=16,
-                             down_f=256)
-    if base in ("slot_sep", "slot_sep_fr", "slot_pre"):
-        t = dk.TILES
-        dk.SLOT_TILES.update(up_dot=1, down_sep=1, up_f=t["up_f"], up_d=t["up_d"], down_n=t["down_n"],
-                             down_f=t["down_f"], up_warps=t["warps"], down_warps=t["warps"], stages=t["stages"])
-    if base == "slot_pre":  # slot_sep, the down kernel reading its w2 block before the PDL wait
-        dk.SLOT_TILES.update(down_pre=1, down_n=16, down_warps=8)
-    if stages4:  # session 4's best tile sweep entry (42.5 us, unconfirmed): 4 pipeline stages
+    dk.SLOT["on"] = base == "slot"
+    dk.SLOT["max_t"] = dk.MAX_T
+    dk.LAUNCH["pdl"] = v.endswith("_pdl")
+    if stages4:
         dk.SLOT_TILES["stages"] = 4
         dk.TILES["stages"] = 4
-    dk.LAUNCH["pdl"] = v.endswith("_pdl")
 
 
 def _switches() -> tuple[dict[str, Any], ...]:
     from spmd_moe.kernels import decode as dk
 
-    return dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH), dict(dk.SLOT_TILES), dict(dk.ROUTER), dict(dk.TILES)
+    return dict(dk.SPLIT), dict(dk.SLOT), dict(dk.LAUNCH), dict(dk.SLOT_TILES), dict(dk.TILES)
 
 
 def _restore(saved: tuple[dict[str, Any], ...]) -> None:
     from spmd_moe.kernels import decode as dk
 
-    for d, old in zip((dk.SPLIT, dk.SLOT, dk.LAUNCH, dk.SLOT_TILES, dk.ROUTER, dk.TILES), saved):
+    for d, old in zip((dk.SPLIT, dk.SLOT, dk.LAUNCH, dk.SLOT_TILES, dk.TILES), saved):
         d.clear()
         d.update(old)
 
@@ -204,8 +189,8 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"device": name, "hbm_Bps": bps, "mode": "alternating", "shape": [D, F, E, K],
                            "rounds": args.rounds, "reps": args.reps, "tiles": dict(dk.TILES),
                            "tiles_large_t": dict(dk.TILES_LARGE_T), "slot_tiles": dict(dk.SLOT_TILES),
-                           "defaults": {"split": saved[0], "slot": saved[1], "launch": saved[2],
-                                        "router": saved[4]}, "rows": []}
+                           "defaults": {"split": saved[0], "slot": saved[1], "launch": saved[2]},
+                           "rows": []}
     g = torch.Generator(device=device).manual_seed(1)
     # --stack N: N distinct layers (own copies of the weights: other addresses, so no L2 reuse between
     # calls) on N inputs in ONE graph, as in a model's decode step; per-layer time = replay / N: no
@@ -271,8 +256,6 @@ def run_alternating(args: argparse.Namespace) -> dict[str, Any]:
                 srounds[v].append(timer(device, rep, max(10, args.reps // 4), warmup=3) / len(stack))
             _rounds_into(row, rounds, srounds, floor_ms)
             _write(args.out, res)
-    if args.slot_sweep and cuda:
-        res["slot_sweep"] = slot_sweep(fast, device, args, t_start, res)
     res["wall_s"] = time.monotonic() - t_start
     return res
 
@@ -335,57 +318,6 @@ def _eager(model: Any, xs: list[torch.Tensor], v: str) -> Any:
     return call
 
 
-def slot_sweep(fast: Any, device: torch.device, args: argparse.Namespace, t_start: float,
-               res_so_far: dict[str, Any]) -> list[dict[str, Any]]:
-    """SLOT_TILES choices at T=1 (slot_pdl), each timed alternating with the default
-    tiles (3 rounds each), until --budget-s of wall time: pick SLOT_TILES from this."""
-    from spmd_moe.kernels import decode as dk
-
-    base = dict(dk.SLOT_TILES)
-    g = torch.Generator(device=device).manual_seed(3)
-    xs = [torch.randn(1, D, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4)]
-    keys = ("gate_e", "up_f", "up_d", "up_warps", "down_n", "down_f", "down_warps", "stages", "up_dot", "down_dot",
-            "down_flat")
-    choices: list[tuple[int, ...]] = [
-        (4, 32, 128, 4, 16, 128, 4, 4, 1, 1, 1), (4, 32, 128, 4, 32, 128, 4, 4, 1, 1, 1),
-        (4, 32, 128, 4, 16, 256, 4, 3, 1, 1, 1),
-        (4, 32, 128, 4, 16, 128, 4, 3, 1, 1), (4, 32, 128, 4, 16, 128, 4, 4, 1, 1), (4, 32, 128, 4, 16, 256, 4, 3, 1, 0),
-        (4, 32, 128, 4, 16, 128, 4, 3, 0, 1), (4, 16, 128, 4, 16, 256, 4, 3, 0, 0), (4, 32, 256, 8, 16, 256, 4, 3, 0, 0),
-        (4, 32, 128, 4, 8, 256, 4, 3, 0, 0), (4, 32, 128, 4, 32, 256, 8, 3, 0, 0), (2, 32, 128, 4, 16, 256, 4, 3, 0, 0),
-        (8, 32, 128, 4, 16, 256, 4, 3, 0, 0), (4, 16, 128, 4, 16, 128, 4, 4, 1, 1), (4, 32, 128, 4, 32, 128, 4, 4, 1, 1),
-        (4, 32, 128, 4, 16, 512, 8, 3, 0, 0), (4, 16, 256, 4, 8, 256, 2, 3, 0, 0),
-    ]
-    out: list[dict[str, Any]] = []
-    saved = _switches()
-    try:
-        _configure("slot_pdl")
-        base_rep = try_graph(device, fast, xs)
-        for ch in choices:
-            if time.monotonic() - t_start > args.budget_s or base_rep is None:
-                out.append({"stopped": "budget"})
-                break
-            dk.SLOT_TILES.update(dict(zip(keys, ch)))
-            row: dict[str, Any] = {"tiles": dict(zip(keys, ch))}
-            try:
-                rep = try_graph(device, fast, xs)
-                if rep is not None:
-                    a, b = [], []
-                    for _ in range(3):
-                        a.append(timer(device, base_rep, args.reps, warmup=5))
-                        b.append(timer(device, rep, args.reps, warmup=5))
-                    row["T1_ms"], row["T1_default_ms"] = statistics.median(b), statistics.median(a)
-            except Exception as e:  # a tile choice Triton cannot build: note it, go on
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            dk.SLOT_TILES.clear()
-            dk.SLOT_TILES.update(base)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            out.append(row)
-            _write(args.out, {**res_so_far, "slot_sweep": out})
-    finally:
-        _restore(saved)
-    return out
-
-
 def summarize_alternating(res: dict[str, Any]) -> str:
     """Per T: each variant's graph time (median of rounds, min-max of the round medians)
     and x floor; the device time per kernel; the best slot tiles."""
@@ -410,13 +342,6 @@ def summarize_alternating(res: dict[str, Any]) -> str:
                 lines.append(f"    {v:15s} {row[f'{v}_stack_ms'] * 1e3:6.1f} us  x{row[f'{v}_stack_over_floor']:.2f} floor"
                              f"  (rounds {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})  per layer of {res.get('stack')} in one graph"
                              f" (floor {row['stack_floor_ms'] * 1e3:.1f} us)")
-    sw = [r for r in res.get("slot_sweep", []) if r.get("T1_ms")]
-    for r in sorted(sw, key=lambda r: float(r["T1_ms"]) - float(r["T1_default_ms"]))[:5]:
-        lines.append(f"  slot sweep T=1 {r['T1_ms'] * 1e3:6.1f} us vs default tiles {r['T1_default_ms'] * 1e3:6.1f} us"
-                     f"  {r['tiles']}")
-    for r in res.get("slot_sweep", []):
-        if "error" in r:
-            lines.append(f"  slot sweep ERROR {r['tiles']}: {r['error'][:150]}")
     for row in res.get("rows", []):
         best = min((v for v in ALT_VARIANTS if f"{v}_graph_ms" in row), key=lambda v: row[f"{v}_graph_ms"], default=None)
         goal = "2.5" if row["T"] == 1 else "2.0" if row["T"] <= 8 else "1.5"
@@ -601,7 +526,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="T at which --alternate profiles each variant's kernels")
     p.add_argument("--stack", type=int, default=0, help="also time N distinct layers in one graph (per layer)")
     p.add_argument("--slot-max-t", type=int, default=8, help="T up to which the slot variants are timed")
-    p.add_argument("--slot-sweep", action="store_true", help="SLOT_TILES choices at T=1 (slot_pdl)")
     p.add_argument("--small", action="store_true", help="tiny shapes (D=64 F=32 E=16 top-4): a dry run; on CPU"
                    " with TRITON_INTERPRET=1 SPMD_MOE_DECODE_INTERPRET=1")
     args = p.parse_args(argv)
