@@ -11,7 +11,7 @@
 #       slot_pdl   SLOT (T=1 only): router_kernel (gate + route in one kernel), up and down per slot (one
 #                  dependent read each instead of the plan's chain), combine, with PDL: the default at T=1
 #  2. the CUDA run of 10 chosen tests of tests/test_decode_kernels.py in the time left (<= 45 s).
-# Files: $OUT/decode_gpu.json (rewritten after every T), $OUT/decode.log. Summary on stdout (last lines:
+# Files: $OUT/decode_gpu.json (rewritten after every variant and round), $OUT/decode.log. Summary (last lines:
 # "T=1: best <variant> xN floor").
 #   run(kind=nvidia-h200, carry=[".whl"], command="bash scripts/gpu/decode.sh")
 # CPU dry run (Triton's interpreter, tiny shapes, no pytest): DECODE_SMALL=1 OUT=/tmp/dec bash scripts/gpu/decode.sh
