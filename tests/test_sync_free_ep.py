@@ -477,7 +477,7 @@ def test_interp_fixed_bounded_experts_are_bitwise_the_experts() -> None:
     rows below the count (the rows past it NaN, as the worst-case buffers' may be):
     forward, input gradient of those rows and every weight gradient, bitwise (the same
     GEMM calls and SwiGLU arithmetic); and the bounded path was taken."""
-    import spmd_moe.dispatch.all_to_all as a2a
+    import spmd_moe.dispatch.fixed_exchange as fx
     from spmd_moe.dispatch import _partial_combine as pc
     from spmd_moe.experts import GroupedExperts
 
@@ -516,10 +516,10 @@ def test_interp_fixed_bounded_experts_are_bitwise_the_experts() -> None:
             for p_ in ex.parameters():
                 p_.grad = None
             xi = x.clone().requires_grad_(True)
-            y = a2a._experts_bounded(ex, xi, counts, counts.sum().view(1)) if bounded else ex(xi, counts, True)
+            y = fx._experts_bounded(ex, xi, counts, counts.sum().view(1)) if bounded else ex(xi, counts, True)
             (y[:R] * gy).sum().backward()
             with torch.no_grad():
-                y_inf = a2a._experts_bounded(ex, x, counts, counts.sum().view(1)) if bounded else ex(x, counts, True)
+                y_inf = fx._experts_bounded(ex, x, counts, counts.sum().view(1)) if bounded else ex(x, counts, True)
             res.append((y[:R].detach(), y_inf[:R], xi.grad[:R], [p_.grad.clone() for p_ in ex.parameters()]))
     finally:
         pc.swiglu_bounded = orig  # type: ignore[assignment]
@@ -538,7 +538,7 @@ def test_interp_fixed_plan_kernel_matches_torch() -> None:
     from types import SimpleNamespace
 
     from spmd_moe.dispatch import _partial_combine as pc
-    from spmd_moe.dispatch.all_to_all import AllToAllDispatcher
+    from spmd_moe.dispatch.fixed_exchange import fixed_plan
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(6)
@@ -547,11 +547,11 @@ def test_interp_fixed_plan_kernel_matches_torch() -> None:
         ids = torch.stack([torch.randperm(E, generator=g)[:Kk] for _ in range(T)]).sort(-1).values
         ids[T // 3] = E  # a pad token
         fake = SimpleNamespace(pctx=SimpleNamespace(size=n), num_local=e)
-        got = AllToAllDispatcher._fixed_plan(fake, ids.to(dev))  # type: ignore[arg-type]
+        got = fixed_plan(fake, ids.to(dev))  # type: ignore[arg-type]
         orig = pc.use_kernel
         try:
             pc.use_kernel = lambda *_: False  # type: ignore[assignment]  # the torch form
-            ref = AllToAllDispatcher._fixed_plan(fake, ids)  # type: ignore[arg-type]
+            ref = fixed_plan(fake, ids)  # type: ignore[arg-type]
         finally:
             pc.use_kernel = orig  # type: ignore[assignment]
         assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[1].cpu(), ref[1]), (T, n, e, Kk)

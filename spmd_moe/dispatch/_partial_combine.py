@@ -24,7 +24,7 @@ past the count: ``fixed_plan`` (the send plan: a running scan per destination),
 (the gate values' gradient), ``swiglu_bounded`` (the fused SwiGLU's arithmetic up to the
 row count, forward and backward) and ``sum_over_ranks_at`` (the sender's sum from the
 positions alone). Each but swiglu_bounded has a torch form for the CPU with the same
-values (fixed_plan's is AllToAllDispatcher._fixed_plan); where the fused kernels do not
+values (fixed_plan's is fixed_exchange.fixed_plan); where the fused kernels do not
 run, GroupedExperts itself replaces swiglu_bounded.
 """
 
@@ -417,7 +417,7 @@ def swiglu_bounded(a1_RF: torch.Tensor, a3_RF: torch.Tensor, rows_1: torch.Tenso
 
 
 def fixed_plan(ids_TK: torch.Tensor, num_local: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fixed-size exchange's send plan in one kernel (AllToAllDispatcher._fixed_plan's
+    """The fixed-size exchange's send plan in one kernel (fixed_exchange.fixed_plan's
     torch form, the same values): each buffer row's token [n*T] (T: none) and each token's
     row per rank [T, n] (-1: not sent there). None where the kernel does not run."""
     if not use_kernel(ids_TK) or ids_TK.shape[0] == 0:

@@ -38,18 +38,8 @@ and rounds once. Not bitwise the row path (one rounding instead of one per term 
 add): tests/test_ep_overlap.py states the tolerance. kernels='torchtitan', autograd,
 batch-invariant and debug mode keep the bitwise row path.
 
-The fixed-size exchange (no host read; ``equal_tokens``: the caller guarantees that every
-rank has the same T, e.g. layout 'replicated'; kernels='fast'; env SPMD_MOE_EP_SYNC_FREE=0
-turns it off): a rank sends each token at most once to each peer, so every exchange
-carries exactly T rows per peer (equal splits, nothing to read on the host). Rows past a
-destination's count carry expert id E (no expert) and are skipped. The receiver's
-buffers are sized for the worst case (M = n*T*min(K, e) rows) and every pass over them
-stops at the device count (Triton gathers, the SwiGLU, the partial sums; the grouped
-GEMMs at their last device offset), so the work is the real work. The way back is the
-fp32 partial sum per (token, expert rank), summed by the sender in rank order and
-rounded once, as above. Inference, in ``chunks`` pieces with the exchanges on a side
-stream; training (autograd, one piece): the backward is the mirror of each exchange
-(_FixedDispatch, _FixedCombine). tests/test_sync_free_ep.py states the tolerances.
+The fixed-size exchange (no host read; ``equal_tokens``: every rank has the same T;
+kernels='fast'): spmd_moe.dispatch.fixed_exchange, called from ``weighted``.
 
 ``chunks`` > 1 (every rank the same): the tokens are split into that many contiguous
 pieces; all pieces' dispatch exchanges are issued first, then for each piece its expert
@@ -62,7 +52,6 @@ stream) in the backward. On CPU the same code runs in order.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +66,8 @@ from spmd_moe import _debug
 from spmd_moe import batch_invariant as _bi
 from spmd_moe import collectives as C
 from spmd_moe.dispatch import _partial_combine as _pc
-from spmd_moe.checking import checked, untracked
+from spmd_moe.checking import checked
 from spmd_moe.dispatch.base import ExpertsFn, SentRows, count_per_expert, scatter_to_slots
-from spmd_moe.dispatch.validate import _header_device
 from spmd_moe.errors import ConfigError, DistributedError
 from spmd_moe.parallel import ParallelContext
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
@@ -193,7 +181,7 @@ class AllToAllDispatcher:
         self.host_reads = 0  # host syncs issued (one per forward); tests read it
         # The caller guarantees that every rank calls with the same number of tokens T
         # (equal slices, e.g. layout 'replicated'): the fixed-size exchange (T rows per
-        # peer, no split sizes on the host) may then be used. See _weighted_fixed.
+        # peer, no split sizes on the host) may then be used: spmd_moe.dispatch.fixed_exchange.
         self.equal_tokens = False
 
     # ------------------------------------------------------------ planning
@@ -364,15 +352,17 @@ class AllToAllDispatcher:
         """The whole routed part with fp32 partial sums on the way back (see the module
         docstring), or None where it does not apply (the caller runs the row path)."""
         del num_pad_tokens  # pads carry id E: owned by no rank, never sent
+        from spmd_moe.dispatch import fixed_exchange as _fx  # imports this module: not at the top
+
         if self.equal_tokens and _debug._enabled:
-            self._check_equal_tokens(x_TD.shape[0])
+            _fx.check_equal_tokens(self, x_TD.shape[0])
         if not self.partial_return or _bi._enabled or _debug._enabled or spmd.is_type_checking():
             return None
         if not (x_TD.device.type == "cuda" or PARTIAL_ON_CPU):
             return None
         # The fixed-size path: inference (in ``chunks`` pieces) and training (one piece).
-        if self.equal_tokens and sync_free() and (self.chunks == 1 or not torch.is_grad_enabled()):
-            return self._weighted_fixed(x_TD, expert_ids_TK, weights_TK, experts)
+        if self.equal_tokens and _fx.sync_free() and (self.chunks == 1 or not torch.is_grad_enabled()):
+            return _fx.weighted_fixed(self, x_TD, expert_ids_TK, weights_TK, experts)
         if self.chunks != 1 or torch.is_grad_enabled():
             return None
         T, K = expert_ids_TK.shape
@@ -401,141 +391,6 @@ class AllToAllDispatcher:
         back_sD = C.all_to_all(part_rD, self.pctx, p.recv_tok, p.send_tok)
         # 0 + rank 0's sum + rank 1's + ... in fp32 (a fixed order), one rounding.
         y_TD = _pc.sum_over_ranks(back_sD, pos_Tn, p.tok_idx_S, p.send_tok, x_TD.dtype)
-        return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
-
-    # ------------------------------------------------------------ fixed-size exchange
-    def _check_equal_tokens(self, T: int) -> None:
-        """Debug mode (where the fixed-size path is not taken; a host read is fine): the
-        promise behind ``equal_tokens``, every rank the same T, checked on every call. With
-        debug off a broken promise would leave the fixed-size exchange waiting for rows
-        that never come (NCCL hangs); here every rank raises, naming the counts."""
-        pctx = self.pctx
-        if pctx.size == 1:
-            return
-        with untracked():  # metadata, not placed data
-            mine = torch.tensor([T], dtype=torch.int64, device=_header_device(pctx))
-            counts = pctx.backend.all_gather(mine).tolist()
-        if len(set(counts)) > 1:
-            raise DistributedError(
-                f"AllToAllDispatcher: equal_tokens on axis '{pctx.name}': expected every rank to pass the same "
-                f"number of tokens, got T={T} on this rank ({pctx.rank}) and {counts} on ranks 0..{pctx.size - 1}. "
-                "Fix: pad every rank's tokens to the same T, or turn equal tokens off (MoEConfig.ep_equal_tokens="
-                "False; layout 'sequence' with unequal slices). With debug mode off the fixed-size exchange would hang."
-            )
-
-
-    def _fixed_plan(
-        self, expert_ids_TK: Int[Placed[Var[EP]], "T K"]
-    ) -> tuple[Int[Placed[Var[EP]], " N"], Int[Placed[Var[EP]], "T n"]]:
-        """The send buffer of the fixed-size exchange, on the device only: segment j (T
-        rows, N = n*T in all) holds the tokens going to rank j packed at its start, in
-        token order (a rank gets each token at most once, so T rows always suffice).
-        Returns each buffer row's token (T: no token, the rows past the segment's count)
-        and, per token and rank, its row in the buffer (-1: not sent there)."""
-        n, e = self.pctx.size, self.num_local
-        T = expert_ids_TK.shape[0]
-        dev = expert_ids_TK.device
-        planned = _pc.fixed_plan(expert_ids_TK, e, n)  # CUDA: one kernel (the same values)
-        if planned is not None:
-            return (unchecked_cast(Placed[Var[EP]], planned[0], reason="token of each row this rank sends"),
-                    unchecked_cast(Placed[Var[EP]], planned[1], reason="where this rank's tokens sit in its send buffer"))
-        ranks_n1 = torch.arange(n, device=dev).view(n, 1)
-        dest_TK = torch.div(expert_ids_TK, e, rounding_mode="floor")  # pads (id E): rank n, sent nowhere
-        hit_nT = (dest_TK.unsqueeze(0) == ranks_n1.unsqueeze(-1)).any(dim=2)
-        # A scan along the last dim of [n, T] (contiguous; down dim 0 of [T, n] was 1.5 ms).
-        row_nT = torch.where(hit_nT, torch.cumsum(hit_nT, dim=1) - 1 + ranks_n1 * T, n * T)
-        tok_all = torch.full((n * T + 1,), T, dtype=torch.int64, device=dev)
-        tok_all.scatter_(0, row_nT.reshape(-1), torch.arange(T, device=dev).repeat(n))  # row n*T: dropped
-        pos_Tn = torch.where(hit_nT, row_nT, -1).t().contiguous()
-        return (unchecked_cast(Placed[Var[EP]], tok_all[: n * T], reason="token of each row this rank sends"),
-                unchecked_cast(Placed[Var[EP]], pos_Tn, reason="where this rank's tokens sit in its send buffer"))
-
-    def _fixed_expert_order(
-        self, recv_ids_NK: Int[Placed[Var[EP]], "N K"]
-    ) -> tuple[Int[Placed[Var[EP]], " M"], Int[Placed[Var[EP]], " e"]]:
-        """The received slots (into N*K) in expert-major order, cut to M = N*min(K, e)
-        (no token has more local slots): the first sum(counts_e) are this rank's
-        experts' (source rank, then token order within an expert, as on the split-size
-        path), the rest belong to no local expert. And the rows per local expert."""
-        e, N, K = self.num_local, recv_ids_NK.shape[0], recv_ids_NK.shape[1]
-        local_NK = recv_ids_NK - self.start
-        key_X = torch.where((local_NK >= 0) & (local_NK < e), local_NK, e).reshape(-1)  # e: not here (or no token)
-        if e < 2**15:  # the same stable permutation on int16 keys (fewer radix passes on CUDA)
-            key_X = key_X.to(torch.int16)
-        sorted_X, order_X = torch.sort(key_X, stable=True)
-        order_M = order_X[: N * min(K, e)]
-        # Rows per expert from the sorted keys' boundaries: e+1 binary searches, where a
-        # scatter_add of N*K ones into e+1 counters contends on a few addresses.
-        bounds_b = torch.searchsorted(sorted_X, torch.arange(e + 1, device=key_X.device, dtype=key_X.dtype))
-        counts_e = torch.diff(bounds_b)
-        return (unchecked_cast(Placed[Var[EP]], order_M, reason="slots of this rank's experts first"),
-                unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"))
-
-    def _weighted_fixed(
-        self,
-        x_TD: Float[Placed[Var[EP]], "T D"],
-        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
-        weights_TK: Float[Placed[Var[EP]], "T K"],
-        experts: ExpertsFn,
-    ) -> Float[Placed[Var[EP]], "T D"]:
-        """``weighted`` with no host read, forward and backward: every exchange carries
-        exactly T rows per peer (equal splits; every rank has T tokens: ``equal_tokens``),
-        the rows past a segment's count carry expert id E (no expert) and are skipped by
-        the receiver. Every count stays on the device: the expert GEMMs get device offsets
-        and the [M, D] buffers are sized for the worst case (M = N*min(K, e), N = n*T);
-        the gathers and sums stop at the device count, the GEMMs at the last offset."""
-        if self.chunks > 1 and not torch.is_grad_enabled():
-            return self._weighted_fixed_pieces(x_TD, expert_ids_TK, weights_TK, experts)
-        tok_N, pos_Tn = self._fixed_plan(expert_ids_TK)
-        routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _FixedDispatch.apply(  # type: ignore[no-untyped-call]
-            x_TD, weights_TK, expert_ids_TK, self, tok_N, pos_Tn)
-        out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
-        y_TD = _FixedCombine.apply(out_MD, recv_w_NK, row_of_slot_X, order_M, rows_R, pos_Tn, tok_N, self.pctx, x_TD.dtype)  # type: ignore[no-untyped-call]
-        return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
-
-    def _weighted_fixed_pieces(
-        self,
-        x_TD: Float[Placed[Var[EP]], "T D"],
-        expert_ids_TK: Int[Placed[Var[EP]], "T K"],
-        weights_TK: Float[Placed[Var[EP]], "T K"],
-        experts: ExpertsFn,
-    ) -> Float[Placed[Var[EP]], "T D"]:
-        """Inference, ``chunks`` > 1: the fixed-size path on contiguous pieces of the
-        tokens (every rank splits its T the same way, so the pieces are equal too), the
-        exchanges on a side stream: every piece's dispatch first, then per piece its
-        experts and its return, so the dispatch of piece c+1 and the return of piece c-1
-        overlap the GEMMs of piece c. With no host read the host stays ahead of the GPU
-        (with the split sizes it did not: more pieces were slower). Each piece's output
-        is its own tokens' (the same sums as one piece: bitwise where the GEMMs are)."""
-        T, K = expert_ids_TK.shape
-        pctx, dev = self.pctx, x_TD.device
-        bounds = [T * c // self.chunks for c in range(self.chunks + 1)]
-        st = _Streams(dev, overlap=True)
-        y_TD = torch.empty(T, x_TD.shape[-1], dtype=x_TD.dtype, device=dev)
-        pieces = []
-        for t0, t1 in zip(bounds, bounds[1:]):
-            tok_N, pos_Tn = self._fixed_plan(unchecked_cast(Placed[Var[EP]], expert_ids_TK[t0:t1], reason="a piece of this rank's tokens"))
-            send = _fixed_send(self, x_TD[t0:t1], weights_TK[t0:t1], expert_ids_TK[t0:t1], tok_N)
-            pieces.append((t0, t1, pos_Tn, send))
-        st.to_comm(*(t for p in pieces for t in p[3]))
-        recvs = []
-        with st.comm_ctx():
-            for t0, t1, _, (send_ND, send_meta_NM) in pieces:
-                recv = (_a2a_equal(pctx, send_ND, t1 - t0), _a2a_equal(pctx, send_meta_NM, t1 - t0))
-                recvs.append((recv, st.mark()))
-        backs = []
-        for (t0, t1, _, _), ((recv_ND, recv_meta_NM), ev) in zip(pieces, recvs):
-            st.use(ev, recv_ND, recv_meta_NM)
-            routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(self, recv_ND, recv_meta_NM)
-            with _sm_carveout(dev):
-                out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
-            part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=return_dtype(x_TD.dtype))
-            st.comm_wait(st.main_mark(), part_ND)
-            with st.comm_ctx():
-                backs.append((_a2a_equal(pctx, part_ND, t1 - t0), st.mark()))
-        for (t0, t1, pos_Tn, _), (back_ND, ev) in zip(pieces, backs):
-            st.use(ev, back_ND)
-            _pc.sum_over_ranks_at(back_ND, pos_Tn, x_TD.dtype, out=y_TD[t0:t1])
         return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
     def pipelined(
@@ -594,37 +449,6 @@ class AllToAllDispatcher:
         return SentRows(rows_SD, slots_S)
 
 
-def sync_free() -> bool:
-    """SPMD_MOE_EP_SYNC_FREE (default on): the fixed-size exchange where it applies
-    (``equal_tokens``); 0: the split-size path with its one host read per forward."""
-    return os.environ.get("SPMD_MOE_EP_SYNC_FREE", "1") != "0"
-
-
-@contextlib.contextmanager
-def _sm_carveout(dev: torch.device) -> Iterator[None]:
-    """SPMD_MOE_EP_SM_CARVEOUT=k (CUDA, pieces only; default off): the persistent grouped
-    GEMMs leave k SMs free (torch's experimental SM carveout) so that the NCCL kernel of
-    the next piece's exchange can run beside them; the previous setting is restored."""
-    k = int(os.environ.get("SPMD_MOE_EP_SM_CARVEOUT", "0") or 0)
-    if k <= 0 or dev.type != "cuda" or not hasattr(torch._C, "_set_sm_carveout_experimental"):
-        yield
-        return
-    prev = torch._C._get_sm_carveout_experimental()
-    torch._C._set_sm_carveout_experimental(k)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(prev)
-
-
-def return_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the partial sums on the fixed-size path's way back: fp32 (default: the
-    sender rounds once), or with SPMD_MOE_EP_RETURN=low the layer's own dtype (half the
-    bytes of the largest exchange; each rank's partial sum is rounded before the sender's
-    fp32 sum rounds again: n+1 roundings instead of one, still fewer than the row path's)."""
-    return x_dtype if os.environ.get("SPMD_MOE_EP_RETURN", "fp32") == "low" else torch.float32
-
-
 PAD_ROWS_ON_CPU = False  # tests: run the CUDA row padding on the CPU too
 PARTIAL_ON_CPU = False  # tests: the partial-sum return (kernels='fast', CUDA inference) on the CPU too
 
@@ -633,153 +457,6 @@ def _pad_for_backward(x_TD: torch.Tensor) -> bool:
     """CUDA with autograd: the expert rows are padded to a multiple of 8 (see pipelined)."""
     on = x_TD.device.type == "cuda" or PAD_ROWS_ON_CPU
     return on and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-
-
-def _a2a_equal(pctx: ParallelContext[EP], x: torch.Tensor, rows: int) -> torch.Tensor:
-    """The fixed-size exchange: ``rows`` rows of dim 0 to and from every rank (bytes only)."""
-    if pctx.size == 1:
-        return x
-    return pctx.backend.all_to_all(x.contiguous(), [rows] * pctx.size, [rows] * pctx.size)
-
-
-def _experts_bounded(
-    experts: ExpertsFn, routed_MD: torch.Tensor, counts_e: torch.Tensor, rows_1: torch.Tensor
-) -> torch.Tensor:
-    """experts(routed_MD, counts_e, rows_exact=True) where the fused SwiGLU would run over
-    all M worst-case rows (2x the real rows at n=2, K=8, E=128; 4x at n=4): the same
-    three grouped GEMMs (device offsets: they stop at the last one) with a SwiGLU that
-    stops at the device row count (the same arithmetic, so the same bits on those rows).
-    Anything else (another experts module, an expert dtype cast, no fused kernels) runs
-    ``experts`` itself."""
-    from spmd_moe import experts as _ex
-    from spmd_moe.kernels import fused_bwd as _fb
-
-    def plain() -> torch.Tensor:
-        return experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's expert-major rows"),
-                       unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert"), True)
-
-    if type(experts) is not _ex.GroupedExperts or experts.cfg.expert_dtype not in (None, routed_MD.dtype):
-        return plain()
-    w1, w2, w3 = experts.w1_EFD, experts.w2_EDF, experts.w3_EFD
-    kernels = experts.cfg.kernels
-    fused = _fb.applies(kernels, w1, w3, routed_MD) or _fb.applies_forward(kernels, w1, w3, routed_MD)
-    if not fused or not _ex._grouped_mm_ok(routed_MD, w1) or not _pc.use_kernel(routed_MD):
-        return plain()
-    offs = torch.cumsum(counts_e, dim=0, dtype=torch.int32)  # once for the three GEMMs
-    x = unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's expert-major rows")
-    c = unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert")
-    a1_MF = _ex.grouped_mm(x, w1, c, zero_tail=False, offs_e=offs)
-    a3_MF = _ex.grouped_mm(x, w3, c, zero_tail=False, offs_e=offs)
-    h_MF = unchecked_cast(Placed[Var[EP]], _pc.swiglu_bounded(a1_MF, a3_MF, rows_1, routed_MD.dtype == torch.bfloat16),
-                          reason="elementwise on this rank's rows")
-    return _ex.grouped_mm(h_MF, w2, c, zero_tail=False, offs_e=offs)
-
-
-def _fixed_send(
-    disp: AllToAllDispatcher, x_TD: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, tok_N: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The send buffers of the fixed-size exchange: [N, D] tokens, [N, 2K] fp32 (ids, gate
-    values). Ids (< 2^24: exact in fp32) and gate values travel in one exchange; the
-    unused rows get ids E (no expert anywhere) from a sentinel row, and copy the last
-    token (never read: no sentinel row appended to x)."""
-    T = ids_TK.shape[0]
-    # Row T: the sentinel, E everywhere (its gate values are never read: no expert has it).
-    meta_TM = F.pad(torch.cat([ids_TK.to(torch.float32), w_TK.float()], dim=1), (0, 0, 0, 1), value=float(disp.num_experts))
-    return x_TD[tok_N.clamp(max=max(T - 1, 0))], meta_TM[tok_N]
-
-
-def _fixed_expand(disp: AllToAllDispatcher, recv_ND: torch.Tensor, recv_meta_NM: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Received tokens -> expert-major rows [M, D] (M a multiple of 8 >= N*min(K, e)),
-    with the received gate values [N, K], rows per local expert, the slot -> row map
-    (-1: no row here), the slot order and the device row count R (rows past it: left
-    undefined, nothing reads them)."""
-    K = recv_meta_NM.shape[1] // 2
-    dev = recv_ND.device
-    order_M, counts_e = disp._fixed_expert_order(
-        unchecked_cast(Placed[Var[EP]], recv_meta_NM[:, :K].to(torch.int64), reason="ids of the received tokens"))
-    rows_R = counts_e.sum().view(1)  # device count: rows past it belong to no local expert
-    N, M = recv_ND.shape[0], order_M.shape[0]
-    ar_M = torch.arange(M, device=dev)
-    row_of_slot_X = torch.full((N * K,), -1, dtype=torch.int64, device=dev)
-    row_of_slot_X.scatter_(0, order_M, torch.where(ar_M < rows_R, ar_M, -1))
-    # A multiple of 8 rows: the CUDA weight-gradient GEMM needs 16-byte rows (else a
-    # per-expert loop with a host read). The extra rows are past the count: not written.
-    order_M = F.pad(order_M, (0, -M % 8))
-    routed_MD = _pc.gather_rows(recv_ND, order_M, K, rows_R)
-    return routed_MD, recv_meta_NM[:, K:].contiguous(), counts_e, row_of_slot_X, order_M, rows_R
-
-
-class _FixedDispatch(torch.autograd.Function):
-    """The fixed-size dispatch: the tokens and their (ids, gate values) go out T rows per
-    peer; the receiver expands them to expert-major rows (a gather that stops at the
-    device count). Outputs: the rows [M, D], the received gate values [N, K] (fp32,
-    differentiable), and (not differentiable) rows per local expert, the slot -> row map
-    (-1: no row here), the slot order and the device row count.
-
-    Backward, the mirror: on the receiver each received token's row gradients summed in
-    fp32 and rounded once (the partial-sum kernel with unit weights: no atomics), the
-    fixed-size exchange back, the sender's sum over ranks (fp32, rank order, one
-    rounding); the gate values' gradients travel back the same way."""
-
-    @staticmethod
-    def forward(ctx: Any, x_TD: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, disp: AllToAllDispatcher,
-                tok_N: torch.Tensor, pos_Tn: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        T = ids_TK.shape[0]
-        send_ND, send_meta_NM = _fixed_send(disp, x_TD, w_TK, ids_TK, tok_N)
-        recv_ND, recv_meta_NM = _a2a_equal(disp.pctx, send_ND, T), _a2a_equal(disp.pctx, send_meta_NM, T)
-        routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _fixed_expand(disp, recv_ND, recv_meta_NM)
-        ctx.save_for_backward(row_of_slot_X, pos_Tn)
-        ctx.pctx, ctx.T, ctx.x_dtype, ctx.w_dtype = disp.pctx, T, x_TD.dtype, w_TK.dtype
-        ctx.mark_non_differentiable(counts_e, row_of_slot_X, order_M, rows_R)
-        return routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R
-
-    @staticmethod
-    def backward(ctx: Any, g_MD: torch.Tensor | None, g_NK: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        row_of_slot_X, pos_Tn = ctx.saved_tensors
-        T = ctx.T
-        N = pos_Tn.shape[1] * T
-        K = row_of_slot_X.shape[0] // N if N else 0
-        g_x = g_w = None
-        if ctx.needs_input_grad[0] and g_MD is not None:
-            ones_NK = torch.ones(N, K, dtype=torch.float32, device=g_MD.device)
-            g_recv_ND = _pc.partial_sums_mapped(g_MD, row_of_slot_X, ones_NK, out_dtype=ctx.x_dtype)
-            g_x = _pc.sum_over_ranks_at(_a2a_equal(ctx.pctx, g_recv_ND, T), pos_Tn, ctx.x_dtype)
-        if ctx.needs_input_grad[1] and g_NK is not None:
-            g_w = _pc.sum_over_ranks_at(_a2a_equal(ctx.pctx, g_NK.float(), T), pos_Tn, ctx.w_dtype)
-        return g_x, g_w, None, None, None, None
-
-
-class _FixedCombine(torch.autograd.Function):
-    """The way back of the fixed-size path: the expert rank's fp32 partial sum per
-    received token (over its local slots, ascending k), the fixed-size exchange back,
-    the sender's sum over ranks in rank order, one rounding.
-
-    Backward: a token's sum from rank j has gradient g_y[t] (so the mirror exchange
-    carries g_y's own values, in its dtype: exact); each slot row's gradient is
-    w * g (fp32, one rounding; a gather that stops at the device count) and each gate
-    value's <g, row> in fp32."""
-
-    @staticmethod
-    def forward(ctx: Any, out_MD: torch.Tensor, w_NK: torch.Tensor, row_of_slot_X: torch.Tensor, order_M: torch.Tensor,
-                rows_R: torch.Tensor, pos_Tn: torch.Tensor, tok_N: torch.Tensor, pctx: ParallelContext[EP],
-                y_dtype: torch.dtype) -> torch.Tensor:
-        T = pos_Tn.shape[0]
-        part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK, out_dtype=return_dtype(y_dtype))
-        y_TD = _pc.sum_over_ranks_at(_a2a_equal(pctx, part_ND, T), pos_Tn, y_dtype)
-        ctx.save_for_backward(out_MD, w_NK, row_of_slot_X, order_M, rows_R, tok_N)
-        ctx.pctx, ctx.T = pctx, T
-        return y_TD
-
-    @staticmethod
-    def backward(ctx: Any, g_TD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        out_MD, w_NK, row_of_slot_X, order_M, rows_R, tok_N = ctx.saved_tensors
-        T, K = ctx.T, w_NK.shape[1]
-        # The rows this rank sent, in the same layout: token tok_N[r]'s gradient (rows past
-        # a segment's count: any token's, never read).
-        g_ND = _a2a_equal(ctx.pctx, g_TD.contiguous()[tok_N.clamp(max=max(T - 1, 0))], T)
-        g_out_MD = _pc.gather_rows(g_ND, order_M, K, rows_R, scale_X=w_NK.reshape(-1), out_dtype=out_MD.dtype)
-        g_w_NK = _pc.slot_weight_grads(g_ND, out_MD, row_of_slot_X, K)
-        return g_out_MD, g_w_NK, None, None, None, None, None, None, None
 
 
 def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
