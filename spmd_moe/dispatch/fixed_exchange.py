@@ -123,6 +123,7 @@ def fixed_plan(
     return (unchecked_cast(Placed[Var[EP]], tok_all[: n * T], reason="token of each row this rank sends"),
             unchecked_cast(Placed[Var[EP]], pos_Tn, reason="where this rank's tokens sit in its send buffer"))
 
+
 def fixed_expert_order(
     disp: AllToAllDispatcher, recv_ids_NK: Int[Placed[Var[EP]], "N K"]
 ) -> tuple[Int[Placed[Var[EP]], " M"], Int[Placed[Var[EP]], " e"]]:
@@ -143,6 +144,7 @@ def fixed_expert_order(
     counts_e = torch.diff(bounds_b)
     return (unchecked_cast(Placed[Var[EP]], order_M, reason="slots of this rank's experts first"),
             unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert this rank received"))
+
 
 def weighted_fixed(
     disp: AllToAllDispatcher,
@@ -165,6 +167,7 @@ def weighted_fixed(
     out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
     y_TD = _FixedCombine.apply(out_MD, recv_w_NK, row_of_slot_X, order_M, rows_R, pos_Tn, tok_N, disp.pctx, x_TD.dtype)  # type: ignore[no-untyped-call]
     return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
+
 
 def weighted_fixed_pieces(
     disp: AllToAllDispatcher,
