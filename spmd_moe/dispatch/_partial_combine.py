@@ -42,15 +42,15 @@ _wgrad_kernel: Any = None
 _swiglu_fwd_kernel: Any = None
 _swiglu_bwd_kernel: Any = None
 _plan_kernel: Any = None
-exp_f32: Any = None  # spmd_moe.kernels._fused_bwd_triton.exp_f32 once _build ran
-rn_bf16: Any = None  # spmd_moe.kernels._decode_triton.rn_bf16 once _build ran
+swiglu_math: Any = None  # spmd_moe.kernels._fused_bwd_triton.swiglu_math once _build ran
+swiglu_bwd_math: Any = None  # spmd_moe.kernels._fused_bwd_triton.swiglu_bwd_math once _build ran
 _tried = False
 slot_row: Any = None  # spmd_moe.kernels._triton_common.slot_row once _build ran
 
 
 def _build() -> Any:
     global _kernel, _sum_kernel, _gather_kernel, _wgrad_kernel, _swiglu_fwd_kernel, _swiglu_bwd_kernel, _plan_kernel, _tried
-    global slot_row, exp_f32, rn_bf16
+    global slot_row, swiglu_math, swiglu_bwd_math
     if _tried:
         return _kernel
     _tried = True
@@ -60,8 +60,7 @@ def _build() -> Any:
     except ImportError:
         return None
     from spmd_moe.kernels._triton_common import slot_row  # a global (the interpreter sees no closure)
-    from spmd_moe.kernels._fused_bwd_triton import exp_f32
-    from spmd_moe.kernels._decode_triton import rn_bf16
+    from spmd_moe.kernels._fused_bwd_triton import swiglu_bwd_math, swiglu_math
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def partial_kernel(  # type: ignore[no-untyped-def, unused-ignore]
@@ -135,7 +134,7 @@ def _build() -> Any:
     def swiglu_fwd_bounded_kernel(  # type: ignore[no-untyped-def, unused-ignore]
         h_ptr, a1_ptr, a3_ptr, rows_ptr, F, BLOCK: tl.constexpr, ROUND: tl.constexpr,
     ):
-        # spmd_moe.kernels._fused_bwd_triton.swiglu_fwd_kernel's arithmetic (the same bits),
+        # swiglu_math: swiglu_fwd_kernel's arithmetic, shared (the same bits),
         # over the first rows_ptr[0] rows only (a device count).
         n = tl.load(rows_ptr).to(tl.int64) * F
         # A grid-stride loop up to the live elements: no program for the rows past the count.
@@ -144,13 +143,7 @@ def _build() -> Any:
             m = offs < n
             a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
             a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            s = tl.div_rn(a1, 1.0 + exp_f32(-a1))
-            if ROUND:
-                s = rn_bf16(s)
-            h = s * a3
-            if ROUND:
-                h = rn_bf16(h)
-            tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=m)
+            tl.store(h_ptr + offs, swiglu_math(a1, a3, ROUND).to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit  # type: ignore[misc, untyped-decorator, unused-ignore]
     def swiglu_bwd_bounded_kernel(  # type: ignore[no-untyped-def, unused-ignore]
@@ -164,18 +157,7 @@ def _build() -> Any:
             g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
             a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
             a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            e = exp_f32(-a1)
-            s = tl.div_rn(a1, 1.0 + e)
-            sig = tl.div_rn(1.0, 1.0 + e)
-            gs = g * a3
-            if ROUND:
-                s = rn_bf16(s)
-                gs = rn_bf16(gs)
-            ga3 = g * s
-            ga1 = gs * sig * (1.0 + a1 * (1.0 - sig))
-            if ROUND:
-                ga3 = rn_bf16(ga3)
-                ga1 = rn_bf16(ga1)
+            ga1, ga3 = swiglu_bwd_math(g, a1, a3, ROUND)
             tl.store(ga1_ptr + offs, ga1.to(ga1_ptr.dtype.element_ty), mask=m)
             tl.store(ga3_ptr + offs, ga3.to(ga3_ptr.dtype.element_ty), mask=m)
 

@@ -31,32 +31,23 @@ else:
 
 
 @triton.jit
-def swiglu_fwd_kernel(h_ptr, a1_ptr, a3_ptr, N, BLOCK: tl.constexpr, ROUND: tl.constexpr):
-    """h = silu(a1) * a3 as torch's eager F.silu(a1) * a3: silu in fp32 (x / (1 + exp(-x)),
-    IEEE division), rounded to bf16, then the product rounded to bf16."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < N
-    a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
+def swiglu_math(a1, a3, ROUND: tl.constexpr):
+    """silu(a1) * a3 in fp32 as torch's eager ops: silu as x / (1 + exp(-x)) (IEEE division),
+    rounded to bf16 (ROUND), then the product rounded. Inlined into each kernel that calls it
+    (here and in spmd_moe.dispatch._partial_combine): one source, the same arithmetic."""
     s = tl.div_rn(a1, 1.0 + exp_f32(-a1))
     if ROUND:
         s = rn_bf16(s)
     h = s * a3
     if ROUND:
         h = rn_bf16(h)
-    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=m)
+    return h
 
 
 @triton.jit
-def swiglu_bwd_kernel(ga1_ptr, ga3_ptr, g_ptr, a1_ptr, a3_ptr, N, BLOCK: tl.constexpr, ROUND: tl.constexpr):
-    """Both input grads of h = silu(a1) * a3 from g = dL/dh, rounded where torch's autograd
-    rounds: ga3 = g * silu(a1) (the bf16 silu), gs = g * a3 rounded, then torch's
-    silu_backward formula gs * sig * (1 + a1 * (1 - sig)) in fp32, rounded once."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < N
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
+def swiglu_bwd_math(g, a1, a3, ROUND: tl.constexpr):
+    """(grad_a1, grad_a3) of h = silu(a1) * a3 from g, rounded where torch's autograd rounds
+    (see swiglu_bwd_kernel)."""
     e = exp_f32(-a1)
     s = tl.div_rn(a1, 1.0 + e)  # the forward's silu, recomputed
     sig = tl.div_rn(1.0, 1.0 + e)
@@ -69,6 +60,31 @@ def swiglu_bwd_kernel(ga1_ptr, ga3_ptr, g_ptr, a1_ptr, a3_ptr, N, BLOCK: tl.cons
     if ROUND:
         ga3 = rn_bf16(ga3)
         ga1 = rn_bf16(ga1)
+    return ga1, ga3
+
+
+@triton.jit
+def swiglu_fwd_kernel(h_ptr, a1_ptr, a3_ptr, N, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    """h = silu(a1) * a3 as torch's eager F.silu(a1) * a3: silu in fp32 (x / (1 + exp(-x)),
+    IEEE division), rounded to bf16, then the product rounded to bf16."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(h_ptr + offs, swiglu_math(a1, a3, ROUND).to(h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def swiglu_bwd_kernel(ga1_ptr, ga3_ptr, g_ptr, a1_ptr, a3_ptr, N, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    """Both input grads of h = silu(a1) * a3 from g = dL/dh, rounded where torch's autograd
+    rounds: ga3 = g * silu(a1) (the bf16 silu), gs = g * a3 rounded, then torch's
+    silu_backward formula gs * sig * (1 + a1 * (1 - sig)) in fp32, rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    a1 = tl.load(a1_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    a3 = tl.load(a3_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    ga1, ga3 = swiglu_bwd_math(g, a1, a3, ROUND)
     tl.store(ga1_ptr + offs, ga1.to(ga1_ptr.dtype.element_ty), mask=m)
     tl.store(ga3_ptr + offs, ga3.to(ga3_ptr.dtype.element_ty), mask=m)
 

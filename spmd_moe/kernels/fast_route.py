@@ -30,6 +30,7 @@ turns it off). kernels='torchtitan' and training keep the torch router, bitwise.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -51,24 +52,19 @@ FAST_ROUTER: bool = os.environ.get("SPMD_MOE_FAST_ROUTER", "1") != "0"
 LAUNCH: dict[str, Any] = {"kernel": "rows", "block_t": 16, "tokens": 4, "warps": 1, "rows_warps": 4,
                           "fused_t": 64, "fused_d": 64, "fused_warps": 8, "fused_stages": 3}
 
-_kernels: Any = None
-_tried = False
 # Whether torch.mm(..., out_dtype=torch.float32) runs on bf16 CUDA tensors (aten::mm.dtype);
 # None until the first call tries it.
 _mm_dtype_ok: bool | None = None
 
 
+@functools.cache
 def _build() -> Any:
-    """The kernel module, or None without Triton."""
-    global _kernels, _tried
-    if not _tried:
-        _tried = True
-        try:
-            from spmd_moe.kernels import _fast_route_triton
-        except ImportError:
-            return None
-        _kernels = _fast_route_triton
-    return _kernels
+    """The kernel module, or None without Triton (imported once, on first use)."""
+    try:
+        from spmd_moe.kernels import _fast_route_triton
+    except ImportError:
+        return None
+    return _fast_route_triton
 
 
 def _interpreting() -> bool:

@@ -32,6 +32,7 @@ and mul over [R, F] (the prefill's largest elementwise work after the gather).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Literal
 
@@ -43,21 +44,15 @@ from spmd_moe import _debug
 from spmd_moe import batch_invariant as _bi
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
 
-_kernels: Any = None
-_tried = False
 
-
+@functools.cache
 def _build() -> Any:
-    """The kernel module, or None without Triton."""
-    global _kernels, _tried
-    if not _tried:
-        _tried = True
-        try:
-            from spmd_moe.kernels import _fused_bwd_triton
-        except ImportError:
-            return None
-        _kernels = _fused_bwd_triton
-    return _kernels
+    """The kernel module, or None without Triton (imported once, on first use)."""
+    try:
+        from spmd_moe.kernels import _fused_bwd_triton
+    except ImportError:
+        return None
+    return _fused_bwd_triton
 
 
 def _interpreting() -> bool:
