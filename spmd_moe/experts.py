@@ -22,6 +22,7 @@ from spmd_moe import collectives as C
 from spmd_moe.placement import EP, Par, Placed, Rep, Var, as_rep, as_var, unchecked_cast
 from spmd_moe.checking import checked
 from spmd_moe.kernels import fused_bwd as _fb
+from spmd_moe.kernels import gather_gemm as _gg
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -180,6 +181,27 @@ class GroupedExperts(nn.Module):
             routed_RD.to(dt), w3, counts_e, zero_tail=zt_up, offs_e=offs
         )
         return grouped_mm(h_RF, w2, counts_e, zero_tail=zt, offs_e=offs).to(routed_RD.dtype)
+
+
+    def gathers_rows(self, x_TD: torch.Tensor) -> bool:
+        """Whether forward_slots applies (spmd_moe.kernels.gather_gemm: CUDA inference,
+        kernels='fast', bf16, the experts in the input's dtype)."""
+        if self.cfg.expert_dtype not in (None, x_TD.dtype):
+            return False
+        return _gg.applies(self.cfg.kernels, x_TD, self.w1_EFD, self.w3_EFD)
+
+    def forward_slots(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        slots_R: Int[Placed[Var[EP]], " R"],
+        counts_e: Int[Placed[Var[EP]], " e"],
+        top_k: int,
+    ) -> Float[Placed[Var[EP]], "R D"]:
+        """forward on the rows x_TD[slots_R // top_k] without gathering them: the up GEMMs
+        read x through the slots, with SwiGLU in their epilogue (one kernel); then the
+        down grouped GEMM. Exactly sum(counts_e) rows (inference only: see gathers_rows)."""
+        h_RF = _gg.gathered_swiglu(x_TD, slots_R, counts_e, self.w1_EFD, self.w3_EFD, top_k)
+        return grouped_mm(h_RF, self.w2_EDF, counts_e, zero_tail=False)
 
 
 class SharedExperts(nn.Module):

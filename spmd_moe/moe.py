@@ -408,6 +408,12 @@ class MoE(nn.Module, Generic[L]):
         piped = dispatcher.pipelined(x_TD, expert_ids_TK, num_pad, self.experts)
         if piped is not None:
             return self._combine_rows(piped, weights_TK), None
+        if isinstance(dispatcher, LocalDispatcher) and self.experts.gathers_rows(x_TD):
+            # CUDA inference (kernels='fast'): the up GEMMs read x through the sorted slots
+            # (no gathered copy), SwiGLU in their epilogue (spmd_moe.kernels.gather_gemm).
+            slots_R, counts_E, local = dispatcher.sorted_slots(expert_ids_TK, num_pad)
+            out_RD = self.experts.forward_slots(x_TD, slots_R, counts_E, local.top_k)
+            return self._combine_rows(dispatcher.returned_rows(out_RD, local), weights_TK), counts_E
         routed_RD, counts_e, state = dispatcher.dispatch(x_TD, expert_ids_TK, num_pad)
         # One rank: the local experts are all E, counted from the same ids.
         counts_E = counts_e if isinstance(dispatcher, LocalDispatcher) and counts_e.shape[0] == self.cfg.num_experts else None

@@ -52,6 +52,7 @@ import spmd_moe as sm
 from spmd_moe.dispatch.base import scatter_to_slots
 from spmd_moe.kernels import fused_bwd as fb
 from spmd_moe.kernels import fast_route as fr
+from spmd_moe.kernels import gather_gemm as gg
 from spmd_moe.moe import _weighted_sum
 
 ON_CUDA = torch.cuda.is_available()
@@ -431,8 +432,11 @@ def test_layer_inference_takes_fused_swiglu_forward(T: int, bias: bool, how: str
     """Inference with kernels='fast' runs SwiGLU's forward kernel once (swiglu_forward,
     not the autograd swiglu); kernels='torchtitan' runs torch's silu and mul; the outputs
     agree within the layer tolerance (module docstring). The fast router (CUDA inference;
-    its own tolerance: tests/test_fast_route.py) is off here: the same routes and gate values."""
+    its own tolerance: tests/test_fast_route.py) is off here: the same routes and gate values;
+    so is the gather-fused up projection (CUDA inference; tests/test_gather_gemm.py), which
+    takes SwiGLU into its GEMM's epilogue."""
     monkeypatch.setattr(fr, "FAST_ROUTER", False)
+    monkeypatch.setattr(gg, "GATHER_GEMM", False)
     fast, ref = _layers(bias)
     dt = fast.router.gate.weight.dtype
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(dt).to(DEV)
@@ -453,8 +457,10 @@ def test_layer_inference_takes_fused_swiglu_forward(T: int, bias: bool, how: str
 def test_layer_inference_torch_ops_elsewhere(calls: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
     """Not fused where it must not be: FWD_INFERENCE off (then bitwise kernels='torchtitan':
     the same torch ops), debug mode; training took swiglu, never swiglu_forward (above).
-    The fast router (CUDA inference, not bitwise the torch router) is off for the bitwise claim."""
+    The fast router (CUDA inference, not bitwise the torch router) is off for the bitwise claim,
+    and the gather-fused up projection (it replaces swiglu_forward on CUDA) for the counts."""
     monkeypatch.setattr(fr, "FAST_ROUTER", False)
+    monkeypatch.setattr(gg, "GATHER_GEMM", False)
     fast, ref = _layers(False)
     dt = fast.router.gate.weight.dtype
     x = torch.randn(65, D, generator=torch.Generator().manual_seed(3)).to(dt).to(DEV)

@@ -37,12 +37,22 @@ class LocalDispatcher:
         expert_ids_TK: Int[Placed[Var[EP]], "T K"],
         num_pad_tokens: int,
     ) -> tuple[Float[Placed[Var[EP]], "R D"], Int[Placed[Var[EP]], " E"], LocalState]:
+        sent_slots_R, counts_E, state = self.sorted_slots(expert_ids_TK, num_pad_tokens)
+        # int32 token index: indexing keeps its index for backward (half of int64's bytes).
+        return x_TD[(sent_slots_R // state.top_k).int()], counts_E, state
+
+    @checked
+    def sorted_slots(
+        self, expert_ids_TK: Int[Placed[Var[EP]], "T K"], num_pad_tokens: int
+    ) -> tuple[Int[Placed[Var[EP]], " R"], Int[Placed[Var[EP]], " E"], LocalState]:
+        """dispatch without the gather: the expert-sorted slots (token t*K + k) and the
+        rows per expert, for experts that read x through the slots themselves
+        (spmd_moe.kernels.gather_gemm)."""
         T, K = expert_ids_TK.shape
         order_N, num_sent = sort_slots(expert_ids_TK, num_pad_tokens, self.num_experts)
         sent_slots_R = order_N[:num_sent]
         counts_E = count_per_expert(expert_ids_TK, self.num_experts)
-        # int32 token index: indexing keeps its index for backward (half of int64's bytes).
-        return x_TD[(sent_slots_R // K).int()], counts_E, LocalState(T, K, sent_slots_R)
+        return sent_slots_R, counts_E, LocalState(T, K, sent_slots_R)
 
     @checked
     def combine(self, out_RD: Float[Placed[Var[EP]], "R D"], state: LocalState) -> Float[Placed[Var[EP]], "T K D"]:
