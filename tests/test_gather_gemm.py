@@ -220,3 +220,74 @@ def test_layer_takes_it_in_inference(T: int, monkeypatch: pytest.MonkeyPatch) ->
     with sm.debug(), torch.no_grad():
         moe(x)
     assert calls["n"] == 1
+
+
+# ------------------------------------------------------------------ EP: the fixed-size exchange
+# With expert parallelism (the all-to-all dispatcher's fixed-size exchange, inference), the
+# expert rank runs the same kernel on the rows it received, read through its slot order.
+# Checked end to end on a real gloo world of 2 in the interpreter (with the partial-sum
+# kernels' opt-ins): taken, no host read, and the output against the single-device layer
+# (fp32, no rounding: 1e-5 relative, the GEMM sums in numpy's order instead of torch's).
+IN_EP_INTERPRETER = IN_INTERPRETER and os.environ.get("SPMD_MOE_DECODE_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(ON_CUDA or IN_INTERPRETER, reason="CPU only, once")
+def test_ep_in_triton_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_GATHER_GEMM_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1",
+               SPMD_MOE_FUSED_BWD_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_ep"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def _ep_end_to_end(rank: int, n: int) -> list[str]:
+    import spmd_moe.dispatch.all_to_all as a2a
+    from test_ep_overlap import count_host_reads
+    from tp2ep_util import D as TD, build_pair, make_cfg, rel_err, world_pctx
+
+    a2a.PARTIAL_ON_CPU = True
+    calls = {"n": 0}
+    real = gg.gathered_swiglu
+
+    def counting(*a: object, **kw: object) -> torch.Tensor:
+        calls["n"] += 1
+        return real(*a, **dict(kw, launch=SMALL))  # type: ignore[arg-type]
+
+    gg.gathered_swiglu = counting  # type: ignore[assignment]
+    bad = []
+    try:
+        for layout, T, skew, chunks in (("sequence", 7, "none", 1), ("sequence", 24, "one_rank", 1),
+                                        ("replicated", 13, "one_expert", 1), ("sequence", 16, "none", 2)):
+            cfg = make_cfg(dispatcher="all_to_all", padding="pad", top_k=4, kernels="fast", ep_chunks=chunks,
+                           load_balance_coeff=1e-3 if skew != "none" else None)
+            full, moe = build_pair(cfg, world_pctx(), layout, 90 + T, skew=skew)
+            moe.prefill_dispatcher.equal_tokens = True
+            x_all = torch.randn(n * T if layout == "sequence" else T, TD, generator=torch.Generator().manual_seed(T))
+            sl = slice(rank * T, (rank + 1) * T) if layout == "sequence" else slice(0, T)
+            with torch.no_grad():
+                moe(x_all[sl])  # first call: the header exchange
+                before = calls["n"]
+                with count_host_reads() as reads:
+                    y = moe(x_all[sl])
+                taken = calls["n"] - before
+                gg.GATHER_GEMM = False
+                y_off = moe(x_all[sl])
+                gg.GATHER_GEMM = True
+                err, err_off = rel_err(y, full(x_all)[sl]), rel_err(y, y_off)
+            if err > 1e-5 or err_off > 1e-5 or sum(reads.values()) or taken != chunks:
+                bad.append(f"{layout} T={T} {skew} chunks={chunks}: rel err {err:.3g} (vs unfused {err_off:.3g}), "
+                           f"{sum(reads.values())} host reads, kernel calls {taken}")
+    finally:
+        a2a.PARTIAL_ON_CPU = False
+        gg.gathered_swiglu = real  # type: ignore[assignment]
+    return bad
+
+
+@pytest.mark.skipif(not IN_EP_INTERPRETER, reason="runs in the interpreter subprocess above")
+def test_interp_ep_fixed_exchange_takes_it() -> None:
+    from dist_utils import run_distributed
+
+    res = run_distributed(_ep_end_to_end, 2, timeout=500, pg_timeout=300)
+    bad = [f"rank {r}: {b}" for r, bs in enumerate(res) for b in bs]
+    assert not bad, "\n".join(bad)

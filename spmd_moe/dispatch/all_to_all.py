@@ -113,7 +113,9 @@ class _Streams:
         if self.on:
             self.main = torch.cuda.current_stream(device)
             if device not in _Streams._side:
-                _Streams._side[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+                # High priority: the block scheduler starts the exchange's kernels as soon as
+                # a compute kernel's blocks retire, instead of after the whole grid.
+                _Streams._side[device] = torch.cuda.Stream(device, priority=-1)  # type: ignore[no-untyped-call]
             self.comm = _Streams._side[device]
 
     def to_comm(self, *ts: torch.Tensor) -> None:

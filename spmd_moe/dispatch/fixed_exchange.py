@@ -162,6 +162,16 @@ def weighted_fixed(
     if disp.chunks > 1 and not torch.is_grad_enabled():
         return weighted_fixed_pieces(disp, x_TD, expert_ids_TK, weights_TK, experts)
     tok_N, pos_Tn = fixed_plan(disp, expert_ids_TK)
+    if _gathers_rows(experts, x_TD, weights_TK):
+        # Inference where the experts read the received rows through the slots (no
+        # expanded copy, no autograd Functions): the same exchanges and sums.
+        T = expert_ids_TK.shape[0]
+        send_ND, send_meta_NM = _fixed_send(disp, x_TD, weights_TK, expert_ids_TK, tok_N)
+        recv_ND, recv_meta_NM = _a2a_equal(disp.pctx, send_ND, T), _a2a_equal(disp.pctx, send_meta_NM, T)
+        out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, recv_meta_NM)
+        part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=return_dtype(x_TD.dtype))
+        y_TD = _pc.sum_over_ranks_at(_a2a_equal(disp.pctx, part_ND, T), pos_Tn, x_TD.dtype)
+        return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
     routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _FixedDispatch.apply(  # type: ignore[no-untyped-call]
         x_TD, weights_TK, expert_ids_TK, disp, tok_N, pos_Tn)
     out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
@@ -202,9 +212,8 @@ def weighted_fixed_pieces(
     backs = []
     for (t0, t1, _, _), ((recv_ND, recv_meta_NM), ev) in zip(pieces, recvs):
         st.use(ev, recv_ND, recv_meta_NM)
-        routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(disp, recv_ND, recv_meta_NM)
         with _sm_carveout(dev):
-            out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
+            out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, recv_meta_NM)
         part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=return_dtype(x_TD.dtype))
         st.comm_wait(st.main_mark(), part_ND)
         with st.comm_ctx():
@@ -220,6 +229,37 @@ def _a2a_equal(pctx: ParallelContext[EP], x: torch.Tensor, rows: int) -> torch.T
     if pctx.size == 1:
         return x
     return pctx.backend.all_to_all(x.contiguous(), [rows] * pctx.size, [rows] * pctx.size)
+
+
+def _gathers_rows(experts: ExpertsFn, x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
+    """Whether inference runs the experts' gather-fused up projection on the received rows
+    (GroupedExperts.forward_slots: CUDA, kernels='fast', no autograd recording)."""
+    from spmd_moe import experts as _ex
+
+    if torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad):
+        return False
+    return isinstance(experts, _ex.GroupedExperts) and _pc.use_kernel(x_TD) and experts.gathers_rows(x_TD)
+
+
+def _experts_on_received(
+    disp: AllToAllDispatcher, experts: ExpertsFn, recv_ND: torch.Tensor, recv_meta_NM: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inference: the experts' rows [M, D] for the received tokens, their gate values [N, K]
+    and the slot -> row map. Where the gather-fused projection applies, its GEMMs read
+    the received rows through the slot order (no [M, D] copy); else the count-bounded
+    gather and the grouped GEMMs (_experts_bounded)."""
+    from spmd_moe import experts as _ex
+
+    if isinstance(experts, _ex.GroupedExperts) and experts.gathers_rows(recv_ND):
+        recv_w_NK, counts_e, row_of_slot_X, order_M, _ = _fixed_slots(disp, recv_meta_NM)
+        K = recv_w_NK.shape[1]
+        out_MD = experts.forward_slots(
+            unchecked_cast(Placed[Var[EP]], recv_ND, reason="the tokens this rank received"),
+            unchecked_cast(Placed[Var[EP]], order_M, reason="slots of this rank's experts first"),
+            unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert"), K)
+        return out_MD, recv_w_NK, row_of_slot_X
+    routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(disp, recv_ND, recv_meta_NM)
+    return _experts_bounded(experts, routed_MD, counts_e, rows_R), recv_w_NK, row_of_slot_X
 
 
 def _experts_bounded(
@@ -273,20 +313,28 @@ def _fixed_expand(disp: AllToAllDispatcher, recv_ND: torch.Tensor, recv_meta_NM:
     with the received gate values [N, K], rows per local expert, the slot -> row map
     (-1: no row here), the slot order and the device row count R (rows past it: left
     undefined, nothing reads them)."""
+    recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _fixed_slots(disp, recv_meta_NM)
+    routed_MD = _pc.gather_rows(recv_ND, order_M, recv_w_NK.shape[1], rows_R)
+    return routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R
+
+
+def _fixed_slots(disp: AllToAllDispatcher, recv_meta_NM: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """_fixed_expand without the gather: the received gate values [N, K], rows per local
+    expert, the slot -> row map (-1: no row here), the slot order (padded to a multiple
+    of 8) and the device row count R."""
     K = recv_meta_NM.shape[1] // 2
-    dev = recv_ND.device
-    order_M, counts_e = fixed_expert_order(disp, 
+    dev = recv_meta_NM.device
+    order_M, counts_e = fixed_expert_order(disp,
         unchecked_cast(Placed[Var[EP]], recv_meta_NM[:, :K].to(torch.int64), reason="ids of the received tokens"))
     rows_R = counts_e.sum().view(1)  # device count: rows past it belong to no local expert
-    N, M = recv_ND.shape[0], order_M.shape[0]
+    N, M = recv_meta_NM.shape[0], order_M.shape[0]
     ar_M = torch.arange(M, device=dev)
     row_of_slot_X = torch.full((N * K,), -1, dtype=torch.int64, device=dev)
     row_of_slot_X.scatter_(0, order_M, torch.where(ar_M < rows_R, ar_M, -1))
     # A multiple of 8 rows: the CUDA weight-gradient GEMM needs 16-byte rows (else a
     # per-expert loop with a host read). The extra rows are past the count: not written.
     order_M = F.pad(order_M, (0, -M % 8))
-    routed_MD = _pc.gather_rows(recv_ND, order_M, K, rows_R)
-    return routed_MD, recv_meta_NM[:, K:].contiguous(), counts_e, row_of_slot_X, order_M, rows_R
+    return recv_meta_NM[:, K:].contiguous(), counts_e, row_of_slot_X, order_M, rows_R
 
 
 class _FixedDispatch(torch.autograd.Function):

@@ -54,40 +54,42 @@ def gather_swiglu_kernel(
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles  # the n tiles of one row tile run side by side: A stays in L2
     e, row0, row_end, is_tile = expert_tile(pid_m, counts_ptr, E, BM, E_P2)
-    rows = row0 + tl.arange(0, BM)
-    in_m = rows < row_end
-    tok = tl.load(slots_ptr + rows, mask=in_m, other=0).to(tl.int64) // K
-    ks = tl.arange(0, BK)
-    cols = pid_n * BN + tl.arange(0, BN)
-    in_n = cols < F
-    a_ptrs = x_ptr + tok[:, None] * D + ks[None, :]
-    w_rows = e * F + cols.to(tl.int64)
-    b1_ptrs = w1_ptr + w_rows[None, :] * D + ks[:, None]
-    b3_ptrs = w3_ptr + w_rows[None, :] * D + ks[:, None]
-    acc1 = tl.zeros([BM, BN], dtype=tl.float32)
-    acc3 = tl.zeros([BM, BN], dtype=tl.float32)
-    num_k = tl.where(is_tile, tl.cdiv(D, BK), 0)
-    for kb in range(0, num_k):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
-            b1 = tl.load(b1_ptrs, mask=in_n[None, :], other=0.0)
-            b3 = tl.load(b3_ptrs, mask=in_n[None, :], other=0.0)
-        else:
-            in_k = ks < D - kb * BK
-            a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
-            b1 = tl.load(b1_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
-            b3 = tl.load(b3_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
-        acc1 = tl.dot(a, b1, acc1)
-        acc3 = tl.dot(a, b3, acc3)
-        a_ptrs += BK
-        b1_ptrs += BK
-        b3_ptrs += BK
-    if ROUND:  # the grouped GEMMs' bf16 outputs
-        acc1 = rn_bf16(acc1)
-        acc3 = rn_bf16(acc3)
-    h = swiglu_math(acc1, acc3, ROUND)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+    # Past the last tile (the worst-case grid's spare programs): no loads, no epilogue.
+    if is_tile:
+        rows = row0 + tl.arange(0, BM)
+        in_m = rows < row_end
+        tok = tl.load(slots_ptr + rows, mask=in_m, other=0).to(tl.int64) // K
+        ks = tl.arange(0, BK)
+        cols = pid_n * BN + tl.arange(0, BN)
+        in_n = cols < F
+        a_ptrs = x_ptr + tok[:, None] * D + ks[None, :]
+        w_rows = e * F + cols.to(tl.int64)
+        b1_ptrs = w1_ptr + w_rows[None, :] * D + ks[:, None]
+        b3_ptrs = w3_ptr + w_rows[None, :] * D + ks[:, None]
+        acc1 = tl.zeros([BM, BN], dtype=tl.float32)
+        acc3 = tl.zeros([BM, BN], dtype=tl.float32)
+        num_k = tl.cdiv(D, BK)
+        for kb in range(0, num_k):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
+                b1 = tl.load(b1_ptrs, mask=in_n[None, :], other=0.0)
+                b3 = tl.load(b3_ptrs, mask=in_n[None, :], other=0.0)
+            else:
+                in_k = ks < D - kb * BK
+                a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
+                b1 = tl.load(b1_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+                b3 = tl.load(b3_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
+            acc1 = tl.dot(a, b1, acc1)
+            acc3 = tl.dot(a, b3, acc3)
+            a_ptrs += BK
+            b1_ptrs += BK
+            b3_ptrs += BK
+        if ROUND:  # the grouped GEMMs' bf16 outputs
+            acc1 = rn_bf16(acc1)
+            acc3 = rn_bf16(acc3)
+        h = swiglu_math(acc1, acc3, ROUND)
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
 @triton.jit
@@ -104,30 +106,32 @@ def gather_swiglu_tma_kernel(
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles
     e, row0, row_end, is_tile = expert_tile(pid_m, counts_ptr, E, BM, E_P2)
-    rows = row0 + tl.arange(0, BM)
-    in_m = rows < row_end
-    tok = tl.load(slots_ptr + rows, mask=in_m, other=0).to(tl.int64) // K
-    ks = tl.arange(0, BK)
-    a_ptrs = x_ptr + tok[:, None] * D + ks[None, :]
-    # Rows of another expert (past F in the last n tile) only feed columns never stored.
-    w_row = (e * F).to(tl.int32) + pid_n * BN
-    acc1 = tl.zeros([BM, BN], dtype=tl.float32)
-    acc3 = tl.zeros([BM, BN], dtype=tl.float32)
-    num_k = tl.where(is_tile, tl.cdiv(D, BK), 0)
-    for kb in range(0, num_k):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=in_m[:, None] & (ks < D - kb * BK)[None, :], other=0.0)
-        b1 = w1_desc.load([w_row, kb * BK])
-        b3 = w3_desc.load([w_row, kb * BK])
-        acc1 = tl.dot(a, b1.T, acc1)
-        acc3 = tl.dot(a, b3.T, acc3)
-        a_ptrs += BK
-    if ROUND:
-        acc1 = rn_bf16(acc1)
-        acc3 = rn_bf16(acc3)
-    h = swiglu_math(acc1, acc3, ROUND)
-    cols = pid_n * BN + tl.arange(0, BN)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & (cols < F)[None, :])
+    # Past the last tile (the worst-case grid's spare programs): no loads, no epilogue.
+    if is_tile:
+        rows = row0 + tl.arange(0, BM)
+        in_m = rows < row_end
+        tok = tl.load(slots_ptr + rows, mask=in_m, other=0).to(tl.int64) // K
+        ks = tl.arange(0, BK)
+        a_ptrs = x_ptr + tok[:, None] * D + ks[None, :]
+        # Rows of another expert (past F in the last n tile) only feed columns never stored.
+        w_row = (e * F).to(tl.int32) + pid_n * BN
+        acc1 = tl.zeros([BM, BN], dtype=tl.float32)
+        acc3 = tl.zeros([BM, BN], dtype=tl.float32)
+        num_k = tl.cdiv(D, BK)
+        for kb in range(0, num_k):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=in_m[:, None] & (ks < D - kb * BK)[None, :], other=0.0)
+            b1 = w1_desc.load([w_row, kb * BK])
+            b3 = w3_desc.load([w_row, kb * BK])
+            acc1 = tl.dot(a, b1.T, acc1)
+            acc3 = tl.dot(a, b3.T, acc3)
+            a_ptrs += BK
+        if ROUND:
+            acc1 = rn_bf16(acc1)
+            acc3 = rn_bf16(acc3)
+        h = swiglu_math(acc1, acc3, ROUND)
+        cols = pid_n * BN + tl.arange(0, BN)
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & (cols < F)[None, :])

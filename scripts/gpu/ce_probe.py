@@ -1,0 +1,114 @@
+"""Probe (issue 13): can the fixed-size exchange move its rows with the GPUs' copy engines
+(torch symmetric memory: each rank pulls its segment from every peer's buffer with a
+device-to-device copy) instead of NCCL's kernels, and does that transfer overlap a GEMM
+running on the SMs where NCCL's does not?
+
+    torchrun --nproc-per-node 2 scripts/gpu/ce_probe.py OUT.json
+
+Times (slowest rank's median, ms) for the layer's payloads at T=16384 per GPU (bf16 tokens
+[n*T, D], fp32 partial sums [n*T, D]): NCCL all_to_all_single; the copy-engine pull (barrier,
+n copies, barrier); a ~3 ms bf16 GEMM alone; and each transfer on a side stream under that
+GEMM. Every step is recorded; a failure is written down, not raised.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    dist.init_process_group("nccl")
+    r, n = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", r)
+    torch.cuda.set_device(dev)
+    res: dict[str, Any] = {"n": n, "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__}
+    T, D = 16384, 2048
+
+    def timeit(fn: Any, reps: int = 10) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        med = torch.tensor([statistics.median(ts)], device=dev)
+        dist.all_reduce(med, op=dist.ReduceOp.MAX)
+        return float(med)
+
+    A = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    B = torch.randn(D, 3 * D, device=dev, dtype=torch.bfloat16)
+
+    def gemm() -> None:
+        for _ in range(6):
+            A @ B
+
+    side = torch.cuda.Stream(dev)
+
+    def under_gemm(comm: Any) -> Any:
+        def both() -> None:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                comm()
+            gemm()
+            torch.cuda.current_stream().wait_stream(side)
+        return both
+
+    res["gemm_ms"] = timeit(gemm)
+    for dt in (torch.bfloat16, torch.float32):
+        tag = str(dt).split(".")[-1]
+        send = torch.randn(n * T, D, device=dev).to(dt)
+        recv_nccl = torch.empty_like(send)
+        try:
+            res[f"nccl_{tag}_ms"] = timeit(lambda: dist.all_to_all_single(recv_nccl, send))
+            res[f"nccl_{tag}_under_gemm_ms"] = timeit(under_gemm(lambda: dist.all_to_all_single(recv_nccl, send)))
+        except Exception as e:
+            res[f"nccl_{tag}_error"] = f"{type(e).__name__}: {e}"
+        try:
+            import torch.distributed._symmetric_memory as symm
+
+            buf = symm.empty(n * T, D, dtype=dt, device=dev)
+            hdl = symm.rendezvous(buf, dist.group.WORLD.group_name)
+            res["symm_backend"] = str(getattr(symm, "get_backend", lambda d: "?")(dev))
+            peers = [hdl.get_buffer(j, (n * T, D), dt) for j in range(n)]
+            recv = torch.empty_like(send)
+            buf.copy_(send)  # the producer writes its send rows here (the real path would too)
+
+            def ce() -> None:
+                hdl.barrier(channel=0)  # every peer's rows are in place
+                for j in range(n):  # pull my segment of each peer (a device-to-device copy)
+                    recv[j * T:(j + 1) * T].copy_(peers[j][r * T:(r + 1) * T])
+                hdl.barrier(channel=0)  # nobody reads my buffer any more: it may be rewritten
+
+            ce()
+            torch.cuda.synchronize()
+            dist.all_to_all_single(recv_nccl, send)
+            res[f"ce_{tag}_equals_nccl"] = bool(torch.equal(recv, recv_nccl))
+            res[f"ce_{tag}_ms"] = timeit(ce)
+            res[f"ce_{tag}_under_gemm_ms"] = timeit(under_gemm(ce))
+            res[f"ce_{tag}_write_own_buffer_ms"] = timeit(lambda: buf.copy_(send))
+        except Exception as e:
+            res[f"ce_{tag}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            res[f"ce_{tag}_tb"] = traceback.format_exc()[-1500:]
+    if r == 0:
+        print(json.dumps(res, indent=1), flush=True)
+        with open(sys.argv[1], "w") as f:
+            json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
