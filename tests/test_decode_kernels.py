@@ -15,31 +15,21 @@ the random inputs leave no near-ties at fp32 resolution.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import spmd_moe as sm
 from spmd_moe.kernels import decode as dk
+from triton_interp import interpreting, rerun, triton_ok
 
 ON_CUDA = torch.cuda.is_available()
 
 
-def _interp_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # Triton reads TRITON_INTERPRET when it is first imported, which in a pytest process has
 # long happened: on CPU this file re-runs itself in a fresh interpreter with it set.
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_DECODE_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not ON_CUDA and not _interp_ok(), reason="needs CUDA or Triton's interpreter")
+IN_INTERPRETER = interpreting("SPMD_MOE_DECODE_INTERPRET")
+pytestmark = pytest.mark.skipif(not ON_CUDA and not triton_ok(), reason="needs CUDA or Triton's interpreter")
 kernel_test = pytest.mark.skipif(not ON_CUDA and not IN_INTERPRETER, reason="runs in the subprocess below")
 
 D, F, E, K = 64, 32, 16, 4
@@ -47,11 +37,7 @@ D, F, E, K = 64, 32, 16, 4
 
 @pytest.mark.skipif(ON_CUDA or IN_INTERPRETER, reason="CPU only, once")
 def test_kernels_in_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    rerun(__file__, "SPMD_MOE_DECODE_INTERPRET", timeout=600)
 
 
 def _dev_dtype() -> tuple[str, torch.dtype]:

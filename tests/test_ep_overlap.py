@@ -47,9 +47,6 @@ Checked, each through the library's own MoE layer:
 from __future__ import annotations
 
 import collections
-import os
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -63,6 +60,7 @@ from dist_utils import run_distributed
 from spmd_moe import collectives as C
 from spmd_moe.dispatch.base import SentRows, count_per_expert, scatter_to_slots, sort_slots
 from tp2ep_util import D, E, K, build_pair, make_cfg, rel_err, token_slice, world_pctx
+from triton_interp import interpreting, rerun, triton_ok
 
 FWD_TOL, GRAD_TOL = 1e-6, 1e-5
 
@@ -786,27 +784,16 @@ def test_partial_sum_return(n: int) -> None:
 
 
 # ------------------------------------------------------------------ the partial-sum kernel
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_DECODE_INTERPRET") == "1"
+IN_INTERPRETER = interpreting("SPMD_MOE_DECODE_INTERPRET")
 
 
-def _triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(torch.cuda.is_available() or IN_INTERPRETER or not _triton(), reason="CPU with Triton only, once")
+@pytest.mark.skipif(torch.cuda.is_available() or IN_INTERPRETER or not triton_ok(), reason="CPU with Triton only, once")
 def test_partial_sums_kernel_in_triton_interpreter() -> None:
     """Triton reads TRITON_INTERPRET at its first import: a fresh interpreter runs the
     three kernel tests below (partial sums vs torch; the sender's sum over ranks vs torch,
     bitwise; the weighted path with both kernels end to end on gloo, world 2)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_partial"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "3 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    out = rerun(__file__, "SPMD_MOE_DECODE_INTERPRET", k="interp_partial", timeout=600)
+    assert "3 passed" in out, out[-2000:]
 
 
 @pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")

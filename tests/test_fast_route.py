@@ -32,9 +32,6 @@ max|logit|, far inside). Given exact fp32 logits (the kernel tests), delta_t = 0
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -42,21 +39,14 @@ import torch
 
 import spmd_moe as sm
 from spmd_moe.kernels import fast_route as fr
+from triton_interp import interpreting, rerun, triton_ok
 
 ON_CUDA = torch.cuda.is_available()
 
 
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # Triton reads TRITON_INTERPRET when it is first imported: on CPU this file re-runs itself.
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_FAST_ROUTE_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not _triton_ok(), reason="needs Triton (CUDA or its interpreter)")
+IN_INTERPRETER = interpreting("SPMD_MOE_FAST_ROUTE_INTERPRET")
+pytestmark = pytest.mark.skipif(not triton_ok(), reason="needs Triton (CUDA or its interpreter)")
 kernel_test = pytest.mark.skipif(not ON_CUDA and not IN_INTERPRETER, reason="runs in the subprocess below")
 DEV = "cuda" if ON_CUDA else "cpu"
 DT = torch.bfloat16 if ON_CUDA else torch.float32  # the interpreter cannot load bf16
@@ -72,11 +62,7 @@ def grid(full: list[Any], on_cuda: list[Any]) -> list[Any]:
 
 @pytest.mark.skipif(ON_CUDA or IN_INTERPRETER, reason="CPU only, once")
 def test_kernels_in_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_FAST_ROUTE_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    rerun(__file__, "SPMD_MOE_FAST_ROUTE_INTERPRET")
 
 
 # ------------------------------------------------------------------ float64 reference

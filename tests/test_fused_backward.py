@@ -38,9 +38,6 @@ fp32's; one bf16 ulp is at most 2^-7 relative):
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -54,22 +51,15 @@ from spmd_moe.kernels import fused_bwd as fb
 from spmd_moe.kernels import fast_route as fr
 from spmd_moe.kernels import gather_gemm as gg
 from spmd_moe.moe import _weighted_sum
+from triton_interp import interpreting, rerun, triton_ok
 
 ON_CUDA = torch.cuda.is_available()
 
 
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # Triton reads TRITON_INTERPRET when it is first imported, which in a pytest process has
 # long happened: on CPU this file re-runs itself in a fresh interpreter with it set.
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_FUSED_BWD_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not _triton_ok(), reason="needs Triton (CUDA or its interpreter)")
+IN_INTERPRETER = interpreting("SPMD_MOE_FUSED_BWD_INTERPRET")
+pytestmark = pytest.mark.skipif(not triton_ok(), reason="needs Triton (CUDA or its interpreter)")
 kernel_test = pytest.mark.skipif(not ON_CUDA and not IN_INTERPRETER, reason="runs in the subprocess below")
 DEV = "cuda" if ON_CUDA else "cpu"
 U, E32 = 2.0**-8, 2.0**-24  # unit roundoff (half an ulp, relative) of bf16 and fp32
@@ -78,11 +68,7 @@ MODES = ["bf16", "fp32"]
 
 @pytest.mark.skipif(ON_CUDA or IN_INTERPRETER, reason="CPU only, once")
 def test_kernels_in_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_FUSED_BWD_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    rerun(__file__, "SPMD_MOE_FUSED_BWD_INTERPRET")
 
 
 def _ref_dtype(mode: str) -> torch.dtype:

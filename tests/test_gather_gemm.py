@@ -26,9 +26,6 @@ Tolerances, and why (u = 2^-8, bf16's unit roundoff; one bf16 ulp is at most 2^-
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -39,21 +36,14 @@ from spmd_moe.dispatch.local import LocalDispatcher
 from spmd_moe.kernels import fast_route as fr
 from spmd_moe.kernels import gather_gemm as gg
 from spmd_moe.parallel import ParallelContext
+from triton_interp import interpreting, rerun, triton_ok
 
 ON_CUDA = torch.cuda.is_available()
 
 
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # Triton reads TRITON_INTERPRET when it is first imported: on CPU this file re-runs itself.
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_GATHER_GEMM_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not _triton_ok(), reason="needs Triton (CUDA or its interpreter)")
+IN_INTERPRETER = interpreting("SPMD_MOE_GATHER_GEMM_INTERPRET")
+pytestmark = pytest.mark.skipif(not triton_ok(), reason="needs Triton (CUDA or its interpreter)")
 kernel_test = pytest.mark.skipif(not ON_CUDA and not IN_INTERPRETER, reason="runs in the subprocess below")
 DEV = "cuda" if ON_CUDA else "cpu"
 U = 2.0**-8
@@ -63,11 +53,7 @@ SMALL = {"BM": 16, "BN": 16, "BK": 16, "warps": 4, "stages": 2, "tma": 1}
 
 @pytest.mark.skipif(ON_CUDA or IN_INTERPRETER, reason="CPU only, once")
 def test_kernels_in_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_GATHER_GEMM_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    rerun(__file__, "SPMD_MOE_GATHER_GEMM_INTERPRET")
 
 
 def _routed(T: int, D: int, Fd: int, E: int, K: int, case: str, seed: int) -> tuple[torch.Tensor, ...]:
@@ -227,17 +213,14 @@ def test_layer_takes_it_in_inference(T: int, monkeypatch: pytest.MonkeyPatch) ->
 # Checked end to end on a real gloo world of 2 in the interpreter (with the partial-sum
 # kernels' opt-ins): taken, no host read, and the output against the single-device layer
 # (fp32, no rounding: 1e-5 relative, the GEMM sums in numpy's order instead of torch's).
-IN_EP_INTERPRETER = IN_INTERPRETER and os.environ.get("SPMD_MOE_DECODE_INTERPRET") == "1"
+IN_EP_INTERPRETER = interpreting("SPMD_MOE_GATHER_GEMM_INTERPRET", "SPMD_MOE_DECODE_INTERPRET")
 
 
 @pytest.mark.skipif(ON_CUDA or IN_INTERPRETER, reason="CPU only, once")
 def test_ep_in_triton_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_GATHER_GEMM_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1",
-               SPMD_MOE_FUSED_BWD_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_ep"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    out = rerun(__file__, "SPMD_MOE_GATHER_GEMM_INTERPRET", "SPMD_MOE_DECODE_INTERPRET", "SPMD_MOE_FUSED_BWD_INTERPRET",
+                k="interp_ep", timeout=600)
+    assert "1 passed" in out, out[-2000:]
 
 
 def _ep_end_to_end(rank: int, n: int) -> list[str]:

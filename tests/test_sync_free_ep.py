@@ -46,6 +46,7 @@ import torch
 from dist_utils import run_distributed
 from test_ep_overlap import _float64_routed, count_host_reads
 from tp2ep_util import D, build_pair, make_cfg, rel_err, world_pctx
+from triton_interp import interpreting, rerun, triton_ok
 
 FWD_TOL = 1e-6
 
@@ -322,30 +323,16 @@ def test_fixed_size_forward_has_no_host_read(n: int) -> None:
 
 
 # ------------------------------------------------------------------ the CUDA kernels, in Triton's interpreter
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_DECODE_INTERPRET") == "1"
+IN_INTERPRETER = interpreting("SPMD_MOE_DECODE_INTERPRET")
 
 
-def _triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(torch.cuda.is_available() or IN_INTERPRETER or not _triton(), reason="CPU with Triton only, once")
+@pytest.mark.skipif(torch.cuda.is_available() or IN_INTERPRETER or not triton_ok(), reason="CPU with Triton only, once")
 def test_fixed_size_kernels_in_triton_interpreter() -> None:
     """Triton reads TRITON_INTERPRET at its first import: a fresh interpreter runs the
     kernel tests below (the count-bounded gather, the mapped partial sums, the sum over
     ranks, and the fixed-size path with all three end to end on gloo, world 2)."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="1", SPMD_MOE_DECODE_INTERPRET="1", SPMD_MOE_FUSED_BWD_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_fixed"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "7 passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+    out = rerun(__file__, "SPMD_MOE_DECODE_INTERPRET", "SPMD_MOE_FUSED_BWD_INTERPRET", k="interp_fixed", timeout=600)
+    assert "7 passed" in out, out[-2000:]
 
 
 _ON_KERNEL = pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")

@@ -9,10 +9,7 @@
 set -u
 t0=$SECONDS
 source scripts/gpu/common.sh
-if [ -d .whl/torchtitan ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_tt .whl/torchtitan/*.whl 2>&1 | tail -2
-  export PYTHONPATH=$PYTHONPATH:/tmp/site_tt
-fi
+with_torchtitan
 LOG="$OUT/bench_full.log"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader > "$LOG" 2>&1
 timeout ${BENCH_CAP:-170} python3 -m spmd_moe.apps.cli bench --json --full --plot "$OUT/moe_h200.png" \

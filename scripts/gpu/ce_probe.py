@@ -14,13 +14,14 @@ GEMM. Every step is recorded; a failure is written down, not raised.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from spmd_moe.apps.bench.symm_probe import _time as timeit  # slowest rank's median ms
 
 
 def main() -> None:
@@ -30,23 +31,6 @@ def main() -> None:
     torch.cuda.set_device(dev)
     res: dict[str, Any] = {"n": n, "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__}
     T, D = 16384, 2048
-
-    def timeit(fn: Any, reps: int = 10) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        dist.barrier()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        med = torch.tensor([statistics.median(ts)], device=dev)
-        dist.all_reduce(med, op=dist.ReduceOp.MAX)
-        return float(med)
 
     A = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
     B = torch.randn(D, 3 * D, device=dev, dtype=torch.bfloat16)

@@ -6,10 +6,7 @@
 # Writes $OUT/cuda_tests.log (pytest -rfEs) and prints the summary.
 set -u
 source scripts/gpu/common.sh
-if [ -d .whl/torchtitan ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_tt .whl/torchtitan/*.whl 2>&1 | tail -2
-  export PYTHONPATH=$PYTHONPATH:/tmp/site_tt
-fi
+with_torchtitan
 FILES=${FILES:-"test_gather_gemm test_fast_route test_fused_backward test_fused_combine test_decode_kernels test_cuda_capture
   test_batch_invariance test_batch_invariance_decode test_replicated_decode test_ep_overlap test_sync_free_ep test_torchtitan_moe
   test_torchtitan_trainer"}

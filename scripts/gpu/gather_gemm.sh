@@ -13,10 +13,7 @@
 set -u
 t0=$SECONDS
 source scripts/gpu/common.sh
-if [ -d .whl/torchtitan ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_tt .whl/torchtitan/*.whl 2>&1 | tail -2
-  export PYTHONPATH=$PYTHONPATH:/tmp/site_tt
-fi
+with_torchtitan
 LOG="$OUT/gather_gemm.log"; JSON="$OUT/gather_gemm.json"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee "$LOG"
 timeout ${GG_BENCH_S:-150} python3 - "$JSON" >> "$LOG" 2>&1 <<'PY'

@@ -24,10 +24,7 @@
 set -u
 t0=$SECONDS
 source scripts/gpu/common.sh
-if [ -d .whl/torchtitan ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_tt .whl/torchtitan/*.whl 2>&1 | tail -2
-  export PYTHONPATH=$PYTHONPATH:/tmp/site_tt
-fi
+with_torchtitan
 LOG="$OUT/prefill_fwd.log"; JSON="$OUT/prefill_fwd.json"
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no GPU"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$LOG" 2>&1

@@ -36,28 +36,44 @@ def expert_tile(pid_m, counts_ptr, E, BM: tl.constexpr, E_P2: tl.constexpr):
 
 
 @triton.jit
+def row_tile(counts_ptr, F, E, BM: tl.constexpr, BN: tl.constexpr, E_P2: tl.constexpr):
+    """This program's tile: (expert e as int64, its BM rows, which of them are the expert's,
+    the n tile, whether it is a tile at all). The n tiles of one row tile are consecutive
+    programs: they run side by side and the row tile's x rows stay in L2."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(F, BN)
+    e, row0, row_end, is_tile = expert_tile(pid // n_tiles, counts_ptr, E, BM, E_P2)
+    rows = row0 + tl.arange(0, BM)
+    return e, rows, rows < row_end, pid % n_tiles, is_tile
+
+
+@triton.jit
+def swiglu_store(h_ptr, acc1, acc3, rows, in_m, cols, F, ROUND: tl.constexpr):
+    """h = SwiGLU of the two fp32 accumulators, rounded first to bf16 (ROUND) as the grouped
+    GEMMs' bf16 outputs are, with the unfused SwiGLU kernel's arithmetic (swiglu_math)."""
+    if ROUND:
+        acc1 = rn_bf16(acc1)
+        acc3 = rn_bf16(acc3)
+    h = swiglu_math(acc1, acc3, ROUND)
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & (cols < F)[None, :])
+
+
+@triton.jit
 def gather_swiglu_kernel(
     h_ptr, x_ptr, slots_ptr, counts_ptr, w1_ptr, w3_ptr, D, F, E, K,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, E_P2: tl.constexpr,
     EVEN_K: tl.constexpr, ROUND: tl.constexpr,
 ):
-    """h[r, n] = silu(x[tok r] @ w1[e].T)[n] * (x[tok r] @ w3[e].T)[n] for the rows r of
-    row tile pid_m (all of expert e) and the BN columns of tile pid_n; tok r = slots[r] // K.
+    """h[r, n] = silu(x[tok r] @ w1[e].T)[n] * (x[tok r] @ w3[e].T)[n] for the rows r of this
+    program's row tile (all of expert e) and its BN columns; tok r = slots[r] // K.
 
     The A rows are read from x through the slot map (no gathered copy of x); both GEMMs
-    share each A tile; SwiGLU runs on the fp32 accumulators rounded to h's precision
-    (ROUND: bf16) as the grouped GEMMs' bf16 outputs are, with the arithmetic of
-    swiglu_math (the unfused path's SwiGLU kernel). Programs past the last tile store
-    nothing (the grid is the worst case, sized without the counts)."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(F, BN)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles  # the n tiles of one row tile run side by side: A stays in L2
-    e, row0, row_end, is_tile = expert_tile(pid_m, counts_ptr, E, BM, E_P2)
-    # Past the last tile (the worst-case grid's spare programs): no loads, no epilogue.
+    share each A tile. Programs past the last tile (the grid is the worst case, sized
+    without the counts) skip the loads and the epilogue. The weight tiles by pointers:
+    gather_swiglu_tma_kernel reads them by TMA."""
+    e, rows, in_m, pid_n, is_tile = row_tile(counts_ptr, F, E, BM, BN, E_P2)
     if is_tile:
-        rows = row0 + tl.arange(0, BM)
-        in_m = rows < row_end
         tok = tl.load(slots_ptr + rows, mask=in_m, other=0).to(tl.int64) // K
         ks = tl.arange(0, BK)
         cols = pid_n * BN + tl.arange(0, BN)
@@ -68,8 +84,7 @@ def gather_swiglu_kernel(
         b3_ptrs = w3_ptr + w_rows[None, :] * D + ks[:, None]
         acc1 = tl.zeros([BM, BN], dtype=tl.float32)
         acc3 = tl.zeros([BM, BN], dtype=tl.float32)
-        num_k = tl.cdiv(D, BK)
-        for kb in range(0, num_k):
+        for kb in range(0, tl.cdiv(D, BK)):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
                 b1 = tl.load(b1_ptrs, mask=in_n[None, :], other=0.0)
@@ -84,12 +99,7 @@ def gather_swiglu_kernel(
             a_ptrs += BK
             b1_ptrs += BK
             b3_ptrs += BK
-        if ROUND:  # the grouped GEMMs' bf16 outputs
-            acc1 = rn_bf16(acc1)
-            acc3 = rn_bf16(acc3)
-        h = swiglu_math(acc1, acc3, ROUND)
-        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :]
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+        swiglu_store(h_ptr, acc1, acc3, rows, in_m, cols, F, ROUND)
 
 
 @triton.jit
@@ -101,15 +111,8 @@ def gather_swiglu_tma_kernel(
     """gather_swiglu_kernel with the weight tiles read by TMA (w1 and w3 as [E * F, D]
     descriptors, [BN, BK] blocks; the hardware zero-fills past D): the same tiles and
     order of the sums, fewer registers and instructions for the B loads."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(F, BN)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    e, row0, row_end, is_tile = expert_tile(pid_m, counts_ptr, E, BM, E_P2)
-    # Past the last tile (the worst-case grid's spare programs): no loads, no epilogue.
+    e, rows, in_m, pid_n, is_tile = row_tile(counts_ptr, F, E, BM, BN, E_P2)
     if is_tile:
-        rows = row0 + tl.arange(0, BM)
-        in_m = rows < row_end
         tok = tl.load(slots_ptr + rows, mask=in_m, other=0).to(tl.int64) // K
         ks = tl.arange(0, BK)
         a_ptrs = x_ptr + tok[:, None] * D + ks[None, :]
@@ -117,8 +120,7 @@ def gather_swiglu_tma_kernel(
         w_row = (e * F).to(tl.int32) + pid_n * BN
         acc1 = tl.zeros([BM, BN], dtype=tl.float32)
         acc3 = tl.zeros([BM, BN], dtype=tl.float32)
-        num_k = tl.cdiv(D, BK)
-        for kb in range(0, num_k):
+        for kb in range(0, tl.cdiv(D, BK)):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
             else:
@@ -128,10 +130,4 @@ def gather_swiglu_tma_kernel(
             acc1 = tl.dot(a, b1.T, acc1)
             acc3 = tl.dot(a, b3.T, acc3)
             a_ptrs += BK
-        if ROUND:
-            acc1 = rn_bf16(acc1)
-            acc3 = rn_bf16(acc3)
-        h = swiglu_math(acc1, acc3, ROUND)
-        cols = pid_n * BN + tl.arange(0, BN)
-        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :]
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=in_m[:, None] & (cols < F)[None, :])
+        swiglu_store(h_ptr, acc1, acc3, rows, in_m, pid_n * BN + tl.arange(0, BN), F, ROUND)

@@ -30,7 +30,6 @@ turns it off). kernels='torchtitan' and training keep the torch router, bitwise.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from spmd_moe import _debug
+from spmd_moe.kernels import _lazy
 from spmd_moe import batch_invariant as _bi
 
 # False: the torch router everywhere (the prefill bench's side-by-side switch).
@@ -57,21 +57,15 @@ LAUNCH: dict[str, Any] = {"kernel": "rows", "block_t": 16, "tokens": 4, "warps":
 _mm_dtype_ok: bool | None = None
 
 
-@functools.cache
 def _build() -> Any:
     """The kernel module, or None without Triton (imported once, on first use)."""
-    try:
-        from spmd_moe.kernels import _fast_route_triton
-    except ImportError:
-        return None
-    return _fast_route_triton
+    return _lazy.load("_fast_route_triton")
 
 
 def _interpreting() -> bool:
-    """Triton's CPU interpreter, for tests that opt in (SPMD_MOE_FAST_ROUTE_INTERPRET=1):
-    there the route kernel takes fp32 tensors holding bf16 values. A CPU layer never takes
-    it otherwise."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_FAST_ROUTE_INTERPRET") == "1"
+    """The tests' interpreter opt-in (SPMD_MOE_FAST_ROUTE_INTERPRET=1): fp32 tensors holding
+    bf16 values."""
+    return _lazy.interpreting("SPMD_MOE_FAST_ROUTE_INTERPRET")
 
 
 def applies(kernels: str, x_TD: torch.Tensor, w_ED: torch.Tensor, *, groups: bool) -> bool:

@@ -32,7 +32,6 @@ and mul over [R, F] (the prefill's largest elementwise work after the gather).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Literal
 
@@ -41,24 +40,19 @@ import torch
 from jaxtyping import Float, Int
 
 from spmd_moe import _debug
+from spmd_moe.kernels import _lazy
 from spmd_moe import batch_invariant as _bi
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
 
 
-@functools.cache
 def _build() -> Any:
     """The kernel module, or None without Triton (imported once, on first use)."""
-    try:
-        from spmd_moe.kernels import _fused_bwd_triton
-    except ImportError:
-        return None
-    return _fused_bwd_triton
+    return _lazy.load("_fused_bwd_triton")
 
 
 def _interpreting() -> bool:
-    """Triton's CPU interpreter, for tests that opt in (SPMD_MOE_FUSED_BWD_INTERPRET=1):
-    there the fused path takes fp32 tensors (fp32 math). A CPU layer never takes it otherwise."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_FUSED_BWD_INTERPRET") == "1"
+    """The tests' interpreter opt-in (SPMD_MOE_FUSED_BWD_INTERPRET=1): fp32 tensors, fp32 math."""
+    return _lazy.interpreting("SPMD_MOE_FUSED_BWD_INTERPRET")
 
 
 def applies(kernels: str, *tensors: torch.Tensor) -> bool:

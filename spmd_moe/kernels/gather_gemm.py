@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 
 from spmd_moe import _debug
+from spmd_moe.kernels import _lazy
 from spmd_moe import batch_invariant as _bi
 from spmd_moe.placement import EP, Placed, Var, unchecked_cast
 
@@ -44,20 +45,15 @@ GATHER_GEMM: bool = os.environ.get("SPMD_MOE_GATHER_GEMM", "1") != "0"
 LAUNCH: dict[str, int] = {"BM": 128, "BN": 128, "BK": 32, "warps": 8, "stages": 5, "tma": 1}
 
 
-@functools.cache
 def _build() -> Any:
     """The kernel module, or None without Triton (imported once, on first use)."""
-    try:
-        from spmd_moe.kernels import _gather_gemm_triton
-    except ImportError:
-        return None
-    return _gather_gemm_triton
+    return _lazy.load("_gather_gemm_triton")
 
 
 def _interpreting() -> bool:
-    """Triton's CPU interpreter, for tests that opt in (SPMD_MOE_GATHER_GEMM_INTERPRET=1):
-    fp32 tensors holding bf16 values. A CPU layer never takes the kernel otherwise."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPMD_MOE_GATHER_GEMM_INTERPRET") == "1"
+    """The tests' interpreter opt-in (SPMD_MOE_GATHER_GEMM_INTERPRET=1): fp32 tensors holding
+    bf16 values."""
+    return _lazy.interpreting("SPMD_MOE_GATHER_GEMM_INTERPRET")
 
 
 def applies(kernels: str, x_TD: torch.Tensor, w1_EFD: torch.Tensor, w3_EFD: torch.Tensor) -> bool:
