@@ -182,7 +182,6 @@ class GroupedExperts(nn.Module):
         )
         return grouped_mm(h_RF, w2, counts_e, zero_tail=zt, offs_e=offs).to(routed_RD.dtype)
 
-
     def gathers_rows(self, x_TD: torch.Tensor) -> bool:
         """Whether forward_slots applies (spmd_moe.kernels.gather_gemm: CUDA inference,
         kernels='fast', bf16, the experts in the input's dtype)."""
