@@ -165,17 +165,15 @@ def weighted_fixed(
     if _gathers_rows(experts, x_TD, weights_TK):
         # Inference where the experts read the received rows through the slots (no
         # expanded copy, no autograd Functions): the same exchanges and sums.
-        T = expert_ids_TK.shape[0]
-        send_ND, send_meta_NM = _fixed_send(disp, x_TD, weights_TK, expert_ids_TK, tok_N)
-        recv_ND, recv_meta_NM = _a2a_equal(disp.pctx, send_ND, T), _a2a_equal(disp.pctx, send_meta_NM, T)
+        recv_ND, recv_meta_NM = _exchange_out(disp, x_TD, weights_TK, expert_ids_TK, tok_N)
         out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, recv_meta_NM)
-        part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=return_dtype(x_TD.dtype))
-        y_TD = _pc.sum_over_ranks_at(_a2a_equal(disp.pctx, part_ND, T), pos_Tn, x_TD.dtype)
-        return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
-    routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _FixedDispatch.apply(  # type: ignore[no-untyped-call]
-        x_TD, weights_TK, expert_ids_TK, disp, tok_N, pos_Tn)
-    out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
-    y_TD = _FixedCombine.apply(out_MD, recv_w_NK, row_of_slot_X, order_M, rows_R, pos_Tn, tok_N, disp.pctx, x_TD.dtype)  # type: ignore[no-untyped-call]
+        y_TD = _exchange_back(disp.pctx, out_MD, row_of_slot_X, recv_w_NK, pos_Tn, x_TD.dtype)
+    else:
+        routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _FixedDispatch.apply(  # type: ignore[no-untyped-call]
+            x_TD, weights_TK, expert_ids_TK, disp, tok_N, pos_Tn)
+        out_MD = _experts_bounded(experts, routed_MD, counts_e, rows_R)
+        y_TD = _FixedCombine.apply(out_MD, recv_w_NK, row_of_slot_X, order_M, rows_R, pos_Tn, tok_N, disp.pctx,  # type: ignore[no-untyped-call]
+                                   x_TD.dtype)
     return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
 
@@ -308,6 +306,25 @@ def _fixed_send(
     return x_TD[tok_N.clamp(max=max(T - 1, 0))], meta_TM[tok_N]
 
 
+def _exchange_out(
+    disp: AllToAllDispatcher, x_TD: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, tok_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The way out: the send buffers (_fixed_send), T rows to and from every rank."""
+    T = ids_TK.shape[0]
+    send_ND, send_meta_NM = _fixed_send(disp, x_TD, w_TK, ids_TK, tok_N)
+    return _a2a_equal(disp.pctx, send_ND, T), _a2a_equal(disp.pctx, send_meta_NM, T)
+
+
+def _exchange_back(
+    pctx: ParallelContext[EP], out_MD: torch.Tensor, row_of_slot_X: torch.Tensor, w_NK: torch.Tensor,
+    pos_Tn: torch.Tensor, y_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The way back: the expert rank's partial sum per received token, T rows to and from
+    every rank, the sender's sum over ranks in rank order (one rounding)."""
+    part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK, out_dtype=return_dtype(y_dtype))
+    return _pc.sum_over_ranks_at(_a2a_equal(pctx, part_ND, pos_Tn.shape[0]), pos_Tn, y_dtype)
+
+
 def _fixed_expand(disp: AllToAllDispatcher, recv_ND: torch.Tensor, recv_meta_NM: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Received tokens -> expert-major rows [M, D] (M a multiple of 8 >= N*min(K, e)),
     with the received gate values [N, K], rows per local expert, the slot -> row map
@@ -353,8 +370,7 @@ class _FixedDispatch(torch.autograd.Function):
     def forward(ctx: Any, x_TD: torch.Tensor, w_TK: torch.Tensor, ids_TK: torch.Tensor, disp: AllToAllDispatcher,
                 tok_N: torch.Tensor, pos_Tn: torch.Tensor) -> tuple[torch.Tensor, ...]:
         T = ids_TK.shape[0]
-        send_ND, send_meta_NM = _fixed_send(disp, x_TD, w_TK, ids_TK, tok_N)
-        recv_ND, recv_meta_NM = _a2a_equal(disp.pctx, send_ND, T), _a2a_equal(disp.pctx, send_meta_NM, T)
+        recv_ND, recv_meta_NM = _exchange_out(disp, x_TD, w_TK, ids_TK, tok_N)
         routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _fixed_expand(disp, recv_ND, recv_meta_NM)
         ctx.save_for_backward(row_of_slot_X, pos_Tn)
         ctx.pctx, ctx.T, ctx.x_dtype, ctx.w_dtype = disp.pctx, T, x_TD.dtype, w_TK.dtype
@@ -392,8 +408,7 @@ class _FixedCombine(torch.autograd.Function):
                 rows_R: torch.Tensor, pos_Tn: torch.Tensor, tok_N: torch.Tensor, pctx: ParallelContext[EP],
                 y_dtype: torch.dtype) -> torch.Tensor:
         T = pos_Tn.shape[0]
-        part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK, out_dtype=return_dtype(y_dtype))
-        y_TD = _pc.sum_over_ranks_at(_a2a_equal(pctx, part_ND, T), pos_Tn, y_dtype)
+        y_TD = _exchange_back(pctx, out_MD, row_of_slot_X, w_NK, pos_Tn, y_dtype)
         ctx.save_for_backward(out_MD, w_NK, row_of_slot_X, order_M, rows_R, tok_N)
         ctx.pctx, ctx.T = pctx, T
         return y_TD
