@@ -111,6 +111,13 @@ def main() -> None:
         res["memop_ms"] = timeit(ce)
         res["memop_under_gemm_ms"] = timeit(ce_under)
         res["local_copy_ms"] = timeit(lambda: out.copy_(buf))
+        if len(sys.argv) > 2:  # a trace of each rank's exchange under the GEMM (rank r: ARG2.rR.json)
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    ce_under()
+                torch.cuda.synchronize()
+            prof.export_chrome_trace(f"{sys.argv[2]}.r{r}.json")
 
         def nccl_under() -> None:
             side.wait_stream(torch.cuda.current_stream())

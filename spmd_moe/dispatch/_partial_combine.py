@@ -312,16 +312,18 @@ def slot_weight_grads(g_ND: torch.Tensor, rows_MD: torch.Tensor, row_of_slot_X: 
 
 def partial_sums_mapped(
     rows_MD: torch.Tensor, row_of_slot_X: torch.Tensor, weights_NK: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[N, D] (float32 unless out_dtype: rounded once): part[t] = sum_k w[t, k] * rows_MD[row_of_slot[t*K + k]] over the
     slots with a row (>= 0), ascending k, in fp32 (``partial_sums`` given the slot ->
-    row map itself: rows_MD may have undefined rows that no slot maps to)."""
+    row map itself: rows_MD may have undefined rows that no slot maps to); written into
+    ``out`` (contiguous [N, D] of out_dtype) when given."""
     N, K = weights_NK.shape
     D = rows_MD.shape[-1]
     dev = rows_MD.device
     w_NK = weights_NK.float().contiguous()
     if use_kernel(rows_MD):
-        out_ND = torch.empty(N, D, dtype=out_dtype, device=dev)
+        out_ND = torch.empty(N, D, dtype=out_dtype, device=dev) if out is None else out
         if N > 0 and D > 0:
             block = _block(D)
             _build()[(N, (D + block - 1) // block)](out_ND, rows_MD.contiguous(), row_of_slot_X.contiguous(), w_NK, D, K=K, BLOCK_D=block)
@@ -332,7 +334,7 @@ def partial_sums_mapped(
         has = r_NK[:, k : k + 1] >= 0
         x_ND = rows_MD[r_NK[:, k].clamp(min=0)].float() if rows_MD.shape[0] else acc_ND
         acc_ND += torch.where(has, x_ND * w_NK[:, k : k + 1], 0.0)
-    return acc_ND.to(out_dtype)
+    return acc_ND.to(out_dtype) if out is None else out.copy_(acc_ND)
 
 
 def sum_over_ranks_at(

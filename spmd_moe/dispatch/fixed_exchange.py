@@ -161,6 +161,8 @@ def weighted_fixed(
     the gathers and sums stop at the device count, the GEMMs at the last offset."""
     if disp.chunks > 1 and not torch.is_grad_enabled():
         return weighted_fixed_pieces(disp, x_TD, expert_ids_TK, weights_TK, experts)
+    if local_first() and disp.pctx.size > 1 and not _records_grad(x_TD, weights_TK):
+        return weighted_fixed_local_first(disp, x_TD, expert_ids_TK, weights_TK, experts)
     tok_N, pos_Tn = fixed_plan(disp, expert_ids_TK)
     if _gathers_rows(experts, x_TD, weights_TK):
         # Inference where the experts read the received rows through the slots (no
@@ -175,6 +177,74 @@ def weighted_fixed(
         y_TD = _FixedCombine.apply(out_MD, recv_w_NK, row_of_slot_X, order_M, rows_R, pos_Tn, tok_N, disp.pctx,  # type: ignore[no-untyped-call]
                                    x_TD.dtype)
     return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
+
+
+def local_first() -> bool:
+    """SPMD_MOE_EP_LOCAL_FIRST (default on): inference runs weighted_fixed_local_first; 0:
+    one exchange of every segment (this rank's own too), then all the GEMMs."""
+    return os.environ.get("SPMD_MOE_EP_LOCAL_FIRST", "1") != "0"
+
+
+def _records_grad(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad)
+
+
+def weighted_fixed_local_first(
+    disp: AllToAllDispatcher,
+    x_TD: Float[Placed[Var[EP]], "T D"],
+    expert_ids_TK: Int[Placed[Var[EP]], "T K"],
+    weights_TK: Float[Placed[Var[EP]], "T K"],
+    experts: ExpertsFn,
+) -> Float[Placed[Var[EP]], "T D"]:
+    """Inference, one piece, with the exchanges under the GEMMs: this rank's own tokens
+    never travel, so its experts run on the first half of them while the peers' tokens
+    arrive, on the peers' tokens next, and on the second half while the partial sums go
+    back (a transport from spmd_moe.dispatch._transport: copy engines where they apply,
+    else the all-to-all on the side stream). The same sums as weighted_fixed: per
+    (token, rank) the fp32 partial over its local slots in ascending k, summed in rank
+    order and rounded once (bitwise where the GEMMs give the same rows)."""
+    from spmd_moe.dispatch import _transport
+
+    T, K = expert_ids_TK.shape
+    pctx, dev, D = disp.pctx, x_TD.device, x_TD.shape[-1]
+    n, r = pctx.size, pctx.rank
+    ret = return_dtype(x_TD.dtype)
+    tok_N, pos_Tn = fixed_plan(disp, expert_ids_TK)
+    others = [j for j in range(n) if j != r]
+    tok_O = tok_N.view(n, T)[others].reshape(-1)  # the peers' segments, rank order
+    st = _Streams(dev, overlap=True)
+    tr = _transport.transport(pctx, st, T, D, K, x_TD.dtype, ret, dev, float(disp.num_experts))
+    tr.send_out(*_fixed_send(disp, x_TD, weights_TK, expert_ids_TK, tok_O))
+    parts_ND = tr.parts()
+    own_D = parts_ND[r * T:(r + 1) * T]  # my own tokens' partial sums, token order
+    half = T // 2
+    _own_partials(disp, experts, x_TD, expert_ids_TK, weights_TK, 0, half, own_D)
+    recv_ND, recv_meta_NM = tr.recv_out()
+    out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, recv_meta_NM)
+    part_RD = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=ret)
+    tr.release_out()
+    tr.send_back(part_RD)
+    _own_partials(disp, experts, x_TD, expert_ids_TK, weights_TK, half, T, own_D)
+    tr.recv_back(parts_ND)
+    # My own column: the token's row in my own segment is the token itself.
+    t_T = torch.arange(T, device=dev)
+    pos_Tn[:, r] = torch.where(pos_Tn[:, r] >= 0, r * T + t_T, -1)
+    y_TD = _pc.sum_over_ranks_at(parts_ND, pos_Tn, x_TD.dtype)
+    tr.release_back()
+    return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
+
+
+def _own_partials(
+    disp: AllToAllDispatcher, experts: ExpertsFn, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor,
+    t0: int, t1: int, own_TD: torch.Tensor,
+) -> None:
+    """Tokens t0..t1 of this rank on its own experts: their fp32 partial sums (the
+    return dtype) into own_TD[t0:t1], as a peer would compute them from the same rows."""
+    if t1 <= t0:
+        return
+    meta_NM = torch.cat([ids_TK[t0:t1].to(torch.float32), w_TK[t0:t1].float()], dim=1)  # ids < 2^24: exact
+    out_MD, w_NK, row_of_slot_X = _experts_on_received(disp, experts, x_TD[t0:t1], meta_NM)
+    _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK, out_dtype=own_TD.dtype, out=own_TD[t0:t1])
 
 
 def weighted_fixed_pieces(

@@ -1,0 +1,253 @@
+"""How the fixed-size exchange's local-first inference moves its rows (issue 13): the
+tokens each peer needs out, the peers' partial sums back. Two transports, one interface:
+
+* ``NcclTransport``: the communicator's all-to-all (NCCL, gloo), on the side stream on
+  CUDA. Its kernels need SMs: under a persistent GEMM they wait for the whole grid.
+* ``CopyEngineTransport`` (CUDA, NCCL group, torch symmetric memory): each rank copies a
+  peer's segment straight into that peer's buffer with a device-to-device copy (a copy
+  engine, no SM) and then sets the peer's flag with a stream memory operation
+  (cuStreamWriteValue32, fenced after the copy). The sender's wait for "the peer has read
+  my last segment" is a stream memory operation too (cuStreamWaitValue32), so nothing on
+  the side stream needs an SM and the transfers run under the GEMMs. The receiver's wait
+  is one small kernel on the compute stream (nothing else runs there at that point) that
+  gives up with a device-side assertion after SPMD_MOE_EP_TIMEOUT_S (default 600 s, as
+  NCCL's watchdog): a peer that fails ends the job in bounded time.
+
+Layout: the peers' segments in rank order, this rank's own skipped (``send_out``'s input);
+what ``recv_out`` returns and ``send_back`` takes is the transport's own layout (NCCL:
+the same compact rows; copy engines: n*T rows, segment j from rank j, this rank's
+segment carrying expert id E: no expert). ``parts`` is [n*T, D]: segment j holds rank
+j's partial sums of the tokens this rank sent it, this rank's own segment is written by
+the caller (token order).
+
+SPMD_MOE_EP_TRANSPORT=nccl keeps the all-to-all. Not checked: that every rank passes the
+same T (debug mode checks it and takes another path); a rank with another T would wait
+for rows that never come, ending at the timeout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Any, Protocol
+
+import torch
+
+from spmd_moe.dispatch.all_to_all import _Streams
+from spmd_moe.parallel import ParallelContext
+from spmd_moe.placement import EP
+
+
+class Transport(Protocol):
+    def send_out(self, send_OD: torch.Tensor, meta_OM: torch.Tensor) -> None: ...
+    def recv_out(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def release_out(self) -> None: ...
+    def send_back(self, part_RD: torch.Tensor) -> None: ...
+    def parts(self) -> torch.Tensor: ...
+    def recv_back(self, parts_ND: torch.Tensor) -> None: ...
+    def release_back(self) -> None: ...
+
+
+class NcclTransport:
+    """The communicator's all-to-all with this rank's own split empty."""
+
+    def __init__(self, pctx: ParallelContext[EP], st: _Streams, T: int, D: int, ret_dtype: torch.dtype, dev: torch.device):
+        self.pctx, self.st, self.T, self.D, self.ret_dtype, self.dev = pctx, st, T, D, ret_dtype, dev
+        self.others = [j for j in range(pctx.size) if j != pctx.rank]
+        self._splits = [0 if j == pctx.rank else T for j in range(pctx.size)]
+
+    def _a2a(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pctx.backend.all_to_all(x.contiguous(), self._splits, self._splits)
+
+    def send_out(self, send_OD: torch.Tensor, meta_OM: torch.Tensor) -> None:
+        self.st.to_comm(send_OD, meta_OM)
+        with self.st.comm_ctx():
+            self._out = (self._a2a(send_OD), self._a2a(meta_OM))
+            self._out_ev = self.st.mark()
+
+    def recv_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.st.use(self._out_ev, *self._out)
+        return self._out
+
+    def release_out(self) -> None:
+        pass
+
+    def send_back(self, part_RD: torch.Tensor) -> None:
+        self.st.comm_wait(self.st.main_mark(), part_RD)
+        with self.st.comm_ctx():
+            self._back = self._a2a(part_RD)
+            self._back_ev = self.st.mark()
+
+    def parts(self) -> torch.Tensor:
+        return torch.empty(self.pctx.size * self.T, self.D, dtype=self.ret_dtype, device=self.dev)
+
+    def recv_back(self, parts_ND: torch.Tensor) -> None:
+        self.st.use(self._back_ev, self._back)
+        T = self.T
+        for i, j in enumerate(self.others):  # into the rank-ordered layout (one copy per peer)
+            parts_ND[j * T:(j + 1) * T].copy_(self._back[i * T:(i + 1) * T])
+
+    def release_back(self) -> None:
+        pass
+
+
+# Flag slots (uint32, 4n per rank): ready_out[j] (rank j's tokens are in my buffer),
+# free_out[j] (rank j has read what I sent it), then the same two for the way back.
+_READY_OUT, _FREE_OUT, _READY_BACK, _FREE_BACK = range(4)
+_WAIT_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
+
+
+@functools.cache
+def _wait_value32() -> Any:
+    """cuStreamWaitValue32 from the driver (torch exposes the write, not the wait)."""
+    fn = ctypes.CDLL("libcuda.so.1").cuStreamWaitValue32_v2
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _stream_wait_eq(flags: torch.Tensor, idx: int, val: int) -> None:
+    rc = _wait_value32()(torch.cuda.current_stream().cuda_stream, flags.data_ptr() + 4 * idx, val, _WAIT_EQ)
+    if rc != 0:
+        raise RuntimeError(f"spmd_moe copy-engine exchange: cuStreamWaitValue32 returned CUresult {rc}. "
+                           "Fix: SPMD_MOE_EP_TRANSPORT=nccl.")
+
+
+def _stream_write(flags: torch.Tensor, idx: int, val: int) -> None:
+    torch.ops.symm_mem.stream_write_value32_(flags, idx, val)
+
+
+def copy_engine_unavailable(pctx: ParallelContext[EP], dev: torch.device) -> str | None:
+    """Why the copy-engine transport does not apply here (None: it does)."""
+    if os.environ.get("SPMD_MOE_EP_TRANSPORT", "auto") == "nccl":
+        return "SPMD_MOE_EP_TRANSPORT=nccl"
+    if dev.type != "cuda" or pctx.size < 2:
+        return "not CUDA, or one rank"
+    group = getattr(pctx.backend, "group", None)
+    if group is None or not getattr(pctx.backend, "capturable", False):
+        return "the communicator is not an NCCL process group"
+    return _driver_unavailable()
+
+
+@functools.cache
+def _driver_unavailable() -> str | None:
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+
+        _wait_value32()
+        if not hasattr(torch.ops.symm_mem, "stream_write_value32_"):
+            return "torch has no symm_mem.stream_write_value32_"
+        from spmd_moe.kernels import _lazy
+
+        if _lazy.load("_flag_wait_triton") is None:
+            return "no Triton"
+    except (ImportError, OSError, AttributeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class _Buffers:
+    """One rank's symmetric buffers for ``cap`` tokens per segment and every peer's view."""
+
+    def __init__(self, pctx: ParallelContext[EP], cap: int, D: int, K: int, x_dtype: torch.dtype,
+                 ret_dtype: torch.dtype, dev: torch.device, sentinel: float):
+        import torch.distributed._symmetric_memory as symm
+
+        n, r = pctx.size, pctx.rank
+        name = pctx.backend.group.group_name  # type: ignore[attr-defined]
+        self.cap = cap
+
+        def make(shape: tuple[int, ...], dt: torch.dtype) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+            t = symm.empty(*shape, dtype=dt, device=dev)
+            h = symm.rendezvous(t, name)
+            return t, {j: h.get_buffer(j, shape, dt) for j in range(n) if j != r}
+
+        self.rows, self.peer_rows = make((n * cap, D), x_dtype)
+        self.meta, self.peer_meta = make((n * cap, 2 * K), torch.float32)
+        self.back, self.peer_back = make((n * cap, D), ret_dtype)
+        self.flags, self.peer_flags = make((4 * n,), torch.uint32)
+        self.meta.fill_(sentinel)
+        self.flags.zero_()
+        self.flags[_FREE_OUT * n:(_FREE_OUT + 1) * n].fill_(1)  # every peer may write into my buffers
+        self.flags[_FREE_BACK * n:(_FREE_BACK + 1) * n].fill_(1)
+        torch.cuda.synchronize(dev)
+        torch.distributed.barrier(group=pctx.backend.group)  # type: ignore[attr-defined]  # no peer writes before this
+
+
+_BUFFERS: dict[tuple[Any, ...], _Buffers] = {}
+
+
+class CopyEngineTransport:
+    """Copies into the peers' symmetric buffers, flags by stream memory operations."""
+
+    def __init__(self, pctx: ParallelContext[EP], st: _Streams, T: int, D: int, K: int, x_dtype: torch.dtype,
+                 ret_dtype: torch.dtype, dev: torch.device, sentinel: float):
+        key = (pctx.backend.group.group_name, dev, D, K, x_dtype, ret_dtype, sentinel)  # type: ignore[attr-defined]
+        b = _BUFFERS.get(key)
+        if b is None or b.cap < T:  # grow (collective: every rank has this T)
+            if b is not None:
+                torch.cuda.synchronize(dev)  # the old buffers' exchanges are done
+            b = _BUFFERS[key] = _Buffers(pctx, max(T, 2 * b.cap if b else 0, 1), D, K, x_dtype, ret_dtype, dev, sentinel)
+        self.b, self.st, self.T, self.n, self.r, self.sentinel = b, st, T, pctx.size, pctx.rank, sentinel
+        self.others = [j for j in range(pctx.size) if j != pctx.rank]
+        self.timeout_ns = int(float(os.environ.get("SPMD_MOE_EP_TIMEOUT_S", "600")) * 1e9)
+
+    def _push(self, kind_ready: int, kind_free: int, pairs: list[tuple[dict[int, torch.Tensor], torch.Tensor]],
+              src_row0: list[int]) -> None:
+        """On the side stream: per peer, wait until it has read my last segment, copy my rows
+        for it into its buffer at my segment, then set its ready flag (fenced after the copy)."""
+        b, T, n, r = self.b, self.T, self.n, self.r
+        with self.st.comm_ctx():
+            for i, j in enumerate(self.others):
+                _stream_wait_eq(b.flags, kind_free * n + j, 1)
+                _stream_write(b.flags, kind_free * n + j, 0)
+                for peer, src in pairs:
+                    peer[j][r * T:(r + 1) * T].copy_(src[src_row0[i]:src_row0[i] + T], non_blocking=True)
+                _stream_write(b.peer_flags[j], kind_ready * n + r, 1)
+
+    def _wait(self, kind_ready: int) -> None:
+        """On the compute stream: every peer's ready flag, then reset (bounded: see the module)."""
+        from spmd_moe.kernels import _lazy
+
+        _lazy.load("_flag_wait_triton").wait_flags_kernel[(1,)](
+            self.b.flags, kind_ready * self.n, self.r, self.timeout_ns, N=self.n)
+
+    def _release(self, kind_free: int) -> None:
+        for j in self.others:
+            _stream_write(self.b.peer_flags[j], kind_free * self.n + self.r, 1)
+
+    def send_out(self, send_OD: torch.Tensor, meta_OM: torch.Tensor) -> None:
+        self.st.to_comm(send_OD, meta_OM)
+        rows0 = [i * self.T for i in range(len(self.others))]
+        self._push(_READY_OUT, _FREE_OUT, [(self.b.peer_rows, send_OD), (self.b.peer_meta, meta_OM)], rows0)
+
+    def recv_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        T, r, N = self.T, self.r, self.n * self.T
+        self.b.meta[r * T:(r + 1) * T].fill_(self.sentinel)  # my own segment: no rows (it may hold an older T's)
+        self._wait(_READY_OUT)
+        return self.b.rows[:N], self.b.meta[:N]
+
+    def release_out(self) -> None:
+        self._release(_FREE_OUT)
+
+    def send_back(self, part_RD: torch.Tensor) -> None:
+        self.st.comm_wait(self.st.main_mark(), part_RD)
+        self._push(_READY_BACK, _FREE_BACK, [(self.b.peer_back, part_RD)], [j * self.T for j in self.others])
+
+    def parts(self) -> torch.Tensor:
+        return self.b.back[: self.n * self.T]
+
+    def recv_back(self, parts_ND: torch.Tensor) -> None:
+        self._wait(_READY_BACK)
+
+    def release_back(self) -> None:
+        self._release(_FREE_BACK)
+
+
+def transport(pctx: ParallelContext[EP], st: _Streams, T: int, D: int, K: int, x_dtype: torch.dtype,
+              ret_dtype: torch.dtype, dev: torch.device, sentinel: float) -> Transport:
+    """The copy-engine transport where it applies (copy_engine_unavailable), else NCCL's."""
+    if copy_engine_unavailable(pctx, dev) is None:
+        return CopyEngineTransport(pctx, st, T, D, K, x_dtype, ret_dtype, dev, sentinel)
+    return NcclTransport(pctx, st, T, D, ret_dtype, dev)
