@@ -243,6 +243,9 @@ class CopyEngineTransport:
 
     def release_back(self) -> None:
         self._release(_FREE_BACK)
+        # The compute stream joins the side stream (its last copies are done by now, as the
+        # peers' are): a CUDA graph capture needs every forked stream joined.
+        self.st.use(self.st.mark())
 
 
 def transport(pctx: ParallelContext[EP], st: _Streams, T: int, D: int, K: int, x_dtype: torch.dtype,

@@ -40,7 +40,10 @@ import torch
 import torch.distributed as dist
 
 D, F_, E, K = 2048, 768, 128, 8
-SM_CARVEOUT = 16  # the 'new2c' variant: SMs the grouped GEMMs leave to NCCL
+# The library's switches per variant of the sync-free section (the defaults first).
+_DEFAULTS = {"SPMD_MOE_EP_RETURN": "fp32", "SPMD_MOE_EP_LOCAL_FIRST": "1", "SPMD_MOE_EP_TRANSPORT": "auto"}
+VARIANT_ENV = {"fp32": _DEFAULTS, "low": {**_DEFAULTS, "SPMD_MOE_EP_RETURN": "low"},
+               "nccl": {**_DEFAULTS, "SPMD_MOE_EP_TRANSPORT": "nccl"}, "allseg": {**_DEFAULTS, "SPMD_MOE_EP_LOCAL_FIRST": "0"}}
 CUDA = True  # False: --smoke (gloo on the CPU, small layer): checks the script, times nothing real
 
 
@@ -189,7 +192,10 @@ def overlap_summary(prof: Any, iters: int) -> dict[str, Any]:
         if ev.device_type != DeviceType.CUDA or ev.name.startswith("nccl:"):
             continue
         iv = (float(ev.time_range.start), float(ev.time_range.end))
-        (comm if "nccl" in ev.name.lower() else comp).append(iv)
+        # The exchange: NCCL's kernels, or the copy-engine transport's peer copies and its
+        # receive wait (spmd_moe.dispatch._transport).
+        is_comm = "nccl" in ev.name.lower() or "PtoP" in ev.name or "wait_flags" in ev.name
+        (comm if is_comm else comp).append(iv)
 
     def union(ivs: list[tuple[float, float]]) -> list[tuple[float, float]]:
         out: list[tuple[float, float]] = []
@@ -293,6 +299,10 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
     mn = build(ep, "sequence", sd, dev, dispatcher="all_to_all")
     disp = mn.prefill_dispatcher
     rows = res.setdefault("sync_free", [])
+    from spmd_moe.dispatch import _transport
+
+    res["transport"] = _transport.copy_engine_unavailable(ep, dev) or "copy engines (symmetric memory, stream memory operations)"
+    log(f"local-first transport: {res['transport']}")
     xs: list[torch.Tensor] = []
     gy = torch.empty(0)
     for T in args.prefill:
@@ -302,26 +312,21 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         xg = [x.clone().requires_grad_(True) for x in xs]
 
         def fwd(m: Any, fixed: bool, chunks: int = 1, ret: str = "fp32") -> Any:
-            # chunks -2: 2 pieces with SM_CARVEOUT SMs left free by the persistent grouped GEMMs
-            # (torch's experimental SM carveout, honoured by its CUTLASS grouped GEMM), so that the
-            # NCCL kernel of the next piece finds SMs to run on while the GEMMs run.
-            carve = chunks < 0
-
+            # ret "lowfirst...": see VARIANT_ENV (the library's switches for the variant).
             def step(i: int) -> None:
-                disp.equal_tokens, disp.chunks = fixed, abs(chunks)
-                os.environ["SPMD_MOE_EP_RETURN"] = ret
-                os.environ["SPMD_MOE_EP_SM_CARVEOUT"] = str(SM_CARVEOUT if carve else 0)  # the library's switch (pieces' GEMMs)
+                disp.equal_tokens, disp.chunks = fixed, chunks
+                os.environ.update(VARIANT_ENV[ret])
                 try:
                     with torch.no_grad():
                         m(xs[i % 4])
                 finally:
-                    os.environ["SPMD_MOE_EP_SM_CARVEOUT"] = "0"
+                    os.environ.update(VARIANT_ENV["fp32"])
             return step
 
         def fb(m: Any, fixed: bool, ret: str = "fp32") -> Any:
             def step(i: int) -> None:
                 disp.equal_tokens, disp.chunks = fixed, 1
-                os.environ["SPMD_MOE_EP_RETURN"] = ret
+                os.environ.update(VARIANT_ENV[ret])
                 for q in m.parameters():
                     q.grad = None
                 m(xg[i % 4]).backward(gy)
@@ -331,13 +336,13 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         # Two clocks: "_ms" synced after every call (the host's issue time included), "_b2b_ms"
         # calls back to back (one sync at the end: the throughput of a layer in a model).
         for mode in ("fwd", "fwdbwd"):
-            # "new2": the fixed-size path in 2 pieces (inference: exchanges overlap the GEMMs), "new4" 4.
-            # "newbf": the partial sums return in bf16 (SPMD_MOE_EP_RETURN=low).
+            # "new": the fixed-size path, inference local first (copy engines where they apply);
+            # "newbf": its partial sums return in bf16 (SPMD_MOE_EP_RETURN=low); "newnccl": local
+            # first over NCCL; "allseg": every segment exchanged, then the GEMMs (session 7's
+            # "new"); "new2": the fixed-size path in 2 pieces (inference, NCCL on a side stream).
             variants = {"1gpu": (None, 1, "fp32"), "new": (True, 1, "fp32"), "newbf": (True, 1, "low"), "old": (False, 1, "fp32")}
             if mode == "fwd":
-                variants["new2"] = (True, 2, "fp32")
-                if CUDA and hasattr(torch._C, "_set_sm_carveout_experimental"):
-                    variants["new2c"] = (True, -2, "fp32")
+                variants.update({"newnccl": (True, 1, "nccl"), "allseg": (True, 1, "allseg"), "new2": (True, 2, "fp32")})
             times: dict[str, list[float]] = {k: [] for k in variants}
             b2b: dict[str, list[float]] = {k: [] for k in variants}
             for _ in range(args.rounds):
@@ -352,7 +357,7 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
                         log(f"T={T} {mode} {k}: FAILED {row[f'{mode}_{k}_error']}")
                         del variants[k]
             disp.chunks = 1
-            os.environ["SPMD_MOE_EP_RETURN"] = "fp32"
+            os.environ.update(VARIANT_ENV["fp32"])
             for k in times:
                 for clock, ts in (("ms", times[k]), ("b2b_ms", b2b[k])):
                     row[f"{mode}_{k}_{clock}"] = statistics.median(ts) if ts else float("nan")
@@ -425,9 +430,12 @@ def _sync_free_checks(row: dict[str, Any], m1: Any, mn: Any, xs: list[torch.Tens
         disp.chunks = 2
         row["fwd_new2_max_abs_diff_vs_new"] = float((mn(xs[0]).float() - y_new).abs().max())
         disp.chunks = 1
-        os.environ["SPMD_MOE_EP_RETURN"] = "low"
+        for k in ("nccl", "allseg"):  # the same sums: bitwise where the GEMMs give the same rows
+            os.environ.update(VARIANT_ENV[k])
+            row[f"fwd_new_{k}_equal"] = bool(torch.equal(mn(xs[0]).float(), y_new))
+        os.environ.update(VARIANT_ENV["low"])
         y_bf = mn(xs[0]).float()
-        os.environ["SPMD_MOE_EP_RETURN"] = "fp32"
+        os.environ.update(VARIANT_ENV["fp32"])
         disp.equal_tokens, disp.chunks = False, 1
         y_old = mn(xs[0]).float()
     row["fwd_max_abs_1gpu"] = float(y1.abs().max())
@@ -461,17 +469,14 @@ def _sync_free_profiles(args: Any, res: dict[str, Any], mn: Any, x0: torch.Tenso
     disp = mn.prefill_dispatcher
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     first = True
-    carve_ok = CUDA and hasattr(torch._C, "_set_sm_carveout_experimental")
-    for key, fixed, grad in (("profile_fwd_new", True, False), ("profile_fwd_new2", True, False), ("profile_fwd_new2c", True, False),
+    for key, fixed, grad in (("profile_fwd_new", True, False), ("profile_fwd_newnccl", True, False), ("profile_fwd_allseg", True, False),
                              ("profile_fwd_old", False, False), ("profile_fwdbwd_new", True, True), ("profile_fwdbwd_old", False, True)):
-        if key.endswith("new2c") and not carve_ok:
-            continue
-        disp.equal_tokens, disp.chunks = fixed, 2 if key.endswith(("new2", "new2c")) else 1
+        disp.equal_tokens, disp.chunks = fixed, 1
         x = x0.clone().requires_grad_(grad)
-        carve = key.endswith("new2c")
+        env = VARIANT_ENV[{"profile_fwd_newnccl": "nccl", "profile_fwd_allseg": "allseg"}.get(key, "fp32")]
 
         def call() -> None:
-            os.environ["SPMD_MOE_EP_SM_CARVEOUT"] = str(SM_CARVEOUT if carve else 0)
+            os.environ.update(env)
             try:
                 if grad:
                     mn(x).backward(gy)
@@ -479,7 +484,7 @@ def _sync_free_profiles(args: Any, res: dict[str, Any], mn: Any, x0: torch.Tenso
                     with torch.no_grad():
                         mn(x)
             finally:
-                os.environ["SPMD_MOE_EP_SM_CARVEOUT"] = "0"
+                os.environ.update(VARIANT_ENV["fp32"])
         try:
             for _ in range(2):
                 call()
@@ -513,12 +518,13 @@ def sync_free_table(r: dict[str, Any]) -> None:
     for clock, suf, note in (("b2b_ms", "_b2b", "calls back to back, one sync at the end (a layer in a model)"),
                              ("ms", "", "synced after every call (includes the host's issue time)")):
         print(f"\n{note}; per-GPU = t(1 GPU) / t(2 GPUs), goals fwd 0.80, f+b 0.75:\n")
-        print("| T per GPU | fwd 1 GPU | fwd 2 GPUs new / newbf / new2 / new2c / old | per-GPU fwd new / newbf / new2 / new2c / old | f+b 1 GPU | f+b new / newbf / old | per-GPU f+b new / newbf / old |")
+        print("| T per GPU | fwd 1 GPU | fwd 2 GPUs new / newbf / newnccl / allseg / new2 / old | per-GPU fwd new / newbf / newnccl / allseg / new2 / old | f+b 1 GPU | f+b new / newbf / old | per-GPU f+b new / newbf / old |")
         print("|---|---|---|---|---|---|---|")
         for w in r.get("sync_free", []):
             print(f"| {w['T_per_gpu']} | {f(w, f'fwd_1gpu_{clock}')} | {f(w, f'fwd_new_{clock}')} / {f(w, f'fwd_newbf_{clock}')} / "
-                  f"{f(w, f'fwd_new2_{clock}')} / {f(w, f'fwd_new2c_{clock}')} / {f(w, f'fwd_old_{clock}')} | **{f(w, f'per_gpu_fwd_new{suf}', '.2f')}** / "
-                  f"**{f(w, f'per_gpu_fwd_newbf{suf}', '.2f')}** / {f(w, f'per_gpu_fwd_new2{suf}', '.2f')} / {f(w, f'per_gpu_fwd_new2c{suf}', '.2f')} / "
+                  f"{f(w, f'fwd_newnccl_{clock}')} / {f(w, f'fwd_allseg_{clock}')} / {f(w, f'fwd_new2_{clock}')} / {f(w, f'fwd_old_{clock}')} | "
+                  f"**{f(w, f'per_gpu_fwd_new{suf}', '.2f')}** / **{f(w, f'per_gpu_fwd_newbf{suf}', '.2f')}** / "
+                  f"{f(w, f'per_gpu_fwd_newnccl{suf}', '.2f')} / {f(w, f'per_gpu_fwd_allseg{suf}', '.2f')} / {f(w, f'per_gpu_fwd_new2{suf}', '.2f')} / "
                   f"{f(w, f'per_gpu_fwd_old{suf}', '.2f')} | "
                   f"{f(w, f'fwdbwd_1gpu_{clock}')} | {f(w, f'fwdbwd_new_{clock}')} / {f(w, f'fwdbwd_newbf_{clock}')} / {f(w, f'fwdbwd_old_{clock}')} | "
                   f"**{f(w, f'per_gpu_fwdbwd_new{suf}', '.2f')}** / {f(w, f'per_gpu_fwdbwd_newbf{suf}', '.2f')} / {f(w, f'per_gpu_fwdbwd_old{suf}', '.2f')} |")
@@ -530,7 +536,8 @@ def sync_free_table(r: dict[str, Any]) -> None:
               f"{f(w, 'fwd_new_graph_b2b_ms')} / {f(w, 'fwd_new_graph_ms')}, {f(w, 'fwd_new2_graph_b2b_ms')} / {f(w, 'fwd_new2_graph_ms')} | "
               f"**{f(w, 'per_gpu_fwd_new_graph_b2b', '.2f')}** / **{f(w, 'per_gpu_fwd_new2_graph_b2b', '.2f')}** |")
     print("\nnew = fixed-size exchange (no host read), fp32 partial sums back; newbf = the same with bf16 partial sums "
-          "(SPMD_MOE_EP_RETURN=low); new2 = new in 2 pieces (inference); new2c = new2 with 16 SMs carved out of the GEMMs for NCCL; "
+          "(SPMD_MOE_EP_RETURN=low); inference is local first, over copy engines where they apply (newnccl: over NCCL); "
+          "allseg = every segment exchanged, then the GEMMs (session 7); new2 = the fixed-size path in 2 pieces (NCCL); "
           "old = split sizes (one host read per forward).")
     print("\n| T per GPU | max abs diff new / newbf / old vs 1 GPU (max abs y) | new2 vs new | host syncs fwd new / new2 / old | f+b new / old |")
     print("|---|---|---|---|---|")
@@ -545,11 +552,13 @@ def sync_free_table(r: dict[str, Any]) -> None:
             first = w.get(k, {}).get("first")
             if first:
                 print(f"  T={w['T_per_gpu']} first sync in {k}: {first}")
+    print("transport of 'new':", r.get("transport"), "| new bitwise newnccl / allseg:",
+          [(w["T_per_gpu"], w.get("fwd_new_nccl_equal"), w.get("fwd_new_allseg_equal")) for w in r.get("sync_free", [])])
     print("grad_x max abs diff vs 1 GPU new / old (max):", [(w["T_per_gpu"], w.get("grad_x_new_max_abs_diff_vs_1gpu"),
           w.get("grad_x_old_max_abs_diff_vs_1gpu"), w.get("grad_x_max_abs_1gpu")) for w in r.get("sync_free", [])])
     print("a2a alone (last T) ms bf16 / fp32:", r.get("a2a_bf16_ms"), r.get("a2a_fp32_ms"), "GB/s to peers:",
           r.get("a2a_bf16_GBps_per_rank_out"), r.get("a2a_fp32_GBps_per_rank_out"))
-    for key in ("profile_fwd_new", "profile_fwd_new2", "profile_fwd_new2c", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
+    for key in ("profile_fwd_new", "profile_fwd_newnccl", "profile_fwd_allseg", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
         p = r.get(key)
         if p and "error" in p:
             print(f"{key}: {p['error']}")
