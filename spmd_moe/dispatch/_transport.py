@@ -13,12 +13,10 @@ tokens each peer needs out, the peers' partial sums back. Two transports, one in
   gives up with a device-side assertion after SPMD_MOE_EP_TIMEOUT_S (default 600 s, as
   NCCL's watchdog): a peer that fails ends the job in bounded time.
 
-Layout: the peers' segments in rank order, this rank's own skipped (``send_out``'s input);
-what ``recv_out`` returns and ``send_back`` takes is the transport's own layout (NCCL:
-the same compact rows; copy engines: n*T rows, segment j from rank j, this rank's
-segment carrying expert id E: no expert). ``parts`` is [n*T, D]: segment j holds rank
-j's partial sums of the tokens this rank sent it, this rank's own segment is written by
-the caller (token order).
+Layout: the peers' segments in rank order, this rank's own skipped ((n-1)*T rows:
+``send_out``'s input, what ``recv_out`` returns and ``send_back`` takes). ``parts`` is
+[n*T, D]: segment j holds rank j's partial sums of the tokens this rank sent it; this
+rank's own segment is written by the caller (token order).
 
 SPMD_MOE_EP_TRANSPORT=nccl keeps the all-to-all. Not checked: that every rank passes the
 same T (debug mode checks it and takes another path); a rank with another T would wait
@@ -151,7 +149,7 @@ class _Buffers:
     """One rank's symmetric buffers for ``cap`` tokens per segment and every peer's view."""
 
     def __init__(self, pctx: ParallelContext[EP], cap: int, D: int, K: int, x_dtype: torch.dtype,
-                 ret_dtype: torch.dtype, dev: torch.device, sentinel: float):
+                 ret_dtype: torch.dtype, dev: torch.device):
         import torch.distributed._symmetric_memory as symm
 
         n, r = pctx.size, pctx.rank
@@ -163,11 +161,10 @@ class _Buffers:
             h = symm.rendezvous(t, name)
             return t, {j: h.get_buffer(j, shape, dt) for j in range(n) if j != r}
 
-        self.rows, self.peer_rows = make((n * cap, D), x_dtype)
-        self.meta, self.peer_meta = make((n * cap, 2 * K), torch.float32)
+        self.rows, self.peer_rows = make(((n - 1) * cap, D), x_dtype)
+        self.meta, self.peer_meta = make(((n - 1) * cap, 2 * K), torch.float32)
         self.back, self.peer_back = make((n * cap, D), ret_dtype)
         self.flags, self.peer_flags = make((4 * n,), torch.uint32)
-        self.meta.fill_(sentinel)
         self.flags.zero_()
         self.flags[_FREE_OUT * n:(_FREE_OUT + 1) * n].fill_(1)  # every peer may write into my buffers
         self.flags[_FREE_BACK * n:(_FREE_BACK + 1) * n].fill_(1)
@@ -182,28 +179,30 @@ class CopyEngineTransport:
     """Copies into the peers' symmetric buffers, flags by stream memory operations."""
 
     def __init__(self, pctx: ParallelContext[EP], st: _Streams, T: int, D: int, K: int, x_dtype: torch.dtype,
-                 ret_dtype: torch.dtype, dev: torch.device, sentinel: float):
-        key = (pctx.backend.group.group_name, dev, D, K, x_dtype, ret_dtype, sentinel)  # type: ignore[attr-defined]
+                 ret_dtype: torch.dtype, dev: torch.device):
+        key = (pctx.backend.group.group_name, dev, D, K, x_dtype, ret_dtype)  # type: ignore[attr-defined]
         b = _BUFFERS.get(key)
         if b is None or b.cap < T:  # grow (collective: every rank has this T)
             if b is not None:
                 torch.cuda.synchronize(dev)  # the old buffers' exchanges are done
-            b = _BUFFERS[key] = _Buffers(pctx, max(T, 2 * b.cap if b else 0, 1), D, K, x_dtype, ret_dtype, dev, sentinel)
-        self.b, self.st, self.T, self.n, self.r, self.sentinel = b, st, T, pctx.size, pctx.rank, sentinel
+            b = _BUFFERS[key] = _Buffers(pctx, max(T, 2 * b.cap if b else 0, 1), D, K, x_dtype, ret_dtype, dev)
+        self.b, self.st, self.T, self.n, self.r = b, st, T, pctx.size, pctx.rank
         self.others = [j for j in range(pctx.size) if j != pctx.rank]
         self.timeout_ns = int(float(os.environ.get("SPMD_MOE_EP_TIMEOUT_S", "600")) * 1e9)
 
     def _push(self, kind_ready: int, kind_free: int, pairs: list[tuple[dict[int, torch.Tensor], torch.Tensor]],
-              src_row0: list[int]) -> None:
-        """On the side stream: per peer, wait until it has read my last segment, copy my rows
-        for it into its buffer at my segment, then set its ready flag (fenced after the copy)."""
+              dst_seg: list[int]) -> None:
+        """On the side stream: per peer (the i-th), wait until it has read my last rows, copy
+        my segment i for it into its buffer at segment dst_seg[i], then set its ready flag
+        (the write is fenced after the copy)."""
         b, T, n, r = self.b, self.T, self.n, self.r
         with self.st.comm_ctx():
             for i, j in enumerate(self.others):
                 _stream_wait_eq(b.flags, kind_free * n + j, 1)
                 _stream_write(b.flags, kind_free * n + j, 0)
+                d = dst_seg[i] * T
                 for peer, src in pairs:
-                    peer[j][r * T:(r + 1) * T].copy_(src[src_row0[i]:src_row0[i] + T], non_blocking=True)
+                    peer[j][d:d + T].copy_(src[i * T:(i + 1) * T], non_blocking=True)
                 _stream_write(b.peer_flags[j], kind_ready * n + r, 1)
 
     def _wait(self, kind_ready: int) -> None:
@@ -219,13 +218,13 @@ class CopyEngineTransport:
 
     def send_out(self, send_OD: torch.Tensor, meta_OM: torch.Tensor) -> None:
         self.st.to_comm(send_OD, meta_OM)
-        rows0 = [i * self.T for i in range(len(self.others))]
-        self._push(_READY_OUT, _FREE_OUT, [(self.b.peer_rows, send_OD), (self.b.peer_meta, meta_OM)], rows0)
+        # In peer j's layout (its own rank skipped) my segment is r, or r-1 past j.
+        self._push(_READY_OUT, _FREE_OUT, [(self.b.peer_rows, send_OD), (self.b.peer_meta, meta_OM)],
+                   [self.r - (self.r > j) for j in self.others])
 
     def recv_out(self) -> tuple[torch.Tensor, torch.Tensor]:
-        T, r, N = self.T, self.r, self.n * self.T
-        self.b.meta[r * T:(r + 1) * T].fill_(self.sentinel)  # my own segment: no rows (it may hold an older T's)
         self._wait(_READY_OUT)
+        N = (self.n - 1) * self.T
         return self.b.rows[:N], self.b.meta[:N]
 
     def release_out(self) -> None:
@@ -233,7 +232,7 @@ class CopyEngineTransport:
 
     def send_back(self, part_RD: torch.Tensor) -> None:
         self.st.comm_wait(self.st.main_mark(), part_RD)
-        self._push(_READY_BACK, _FREE_BACK, [(self.b.peer_back, part_RD)], [j * self.T for j in self.others])
+        self._push(_READY_BACK, _FREE_BACK, [(self.b.peer_back, part_RD)], [self.r] * len(self.others))
 
     def parts(self) -> torch.Tensor:
         return self.b.back[: self.n * self.T]
@@ -249,8 +248,8 @@ class CopyEngineTransport:
 
 
 def transport(pctx: ParallelContext[EP], st: _Streams, T: int, D: int, K: int, x_dtype: torch.dtype,
-              ret_dtype: torch.dtype, dev: torch.device, sentinel: float) -> Transport:
+              ret_dtype: torch.dtype, dev: torch.device) -> Transport:
     """The copy-engine transport where it applies (copy_engine_unavailable), else NCCL's."""
     if copy_engine_unavailable(pctx, dev) is None:
-        return CopyEngineTransport(pctx, st, T, D, K, x_dtype, ret_dtype, dev, sentinel)
+        return CopyEngineTransport(pctx, st, T, D, K, x_dtype, ret_dtype, dev)
     return NcclTransport(pctx, st, T, D, ret_dtype, dev)

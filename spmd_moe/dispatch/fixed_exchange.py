@@ -185,6 +185,13 @@ def local_first() -> bool:
     return os.environ.get("SPMD_MOE_EP_LOCAL_FIRST", "1") != "0"
 
 
+def own_before() -> float:
+    """SPMD_MOE_EP_OWN_BEFORE (default 0.5): the share of this rank's own tokens whose
+    experts run before the peers' tokens (under the way out); the rest run after them
+    (under the way back). 1: the way back is exposed, 0: the way out."""
+    return min(1.0, max(0.0, float(os.environ.get("SPMD_MOE_EP_OWN_BEFORE", "0.5"))))
+
+
 def _records_grad(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad)
 
@@ -210,14 +217,14 @@ def weighted_fixed_local_first(
     n, r = pctx.size, pctx.rank
     ret = return_dtype(x_TD.dtype)
     tok_N, pos_Tn = fixed_plan(disp, expert_ids_TK)
-    others = [j for j in range(n) if j != r]
-    tok_O = tok_N.view(n, T)[others].reshape(-1)  # the peers' segments, rank order
+    # The peers' segments in rank order (slices: an index list would be a host-to-device copy).
+    tok_O = torch.cat([tok_N[:r * T], tok_N[(r + 1) * T:]]) if 0 < r < n - 1 else tok_N[T:] if r == 0 else tok_N[:r * T]
     st = _Streams(dev, overlap=True)
-    tr = _transport.transport(pctx, st, T, D, K, x_TD.dtype, ret, dev, float(disp.num_experts))
+    tr = _transport.transport(pctx, st, T, D, K, x_TD.dtype, ret, dev)
     tr.send_out(*_fixed_send(disp, x_TD, weights_TK, expert_ids_TK, tok_O))
     parts_ND = tr.parts()
     own_D = parts_ND[r * T:(r + 1) * T]  # my own tokens' partial sums, token order
-    half = T // 2
+    half = round(T * own_before())
     _own_partials(disp, experts, x_TD, expert_ids_TK, weights_TK, 0, half, own_D)
     recv_ND, recv_meta_NM = tr.recv_out()
     out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, recv_meta_NM)

@@ -60,3 +60,12 @@ def slot_row(rows_ptr, row_of_slot_ptr, w_ptr, t, k, K: tl.constexpr, D, offs, i
     has_row = offs * 0 + r >= 0
     x = tl.load(rows_ptr + r * D + offs, mask=in_d & has_row, other=0.0).to(tl.float32)
     return x, w, has_row
+
+
+@triton.jit
+def plan_hits(ids_ptr, t, in_t, j, E_LOCAL, K: tl.constexpr, KP: tl.constexpr):
+    """The fixed-size exchange's plan: which tokens t (ids [T, K], id // E_LOCAL = rank)
+    have an expert on rank j."""
+    ks = tl.arange(0, KP)
+    ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * K + ks[None, :], mask=in_t[:, None] & (ks < K)[None, :], other=-1)
+    return (tl.max(((ids >= 0) & (ids // E_LOCAL == j)).to(tl.int32), axis=1) > 0) & in_t
