@@ -346,7 +346,7 @@ def test_fixed_size_kernels_in_triton_interpreter() -> None:
     kernel tests below (the count-bounded gather, the mapped partial sums, the sum over
     ranks, and the fixed-size path with all three end to end on gloo, world 2)."""
     out = rerun(__file__, "SPMD_MOE_DECODE_INTERPRET", "SPMD_MOE_FUSED_BWD_INTERPRET", k="interp_fixed", timeout=600)
-    assert "7 passed" in out, out[-2000:]
+    assert "8 passed" in out, out[-2000:]
 
 
 _ON_KERNEL = pytest.mark.skipif(not (IN_INTERPRETER or torch.cuda.is_available()), reason="runs in the interpreter subprocess above (or on CUDA)")
@@ -532,6 +532,50 @@ def test_interp_fixed_bounded_experts_are_bitwise_the_experts() -> None:
 
 
 @_ON_KERNEL
+def test_interp_fixed_slot_plan_kernels_match_torch() -> None:
+    """The expert rank's slot plan (a counting sort in two kernels) against its torch form
+    (a stable sort and binary searches), exactly (integers, copied fp32): ids as int64
+    [N, K] and as the exchanged fp32 rows' strided view, pads and sentinel ids (no
+    expert here), one expert taking every slot, N=0 and several blocks of slots."""
+    from types import SimpleNamespace
+
+    from spmd_moe.dispatch import _partial_combine as pc
+    from spmd_moe.dispatch.fixed_exchange import _fixed_slots
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(8)
+    for N, n, e, Kk, meta in ((0, 2, 4, 2, False), (1, 2, 4, 2, True), (37, 2, 4, 3, False), (300, 4, 2, 4, True),
+                              (700, 2, 64, 8, True), (130, 2, 8, 2, False)):
+        E = n * e
+        ids = torch.stack([torch.randperm(E, generator=g)[:Kk] for _ in range(N)]) if N else torch.zeros(0, Kk, dtype=torch.int64)
+        if N > 3:
+            ids[N // 3] = E  # a pad / sentinel row: no expert anywhere
+            ids[N // 2] = torch.arange(Kk) % E  # rank 0's first experts
+        if N == 130:
+            ids[:, 0] = 1  # one expert takes a slot of every token
+        w = torch.rand(N, Kk, generator=g)
+        start = e * (1 if n > 1 else 0)
+        fake = SimpleNamespace(start=start, num_local=e)
+        if meta:
+            m = torch.cat([ids.float(), w], dim=1).to(dev)
+            ids_in, w_in = m[:, :Kk], m[:, Kk:]
+        else:
+            ids_in, w_in = ids.to(dev), w.to(dev)
+        got = _fixed_slots(fake, ids_in, w_in)  # type: ignore[arg-type]
+        assert pc.slot_plan(ids_in, w_in, start, e) is not None
+        orig = pc.slot_plan
+        try:
+            pc.slot_plan = lambda *_: None  # type: ignore[assignment]  # the torch form
+            ref = _fixed_slots(fake, ids, w)  # type: ignore[arg-type]
+        finally:
+            pc.slot_plan = orig  # type: ignore[assignment]
+        R = int(ref[4])
+        where = (N, n, e, Kk, meta)
+        assert int(got[4]) == R and torch.equal(got[1].cpu(), ref[1]), where
+        assert torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[2].cpu(), ref[2]), where
+        assert got[3].shape == ref[3].shape and torch.equal(got[3][:R].cpu(), ref[3][:R]), where
+
+
 def test_interp_fixed_plan_kernel_matches_torch() -> None:
     """The send plan in one kernel against its torch form, exactly (integers): tokens
     going to every rank, to some, pads (id E: nowhere), several blocks of tokens (the

@@ -431,3 +431,42 @@ def fixed_plan(ids_TK: torch.Tensor, num_local: int, n: int) -> tuple[torch.Tens
 
 
 _PLAN_BLOCK = 256
+
+
+def slot_plan(
+    ids_NK: torch.Tensor, w_NK: torch.Tensor, start: int, e: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The expert rank's plan for slots n*K + k with global expert ids ids_NK (any dtype;
+    local: start..start+e-1) in one stable counting sort (two kernels and a scan): gate
+    values [N, K] fp32, rows per local expert [e], slot -> row [N*K] (-1: none here), the
+    slot order [M] (M = N*min(K, e) rounded up to 8; the first R expert-major, the rest
+    slot 0) and R [1]: fixed_exchange._fixed_slots' torch form's values up to R. None
+    where the kernels do not run."""
+    if not use_kernel(w_NK) or e <= 0:
+        return None
+    from spmd_moe.kernels import _lazy
+
+    ks = _lazy.load("_slot_plan_triton")
+    if ks is None:
+        return None
+    N, K = ids_NK.shape
+    dev = ids_NK.device
+    ids_NK = ids_NK if ids_NK.stride(-1) == 1 else ids_NK.contiguous()
+    w_NK = w_NK if w_NK.stride(-1) == 1 else w_NK.contiguous()
+    X, M = N * K, N * min(K, e)
+    M += -M % 8  # the CUDA weight-gradient GEMM needs 16-byte rows (see _fixed_slots)
+    e_p2 = max(16, 1 << max(0, (e - 1).bit_length()))
+    block = max(16, min(1024, 8192 // e_p2))
+    nb = max(1, (X + block - 1) // block)
+    order_M = torch.empty(M, dtype=torch.int64, device=dev)
+    row_of_slot_X = torch.empty(X, dtype=torch.int64, device=dev)
+    w_out_NK = torch.empty(N, K, dtype=torch.float32, device=dev)
+    counts_e = torch.empty(e, dtype=torch.int64, device=dev)
+    rows_R = torch.empty(1, dtype=torch.int64, device=dev)
+    cnt_eb = torch.empty(e, nb, dtype=torch.int64, device=dev)
+    ks.slot_count_kernel[(nb,)](cnt_eb, ids_NK, ids_NK.stride(0), X, start, e, nb, K=K, BLOCK=block, E_P2=e_p2)
+    incl_eb = torch.cumsum(cnt_eb, dim=1)  # along the contiguous dim (a scan down dim 0 is slow on CUDA)
+    ks.slot_order_kernel[(nb,)](order_M, row_of_slot_X, w_out_NK, counts_e, rows_R, cnt_eb, incl_eb,
+                                ids_NK, ids_NK.stride(0), w_NK, w_NK.stride(0), X, M, start, e, nb,
+                                K=K, BLOCK=block, E_P2=e_p2)
+    return w_out_NK, counts_e, row_of_slot_X, order_M, rows_R

@@ -168,7 +168,7 @@ def weighted_fixed(
         # Inference where the experts read the received rows through the slots (no
         # expanded copy, no autograd Functions): the same exchanges and sums.
         recv_ND, recv_meta_NM = _exchange_out(disp, x_TD, weights_TK, expert_ids_TK, tok_N)
-        out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, recv_meta_NM)
+        out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, *_ids_w(recv_meta_NM))
         y_TD = _exchange_back(disp.pctx, out_MD, row_of_slot_X, recv_w_NK, pos_Tn, x_TD.dtype)
     else:
         routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _FixedDispatch.apply(  # type: ignore[no-untyped-call]
@@ -227,7 +227,7 @@ def weighted_fixed_local_first(
     half = round(T * own_before())
     _own_partials(disp, experts, x_TD, expert_ids_TK, weights_TK, 0, half, own_D)
     recv_ND, recv_meta_NM = tr.recv_out()
-    out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, recv_meta_NM)
+    out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, *_ids_w(recv_meta_NM))
     part_RD = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=ret)
     tr.release_out()
     tr.send_back(part_RD)
@@ -249,8 +249,7 @@ def _own_partials(
     return dtype) into own_TD[t0:t1], as a peer would compute them from the same rows."""
     if t1 <= t0:
         return
-    meta_NM = torch.cat([ids_TK[t0:t1].to(torch.float32), w_TK[t0:t1].float()], dim=1)  # ids < 2^24: exact
-    out_MD, w_NK, row_of_slot_X = _experts_on_received(disp, experts, x_TD[t0:t1], meta_NM)
+    out_MD, w_NK, row_of_slot_X = _experts_on_received(disp, experts, x_TD[t0:t1], ids_TK[t0:t1], w_TK[t0:t1])
     _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK, out_dtype=own_TD.dtype, out=own_TD[t0:t1])
 
 
@@ -288,7 +287,7 @@ def weighted_fixed_pieces(
     for (t0, t1, _, _), ((recv_ND, recv_meta_NM), ev) in zip(pieces, recvs):
         st.use(ev, recv_ND, recv_meta_NM)
         with _sm_carveout(dev):
-            out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, recv_meta_NM)
+            out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, *_ids_w(recv_meta_NM))
         part_ND = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=return_dtype(x_TD.dtype))
         st.comm_wait(st.main_mark(), part_ND)
         with st.comm_ctx():
@@ -317,23 +316,24 @@ def _gathers_rows(experts: ExpertsFn, x_TD: torch.Tensor, weights_TK: torch.Tens
 
 
 def _experts_on_received(
-    disp: AllToAllDispatcher, experts: ExpertsFn, recv_ND: torch.Tensor, recv_meta_NM: torch.Tensor
+    disp: AllToAllDispatcher, experts: ExpertsFn, recv_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inference: the experts' rows [M, D] for the received tokens, their gate values [N, K]
-    and the slot -> row map. Where the gather-fused projection applies, its GEMMs read
-    the received rows through the slot order (no [M, D] copy); else the count-bounded
-    gather and the grouped GEMMs (_experts_bounded)."""
+    """Inference: the experts' rows [M, D] for the received tokens (their expert ids and
+    gate values [N, K], any dtype, rows contiguous), their gate values [N, K] in fp32 and
+    the slot -> row map. Where the gather-fused projection applies, its GEMMs read the
+    received rows through the slot order (no [M, D] copy); else the count-bounded gather
+    and the grouped GEMMs (_experts_bounded)."""
     from spmd_moe import experts as _ex
 
     if isinstance(experts, _ex.GroupedExperts) and experts.gathers_rows(recv_ND):
-        recv_w_NK, counts_e, row_of_slot_X, order_M, _ = _fixed_slots(disp, recv_meta_NM)
+        recv_w_NK, counts_e, row_of_slot_X, order_M, _ = _fixed_slots(disp, ids_NK, w_NK)
         K = recv_w_NK.shape[1]
         out_MD = experts.forward_slots(
             unchecked_cast(Placed[Var[EP]], recv_ND, reason="the tokens this rank received"),
             unchecked_cast(Placed[Var[EP]], order_M, reason="slots of this rank's experts first"),
             unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert"), K)
         return out_MD, recv_w_NK, row_of_slot_X
-    routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(disp, recv_ND, recv_meta_NM)
+    routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(disp, recv_ND, ids_NK, w_NK)
     return _experts_bounded(experts, routed_MD, counts_e, rows_R), recv_w_NK, row_of_slot_X
 
 
@@ -402,33 +402,45 @@ def _exchange_back(
     return _pc.sum_over_ranks_at(_a2a_equal(pctx, part_ND, pos_Tn.shape[0]), pos_Tn, y_dtype)
 
 
-def _fixed_expand(disp: AllToAllDispatcher, recv_ND: torch.Tensor, recv_meta_NM: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _fixed_expand(
+    disp: AllToAllDispatcher, recv_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """Received tokens -> expert-major rows [M, D] (M a multiple of 8 >= N*min(K, e)),
     with the received gate values [N, K], rows per local expert, the slot -> row map
     (-1: no row here), the slot order and the device row count R (rows past it: left
     undefined, nothing reads them)."""
-    recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _fixed_slots(disp, recv_meta_NM)
+    recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _fixed_slots(disp, ids_NK, w_NK)
     routed_MD = _pc.gather_rows(recv_ND, order_M, recv_w_NK.shape[1], rows_R)
     return routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R
 
 
-def _fixed_slots(disp: AllToAllDispatcher, recv_meta_NM: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """_fixed_expand without the gather: the received gate values [N, K], rows per local
+def _ids_w(meta_NM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exchanged [N, 2K] fp32 rows as (expert ids, gate values) views."""
+    K = meta_NM.shape[1] // 2
+    return meta_NM[:, :K], meta_NM[:, K:]
+
+
+def _fixed_slots(disp: AllToAllDispatcher, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """_fixed_expand without the gather: the gate values [N, K] in fp32, rows per local
     expert, the slot -> row map (-1: no row here), the slot order (padded to a multiple
-    of 8) and the device row count R."""
-    K = recv_meta_NM.shape[1] // 2
-    dev = recv_meta_NM.device
+    of 8; past R: any slot, never read) and the device row count R. On CUDA one counting
+    sort in two kernels (_pc.slot_plan, the same values up to R)."""
+    planned = _pc.slot_plan(ids_NK, w_NK, disp.start, disp.num_local)
+    if planned is not None:
+        return planned
+    K = ids_NK.shape[1]
+    dev = ids_NK.device
     order_M, counts_e = fixed_expert_order(disp,
-        unchecked_cast(Placed[Var[EP]], recv_meta_NM[:, :K].to(torch.int64), reason="ids of the received tokens"))
+        unchecked_cast(Placed[Var[EP]], ids_NK.to(torch.int64), reason="ids of the received tokens"))
     rows_R = counts_e.sum().view(1)  # device count: rows past it belong to no local expert
-    N, M = recv_meta_NM.shape[0], order_M.shape[0]
+    N, M = ids_NK.shape[0], order_M.shape[0]
     ar_M = torch.arange(M, device=dev)
     row_of_slot_X = torch.full((N * K,), -1, dtype=torch.int64, device=dev)
     row_of_slot_X.scatter_(0, order_M, torch.where(ar_M < rows_R, ar_M, -1))
     # A multiple of 8 rows: the CUDA weight-gradient GEMM needs 16-byte rows (else a
     # per-expert loop with a host read). The extra rows are past the count: not written.
     order_M = F.pad(order_M, (0, -M % 8))
-    return recv_meta_NM[:, K:].contiguous(), counts_e, row_of_slot_X, order_M, rows_R
+    return w_NK.float().contiguous(), counts_e, row_of_slot_X, order_M, rows_R
 
 
 class _FixedDispatch(torch.autograd.Function):
@@ -448,7 +460,7 @@ class _FixedDispatch(torch.autograd.Function):
                 tok_N: torch.Tensor, pos_Tn: torch.Tensor) -> tuple[torch.Tensor, ...]:
         T = ids_TK.shape[0]
         recv_ND, recv_meta_NM = _exchange_out(disp, x_TD, w_TK, ids_TK, tok_N)
-        routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _fixed_expand(disp, recv_ND, recv_meta_NM)
+        routed_MD, recv_w_NK, counts_e, row_of_slot_X, order_M, rows_R = _fixed_expand(disp, recv_ND, *_ids_w(recv_meta_NM))
         ctx.save_for_backward(row_of_slot_X, pos_Tn)
         ctx.pctx, ctx.T, ctx.x_dtype, ctx.w_dtype = disp.pctx, T, x_TD.dtype, w_TK.dtype
         ctx.mark_non_differentiable(counts_e, row_of_slot_X, order_M, rows_R)
