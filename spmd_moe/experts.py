@@ -199,8 +199,18 @@ class GroupedExperts(nn.Module):
         """forward on the rows x_TD[slots_R // top_k] without gathering them: the up GEMMs
         read x through the slots, with SwiGLU in their epilogue (one kernel); then the
         down grouped GEMM. Exactly sum(counts_e) rows (inference only: see gathers_rows)."""
-        h_RF = _gg.gathered_swiglu(x_TD, slots_R, counts_e, self.w1_EFD, self.w3_EFD, top_k)
-        return grouped_mm(h_RF, self.w2_EDF, counts_e, zero_tail=False)
+        return grouped_mm(self.up_slots(x_TD, slots_R, counts_e, top_k), self.w2_EDF, counts_e, zero_tail=False)
+
+    def up_slots(
+        self,
+        x_TD: Float[Placed[Var[EP]], "T D"],
+        slots_R: Int[Placed[Var[EP]], " R"],
+        counts_e: Int[Placed[Var[EP]], " e"],
+        top_k: int,
+    ) -> Float[Placed[Var[EP]], "R F"]:
+        """forward_slots' first stage, silu(x w1^T) * (x w3^T) on the slots' rows (the
+        caller may run the down projection later: the EP exchange's local-first schedule)."""
+        return _gg.gathered_swiglu(x_TD, slots_R, counts_e, self.w1_EFD, self.w3_EFD, top_k)
 
 
 class SharedExperts(nn.Module):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -185,13 +185,6 @@ def local_first() -> bool:
     return os.environ.get("SPMD_MOE_EP_LOCAL_FIRST", "1") != "0"
 
 
-def own_before() -> float:
-    """SPMD_MOE_EP_OWN_BEFORE (default 0.5): the share of this rank's own tokens whose
-    experts run before the peers' tokens (under the way out); the rest run after them
-    (under the way back). 1: the way back is exposed, 0: the way out."""
-    return min(1.0, max(0.0, float(os.environ.get("SPMD_MOE_EP_OWN_BEFORE", "0.5"))))
-
-
 def _records_grad(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad)
 
@@ -204,10 +197,10 @@ def weighted_fixed_local_first(
     experts: ExpertsFn,
 ) -> Float[Placed[Var[EP]], "T D"]:
     """Inference, one piece, with the exchanges under the GEMMs: this rank's own tokens
-    never travel, so its experts run on the first half of them while the peers' tokens
-    arrive, on the peers' tokens next, and on the second half while the partial sums go
-    back (a transport from spmd_moe.dispatch._transport: copy engines where they apply,
-    else the all-to-all on the side stream). The same sums as weighted_fixed: per
+    never travel, so their up projection runs while the peers' tokens arrive, then the
+    peers' tokens' experts, then the own tokens' down projection while the partial sums
+    go back (a transport from spmd_moe.dispatch._transport: copy engines where they
+    apply, else the all-to-all on the side stream). The same sums as weighted_fixed: per
     (token, rank) the fp32 partial over its local slots in ascending k, summed in rank
     order and rounded once (bitwise where the GEMMs give the same rows)."""
     from spmd_moe.dispatch import _transport
@@ -222,35 +215,21 @@ def weighted_fixed_local_first(
     st = _Streams(dev, overlap=True)
     tr = _transport.transport(pctx, st, T, D, K, x_TD.dtype, ret, dev)
     tr.send_out(*_fixed_send(disp, x_TD, weights_TK, expert_ids_TK, tok_O))
-    parts_ND = tr.parts()
-    own_D = parts_ND[r * T:(r + 1) * T]  # my own tokens' partial sums, token order
-    half = round(T * own_before())
-    _own_partials(disp, experts, x_TD, expert_ids_TK, weights_TK, 0, half, own_D)
+    own_down, own_w_TK, own_row_of_slot_X = _experts_staged(disp, experts, x_TD, expert_ids_TK, weights_TK)
     recv_ND, recv_meta_NM = tr.recv_out()
     out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, *_ids_w(recv_meta_NM))
     part_RD = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=ret)
     tr.release_out()
     tr.send_back(part_RD)
-    _own_partials(disp, experts, x_TD, expert_ids_TK, weights_TK, half, T, own_D)
+    parts_ND = tr.parts()
+    # My own tokens' partial sums into my own segment, in token order.
+    _pc.partial_sums_mapped(own_down(), own_row_of_slot_X, own_w_TK, out_dtype=ret, out=parts_ND[r * T:(r + 1) * T])
     tr.recv_back(parts_ND)
-    # My own column: the token's row in my own segment is the token itself.
     t_T = torch.arange(T, device=dev)
-    pos_Tn[:, r] = torch.where(pos_Tn[:, r] >= 0, r * T + t_T, -1)
+    pos_Tn[:, r] = torch.where(pos_Tn[:, r] >= 0, r * T + t_T, -1)  # my own column: the token itself
     y_TD = _pc.sum_over_ranks_at(parts_ND, pos_Tn, x_TD.dtype)
     tr.release_back()
     return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
-
-
-def _own_partials(
-    disp: AllToAllDispatcher, experts: ExpertsFn, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor,
-    t0: int, t1: int, own_TD: torch.Tensor,
-) -> None:
-    """Tokens t0..t1 of this rank on its own experts: their fp32 partial sums (the
-    return dtype) into own_TD[t0:t1], as a peer would compute them from the same rows."""
-    if t1 <= t0:
-        return
-    out_MD, w_NK, row_of_slot_X = _experts_on_received(disp, experts, x_TD[t0:t1], ids_TK[t0:t1], w_TK[t0:t1])
-    _pc.partial_sums_mapped(out_MD, row_of_slot_X, w_NK, out_dtype=own_TD.dtype, out=own_TD[t0:t1])
 
 
 def weighted_fixed_pieces(
@@ -320,38 +299,59 @@ def _experts_on_received(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inference: the experts' rows [M, D] for the received tokens (their expert ids and
     gate values [N, K], any dtype, rows contiguous), their gate values [N, K] in fp32 and
-    the slot -> row map. Where the gather-fused projection applies, its GEMMs read the
-    received rows through the slot order (no [M, D] copy); else the count-bounded gather
-    and the grouped GEMMs (_experts_bounded)."""
+    the slot -> row map (_experts_staged, both stages at once)."""
+    down, w32_NK, row_of_slot_X = _experts_staged(disp, experts, recv_ND, ids_NK, w_NK)
+    return down(), w32_NK, row_of_slot_X
+
+
+def _experts_staged(
+    disp: AllToAllDispatcher, experts: ExpertsFn, recv_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor,
+) -> tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]:
+    """_experts_on_received in two stages: the plan and the up projection now, the down
+    projection when the returned function is called (so that local first can run this
+    rank's own up projection under the way out and its down projection under the way
+    back). Where the gather-fused projection applies, its GEMMs read the received rows
+    through the slot order (no [M, D] copy); else the count-bounded gather and the grouped
+    GEMMs (_experts_bounded_staged)."""
     from spmd_moe import experts as _ex
 
     if isinstance(experts, _ex.GroupedExperts) and experts.gathers_rows(recv_ND):
         recv_w_NK, counts_e, row_of_slot_X, order_M, _ = _fixed_slots(disp, ids_NK, w_NK)
-        K = recv_w_NK.shape[1]
-        out_MD = experts.forward_slots(
+        c = unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert")
+        h_MF = experts.up_slots(
             unchecked_cast(Placed[Var[EP]], recv_ND, reason="the tokens this rank received"),
-            unchecked_cast(Placed[Var[EP]], order_M, reason="slots of this rank's experts first"),
-            unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert"), K)
-        return out_MD, recv_w_NK, row_of_slot_X
+            unchecked_cast(Placed[Var[EP]], order_M, reason="slots of this rank's experts first"), c, ids_NK.shape[1])
+        w2 = experts.w2_EDF
+        return (lambda: _ex.grouped_mm(h_MF, w2, c, zero_tail=False)), recv_w_NK, row_of_slot_X
     routed_MD, recv_w_NK, counts_e, row_of_slot_X, _, rows_R = _fixed_expand(disp, recv_ND, ids_NK, w_NK)
-    return _experts_bounded(experts, routed_MD, counts_e, rows_R), recv_w_NK, row_of_slot_X
+    return _experts_bounded_staged(experts, routed_MD, counts_e, rows_R), recv_w_NK, row_of_slot_X
 
 
 def _experts_bounded(
     experts: ExpertsFn, routed_MD: torch.Tensor, counts_e: torch.Tensor, rows_1: torch.Tensor
 ) -> torch.Tensor:
     """experts(routed_MD, counts_e, rows_exact=True) where the fused SwiGLU would run over
+    all M worst-case rows: _experts_bounded_staged, both stages at once."""
+    return _experts_bounded_staged(experts, routed_MD, counts_e, rows_1)()
+
+
+def _experts_bounded_staged(
+    experts: ExpertsFn, routed_MD: torch.Tensor, counts_e: torch.Tensor, rows_1: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """experts(routed_MD, counts_e, rows_exact=True) where the fused SwiGLU would run over
     all M worst-case rows (2x the real rows at n=2, K=8, E=128; 4x at n=4): the same
     three grouped GEMMs (device offsets: they stop at the last one) with a SwiGLU that
-    stops at the device row count (the same arithmetic, so the same bits on those rows).
-    Anything else (another experts module, an expert dtype cast, no fused kernels) runs
-    ``experts`` itself."""
+    stops at the device row count (the same arithmetic, so the same bits on those rows);
+    the up projection now, the down one when the returned function is called. Anything
+    else (another experts module, an expert dtype cast, no fused kernels) runs
+    ``experts`` itself, now."""
     from spmd_moe import experts as _ex
     from spmd_moe.kernels import fused_bwd as _fb
 
-    def plain() -> torch.Tensor:
-        return experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's expert-major rows"),
-                       unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert"), True)
+    def plain() -> Callable[[], torch.Tensor]:
+        out = experts(unchecked_cast(Placed[Var[EP]], routed_MD, reason="this rank's expert-major rows"),
+                      unchecked_cast(Placed[Var[EP]], counts_e, reason="rows per local expert"), True)
+        return lambda: out
 
     if type(experts) is not _ex.GroupedExperts or experts.cfg.expert_dtype not in (None, routed_MD.dtype):
         return plain()
@@ -367,7 +367,7 @@ def _experts_bounded(
     a3_MF = _ex.grouped_mm(x, w3, c, zero_tail=False, offs_e=offs)
     h_MF = unchecked_cast(Placed[Var[EP]], _pc.swiglu_bounded(a1_MF, a3_MF, rows_1, routed_MD.dtype == torch.bfloat16),
                           reason="elementwise on this rank's rows")
-    return _ex.grouped_mm(h_MF, w2, c, zero_tail=False, offs_e=offs)
+    return lambda: _ex.grouped_mm(h_MF, w2, c, zero_tail=False, offs_e=offs)
 
 
 def _fixed_send(

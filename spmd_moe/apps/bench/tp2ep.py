@@ -41,10 +41,9 @@ import torch.distributed as dist
 
 D, F_, E, K = 2048, 768, 128, 8
 # The library's switches per variant of the sync-free section (the defaults first).
-_DEFAULTS = {"SPMD_MOE_EP_RETURN": "fp32", "SPMD_MOE_EP_LOCAL_FIRST": "1", "SPMD_MOE_EP_TRANSPORT": "auto", "SPMD_MOE_EP_OWN_BEFORE": "0.5"}
+_DEFAULTS = {"SPMD_MOE_EP_RETURN": "fp32", "SPMD_MOE_EP_LOCAL_FIRST": "1", "SPMD_MOE_EP_TRANSPORT": "auto"}
 VARIANT_ENV = {"fp32": _DEFAULTS, "low": {**_DEFAULTS, "SPMD_MOE_EP_RETURN": "low"},
-               "nccl": {**_DEFAULTS, "SPMD_MOE_EP_TRANSPORT": "nccl"}, "allseg": {**_DEFAULTS, "SPMD_MOE_EP_LOCAL_FIRST": "0"},
-               "own1": {**_DEFAULTS, "SPMD_MOE_EP_OWN_BEFORE": "1"}, "own0": {**_DEFAULTS, "SPMD_MOE_EP_OWN_BEFORE": "0"}}
+               "nccl": {**_DEFAULTS, "SPMD_MOE_EP_TRANSPORT": "nccl"}, "allseg": {**_DEFAULTS, "SPMD_MOE_EP_LOCAL_FIRST": "0"}}
 CUDA = True  # False: --smoke (gloo on the CPU, small layer): checks the script, times nothing real
 
 
@@ -343,8 +342,7 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
             # "new"); "new2": the fixed-size path in 2 pieces (inference, NCCL on a side stream).
             variants = {"1gpu": (None, 1, "fp32"), "new": (True, 1, "fp32"), "newbf": (True, 1, "low"), "old": (False, 1, "fp32")}
             if mode == "fwd":
-                variants.update({"newnccl": (True, 1, "nccl"), "allseg": (True, 1, "allseg"), "new2": (True, 2, "fp32"),
-                                 "own1": (True, 1, "own1"), "own0": (True, 1, "own0")})
+                variants.update({"newnccl": (True, 1, "nccl"), "allseg": (True, 1, "allseg"), "new2": (True, 2, "fp32")})
             times: dict[str, list[float]] = {k: [] for k in variants}
             b2b: dict[str, list[float]] = {k: [] for k in variants}
             for _ in range(args.rounds):
