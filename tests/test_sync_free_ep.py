@@ -89,6 +89,7 @@ def _forward_cases(rank: int, n: int) -> list[dict[str, Any]]:
         grid = [(lo, T, sk, torch.float32, 4) for lo in ("sequence", "replicated") for T in (0, 1, 7, 64)
                 for sk in ("none", "one_expert", "one_rank")]
         grid += [("sequence", 32, "none", torch.bfloat16, 4), ("replicated", 9, "none", torch.bfloat16, 2)]
+        os.environ["SPMD_MOE_EP_LOCAL_FIRST"] = "1"  # local first at every T here ('auto' takes it from 8192 tokens)
         for layout, T, skew, dt, top_k in grid:
             cfg = make_cfg(dispatcher="all_to_all", padding="pad", top_k=top_k, param_dtype=dt,
                            load_balance_coeff=1e-3 if skew != "none" else None)
@@ -114,7 +115,7 @@ def _forward_cases(rank: int, n: int) -> list[dict[str, Any]]:
                 try:
                     y_all_seg, _, rec["sent_all_seg"], _ = _run(moe, x_all[sl])
                 finally:
-                    del os.environ["SPMD_MOE_EP_LOCAL_FIRST"]
+                    os.environ["SPMD_MOE_EP_LOCAL_FIRST"] = "1"
                 rec["rel_all_seg" if dt == torch.float32 else "ulps_all_seg"] = (
                     rel_err(y, y_all_seg) if dt == torch.float32 else
                     float((y.double() - y_all_seg.double()).abs().max()) / (max(float(y_all_seg.abs().max()), 1e-30) * 2.0**-8))
@@ -128,6 +129,20 @@ def _forward_cases(rank: int, n: int) -> list[dict[str, Any]]:
                 ref = _float64_routed(full, x_all.double())[sl]
                 rec["ulps"] = float((y.double() - ref).abs().max()) / (max(float(ref.abs().max()), 1e-30) * 2.0**-8)
             out.append(rec)
+        # 'auto' (the default): every segment exchanged below SPMD_MOE_EP_LOCAL_FIRST_TOKENS
+        # tokens per rank, local first from there.
+        os.environ["SPMD_MOE_EP_LOCAL_FIRST"] = "auto"
+        for T, min_tokens in ((8, "9"), (8, "8")):
+            os.environ["SPMD_MOE_EP_LOCAL_FIRST_TOKENS"] = min_tokens
+            _, moe = build_pair(make_cfg(dispatcher="all_to_all", top_k=4), world_pctx(), "sequence", 4)
+            moe.prefill_dispatcher.equal_tokens = True
+            x = torch.randn(T, D, generator=torch.Generator().manual_seed(rank))
+            with torch.no_grad():
+                moe(x)
+            _, _, sent_auto, _ = _run(moe, x)
+            out.append({"auto": True, "min_tokens": int(min_tokens), "T": T, "rows": [s_[0][0] for s_ in sent_auto]})
+        del os.environ["SPMD_MOE_EP_LOCAL_FIRST_TOKENS"]
+        os.environ["SPMD_MOE_EP_LOCAL_FIRST"] = "1"
         # SPMD_MOE_EP_RETURN=low: the partial sums go back in bf16 (the layer's dtype),
         # rounded per rank, then summed in fp32 and rounded again: n+1 roundings, the same
         # 3 bf16 ulps of max|y| against the float64 loop; the return exchange is bf16.
@@ -207,6 +222,7 @@ def _forward_cases(rank: int, n: int) -> list[dict[str, Any]]:
         out.append({"switch_off": True, "reads": reads_off, "exchanges": len(sent_off)})
     finally:
         a2a.PARTIAL_ON_CPU = False
+        os.environ.pop("SPMD_MOE_EP_LOCAL_FIRST", None)
     return out
 
 
@@ -308,6 +324,11 @@ def test_fixed_size_forward_has_no_host_read(n: int) -> None:
                 want = {"fast": 1, "fast_train": 1, "torchtitan": 0, "train_chunks2": 0, "debug": 0, "batch_invariant": 0}
                 if c["gates"] != want:
                     bad.append(f"world {n} rank {rank}: taken where it must not be (or not where it must): {c['gates']}")
+                continue
+            if c.get("auto"):
+                want = (n if c["T"] < c["min_tokens"] else n - 1) * c["T"]
+                if c["rows"] != [want] * 3:
+                    bad.append(f"world {n} rank {rank}: auto, T={c['T']}, from {c['min_tokens']} tokens: exchanged rows {c['rows']}, expected {want}")
                 continue
             if c.get("switch_off"):
                 if c["reads"] != 1 or c["exchanges"] != 4:

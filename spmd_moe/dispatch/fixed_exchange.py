@@ -161,7 +161,7 @@ def weighted_fixed(
     the gathers and sums stop at the device count, the GEMMs at the last offset."""
     if disp.chunks > 1 and not torch.is_grad_enabled():
         return weighted_fixed_pieces(disp, x_TD, expert_ids_TK, weights_TK, experts)
-    if local_first() and disp.pctx.size > 1 and not _records_grad(x_TD, weights_TK):
+    if disp.pctx.size > 1 and not _records_grad(x_TD, weights_TK) and local_first(x_TD.shape[0], x_TD.device):
         return weighted_fixed_local_first(disp, x_TD, expert_ids_TK, weights_TK, experts)
     tok_N, pos_Tn = fixed_plan(disp, expert_ids_TK)
     if _gathers_rows(experts, x_TD, weights_TK):
@@ -179,10 +179,21 @@ def weighted_fixed(
     return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
 
-def local_first() -> bool:
-    """SPMD_MOE_EP_LOCAL_FIRST (default on): inference runs weighted_fixed_local_first; 0:
-    one exchange of every segment (this rank's own too), then all the GEMMs."""
-    return os.environ.get("SPMD_MOE_EP_LOCAL_FIRST", "1") != "0"
+def local_first(T: int, dev: torch.device) -> bool:
+    """Whether inference runs weighted_fixed_local_first (else one exchange of every
+    segment, this rank's own too, then all the GEMMs). SPMD_MOE_EP_LOCAL_FIRST=1 / 0
+    forces it; 'auto' (default): from SPMD_MOE_EP_LOCAL_FIRST_TOKENS (default 8192)
+    tokens per rank, or inside a CUDA graph capture. Why: local first issues about half
+    as many launches again (two expert calls, the transport's flags); below a few
+    thousand tokens the eager forward is bound by the host's issue time, and there one
+    exchange was faster (H200 x2: 0.70 against 0.39 of one GPU at 4096 tokens per rank;
+    0.83 against 0.72 at 16384; docs/performance.md). A captured graph has no issue time."""
+    mode = os.environ.get("SPMD_MOE_EP_LOCAL_FIRST", "auto")
+    if mode in ("0", "1"):
+        return mode == "1"
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    return T >= int(os.environ.get("SPMD_MOE_EP_LOCAL_FIRST_TOKENS", "8192"))
 
 
 def _records_grad(x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:

@@ -41,9 +41,11 @@ import torch.distributed as dist
 
 D, F_, E, K = 2048, 768, 128, 8
 # The library's switches per variant of the sync-free section (the defaults first).
-_DEFAULTS = {"SPMD_MOE_EP_RETURN": "fp32", "SPMD_MOE_EP_LOCAL_FIRST": "1", "SPMD_MOE_EP_TRANSPORT": "auto"}
+_DEFAULTS = {"SPMD_MOE_EP_RETURN": "fp32", "SPMD_MOE_EP_LOCAL_FIRST": "auto", "SPMD_MOE_EP_TRANSPORT": "auto"}
 VARIANT_ENV = {"fp32": _DEFAULTS, "low": {**_DEFAULTS, "SPMD_MOE_EP_RETURN": "low"},
-               "nccl": {**_DEFAULTS, "SPMD_MOE_EP_TRANSPORT": "nccl"}, "allseg": {**_DEFAULTS, "SPMD_MOE_EP_LOCAL_FIRST": "0"}}
+               "lf": {**_DEFAULTS, "SPMD_MOE_EP_LOCAL_FIRST": "1"},
+               "nccl": {**_DEFAULTS, "SPMD_MOE_EP_LOCAL_FIRST": "1", "SPMD_MOE_EP_TRANSPORT": "nccl"},
+               "allseg": {**_DEFAULTS, "SPMD_MOE_EP_LOCAL_FIRST": "0"}}
 CUDA = True  # False: --smoke (gloo on the CPU, small layer): checks the script, times nothing real
 
 
@@ -336,13 +338,14 @@ def sync_free_section(args: Any, res: dict[str, Any], sd: dict[str, torch.Tensor
         # Two clocks: "_ms" synced after every call (the host's issue time included), "_b2b_ms"
         # calls back to back (one sync at the end: the throughput of a layer in a model).
         for mode in ("fwd", "fwdbwd"):
-            # "new": the fixed-size path, inference local first (copy engines where they apply);
-            # "newbf": its partial sums return in bf16 (SPMD_MOE_EP_RETURN=low); "newnccl": local
-            # first over NCCL; "allseg": every segment exchanged, then the GEMMs (session 7's
+            # "new": the fixed-size path as the library runs it (inference local first from
+            # SPMD_MOE_EP_LOCAL_FIRST_TOKENS, copy engines where they apply); "newbf": its partial
+            # sums return in bf16 (SPMD_MOE_EP_RETURN=low); "lf": local first at every T; "newnccl":
+            # local first over NCCL; "allseg": every segment exchanged, then the GEMMs (session 7's
             # "new"); "new2": the fixed-size path in 2 pieces (inference, NCCL on a side stream).
             variants = {"1gpu": (None, 1, "fp32"), "new": (True, 1, "fp32"), "newbf": (True, 1, "low"), "old": (False, 1, "fp32")}
             if mode == "fwd":
-                variants.update({"newnccl": (True, 1, "nccl"), "allseg": (True, 1, "allseg"), "new2": (True, 2, "fp32")})
+                variants.update({"lf": (True, 1, "lf"), "newnccl": (True, 1, "nccl"), "allseg": (True, 1, "allseg"), "new2": (True, 2, "fp32")})
             times: dict[str, list[float]] = {k: [] for k in variants}
             b2b: dict[str, list[float]] = {k: [] for k in variants}
             for _ in range(args.rounds):
@@ -430,9 +433,11 @@ def _sync_free_checks(row: dict[str, Any], m1: Any, mn: Any, xs: list[torch.Tens
         disp.chunks = 2
         row["fwd_new2_max_abs_diff_vs_new"] = float((mn(xs[0]).float() - y_new).abs().max())
         disp.chunks = 1
+        os.environ.update(VARIANT_ENV["lf"])
+        y_lf = mn(xs[0]).float()
         for k in ("nccl", "allseg"):  # the same sums: bitwise where the GEMMs give the same rows
             os.environ.update(VARIANT_ENV[k])
-            row[f"fwd_new_{k}_equal"] = bool(torch.equal(mn(xs[0]).float(), y_new))
+            row[f"fwd_lf_{k}_equal"] = bool(torch.equal(mn(xs[0]).float(), y_lf))
         os.environ.update(VARIANT_ENV["low"])
         y_bf = mn(xs[0]).float()
         os.environ.update(VARIANT_ENV["fp32"])
@@ -469,11 +474,11 @@ def _sync_free_profiles(args: Any, res: dict[str, Any], mn: Any, x0: torch.Tenso
     disp = mn.prefill_dispatcher
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     first = True
-    for key, fixed, grad in (("profile_fwd_new", True, False), ("profile_fwd_newnccl", True, False), ("profile_fwd_allseg", True, False),
+    for key, fixed, grad in (("profile_fwd_lf", True, False), ("profile_fwd_newnccl", True, False), ("profile_fwd_allseg", True, False),
                              ("profile_fwd_old", False, False), ("profile_fwdbwd_new", True, True), ("profile_fwdbwd_old", False, True)):
         disp.equal_tokens, disp.chunks = fixed, 1
         x = x0.clone().requires_grad_(grad)
-        env = VARIANT_ENV[{"profile_fwd_newnccl": "nccl", "profile_fwd_allseg": "allseg"}.get(key, "fp32")]
+        env = VARIANT_ENV[{"profile_fwd_lf": "lf", "profile_fwd_newnccl": "nccl", "profile_fwd_allseg": "allseg"}.get(key, "fp32")]
 
         def call() -> None:
             os.environ.update(env)
@@ -518,13 +523,13 @@ def sync_free_table(r: dict[str, Any]) -> None:
     for clock, suf, note in (("b2b_ms", "_b2b", "calls back to back, one sync at the end (a layer in a model)"),
                              ("ms", "", "synced after every call (includes the host's issue time)")):
         print(f"\n{note}; per-GPU = t(1 GPU) / t(2 GPUs), goals fwd 0.80, f+b 0.75:\n")
-        print("| T per GPU | fwd 1 GPU | fwd 2 GPUs new / newbf / newnccl / allseg / new2 / old | per-GPU fwd new / newbf / newnccl / allseg / new2 / old | f+b 1 GPU | f+b new / newbf / old | per-GPU f+b new / newbf / old |")
+        print("| T per GPU | fwd 1 GPU | fwd 2 GPUs new / newbf / lf / newnccl / allseg / new2 / old | per-GPU fwd new / newbf / lf / newnccl / allseg / new2 / old | f+b 1 GPU | f+b new / newbf / old | per-GPU f+b new / newbf / old |")
         print("|---|---|---|---|---|---|---|")
         for w in r.get("sync_free", []):
             print(f"| {w['T_per_gpu']} | {f(w, f'fwd_1gpu_{clock}')} | {f(w, f'fwd_new_{clock}')} / {f(w, f'fwd_newbf_{clock}')} / "
-                  f"{f(w, f'fwd_newnccl_{clock}')} / {f(w, f'fwd_allseg_{clock}')} / {f(w, f'fwd_new2_{clock}')} / {f(w, f'fwd_old_{clock}')} | "
+                  f"{f(w, f'fwd_lf_{clock}')} / {f(w, f'fwd_newnccl_{clock}')} / {f(w, f'fwd_allseg_{clock}')} / {f(w, f'fwd_new2_{clock}')} / {f(w, f'fwd_old_{clock}')} | "
                   f"**{f(w, f'per_gpu_fwd_new{suf}', '.2f')}** / **{f(w, f'per_gpu_fwd_newbf{suf}', '.2f')}** / "
-                  f"{f(w, f'per_gpu_fwd_newnccl{suf}', '.2f')} / {f(w, f'per_gpu_fwd_allseg{suf}', '.2f')} / {f(w, f'per_gpu_fwd_new2{suf}', '.2f')} / "
+                  f"{f(w, f'per_gpu_fwd_lf{suf}', '.2f')} / {f(w, f'per_gpu_fwd_newnccl{suf}', '.2f')} / {f(w, f'per_gpu_fwd_allseg{suf}', '.2f')} / {f(w, f'per_gpu_fwd_new2{suf}', '.2f')} / "
                   f"{f(w, f'per_gpu_fwd_old{suf}', '.2f')} | "
                   f"{f(w, f'fwdbwd_1gpu_{clock}')} | {f(w, f'fwdbwd_new_{clock}')} / {f(w, f'fwdbwd_newbf_{clock}')} / {f(w, f'fwdbwd_old_{clock}')} | "
                   f"**{f(w, f'per_gpu_fwdbwd_new{suf}', '.2f')}** / {f(w, f'per_gpu_fwdbwd_newbf{suf}', '.2f')} / {f(w, f'per_gpu_fwdbwd_old{suf}', '.2f')} |")
@@ -536,7 +541,8 @@ def sync_free_table(r: dict[str, Any]) -> None:
               f"{f(w, 'fwd_new_graph_b2b_ms')} / {f(w, 'fwd_new_graph_ms')}, {f(w, 'fwd_new2_graph_b2b_ms')} / {f(w, 'fwd_new2_graph_ms')} | "
               f"**{f(w, 'per_gpu_fwd_new_graph_b2b', '.2f')}** / **{f(w, 'per_gpu_fwd_new2_graph_b2b', '.2f')}** |")
     print("\nnew = fixed-size exchange (no host read), fp32 partial sums back; newbf = the same with bf16 partial sums "
-          "(SPMD_MOE_EP_RETURN=low); inference is local first, over copy engines where they apply (newnccl: over NCCL); "
+          "(SPMD_MOE_EP_RETURN=low); inference is local first from 8192 tokens per rank (lf: at every T), over copy engines "
+          "where they apply (newnccl: local first over NCCL); "
           "allseg = every segment exchanged, then the GEMMs (session 7); new2 = the fixed-size path in 2 pieces (NCCL); "
           "old = split sizes (one host read per forward).")
     print("\n| T per GPU | max abs diff new / newbf / old vs 1 GPU (max abs y) | new2 vs new | host syncs fwd new / new2 / old | f+b new / old |")
@@ -552,13 +558,13 @@ def sync_free_table(r: dict[str, Any]) -> None:
             first = w.get(k, {}).get("first")
             if first:
                 print(f"  T={w['T_per_gpu']} first sync in {k}: {first}")
-    print("transport of 'new':", r.get("transport"), "| new bitwise newnccl / allseg:",
-          [(w["T_per_gpu"], w.get("fwd_new_nccl_equal"), w.get("fwd_new_allseg_equal")) for w in r.get("sync_free", [])])
+    print("transport of local first:", r.get("transport"), "| lf bitwise newnccl / allseg:",
+          [(w["T_per_gpu"], w.get("fwd_lf_nccl_equal"), w.get("fwd_lf_allseg_equal")) for w in r.get("sync_free", [])])
     print("grad_x max abs diff vs 1 GPU new / old (max):", [(w["T_per_gpu"], w.get("grad_x_new_max_abs_diff_vs_1gpu"),
           w.get("grad_x_old_max_abs_diff_vs_1gpu"), w.get("grad_x_max_abs_1gpu")) for w in r.get("sync_free", [])])
     print("a2a alone (last T) ms bf16 / fp32:", r.get("a2a_bf16_ms"), r.get("a2a_fp32_ms"), "GB/s to peers:",
           r.get("a2a_bf16_GBps_per_rank_out"), r.get("a2a_fp32_GBps_per_rank_out"))
-    for key in ("profile_fwd_new", "profile_fwd_newnccl", "profile_fwd_allseg", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
+    for key in ("profile_fwd_lf", "profile_fwd_newnccl", "profile_fwd_allseg", "profile_fwd_old", "profile_fwdbwd_new", "profile_fwdbwd_old"):
         p = r.get(key)
         if p and "error" in p:
             print(f"{key}: {p['error']}")
