@@ -6,12 +6,19 @@ tokens each peer needs out, the peers' partial sums back. Two transports, one in
 * ``CopyEngineTransport`` (CUDA, NCCL group, torch symmetric memory): each rank copies a
   peer's segment straight into that peer's buffer with a device-to-device copy (a copy
   engine, no SM) and then sets the peer's flag with a stream memory operation
-  (cuStreamWriteValue32, fenced after the copy). The sender's wait for "the peer has read
-  my last segment" is a stream memory operation too (cuStreamWaitValue32), so nothing on
-  the side stream needs an SM and the transfers run under the GEMMs. The receiver's wait
-  is one small kernel on the compute stream (nothing else runs there at that point) that
-  gives up with a device-side assertion after SPMD_MOE_EP_TIMEOUT_S (default 600 s, as
-  NCCL's watchdog): a peer that fails ends the job in bounded time.
+  (cuStreamWriteValue32, fenced after the copy): nothing on the side stream needs an SM
+  or waits, so the transfers run under the GEMMs. The receiver's wait is one small kernel
+  on the compute stream (nothing else runs there at that point) that resets the flags
+  and gives up with a device-side assertion after SPMD_MOE_EP_TIMEOUT_S (default 600 s,
+  as NCCL's watchdog): a peer that fails ends the job in bounded time.
+
+  Why no "buffer free" handshake: a rank sends its tokens of call k+1 only after its
+  compute stream has seen the peer's partial sums of call k arrive, which the peer sends
+  only after it has read the tokens of call k; and it sends its partial sums of call
+  k+1 only after the peer's tokens of call k+1 arrived, which the peer sends only after
+  its own sum of call k (the side stream waits for everything the compute stream issued
+  before). A wait on the side stream (a stream memory operation) stalled the compute
+  stream too in one H200 x2 run (a shared hardware queue, most likely).
 
 Layout: the peers' segments in rank order, this rank's own skipped ((n-1)*T rows:
 ``send_out``'s input, what ``recv_out`` returns and ``send_back`` takes). ``parts`` is
@@ -25,7 +32,6 @@ for rows that never come, ending at the timeout.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 from typing import Any, Protocol
@@ -40,11 +46,10 @@ from spmd_moe.placement import EP
 class Transport(Protocol):
     def send_out(self, send_OD: torch.Tensor, meta_OM: torch.Tensor) -> None: ...
     def recv_out(self) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def release_out(self) -> None: ...
     def send_back(self, part_RD: torch.Tensor) -> None: ...
     def parts(self) -> torch.Tensor: ...
     def recv_back(self, parts_ND: torch.Tensor) -> None: ...
-    def release_back(self) -> None: ...
+    def join(self) -> None: ...
 
 
 class NcclTransport:
@@ -68,9 +73,6 @@ class NcclTransport:
         self.st.use(self._out_ev, *self._out)
         return self._out
 
-    def release_out(self) -> None:
-        pass
-
     def send_back(self, part_RD: torch.Tensor) -> None:
         self.st.comm_wait(self.st.main_mark(), part_RD)
         with self.st.comm_ctx():
@@ -86,30 +88,13 @@ class NcclTransport:
         for i, j in enumerate(self.others):  # into the rank-ordered layout (one copy per peer)
             parts_ND[j * T:(j + 1) * T].copy_(self._back[i * T:(i + 1) * T])
 
-    def release_back(self) -> None:
+    def join(self) -> None:
         pass
 
 
-# Flag slots (uint32, 4n per rank): ready_out[j] (rank j's tokens are in my buffer),
-# free_out[j] (rank j has read what I sent it), then the same two for the way back.
-_READY_OUT, _FREE_OUT, _READY_BACK, _FREE_BACK = range(4)
-_WAIT_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
-
-
-@functools.cache
-def _wait_value32() -> Any:
-    """cuStreamWaitValue32 from the driver (torch exposes the write, not the wait)."""
-    fn = ctypes.CDLL("libcuda.so.1").cuStreamWaitValue32_v2
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _stream_wait_eq(flags: torch.Tensor, idx: int, val: int) -> None:
-    rc = _wait_value32()(torch.cuda.current_stream().cuda_stream, flags.data_ptr() + 4 * idx, val, _WAIT_EQ)
-    if rc != 0:
-        raise RuntimeError(f"spmd_moe copy-engine exchange: cuStreamWaitValue32 returned CUresult {rc}. "
-                           "Fix: SPMD_MOE_EP_TRANSPORT=nccl.")
+# Flag slots (uint32, 2n per rank): ready_out[j] (rank j's tokens are in my buffer),
+# ready_back[j] (rank j's partial sums are).
+_READY_OUT, _READY_BACK = range(2)
 
 
 def _stream_write(flags: torch.Tensor, idx: int, val: int) -> None:
@@ -133,7 +118,6 @@ def _driver_unavailable() -> str | None:
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
 
-        _wait_value32()
         if not hasattr(torch.ops.symm_mem, "stream_write_value32_"):
             return "torch has no symm_mem.stream_write_value32_"
         from spmd_moe.kernels import _lazy
@@ -164,10 +148,8 @@ class _Buffers:
         self.rows, self.peer_rows = make(((n - 1) * cap, D), x_dtype)
         self.meta, self.peer_meta = make(((n - 1) * cap, 2 * K), torch.float32)
         self.back, self.peer_back = make((n * cap, D), ret_dtype)
-        self.flags, self.peer_flags = make((4 * n,), torch.uint32)
+        self.flags, self.peer_flags = make((2 * n,), torch.uint32)
         self.flags.zero_()
-        self.flags[_FREE_OUT * n:(_FREE_OUT + 1) * n].fill_(1)  # every peer may write into my buffers
-        self.flags[_FREE_BACK * n:(_FREE_BACK + 1) * n].fill_(1)
         torch.cuda.synchronize(dev)
         torch.distributed.barrier(group=pctx.backend.group)  # type: ignore[attr-defined]  # no peer writes before this
 
@@ -190,16 +172,12 @@ class CopyEngineTransport:
         self.others = [j for j in range(pctx.size) if j != pctx.rank]
         self.timeout_ns = int(float(os.environ.get("SPMD_MOE_EP_TIMEOUT_S", "600")) * 1e9)
 
-    def _push(self, kind_ready: int, kind_free: int, pairs: list[tuple[dict[int, torch.Tensor], torch.Tensor]],
-              dst_seg: list[int]) -> None:
-        """On the side stream: per peer (the i-th), wait until it has read my last rows, copy
-        my segment i for it into its buffer at segment dst_seg[i], then set its ready flag
-        (the write is fenced after the copy)."""
+    def _push(self, kind_ready: int, pairs: list[tuple[dict[int, torch.Tensor], torch.Tensor]], dst_seg: list[int]) -> None:
+        """On the side stream: per peer (the i-th), copy my segment i for it into its buffer
+        at segment dst_seg[i], then set its ready flag (the write is fenced after the copy)."""
         b, T, n, r = self.b, self.T, self.n, self.r
         with self.st.comm_ctx():
             for i, j in enumerate(self.others):
-                _stream_wait_eq(b.flags, kind_free * n + j, 1)
-                _stream_write(b.flags, kind_free * n + j, 0)
                 d = dst_seg[i] * T
                 for peer, src in pairs:
                     peer[j][d:d + T].copy_(src[i * T:(i + 1) * T], non_blocking=True)
@@ -212,14 +190,10 @@ class CopyEngineTransport:
         _lazy.load("_flag_wait_triton").wait_flags_kernel[(1,)](
             self.b.flags, kind_ready * self.n, self.r, self.timeout_ns, N=self.n)
 
-    def _release(self, kind_free: int) -> None:
-        for j in self.others:
-            _stream_write(self.b.peer_flags[j], kind_free * self.n + self.r, 1)
-
     def send_out(self, send_OD: torch.Tensor, meta_OM: torch.Tensor) -> None:
         self.st.to_comm(send_OD, meta_OM)
         # In peer j's layout (its own rank skipped) my segment is r, or r-1 past j.
-        self._push(_READY_OUT, _FREE_OUT, [(self.b.peer_rows, send_OD), (self.b.peer_meta, meta_OM)],
+        self._push(_READY_OUT, [(self.b.peer_rows, send_OD), (self.b.peer_meta, meta_OM)],
                    [self.r - (self.r > j) for j in self.others])
 
     def recv_out(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,12 +201,9 @@ class CopyEngineTransport:
         N = (self.n - 1) * self.T
         return self.b.rows[:N], self.b.meta[:N]
 
-    def release_out(self) -> None:
-        self._release(_FREE_OUT)
-
     def send_back(self, part_RD: torch.Tensor) -> None:
         self.st.comm_wait(self.st.main_mark(), part_RD)
-        self._push(_READY_BACK, _FREE_BACK, [(self.b.peer_back, part_RD)], [self.r] * len(self.others))
+        self._push(_READY_BACK, [(self.b.peer_back, part_RD)], [self.r] * len(self.others))
 
     def parts(self) -> torch.Tensor:
         return self.b.back[: self.n * self.T]
@@ -240,8 +211,7 @@ class CopyEngineTransport:
     def recv_back(self, parts_ND: torch.Tensor) -> None:
         self._wait(_READY_BACK)
 
-    def release_back(self) -> None:
-        self._release(_FREE_BACK)
+    def join(self) -> None:
         # The compute stream joins the side stream (its last copies are done by now, as the
         # peers' are): a CUDA graph capture needs every forked stream joined.
         self.st.use(self.st.mark())

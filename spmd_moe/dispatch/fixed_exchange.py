@@ -230,7 +230,6 @@ def weighted_fixed_local_first(
     recv_ND, recv_meta_NM = tr.recv_out()
     out_MD, recv_w_NK, row_of_slot_X = _experts_on_received(disp, experts, recv_ND, *_ids_w(recv_meta_NM))
     part_RD = _pc.partial_sums_mapped(out_MD, row_of_slot_X, recv_w_NK, out_dtype=ret)
-    tr.release_out()
     tr.send_back(part_RD)
     parts_ND = tr.parts()
     # My own tokens' partial sums into my own segment, in token order.
@@ -239,7 +238,7 @@ def weighted_fixed_local_first(
     t_T = torch.arange(T, device=dev)
     pos_Tn[:, r] = torch.where(pos_Tn[:, r] >= 0, r * T + t_T, -1)  # my own column: the token itself
     y_TD = _pc.sum_over_ranks_at(parts_ND, pos_Tn, x_TD.dtype)
-    tr.release_back()
+    tr.join()
     return unchecked_cast(Placed[Var[EP]], y_TD, reason="this rank's tokens' routed output")
 
 
