@@ -29,7 +29,7 @@ if [ "${SF:-0}" = 1 ]; then
     ng=2  # EP=2: the goal figures
   fi
   t0=$(date +%s)
-  timeout ${SF_CAP:-180} torchrun --nproc-per-node $ng -m spmd_moe.apps.bench.tp2ep --sync-free $extra --decode \
+  timeout ${SF_CAP:-180} torchrun --nproc-per-node $ng -m spmd_moe.apps.bench.tp2ep --sync-free $extra --decode ${SF_DECODE:-8 64} \
       --prefill ${SF_T:-4096 16384} --rounds ${SF_ROUNDS:-3} --out "$OUT/tp2ep_sf_${ng}gpu.json" \
       > /dev/null 2> "$OUT/tp2ep_sf_${ng}gpu.log"
   rc=$?

@@ -8,9 +8,11 @@ and are skipped. The receiver's buffers are sized for the worst case (M = n*T*mi
 rows, a multiple of 8) and every pass over them stops at the device count (the Triton
 kernels of spmd_moe.dispatch._partial_combine; the grouped GEMMs at their last device
 offset). The way back is one partial sum per (token, expert rank), fp32 by default, summed
-by the sender in rank order and rounded once. Inference may run in ``chunks`` pieces (the
-exchanges on a side stream); training (autograd) in one piece, each exchange's backward
-its mirror.
+by the sender in rank order and rounded once. Inference runs local first from 8192
+tokens per rank (weighted_fixed_local_first: a rank's own tokens never travel, and the
+exchanges run under their GEMMs; spmd_moe.dispatch._transport moves the rows), or in
+``chunks`` pieces (the exchanges on a side stream); training (autograd) in one piece,
+each exchange's backward its mirror.
 
 Why: the split-size path reads every split size on the host once per forward; the GPU
 then idles while the host issues the rest, and the layer cannot be captured in a CUDA
@@ -19,7 +21,9 @@ graph.
 Not bitwise the row path: one rounding of the fp32 sum instead of one per term and add
 (tests/test_sync_free_ep.py states the tolerances); with SPMD_MOE_EP_RETURN=low each
 rank's partial sum is rounded to the layer's dtype as well. Switches: SPMD_MOE_EP_SYNC_FREE=0
-(the split-size path), SPMD_MOE_EP_RETURN=low, SPMD_MOE_EP_SM_CARVEOUT=k (pieces only).
+(the split-size path), SPMD_MOE_EP_RETURN=low, SPMD_MOE_EP_SM_CARVEOUT=k (pieces only),
+SPMD_MOE_EP_LOCAL_FIRST=0/1/auto and SPMD_MOE_EP_LOCAL_FIRST_TOKENS (local_first),
+SPMD_MOE_EP_TRANSPORT=nccl and SPMD_MOE_EP_TIMEOUT_S (_transport).
 """
 
 from __future__ import annotations
