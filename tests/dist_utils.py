@@ -88,3 +88,19 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: flo
         msg = "\n".join(f"--- rank {r}: {res['error']}\n{res['tb']}" for r, res in bad)
         raise AssertionError(f"distributed run failed on ranks {[r for r, _ in bad]}:\n{msg}")
     return [res["value"] for res in results]
+
+
+def nccl_world_problems(target: Callable[..., Any], world: int, timeout: float = 240.0) -> list[str]:
+    """Spawn ``world`` ranks of ``target(rank, world, port, queue)`` (each sets up its NCCL
+    group on cuda:rank and puts (rank, [problems]) on the queue); every rank's problems,
+    prefixed with the rank. A rank that puts nothing within ``timeout`` fails the call."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return [f"rank {r}: {b}" for r, bs in sorted(results.items()) for b in bs]

@@ -176,18 +176,7 @@ def test_world1_capture_and_no_sync() -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.timeout(300)
 def test_world2_all_reduce_path_capture() -> None:
-    import torch.multiprocessing as mp
+    from dist_utils import nccl_world_problems
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_world2, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(30)
-    bad = [f"rank {r}: {b}" for r, bs in sorted(results.items()) for b in bs]
+    bad = nccl_world_problems(_world2, 2)
     assert not bad, "\n".join(bad)
