@@ -155,6 +155,12 @@ class _Buffers:
 
 
 _BUFFERS: dict[tuple[Any, ...], _Buffers] = {}
+_RETIRED: list[_Buffers] = []
+
+
+def _key(pctx: ParallelContext[EP], dev: torch.device, D: int, K: int, x_dtype: torch.dtype,
+         ret_dtype: torch.dtype) -> tuple[Any, ...]:
+    return (pctx.backend.group.group_name, dev, D, K, x_dtype, ret_dtype)  # type: ignore[attr-defined]
 
 
 class CopyEngineTransport:
@@ -162,11 +168,12 @@ class CopyEngineTransport:
 
     def __init__(self, pctx: ParallelContext[EP], st: _Streams, T: int, D: int, K: int, x_dtype: torch.dtype,
                  ret_dtype: torch.dtype, dev: torch.device):
-        key = (pctx.backend.group.group_name, dev, D, K, x_dtype, ret_dtype)  # type: ignore[attr-defined]
+        key = _key(pctx, dev, D, K, x_dtype, ret_dtype)
         b = _BUFFERS.get(key)
         if b is None or b.cap < T:  # grow (collective: every rank has this T)
             if b is not None:
                 torch.cuda.synchronize(dev)  # the old buffers' exchanges are done
+                _RETIRED.append(b)  # never freed: a captured CUDA graph may still use them
             b = _BUFFERS[key] = _Buffers(pctx, max(T, 2 * b.cap if b else 0, 1), D, K, x_dtype, ret_dtype, dev)
         self.b, self.st, self.T, self.n, self.r = b, st, T, pctx.size, pctx.rank
         self.others = [j for j in range(pctx.size) if j != pctx.rank]
@@ -219,7 +226,12 @@ class CopyEngineTransport:
 
 def transport(pctx: ParallelContext[EP], st: _Streams, T: int, D: int, K: int, x_dtype: torch.dtype,
               ret_dtype: torch.dtype, dev: torch.device) -> Transport:
-    """The copy-engine transport where it applies (copy_engine_unavailable), else NCCL's."""
+    """The copy-engine transport where it applies (copy_engine_unavailable), else NCCL's;
+    NCCL's too under a CUDA graph capture that would have to allocate (or grow) the
+    symmetric buffers, a collective with a host sync (warm up eagerly at the largest T
+    first to capture the copy engines)."""
     if copy_engine_unavailable(pctx, dev) is None:
-        return CopyEngineTransport(pctx, st, T, D, K, x_dtype, ret_dtype, dev)
+        b = _BUFFERS.get(_key(pctx, dev, D, K, x_dtype, ret_dtype))
+        if (b is not None and b.cap >= T) or not torch.cuda.is_current_stream_capturing():
+            return CopyEngineTransport(pctx, st, T, D, K, x_dtype, ret_dtype, dev)
     return NcclTransport(pctx, st, T, D, ret_dtype, dev)
