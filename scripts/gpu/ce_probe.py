@@ -24,6 +24,22 @@ import torch.distributed as dist
 from spmd_moe.apps.bench.symm_probe import _time as timeit  # slowest rank's median ms
 
 
+def record_error(res: dict[str, Any], key: str, e: Exception) -> None:
+    """A failed step, written down (the probes never raise)."""
+    res[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    res[f"{key}_tb"] = traceback.format_exc()[-1500:]
+
+
+def finish(res: dict[str, Any], rank: int, path: str) -> None:
+    """Rank 0 prints and writes the result; every rank leaves the group."""
+    if rank == 0:
+        print(json.dumps(res, indent=1), flush=True)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     dist.init_process_group("nccl")
     r, n = dist.get_rank(), dist.get_world_size()
@@ -84,14 +100,8 @@ def main() -> None:
             res[f"ce_{tag}_under_gemm_ms"] = timeit(under_gemm(ce))
             res[f"ce_{tag}_write_own_buffer_ms"] = timeit(lambda: buf.copy_(send))
         except Exception as e:
-            res[f"ce_{tag}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            res[f"ce_{tag}_tb"] = traceback.format_exc()[-1500:]
-    if r == 0:
-        print(json.dumps(res, indent=1), flush=True)
-        with open(sys.argv[1], "w") as f:
-            json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+            record_error(res, f"ce_{tag}", e)
+    finish(res, r, sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -16,15 +16,14 @@ with new data. Every step is recorded; a failure is written down, not raised.
 from __future__ import annotations
 
 import ctypes
-import json
 import sys
-import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm
 
+from ce_probe import finish, record_error  # scripts/gpu/ (the script's own folder)
 from spmd_moe.apps.bench.symm_probe import _time as timeit  # slowest rank's median ms
 
 _EQ = 0x1
@@ -148,17 +147,10 @@ def main() -> None:
             res["graph_replays_equal_nccl"] = ok
             res["graph_ms"] = timeit(g.replay)
         except Exception as e:
-            res["graph_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            res["graph_tb"] = traceback.format_exc()[-1500:]
+            record_error(res, "graph", e)
     except Exception as e:
-        res["memop_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        res["memop_tb"] = traceback.format_exc()[-1500:]
-    if r == 0:
-        print(json.dumps(res, indent=1), flush=True)
-        with open(sys.argv[1], "w") as f:
-            json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+        record_error(res, "memop", e)
+    finish(res, r, sys.argv[1])
 
 
 if __name__ == "__main__":

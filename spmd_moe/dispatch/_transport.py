@@ -101,14 +101,18 @@ def _stream_write(flags: torch.Tensor, idx: int, val: int) -> None:
     torch.ops.symm_mem.stream_write_value32_(flags, idx, val)
 
 
+def _group(pctx: ParallelContext[EP]) -> Any:
+    """The communicator's process group (TorchComm, MeshComm), or None."""
+    return getattr(pctx.backend, "group", None)
+
+
 def copy_engine_unavailable(pctx: ParallelContext[EP], dev: torch.device) -> str | None:
     """Why the copy-engine transport does not apply here (None: it does)."""
     if os.environ.get("SPMD_MOE_EP_TRANSPORT", "auto") == "nccl":
         return "SPMD_MOE_EP_TRANSPORT=nccl"
     if dev.type != "cuda" or pctx.size < 2:
         return "not CUDA, or one rank"
-    group = getattr(pctx.backend, "group", None)
-    if group is None or not getattr(pctx.backend, "capturable", False):
+    if _group(pctx) is None or not getattr(pctx.backend, "capturable", False):
         return "the communicator is not an NCCL process group"
     return _driver_unavailable()
 
@@ -137,7 +141,7 @@ class _Buffers:
         import torch.distributed._symmetric_memory as symm
 
         n, r = pctx.size, pctx.rank
-        name = pctx.backend.group.group_name  # type: ignore[attr-defined]
+        name = _group(pctx).group_name
         self.cap = cap
 
         def make(shape: tuple[int, ...], dt: torch.dtype) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -151,7 +155,7 @@ class _Buffers:
         self.flags, self.peer_flags = make((2 * n,), torch.uint32)
         self.flags.zero_()
         torch.cuda.synchronize(dev)
-        torch.distributed.barrier(group=pctx.backend.group)  # type: ignore[attr-defined]  # no peer writes before this
+        torch.distributed.barrier(group=_group(pctx))  # no peer writes before this
 
 
 _BUFFERS: dict[tuple[Any, ...], _Buffers] = {}
@@ -160,7 +164,7 @@ _RETIRED: list[_Buffers] = []
 
 def _key(pctx: ParallelContext[EP], dev: torch.device, D: int, K: int, x_dtype: torch.dtype,
          ret_dtype: torch.dtype) -> tuple[Any, ...]:
-    return (pctx.backend.group.group_name, dev, D, K, x_dtype, ret_dtype)  # type: ignore[attr-defined]
+    return (_group(pctx).group_name, dev, D, K, x_dtype, ret_dtype)
 
 
 class CopyEngineTransport:

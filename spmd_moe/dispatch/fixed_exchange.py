@@ -190,8 +190,9 @@ def local_first(T: int, dev: torch.device) -> bool:
     tokens per rank, or inside a CUDA graph capture. Why: local first issues about half
     as many launches again (two expert calls, the transport's flags); below a few
     thousand tokens the eager forward is bound by the host's issue time, and there one
-    exchange was faster (H200 x2: 0.70 against 0.39 of one GPU at 4096 tokens per rank;
-    0.83 against 0.72 at 16384; docs/performance.md). A captured graph has no issue time."""
+    exchange was faster (H200 x2, per-GPU throughput against one GPU: all segments 0.54,
+    local first 0.42 at 4096 tokens per rank; local first 0.84 against 0.75 at 8192, 0.88
+    against 0.76 at 16384; docs/performance.md). A captured graph has no issue time."""
     mode = os.environ.get("SPMD_MOE_EP_LOCAL_FIRST", "auto")
     if mode in ("0", "1"):
         return mode == "1"
@@ -303,7 +304,7 @@ def _gathers_rows(experts: ExpertsFn, x_TD: torch.Tensor, weights_TK: torch.Tens
     (GroupedExperts.forward_slots: CUDA, kernels='fast', no autograd recording)."""
     from spmd_moe import experts as _ex
 
-    if torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad):
+    if _records_grad(x_TD, weights_TK):
         return False
     return isinstance(experts, _ex.GroupedExperts) and _pc.use_kernel(x_TD) and experts.gathers_rows(x_TD)
 
